@@ -1,0 +1,200 @@
+"""Charm glue for `vm-allocation`: gather what Juju knows, let vmhost.broker decide, carry it out.
+
+Data flow with several units (Juju is the distributed engine):
+- every unit publishes its free capacity and its results (owner key -> status) in its peer unit databag;
+- the leader assigns each accepted request to a unit (peer app databag `assignments`);
+- each unit composes what is assigned to it and releases what nobody asks for any more;
+- the leader merges the results into each requirer's `vms` (only the leader may write app data).
+Nothing is remembered between hooks except what Juju holds and the VMs' own owner keys.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import ops
+
+from charms.vm_host.v0.vm_allocation import VmAllocationProvider, VmStatus
+from vmhost import broker
+from vmhost.providers.base import ProviderError
+
+logger = logging.getLogger(__name__)
+
+ASSIGNMENTS_KEY = "assignments"
+CAPACITY_KEY = "capacity"
+RESULTS_KEY = "results"
+
+
+def _json(data: Any, key: str, default: Any) -> Any:
+    """A JSON value from a databag, or `default` when absent or unreadable (peer data is ours, but be safe)."""
+    try:
+        value = json.loads(data.get(key) or "null")
+    except (ValueError, TypeError):
+        return default
+    return value if isinstance(value, type(default)) else default
+
+
+def _own_results(peer: ops.Relation | None, unit: ops.Unit) -> dict[str, broker.Result]:
+    """What this unit published last time (to retry its failed composes elsewhere)."""
+    if peer is None:
+        return {}
+    raw = _json(peer.data[unit], RESULTS_KEY, {})
+    return {str(k): broker.Result.from_dict(v) for k, v in raw.items() if isinstance(v, dict)}
+
+
+class AllocationRelation(ops.Object):
+    """Serves VM requests from remote applications over `vm-allocation`."""
+
+    def __init__(self, charm: ops.CharmBase, relation_name: str = "vm-allocation", peer_name: str = "vm-host-peers"):
+        super().__init__(charm, relation_name)
+        self._charm = charm
+        self.relation_name = relation_name
+        self.peer_name = peer_name
+        self.provider = VmAllocationProvider(charm, relation_name)
+        self._departing = False
+        self._last: tuple[Any, Any] | None = None
+        if peer_name in charm.meta.peers:
+            charm.framework.observe(charm.on[peer_name].relation_departed, self._on_peer_departed)
+
+    def _on_peer_departed(self, event: ops.RelationDepartedEvent) -> None:
+        """This unit is leaving: give its relation VMs back; the leader assigns their requests elsewhere."""
+        if event.departing_unit != self._charm.unit:
+            return
+        self._departing = True
+        if self._last is not None:
+            self.reconcile(*self._last)
+
+    # -----------------------------------------------------------------------------------------
+
+    def _inputs(self) -> list[broker.RelationInput]:
+        out = []
+        for rel in self.provider.relations:
+            if rel.app is None:
+                continue
+            parsed, error = self.provider.requests(rel)
+            incoming = tuple(broker.Incoming(p.id, p.spec.model_dump() if p.spec else None, p.error) for p in parsed)
+            out.append(
+                broker.RelationInput(rel.id, self.provider.remote_model_uuid(rel), rel.app.name, incoming, error)
+            )
+        return out
+
+    def _capacity(self, host: Any) -> broker.Capacity:
+        from vmhost.placement import compute_usage
+
+        return broker.Capacity.from_usage(compute_usage(host.topology(), host.allocations(), host.policy))
+
+    def reconcile(self, host: Any, config: Any) -> None:
+        """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
+        self._last = (host, config)
+        try:
+            settings = broker.Settings.from_config(config)
+        except ValueError as e:
+            logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
+            return
+        unit, me = self._charm.unit, self._charm.unit.name
+        leader = unit.is_leader()
+        peer = self.model.get_relation(self.peer_name)
+        inputs = self._inputs()
+
+        others = {u.name for u in peer.units if u.name != me} if peer else set()
+        live_units = {me} | others
+        peer_results: dict[str, dict[str, broker.Result]] = {}
+        capacities: dict[str, broker.Capacity] = {}
+        if peer is not None:
+            for u in peer.units:
+                if u.name == me:
+                    continue
+                raw = _json(peer.data[u], RESULTS_KEY, {})
+                peer_results[u.name] = {
+                    str(k): broker.Result.from_dict(v) for k, v in raw.items() if isinstance(v, dict)
+                }
+                cap = _json(peer.data[u], CAPACITY_KEY, {})
+                if cap:
+                    capacities[u.name] = broker.Capacity.from_dict(cap)
+
+        vms = host.vms()
+        held = {
+            o: broker.Held(u, r.cores, r.memory)
+            for u, res in sorted(peer_results.items(), reverse=True)
+            for o, r in res.items()
+            if r.status == "ready"
+        }
+        for vm in vms:
+            if broker.split_owner(vm.allocation.owner):
+                held[vm.allocation.owner] = broker.Held(me, vm.allocation.vcpus, vm.allocation.memory)
+        decisions = broker.evaluate(inputs, settings, held)
+        accepted = [d.accepted for d in decisions if d.accepted is not None]
+
+        current = _json(peer.data[self._charm.app], ASSIGNMENTS_KEY, {}) if peer else {}
+        waiting: dict[str, str] = {}
+        if leader:
+            capacities[me] = self._capacity(host)
+            located = {o: h.unit for o, h in held.items()}
+            failed = {o for res in peer_results.values() for o, r in res.items() if r.status == "failed"}
+            failed |= {o for o, r in _own_results(peer, unit).items() if r.status == "failed"}
+            assignments, waiting = broker.assign(accepted, current, live_units, capacities, located, failed)
+            if peer is not None and assignments != current:
+                peer.data[self._charm.app][ASSIGNMENTS_KEY] = json.dumps(assignments, sort_keys=True)
+        else:
+            assignments = {str(k): str(v) for k, v in current.items()}
+
+        ready_elsewhere = {o for u, res in peer_results.items() for o, r in res.items() if r.status == "ready"}
+        live_apps = {i.app_key for i in inputs}
+        unreadable = {i.app_key for i in inputs if i.error}
+        compose, release = broker.unit_actions(me, decisions, assignments, vms, live_apps, ready_elsewhere, unreadable)
+        if self._departing:
+            compose = []
+            release = sorted(vm.name for vm in vms if broker.split_owner(vm.allocation.owner))
+
+        outcomes = self._execute(host, settings, compose, release)
+        if compose or release:
+            vms = host.vms()
+        results = broker.unit_results(me, decisions, assignments, vms, outcomes)
+        if self._departing:
+            results = {}
+        if peer is not None:
+            mine = peer.data[unit]
+            mine[RESULTS_KEY] = json.dumps({o: r.to_dict() for o, r in sorted(results.items())})
+            mine[CAPACITY_KEY] = json.dumps(self._capacity(host).to_dict())
+
+        if leader:
+            all_results = {u: r for u, r in peer_results.items() if u in live_units} | {me: results}
+            merged = broker.merge_statuses(inputs, decisions, assignments, all_results, waiting)
+            errors = {i.relation_id: i.error for i in inputs}
+            for rel in self.provider.relations:
+                if rel.id in merged:
+                    statuses = [VmStatus.model_validate(e) for e in merged[rel.id]]
+                    self.provider.publish(rel, statuses, error=errors.get(rel.id))
+
+    def _execute(
+        self,
+        host: Any,
+        settings: broker.Settings,
+        compose: list[broker.Accepted],
+        release: list[str],
+    ) -> dict[str, tuple[str, str]]:
+        """Release, then compose; owner -> (failed | rejected, why) for composes that did not happen."""
+        from vmhost.placement import PlacementError
+
+        for name in release:
+            try:
+                host.decompose(name)
+                logger.info("released relation VM %s", name)
+            except ProviderError as e:
+                logger.warning("could not release relation VM %s: %s", name, e)
+        outcomes: dict[str, tuple[str, str]] = {}
+        for acc in compose:
+            try:
+                planned = host.plan(acc.request)
+                why = broker.nic_policy_error(planned, host.topology().nics, settings)
+                if why:
+                    outcomes[acc.owner] = ("rejected", why)
+                    continue
+                vm = host.compose(acc.request, start=True, boot=acc.boot, image=acc.image, cloud_init=acc.cloud_init)
+                logger.info("composed %s for %s", vm.name, acc.owner)
+            except (PlacementError, ProviderError, ValueError, RuntimeError, OSError) as e:
+                outcomes[acc.owner] = ("failed", str(e))
+                logger.warning("compose for %s failed: %s", acc.owner, e)
+        return outcomes

@@ -1,0 +1,368 @@
+#!/usr/bin/env python3
+"""vm-host: Juju events -> one reconcile of the host; actions -> the vmhost use cases.
+
+Thin on purpose: host preparation lives in vmhost.host, placement and composition in
+vmhost.service, typed config/params in vmhost.charm_models. Nothing about VMs is kept in
+StoredState: the hypervisor is the only database (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ops
+import pydantic
+
+from vmhost import host as hostmod
+from vmhost.charm_models import (
+    AddTrustedClientParams,
+    CharmConfig,
+    ClientTokenParams,
+    ComposeParams,
+    ListVmsParams,
+    NameParams,
+    StopVmParams,
+    error_message,
+    vm_results,
+)
+from vmhost.model import VmRequest
+from vmhost.providers.base import CloudInit, ProviderError, get_provider
+from vmhost.service import VmHost
+
+try:  # the relation glue (src/allocation_relation.py); without it the charm still serves actions
+    from allocation_relation import AllocationRelation
+except ImportError:  # pragma: no cover - only while the relation module is absent
+    AllocationRelation = None
+
+logger = logging.getLogger(__name__)
+
+NO_KVM = "no /dev/kvm: enable virtualisation in firmware"
+# Errors that mean "this request cannot be served" (ParseError and PlacementError are ValueErrors):
+# the action fails with their one-sentence message and nothing is created.
+REQUEST_ERRORS = (ValueError, ProviderError)
+
+
+def make_host() -> hostmod.Host:
+    """The machine the unit runs on (tests swap in a temp-dir root and a fake runner)."""
+    return hostmod.Host()
+
+
+class VmHostCharm(ops.CharmBase):
+    """Serve VMs from this machine on LXD or libvirt/KVM."""
+
+    def __init__(self, framework: ops.Framework) -> None:
+        super().__init__(framework)
+        self.host = make_host()
+        self._problem: ops.StatusBase | None = None  # found by this dispatch's reconcile, shown by collect-status
+        self.vm_allocation = (
+            AllocationRelation(self, relation_name="vm-allocation", peer_name="vm-host-peers")
+            if AllocationRelation is not None
+            else None
+        )
+        on = self.on
+        for event in (
+            on.install,
+            on.config_changed,
+            on.upgrade_charm,
+            on.start,
+            on.update_status,
+            on.leader_elected,
+            on["vm-allocation"].relation_changed,
+            on["vm-allocation"].relation_departed,
+            on["vm-allocation"].relation_broken,
+            on["vm-host-peers"].relation_changed,
+            on["vm-host-peers"].relation_departed,
+        ):
+            framework.observe(event, self._reconcile)
+        framework.observe(on.collect_unit_status, self._on_collect_status)
+        framework.observe(on.compose_action, self._on_compose)
+        framework.observe(on.decompose_action, self._on_decompose)
+        framework.observe(on.list_vms_action, self._on_list_vms)
+        framework.observe(on.resources_action, self._on_resources)
+        framework.observe(on.start_vm_action, self._on_start_vm)
+        framework.observe(on.stop_vm_action, self._on_stop_vm)
+        framework.observe(on.refresh_action, self._on_refresh)
+        framework.observe(on.add_trusted_client_action, self._on_add_trusted_client)
+        framework.observe(on.get_client_token_action, self._on_get_client_token)
+
+    # --- the workload ---------------------------------------------------------------------------
+
+    def _config(self) -> CharmConfig | None:
+        try:
+            return self.load_config(CharmConfig)
+        except pydantic.ValidationError:
+            return None  # collect-status names the bad option
+
+    def _vmhost(self, config: CharmConfig) -> VmHost:
+        """The one place a VmHost is built: provider from config, policy from config."""
+        uri = config.libvirt_uri if config.backend == "libvirt" else None
+        provider = get_provider(config.backend, uri=uri)
+        if config.space_bridges:
+            provider = hostmod.SpaceMappedProvider(provider, config.space_bridges)
+        return VmHost(provider, config.policy())
+
+    @contextmanager
+    def _session(self, config: CharmConfig) -> Iterator[VmHost]:
+        vmhost = self._vmhost(config)
+        try:
+            yield vmhost
+        finally:
+            vmhost.provider.close()
+
+    def _reconcile(self, _event: ops.EventBase | None = None) -> list[str]:
+        """Bring the host in line with config, clean up after crashes, serve the relation.
+
+        Returns the names of orphans removed (for the refresh action).
+        """
+        config = self._config()
+        if config is None:
+            return []
+        try:
+            self._prepare_host(config)
+        except hostmod.HostSetupError as e:
+            logger.error("host set-up: %s", e)
+            self._problem = ops.BlockedStatus(str(e))
+            return []
+        if not self.host.kvm_available():
+            return []
+        try:
+            with self._session(config) as vmhost:
+                removed = vmhost.gc()
+                if removed:
+                    logger.info("removed orphans of crashed composes: %s", ", ".join(removed))
+                if self.vm_allocation is not None:
+                    self.vm_allocation.reconcile(vmhost, config)
+        except ProviderError as e:
+            self._problem = ops.WaitingStatus(f"{config.backend} not reachable: {e}")
+            return []
+        return removed
+
+    def _prepare_host(self, config: CharmConfig) -> None:
+        if config.backend == "libvirt":
+            if not self.host.libvirt_installed():
+                self.unit.status = ops.MaintenanceStatus("installing libvirt and QEMU packages")
+            self.host.ensure_libvirt()
+        else:
+            if not self.host.lxd_installed():
+                self.unit.status = ops.MaintenanceStatus(f"installing LXD from snap channel {config.lxd_snap_channel}")
+            self.host.ensure_lxd(config.lxd_snap_channel)
+            self._apply_lxd_preseed(config)
+        if config.hugepages:
+            wanted = self.host.wanted_hugepages(config.hugepages)
+            if any(self.host.hugepages().get(k, 0) != v for k, v in wanted.items()):
+                self.unit.status = ops.MaintenanceStatus("setting hugepages")
+            report = self.host.apply_hugepages(config.hugepages)
+            if report.reboot_required:
+                logger.warning("%s", report.message())
+        made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
+        if made and config.backend == "libvirt":
+            self.host.restart_libvirtd()
+
+    def _apply_lxd_preseed(self, config: CharmConfig) -> None:
+        from vmhost import lxd_setup
+
+        cfg = lxd_setup.LxdHostConfig(
+            storage_driver=config.lxd_storage_driver,
+            bridge=config.bridge or None,
+            listen_address=config.lxd_listen_address or None,
+            storage_pool=config.default_storage_pool or "default",
+        )
+        try:
+            lxd_setup.apply_preseed(lxd_setup.build_preseed(cfg))
+        except Exception as e:  # LXD's own words are the most useful message for the operator
+            logger.exception("lxd init --preseed failed")
+            raise hostmod.HostSetupError(f"LXD set-up failed: {e}") from e
+
+    # --- status ---------------------------------------------------------------------------------
+
+    def _on_collect_status(self, event: ops.CollectStatusEvent) -> None:
+        try:
+            config = self.load_config(CharmConfig)
+        except pydantic.ValidationError as e:
+            event.add_status(ops.BlockedStatus(error_message(e, "config")))
+            return
+        statuses: list[ops.StatusBase] = [self._problem] if self._problem else []
+        if not self.host.kvm_available():
+            statuses.append(ops.BlockedStatus(NO_KVM))
+        installed = self.host.libvirt_installed() if config.backend == "libvirt" else self.host.lxd_installed()
+        if not installed:
+            statuses.append(ops.MaintenanceStatus(f"installing {config.backend}"))
+        sizes = self.host.pending_reboot_sizes()
+        if sizes:
+            statuses.append(ops.WaitingStatus(f"reboot required for {' and '.join(sizes)} hugepages"))
+        if not statuses:
+            statuses.append(self._summary(config))
+        for status in statuses:
+            event.add_status(status)
+
+    def _summary(self, config: CharmConfig) -> ops.StatusBase:
+        try:
+            if config.backend == "lxd" and not hostmod.lxd_supports_vms():
+                return ops.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
+            with self._session(config) as vmhost:
+                res = vmhost.resources()
+            from vmhost.resources_view import summary_line
+
+            return ops.ActiveStatus(summary_line(res))
+        except Exception as e:  # status must never crash the hook; say what went wrong instead
+            logger.warning("cannot read %s resources: %s", config.backend, e)
+            return ops.WaitingStatus(f"cannot read {config.backend} resources: {e}")
+
+    # --- actions --------------------------------------------------------------------------------
+
+    def _load(self, event: ops.ActionEvent, cls):
+        """Typed params and config, or None after failing the action with one sentence."""
+        try:
+            params = event.load_params(cls)
+        except pydantic.ValidationError as e:
+            event.fail(error_message(e, "parameter"))
+            return None, None
+        try:
+            config = self.load_config(CharmConfig)
+        except pydantic.ValidationError as e:
+            event.fail(f"fix the charm config first: {error_message(e, 'config')}")
+            return None, None
+        return params, config
+
+    def _on_compose(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, ComposeParams)
+        if params is None:
+            return
+        try:
+            request = VmRequest.from_dict(params.request_dict())
+            with self._session(config) as vmhost:
+                vm = vmhost.compose(
+                    request,
+                    start=params.start,
+                    boot=params.boot,
+                    image=params.image,
+                    cloud_init=CloudInit(hostname=request.name) if request.name else None,
+                )
+        except REQUEST_ERRORS as e:
+            event.fail(str(e))
+            return
+        event.log(f"composed {vm.name}")
+        event.set_results(vm_results(vm.to_dict()))
+
+    def _on_decompose(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, NameParams)
+        if params is None:
+            return
+        try:
+            with self._session(config) as vmhost:
+                vmhost.decompose(params.name)
+        except REQUEST_ERRORS as e:
+            event.fail(str(e))
+            return
+        event.set_results({"name": params.name, "decomposed": "true"})
+
+    def _on_list_vms(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, ListVmsParams)
+        if params is None:
+            return
+        try:
+            with self._session(config) as vmhost:
+                vms = [v.to_dict() for v in vmhost.vms(pool=params.pool)]
+        except REQUEST_ERRORS as e:
+            event.fail(str(e))
+            return
+        from vmhost.resources_view import vm_line
+
+        event.set_results(
+            {
+                "count": str(len(vms)),
+                "view": "\n".join(vm_line(v) for v in vms) or "no VMs",
+                "json": json.dumps(vms, sort_keys=True),
+            }
+        )
+
+    def _on_resources(self, event: ops.ActionEvent) -> None:
+        try:
+            config = self.load_config(CharmConfig)
+        except pydantic.ValidationError as e:
+            event.fail(f"fix the charm config first: {error_message(e, 'config')}")
+            return
+        try:
+            with self._session(config) as vmhost:
+                res = vmhost.resources()
+        except REQUEST_ERRORS as e:
+            event.fail(str(e))
+            return
+        from vmhost.resources_view import render_view
+
+        event.set_results({"view": render_view(res), "json": json.dumps(res, sort_keys=True)})
+
+    def _on_start_vm(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, NameParams)
+        if params is None:
+            return
+        self._power(event, config, params.name, start=True)
+
+    def _on_stop_vm(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, StopVmParams)
+        if params is None:
+            return
+        self._power(event, config, params.name, start=False, force=params.force)
+
+    def _power(self, event: ops.ActionEvent, config: CharmConfig, name: str, *, start: bool, force=False) -> None:
+        try:
+            with self._session(config) as vmhost:
+                vmhost.find(name)  # a clear "no VM named ..." before touching anything
+                vmhost.start(name) if start else vmhost.stop(name, force=force)
+                state = vmhost.find(name).state
+        except REQUEST_ERRORS as e:
+            event.fail(str(e))
+            return
+        event.set_results({"name": name, "state": state})
+
+    def _on_refresh(self, event: ops.ActionEvent) -> None:
+        try:
+            config = self.load_config(CharmConfig)
+        except pydantic.ValidationError as e:
+            event.fail(f"fix the charm config first: {error_message(e, 'config')}")
+            return
+        removed = self._reconcile()
+        if isinstance(self._problem, ops.BlockedStatus | ops.WaitingStatus):
+            event.fail(self._problem.message)
+            return
+        summary = self._summary(config)
+        event.set_results({"removed": json.dumps(removed), "summary": summary.message})
+
+    def _lxd_only(self, event: ops.ActionEvent, config: CharmConfig, action: str) -> bool:
+        if config.backend != "lxd":
+            event.fail(f"{action} needs backend=lxd; this unit runs {config.backend}")
+            return False
+        return True
+
+    def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, AddTrustedClientParams)
+        if params is None or not self._lxd_only(event, config, "add-trusted-client"):
+            return
+        from vmhost import lxd_setup
+
+        try:
+            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name)
+        except Exception as e:  # LXD refused (bad cert, already trusted): its message, one line
+            event.fail(f"LXD did not trust the certificate: {e}")
+            return
+        event.set_results({"name": params.name, "fingerprint": fingerprint})
+
+    def _on_get_client_token(self, event: ops.ActionEvent) -> None:
+        params, config = self._load(event, ClientTokenParams)
+        if params is None or not self._lxd_only(event, config, "get-client-token"):
+            return
+        from vmhost import lxd_setup
+
+        try:
+            token = lxd_setup.create_join_token(params.name)
+        except Exception as e:
+            event.fail(f"LXD did not issue a token: {e}")
+            return
+        event.set_results({"name": params.name, "token": token})
+
+
+if __name__ == "__main__":  # pragma: nocover
+    ops.main(VmHostCharm)

@@ -1,0 +1,381 @@
+"""Typed charm config and action parameters (pydantic; no ops import, so tests and tools reuse them).
+
+The charm loads these with `CharmBase.load_config` / `ActionEvent.load_params`, which pass Juju's
+hyphenated names with underscores. Every validator turns an operator string into a typed value or
+raises one sentence naming what is wrong and what is allowed; `error_message` turns a pydantic
+ValidationError into that sentence with the Juju option or parameter name in front.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vmhost.model import Policy
+from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size
+
+__all__ = [
+    "AddTrustedClientParams",
+    "CharmConfig",
+    "ClientTokenParams",
+    "ComposeParams",
+    "HugepageSetting",
+    "ListVmsParams",
+    "NameParams",
+    "Quota",
+    "StopVmParams",
+    "error_message",
+    "parse_hugepages_setting",
+    "vm_results",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class HugepageSetting:
+    """Pages of one size wanted on one NUMA node (node None: the host total, split evenly over nodes)."""
+
+    size: str
+    count: int
+    node: int | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
+
+    vms: int | None = None
+    cores: int | None = None
+    memory: int | None = None
+
+
+def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:
+    """Settings from "2M:4096", "2M:4096,1G:8" or per node "0:1G:8,1:1G:8"."""
+    out: list[HugepageSetting] = []
+    for tok in re.split(r"[,\s]+", value.strip()):
+        if not tok:
+            continue
+        parts = tok.split(":")
+        if len(parts) == 2:
+            node_s, (size_s, count_s) = None, parts
+        elif len(parts) == 3:
+            node_s, size_s, count_s = parts
+        else:
+            raise ValueError(f"entry {tok!r} is not size:count or node:size:count (e.g. 2M:4096 or 0:1G:8)")
+        node = None
+        if node_s is not None:
+            if not node_s.isdigit():
+                raise ValueError(f"node {node_s!r} in {tok!r} is not a NUMA node number")
+            node = int(node_s)
+        try:
+            size = parse_hugepage_size(size_s)
+        except ParseError as e:
+            raise ValueError(str(e)) from None
+        if not count_s.isdigit():
+            raise ValueError(f"count {count_s!r} in {tok!r} is not a whole number of pages")
+        if any(s.size == size and (s.node is None or node is None or s.node == node) for s in out):
+            raise ValueError(f"{size} pages are given twice in {tok!r}; give each size once, or once per node")
+        out.append(HugepageSetting(size=size, count=int(count_s), node=node))
+    return tuple(out)
+
+
+def _parse_quota(value: str) -> Quota:
+    found: dict[str, int] = {}
+    for tok in re.split(r"[,\s]+", value.strip()):
+        if not tok:
+            continue
+        key, sep, val = tok.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("vms", "cores", "memory"):
+            raise ValueError(f"entry {tok!r} is not vms=N, cores=N or memory=SIZE")
+        if key == "memory":
+            try:
+                found[key] = parse_size(val, default_unit="M")
+            except ParseError as e:
+                raise ValueError(str(e)) from None
+        elif val.isdigit():
+            found[key] = int(val)
+        else:
+            raise ValueError(f"{key} {val!r} is not a whole number")
+    return Quota(**found)
+
+
+class CharmConfig(BaseModel):
+    """The charm's config options (config.yaml), parsed into what the workload uses."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    backend: Literal["lxd", "libvirt"] = "lxd"
+    lxd_snap_channel: str = "5.21/stable"
+    lxd_listen_address: str = ""
+    lxd_storage_driver: Literal["dir", "zfs", "btrfs", "lvm"] = "dir"
+    bridge: str = ""
+    cpu_overcommit_ratio: float = Field(1.0, gt=0)
+    memory_overcommit_ratio: float = Field(1.0, gt=0)
+    reserved_cores: tuple[int, ...] = ()
+    reserved_memory: int = 0
+    hugepages: tuple[HugepageSetting, ...] = ()
+    default_storage_pool: str = ""
+    space_bridges: dict[str, str] = Field(default_factory=dict)
+    allowed_networks: tuple[str, ...] = ()
+    relation_quota: Quota = Quota()
+    libvirt_uri: str = "qemu:///system"
+
+    @field_validator("lxd_snap_channel")
+    @classmethod
+    def _channel(cls, v: str) -> str:
+        if not re.fullmatch(r"(?:[a-z0-9.-]+/)?(?:stable|candidate|beta|edge)(?:/[\w.-]+)?|[a-z0-9.-]+", v):
+            raise ValueError(f"{v!r} is not a snap channel; use track/risk such as 5.21/stable or 6/stable")
+        return v
+
+    @field_validator("libvirt_uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", v):
+            raise ValueError(f"{v!r} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://virsh@host/system")
+        return v
+
+    @field_validator("reserved_cores", mode="before")
+    @classmethod
+    def _cpuset(cls, v: Any) -> tuple[int, ...]:
+        if isinstance(v, str):
+            if not v.strip():
+                return ()
+            try:
+                return parse_cpuset(v)
+            except ParseError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("reserved_memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> int:
+        if isinstance(v, str):
+            try:
+                return parse_size(v or "0", default_unit="M")
+            except ParseError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("hugepages", mode="before")
+    @classmethod
+    def _hugepages(cls, v: Any) -> tuple[HugepageSetting, ...]:
+        return parse_hugepages_setting(v) if isinstance(v, str) else v
+
+    @field_validator("relation_quota", mode="before")
+    @classmethod
+    def _quota(cls, v: Any) -> Quota:
+        return _parse_quota(v) if isinstance(v, str) else v
+
+    @field_validator("space_bridges", mode="before")
+    @classmethod
+    def _space_bridges(cls, v: Any) -> dict[str, str]:
+        if not isinstance(v, str):
+            return v
+        out: dict[str, str] = {}
+        for tok in re.split(r"[,\s]+", v.strip()):
+            if not tok:
+                continue
+            space, sep, bridge = tok.partition("=")
+            if not sep or not _NAME_RE.match(space) or not _NAME_RE.match(bridge):
+                raise ValueError(f"entry {tok!r} is not space=bridge (e.g. public=br0 storage=br1)")
+            out[space] = bridge
+        return out
+
+    @field_validator("allowed_networks", mode="before")
+    @classmethod
+    def _networks(cls, v: Any) -> tuple[str, ...]:
+        if not isinstance(v, str):
+            return v
+        out = []
+        for tok in re.split(r"[,\s]+", v.strip()):
+            if not tok:
+                continue
+            if "/" in tok:
+                try:
+                    tok = str(ipaddress.ip_network(tok, strict=False))
+                except ValueError:
+                    raise ValueError(f"{tok!r} is not a CIDR (e.g. 10.20.0.0/24)") from None
+            elif not _NAME_RE.match(tok):
+                raise ValueError(f"{tok!r} is not a space, bridge or network name, nor a CIDR")
+            out.append(tok)
+        return tuple(out)
+
+    @field_validator("lxd_listen_address")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            return v
+        m = re.fullmatch(r"\[([0-9A-Fa-f:]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", v)
+        if not m:
+            raise ValueError(f"{v!r} is not an address[:port] (e.g. 10.0.0.5:8443 or [::]:8443)")
+        host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+        if port is not None and not 0 < int(port) < 65536:
+            raise ValueError(f"port {port} in {v!r} is not 1-65535")
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+                raise ValueError(f"{host!r} in {v!r} is not an IP address or host name") from None
+        return v
+
+    @field_validator("bridge", "default_storage_pool")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.strip()
+        if v and not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a name; use letters, digits, '-', '_' or '.'")
+        return v
+
+    def policy(self) -> Policy:
+        return Policy(
+            cpu_overcommit_ratio=self.cpu_overcommit_ratio,
+            memory_overcommit_ratio=self.memory_overcommit_ratio,
+            reserved_cores=self.reserved_cores,
+            reserved_memory=self.reserved_memory,
+            default_storage_pool=self.default_storage_pool or None,
+        )
+
+
+class ComposeParams(BaseModel):
+    """The compose action (MAAS parameter names)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cores: int = Field(1, ge=1)
+    memory: str = "2048M"
+    pinned_cores: str | None = None
+    hugepages_backed: bool = False
+    hugepage_size: str | None = None
+    storage: str | None = None
+    interfaces: str | None = None
+    hostname: str | None = None
+    pool: str | None = None
+    start: bool = False
+    boot: Literal["network", "image"] = "network"
+    image: str | None = None
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str | None) -> str | None:
+        if v and not _HOSTNAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a host name; use lower-case letters, digits and '-' (at most 63)")
+        return v or None
+
+    @field_validator("pool")
+    @classmethod
+    def _pool(cls, v: str | None) -> str | None:
+        if v and not _NAME_RE.match(v):
+            raise ValueError(f"{v!r} is not a pool name; use letters, digits, '-', '_' or '.'")
+        return v or None
+
+    def request_dict(self) -> dict:
+        """The shape VmRequest.from_dict takes (it does the MAAS-syntax parsing)."""
+        return {
+            "cores": self.cores,
+            "memory": self.memory,
+            "pinned_cores": self.pinned_cores,
+            "hugepages_backed": self.hugepages_backed,
+            "hugepage_size": self.hugepage_size,
+            "storage": self.storage,
+            "interfaces": self.interfaces,
+            "name": self.hostname,
+            "pool": self.pool,
+        }
+
+
+class NameParams(BaseModel):
+    """decompose / start-vm: one VM by name."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+
+
+class StopVmParams(NameParams):
+    force: bool = False
+
+
+class ListVmsParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pool: str | None = None
+
+
+class AddTrustedClientParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cert: str = Field(min_length=1)
+    name: str = Field("vm-host-client", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+
+    @field_validator("cert")
+    @classmethod
+    def _pem(cls, v: str) -> str:
+        if "-----BEGIN CERTIFICATE-----" not in v:
+            raise ValueError(
+                "is not a PEM certificate; give the client's certificate starting -----BEGIN CERTIFICATE-----"
+            )
+        return v
+
+
+class ClientTokenParams(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+
+
+def error_message(e: ValidationError, kind: str = "config") -> str:
+    """One sentence for the first problem: "config hugepages: <why>; ..." with the Juju (hyphenated) name."""
+    parts = []
+    for err in e.errors():
+        loc = "-".join(str(x) for x in err.get("loc", ()) if isinstance(x, str)).replace("_", "-")
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        given = err.get("input")
+        if err.get("type") in ("literal_error", "greater_than", "string_pattern_mismatch", "missing", "int_parsing"):
+            msg = (
+                f"{given!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+                if err.get("type") != "missing"
+                else "is required"
+            )
+        parts.append(f"{kind} {loc}: {msg}" if loc else f"{kind}: {msg}")
+    return "; ".join(parts[:2])
+
+
+# Result keys Juju accepts (lower case, no underscores); nested values are JSON text.
+_RESULT_KEYS = {
+    "name": "name",
+    "state": "state",
+    "vcpus": "vcpus",
+    "pinned": "pinned",
+    "numa_nodes": "nodes",
+    "memory": "memory",
+    "hugepages": "hugepages",
+    "disks": "disks",
+    "nics": "nics",
+    "mac_addresses": "macs",
+    "cells": "cells",
+    "threads_per_core": "threads",
+    "pool": "pool",
+    "owner": "owner",
+    "managed": "managed",
+}
+
+
+def vm_results(vm: dict) -> dict[str, str]:
+    """A VmInfo.to_dict() as Juju action results: every value a string, nested values JSON."""
+    out: dict[str, str] = {}
+    for key, value in vm.items():
+        rkey = _RESULT_KEYS.get(key, key.replace("_", ""))
+        if value is None:
+            continue
+        out[rkey] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return out

@@ -1,0 +1,170 @@
+"""The `vmhost` command: the charm's actions without Juju, against this host or a remote one."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from vmhost.model import Policy, VmRequest
+from vmhost.parse import ParseError
+from vmhost.providers.base import CloudInit, ProviderError, get_provider
+from vmhost.service import BOOT_MODES, VmHost
+
+_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def _common() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--backend", default=os.environ.get("VMHOST_BACKEND", "libvirt"), help="lxd or libvirt")
+    p.add_argument("--uri", default=os.environ.get("VMHOST_URI"), help="qemu+ssh://... or https://host:8443")
+    p.add_argument("--cert", help="LXD client certificate (PEM) for a remote https URI")
+    p.add_argument("--key", help="LXD client key (PEM) for a remote https URI")
+    p.add_argument("--project", help="LXD project (default: vmhost)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--cpu-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_CPU_OVERCOMMIT", 1.0)))
+    p.add_argument("--memory-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_MEM_OVERCOMMIT", 1.0)))
+    p.add_argument("--reserved-cores", default=os.environ.get("VMHOST_RESERVED_CORES", ""), help="e.g. 0-1")
+    p.add_argument("--reserved-memory", default=os.environ.get("VMHOST_RESERVED_MEMORY", "0"), help="e.g. 2G")
+    p.add_argument("--default-storage-pool", default=os.environ.get("VMHOST_DEFAULT_POOL"))
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="vmhost", description="Compose NUMA-aware VMs on LXD or libvirt/KVM.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("resources", parents=[common], help="per NUMA node cores, memory, hugepages, VFs, VMs")
+    c = sub.add_parser("compose", parents=[common], help="place and create a VM")
+    c.add_argument("--cores", type=int, default=1)
+    c.add_argument("--memory", default="1G", help="e.g. 8G, 512M (a bare number is MiB, as in MAAS)")
+    c.add_argument("--pinned-cores", help="auto, or host CPUs such as 2,3 or 4-7")
+    c.add_argument("--hugepages-backed", action="store_true")
+    c.add_argument("--hugepage-size", help="2M or 1G")
+    c.add_argument("--storage", help="MAAS storage, e.g. root:20(ssd),data:100")
+    c.add_argument("--interfaces", help="MAAS interfaces, e.g. eth0:space=public;eth1:subnet=10.20.0.0/24")
+    c.add_argument("--hostname", help="VM name and guest hostname (default: generated)")
+    c.add_argument("--pool", help="resource pool this VM belongs to")
+    c.add_argument("--start", action="store_true", help="start the VM once composed")
+    c.add_argument("--boot", default="network", choices=BOOT_MODES)
+    c.add_argument("--image", help="image path (libvirt) or alias (LXD) for --boot image")
+    c.add_argument("--dry-run", action="store_true", help="print the placement, create nothing")
+    d = sub.add_parser("decompose", parents=[common], help="delete a VM and its volumes")
+    d.add_argument("name")
+    ls = sub.add_parser("list", parents=[common], help="VMs on this host")
+    ls.add_argument("--pool")
+    s = sub.add_parser("start", parents=[common], help="start a VM")
+    s.add_argument("name")
+    st = sub.add_parser("stop", parents=[common], help="stop a VM")
+    st.add_argument("name")
+    st.add_argument("--force", action="store_true")
+    sub.add_parser("gc", parents=[common], help="remove what a crashed compose left behind")
+    return parser
+
+
+def _policy(args: argparse.Namespace) -> Policy:
+    return Policy.from_dict(
+        {
+            "cpu_overcommit_ratio": args.cpu_overcommit_ratio,
+            "memory_overcommit_ratio": args.memory_overcommit_ratio,
+            "reserved_cores": args.reserved_cores or None,
+            "reserved_memory": args.reserved_memory,
+            "default_storage_pool": args.default_storage_pool,
+        }
+    )
+
+
+def _host(args: argparse.Namespace) -> VmHost:
+    options = {}
+    if args.backend == "lxd":
+        if args.cert and args.key:
+            options["cert"] = (args.cert, args.key)
+        if args.project:
+            options["project"] = args.project
+    return VmHost(get_provider(args.backend, uri=args.uri, **options), _policy(args))
+
+
+def _request(args: argparse.Namespace) -> VmRequest:
+    if args.hostname and not _HOSTNAME_RE.match(args.hostname):
+        raise ParseError(f"hostname {args.hostname!r} is not valid; use lower-case letters, digits and '-' (max 63)")
+    return VmRequest.from_dict(
+        {
+            "cores": args.cores,
+            "memory": args.memory,
+            "pinned_cores": args.pinned_cores,
+            "hugepages_backed": args.hugepages_backed,
+            "hugepage_size": args.hugepage_size,
+            "storage": args.storage,
+            "interfaces": args.interfaces,
+            "name": args.hostname,
+            "pool": args.pool,
+        }
+    )
+
+
+def _emit(args: argparse.Namespace, data, text: str) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else text)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vmhost.resources_view import render_view, vm_line
+
+    host = _host(args)
+    try:
+        if args.command == "resources":
+            res = host.resources()
+            _emit(args, res, render_view(res))
+        elif args.command == "compose":
+            request = _request(args)
+            if args.dry_run:
+                alloc = host.plan(request)
+                _emit(args, alloc.to_dict(), f"would compose {alloc.name}: {json.dumps(alloc.to_dict())}")
+                return 0
+            vm = host.compose(
+                request,
+                start=args.start,
+                boot=args.boot,
+                image=args.image,
+                cloud_init=CloudInit(hostname=request.name) if request.name else None,
+            )
+            _emit(args, vm.to_dict(), f"composed {vm_line(vm.to_dict())}")
+        elif args.command == "decompose":
+            host.decompose(args.name)
+            _emit(args, {"name": args.name, "decomposed": True}, f"decomposed {args.name}")
+        elif args.command == "list":
+            vms = [v.to_dict() for v in host.vms(pool=args.pool)]
+            _emit(args, vms, "\n".join(vm_line(v) for v in vms) or "no VMs")
+        elif args.command in ("start", "stop"):
+            if args.command == "start":
+                host.start(args.name)
+            else:
+                host.stop(args.name, force=args.force)
+            state = host.find(args.name).state
+            _emit(args, {"name": args.name, "state": state}, f"{args.name}: {state}")
+        elif args.command == "gc":
+            removed = host.gc()
+            _emit(args, {"removed": removed}, "\n".join(f"removed {r}" for r in removed) or "nothing to remove")
+    finally:
+        host.provider.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from vmhost.placement import PlacementError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ParseError, PlacementError, ProviderError, ValueError) as e:
+        print(f"vmhost: error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # a backend library error we did not classify: still one line, no traceback
+        print(f"vmhost: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

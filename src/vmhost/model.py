@@ -1,0 +1,465 @@
+"""The data every part shares: what the host has, what a VM asks for, what it was given.
+
+Plain frozen dataclasses with `from_dict`/`to_dict` in the JSON shapes of DESIGN.md §4, so the
+placement engine, the providers (which store allocations in hypervisor metadata), the CLI and the
+charm all speak one language. Sizes are bytes, hugepages are page counts keyed by "2M"/"1G".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+from vmhost.parse import (
+    HUGEPAGE_SIZES,
+    DiskSpec,
+    InterfaceSpec,
+    ParseError,
+    parse_cpuset,
+    parse_hugepage_size,
+    parse_interfaces,
+    parse_size,
+    parse_storage,
+)
+
+__all__ = [
+    "HUGEPAGE_SIZES",
+    "Allocation",
+    "Cell",
+    "Core",
+    "DiskAllocation",
+    "HostTopology",
+    "HugepageAllocation",
+    "Nic",
+    "NicAllocation",
+    "NumaNode",
+    "Policy",
+    "StoragePool",
+    "VmRequest",
+]
+
+
+def _int(d: dict, key: str, default: int | None = None) -> int:
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ParseError(f"{key} {v!r} must be a whole number")
+    return v
+
+
+@dataclass(frozen=True)
+class Core:
+    """A physical core and its sibling hardware threads (host CPU ids)."""
+
+    id: int
+    threads: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Core:
+        return cls(id=_int(d, "id"), threads=tuple(sorted(int(t) for t in d["threads"])))
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "threads": list(self.threads)}
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    """One NUMA node: its online cores, memory in bytes and hugepages (total pages per size)."""
+
+    id: int
+    memory: int
+    cores: tuple[Core, ...]
+    hugepages: dict[str, int] = field(default_factory=dict, hash=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NumaNode:
+        pages = {parse_hugepage_size(k): int(v) for k, v in (d.get("hugepages") or {}).items()}
+        return cls(
+            id=_int(d, "id"),
+            memory=int(parse_size(d.get("memory", 0))),
+            cores=tuple(Core.from_dict(c) for c in d.get("cores", ())),
+            hugepages=pages,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "memory": self.memory,
+            "cores": [c.to_dict() for c in self.cores],
+            "hugepages": dict(self.hugepages),
+        }
+
+    @property
+    def threads(self) -> tuple[int, ...]:
+        return tuple(t for c in self.cores for t in c.threads)
+
+    def hugepage_bytes(self) -> int:
+        return sum(HUGEPAGE_SIZES[s] * n for s, n in self.hugepages.items())
+
+
+@dataclass(frozen=True)
+class Nic:
+    """A host network interface the VMs can attach to.
+
+    `kind` is physical, bridge, vlan or bond; `bridge` is the bridge this interface is a port of;
+    `vlan` its VLAN id when it is a VLAN interface (or the bridge carries one); `space` is the Juju
+    space it serves, when known.
+    """
+
+    name: str
+    numa_node: int | None = None
+    sriov_max_vfs: int = 0
+    bridge: str | None = None
+    vlan: int | None = None
+    addresses: tuple[str, ...] = ()
+    space: str | None = None
+    kind: str = "physical"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Nic:
+        return cls(
+            name=str(d["name"]),
+            numa_node=d.get("numa_node"),
+            sriov_max_vfs=int(d.get("sriov_max_vfs") or 0),
+            bridge=d.get("bridge"),
+            vlan=d.get("vlan"),
+            addresses=tuple(d.get("addresses") or ()),
+            space=d.get("space"),
+            kind=d.get("kind") or "physical",
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "numa_node": self.numa_node,
+            "sriov_max_vfs": self.sriov_max_vfs,
+            "bridge": self.bridge,
+            "vlan": self.vlan,
+            "addresses": list(self.addresses),
+            "space": self.space,
+            "kind": self.kind,
+        }
+
+
+@dataclass(frozen=True)
+class StoragePool:
+    """A storage pool as the hypervisor reports it (bytes)."""
+
+    name: str
+    driver: str = "dir"
+    total: int = 0
+    used: int = 0
+
+    @property
+    def free(self) -> int:
+        return max(0, self.total - self.used)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StoragePool:
+        return cls(
+            name=str(d["name"]),
+            driver=str(d.get("driver") or "dir"),
+            total=int(d.get("total") or 0),
+            used=int(d.get("used") or 0),
+        )
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "driver": self.driver, "total": self.total, "used": self.used}
+
+
+@dataclass(frozen=True)
+class HostTopology:
+    """What the host has, as discovered by a provider (or made up by a test)."""
+
+    nodes: tuple[NumaNode, ...]
+    nics: tuple[Nic, ...] = ()
+    storage_pools: tuple[StoragePool, ...] = ()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HostTopology:
+        return cls(
+            nodes=tuple(NumaNode.from_dict(n) for n in d.get("nodes", ())),
+            nics=tuple(Nic.from_dict(n) for n in d.get("nics", ()) or ()),
+            storage_pools=tuple(StoragePool.from_dict(p) for p in d.get("storage_pools", ()) or ()),
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "nodes": [n.to_dict() for n in self.nodes],
+            "nics": [n.to_dict() for n in self.nics],
+            "storage_pools": [p.to_dict() for p in self.storage_pools],
+        }
+
+    @cached_property
+    def thread_node(self) -> dict[int, int]:
+        """Host CPU id -> NUMA node id, for every online thread."""
+        return {t: n.id for n in self.nodes for t in n.threads}
+
+    @cached_property
+    def siblings(self) -> dict[int, tuple[int, ...]]:
+        """Host CPU id -> all threads of its core."""
+        return {t: c.threads for n in self.nodes for c in n.cores for t in c.threads}
+
+    @property
+    def threads(self) -> tuple[int, ...]:
+        return tuple(sorted(self.thread_node))
+
+    def node(self, node_id: int) -> NumaNode:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise KeyError(node_id)
+
+
+@dataclass(frozen=True)
+class VmRequest:
+    """What an operator (or a remote model) asks for. Parsed and checked on construction via from_dict."""
+
+    cores: int
+    memory: int
+    pinned_cores: str | tuple[int, ...] | None = None
+    hugepages_backed: bool = False
+    hugepage_size: str | None = None
+    storage: tuple[DiskSpec, ...] = ()
+    interfaces: tuple[InterfaceSpec, ...] = ()
+    name: str | None = None
+    pool: str | None = None
+    owner: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VmRequest:
+        cores = d.get("cores", 1)
+        if isinstance(cores, str) and cores.strip().isdigit():
+            cores = int(cores)
+        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
+            raise ParseError(f"cores {cores!r} must be a whole number of 1 or more")
+        memory = parse_size(d.get("memory", "1G"), default_unit="M" if isinstance(d.get("memory"), str) else "")
+        if memory <= 0:
+            raise ParseError(f"memory {d.get('memory')!r} must be more than 0")
+        pinned = d.get("pinned_cores")
+        if pinned in (None, "", False):
+            pinned = None
+        elif isinstance(pinned, str) and pinned.strip().lower() == "auto":
+            pinned = "auto"
+        else:
+            pinned = parse_cpuset(pinned)
+            if len(pinned) != cores:
+                raise ParseError(
+                    f"pinned_cores {d.get('pinned_cores')!r} lists {len(pinned)} CPUs but cores is {cores}; list one CPU per core"
+                )
+        hp_size = d.get("hugepage_size")
+        hp_size = parse_hugepage_size(hp_size) if hp_size not in (None, "") else None
+        backed = bool(d.get("hugepages_backed", False)) or hp_size is not None
+        if backed and hp_size and memory % HUGEPAGE_SIZES[hp_size]:
+            raise ParseError(f"memory {d.get('memory')!r} is not a whole number of {hp_size} hugepages")
+        return cls(
+            cores=cores,
+            memory=memory,
+            pinned_cores=pinned,
+            hugepages_backed=backed,
+            hugepage_size=hp_size,
+            storage=d["storage"] if isinstance(d.get("storage"), tuple) else parse_storage(d.get("storage")),
+            interfaces=d["interfaces"]
+            if isinstance(d.get("interfaces"), tuple)
+            else parse_interfaces(d.get("interfaces")),
+            name=d.get("name") or None,
+            pool=d.get("pool") or None,
+            owner=d.get("owner") or None,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "cores": self.cores,
+            "memory": self.memory,
+            "pinned_cores": list(self.pinned_cores) if isinstance(self.pinned_cores, tuple) else self.pinned_cores,
+            "hugepages_backed": self.hugepages_backed,
+            "hugepage_size": self.hugepage_size,
+            "storage": ",".join(d.to_str() for d in self.storage),
+            "interfaces": ";".join(i.to_str() for i in self.interfaces),
+            "name": self.name,
+            "pool": self.pool,
+            "owner": self.owner,
+        }
+
+    @property
+    def numa_bound(self) -> bool:
+        """Pinned or hugepage VMs are placed on NUMA nodes (rule 4); others float."""
+        return self.pinned_cores is not None or self.hugepages_backed
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Operator policy: overcommit ratios, what the host keeps for itself, default pool."""
+
+    cpu_overcommit_ratio: float = 1.0
+    memory_overcommit_ratio: float = 1.0
+    reserved_cores: tuple[int, ...] = ()
+    reserved_memory: int = 0
+    default_storage_pool: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Policy:
+        reserved = d.get("reserved_cores") or ()
+        return cls(
+            cpu_overcommit_ratio=float(d.get("cpu_overcommit_ratio", 1.0)),
+            memory_overcommit_ratio=float(d.get("memory_overcommit_ratio", 1.0)),
+            reserved_cores=parse_cpuset(reserved) if reserved else (),
+            reserved_memory=parse_size(d.get("reserved_memory", 0) or 0),
+            default_storage_pool=d.get("default_storage_pool") or None,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "cpu_overcommit_ratio": self.cpu_overcommit_ratio,
+            "memory_overcommit_ratio": self.memory_overcommit_ratio,
+            "reserved_cores": list(self.reserved_cores),
+            "reserved_memory": self.reserved_memory,
+            "default_storage_pool": self.default_storage_pool,
+        }
+
+
+@dataclass(frozen=True)
+class HugepageAllocation:
+    size: str
+    per_node: dict[int, int] = field(hash=False)
+
+    @property
+    def pages(self) -> int:
+        return sum(self.per_node.values())
+
+    def to_dict(self) -> dict:
+        return {"size": self.size, "per_node": {str(k): v for k, v in sorted(self.per_node.items())}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HugepageAllocation:
+        return cls(size=parse_hugepage_size(d["size"]), per_node={int(k): int(v) for k, v in d["per_node"].items()})
+
+
+@dataclass(frozen=True)
+class Cell:
+    """A guest NUMA cell mirroring a host node: guest vCPU ids and memory placed on `node`."""
+
+    node: int
+    vcpus: tuple[int, ...]
+    memory: int
+
+    def to_dict(self) -> dict:
+        return {"node": self.node, "vcpus": list(self.vcpus), "memory": self.memory}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Cell:
+        return cls(node=int(d["node"]), vcpus=tuple(int(v) for v in d["vcpus"]), memory=int(d["memory"]))
+
+
+@dataclass(frozen=True)
+class DiskAllocation:
+    label: str
+    size: int
+    pool: str
+    tags: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "size": self.size, "pool": self.pool, "tags": list(self.tags)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DiskAllocation:
+        return cls(label=str(d["label"]), size=int(d["size"]), pool=str(d["pool"]), tags=tuple(d.get("tags") or ()))
+
+
+@dataclass(frozen=True)
+class NicAllocation:
+    """A guest NIC and what it attaches to on the host.
+
+    type: bridge (parent is a bridge), macvlan (parent is a host interface), sriov (a VF of parent),
+    network (parent is a hypervisor-managed network).
+    """
+
+    label: str
+    type: str
+    parent: str
+    vlan: int | None = None
+    ip: str | None = None
+    mac: str | None = None
+    numa_node: int | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "type": self.type,
+            "parent": self.parent,
+            "vlan": self.vlan,
+            "ip": self.ip,
+            "mac": self.mac,
+            "numa_node": self.numa_node,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> NicAllocation:
+        return cls(
+            label=str(d["label"]),
+            type=str(d["type"]),
+            parent=str(d["parent"]),
+            vlan=d.get("vlan"),
+            ip=d.get("ip"),
+            mac=d.get("mac"),
+            numa_node=d.get("numa_node"),
+        )
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """What a VM was given. Stored in the VM's hypervisor metadata; usage is recomputed from these.
+
+    `pinned[i]` is the host thread of guest vCPU i. `cells` is empty for a floating VM.
+    `threads_per_core` is the guest's SMT topology (2 when whole host cores were taken).
+    `other` marks a VM made outside vm-host, counted from its own config.
+    """
+
+    name: str
+    vcpus: int
+    memory: int
+    pinned: tuple[int, ...] | None = None
+    numa_nodes: tuple[int, ...] = ()
+    hugepages: HugepageAllocation | None = None
+    disks: tuple[DiskAllocation, ...] = ()
+    nics: tuple[NicAllocation, ...] = ()
+    cells: tuple[Cell, ...] = ()
+    threads_per_core: int = 1
+    pool: str | None = None
+    owner: str | None = None
+    other: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "vcpus": self.vcpus,
+            "memory": self.memory,
+            "pinned": list(self.pinned) if self.pinned is not None else None,
+            "numa_nodes": list(self.numa_nodes),
+            "hugepages": self.hugepages.to_dict() if self.hugepages else None,
+            "disks": [d.to_dict() for d in self.disks],
+            "nics": [n.to_dict() for n in self.nics],
+            "cells": [c.to_dict() for c in self.cells],
+            "threads_per_core": self.threads_per_core,
+            "pool": self.pool,
+            "owner": self.owner,
+            "other": self.other,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Allocation:
+        return cls(
+            name=str(d["name"]),
+            vcpus=int(d["vcpus"]),
+            memory=int(d["memory"]),
+            pinned=tuple(int(t) for t in d["pinned"]) if d.get("pinned") is not None else None,
+            numa_nodes=tuple(int(n) for n in d.get("numa_nodes") or ()),
+            hugepages=HugepageAllocation.from_dict(d["hugepages"]) if d.get("hugepages") else None,
+            disks=tuple(DiskAllocation.from_dict(x) for x in d.get("disks") or ()),
+            nics=tuple(NicAllocation.from_dict(x) for x in d.get("nics") or ()),
+            cells=tuple(Cell.from_dict(x) for x in d.get("cells") or ()),
+            threads_per_core=int(d.get("threads_per_core") or 1),
+            pool=d.get("pool"),
+            owner=d.get("owner"),
+            other=bool(d.get("other", False)),
+        )

@@ -1,0 +1,923 @@
+"""The allocator: which host threads, NUMA nodes, hugepages, pools and NICs a new VM gets.
+
+Pure and deterministic (no I/O; ties broken by node id, thread id, name). Usage is always
+recomputed from the allocations the hypervisor reports (DESIGN.md §3), and placement uses the
+very same `compute_usage` that the resources view shows, so the two can never disagree.
+
+Cost (rule 6): nodes are never permuted. For k = 1, 2, ... nodes, each node is checked against
+an even share of the VM (O(nodes) per k), and the k best-fitting nodes are taken. Per-allocation
+contributions are cached by object identity, and the sums over a list of allocations by the
+identities of its members, so 2,000 resident VMs cost a few tuple operations per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import operator
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+from vmhost.model import (
+    Allocation,
+    Cell,
+    DiskAllocation,
+    HostTopology,
+    HugepageAllocation,
+    Nic,
+    NicAllocation,
+    Policy,
+    VmRequest,
+)
+from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, format_size
+
+__all__ = ["HostUsage", "NodeUsage", "PlacementError", "compute_usage", "place"]
+
+DEFAULT_NAME = "vm"
+# Largest first: fewer, bigger pages mean fewer TLB misses.
+_SIZES_LARGEST_FIRST = tuple(sorted(HUGEPAGE_SIZES, key=HUGEPAGE_SIZES.__getitem__, reverse=True))
+_MACVLAN_KINDS = ("physical", "vlan", "bond")
+_EPS = 1e-9
+
+
+class PlacementError(ValueError):
+    """The host cannot hold the request; `str(e)` says what is short, where and by how much."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage
+
+
+@dataclass(frozen=True)
+class NodeUsage:
+    """One NUMA node's capacity and use, as placement and the resources view see it."""
+
+    node: int
+    threads: tuple[int, ...]
+    reserved: tuple[int, ...]
+    pinned: Mapping[int, str] = field(hash=False)
+    free_threads: tuple[int, ...]
+    hugepages: Mapping[str, tuple[int, int]] = field(hash=False)  # size -> (total, used)
+    memory_capacity: int  # general memory (not hugepages, not reserved) times the overcommit ratio
+    memory_bound: int  # general memory of NUMA-bound VMs placed on this node
+    vms: tuple[str, ...]
+
+    def hugepages_free(self, size: str) -> int:
+        total, used = self.hugepages.get(size, (0, 0))
+        return max(0, total - used)
+
+    @property
+    def memory_free(self) -> int:
+        return max(0, self.memory_capacity - self.memory_bound)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "threads": list(self.threads),
+            "reserved": list(self.reserved),
+            "pinned": {str(t): n for t, n in sorted(self.pinned.items())},
+            "free_threads": list(self.free_threads),
+            "hugepages": {s: {"total": t, "used": u, "free": max(0, t - u)} for s, (t, u) in self.hugepages.items()},
+            "memory_capacity": self.memory_capacity,
+            "memory_bound": self.memory_bound,
+            "memory_free": self.memory_free,
+            "vms": list(self.vms),
+        }
+
+
+@dataclass(frozen=True)
+class HostUsage:
+    """Host-wide capacity and use: per node, shared vCPUs, general memory, VFs and pools."""
+
+    nodes: tuple[NodeUsage, ...]
+    shared_vcpus_used: int
+    shared_vcpus_capacity: int  # floor((threads neither reserved nor pinned) * cpu_overcommit_ratio)
+    memory_used: int  # general memory of every VM that is not hugepage-backed
+    memory_capacity: int  # (memory - hugepages - reserved) * memory_overcommit_ratio
+    vfs_used: Mapping[str, int] = field(hash=False)  # NIC -> SR-IOV VFs in use
+    storage_committed: Mapping[str, int] = field(hash=False)  # pool -> bytes of our allocations' disks
+    vms: int = 0
+
+    @property
+    def shared_vcpus_free(self) -> int:
+        return max(0, self.shared_vcpus_capacity - self.shared_vcpus_used)
+
+    @property
+    def memory_free(self) -> int:
+        return max(0, self.memory_capacity - self.memory_used)
+
+    @property
+    def pinned(self) -> dict[int, str]:
+        return {t: n for nu in self.nodes for t, n in nu.pinned.items()}
+
+    def node(self, node_id: int) -> NodeUsage:
+        for n in self.nodes:
+            if n.node == node_id:
+                return n
+        raise KeyError(node_id)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "nodes": [n.to_dict() for n in self.nodes],
+            "shared_vcpus": {
+                "used": self.shared_vcpus_used,
+                "capacity": self.shared_vcpus_capacity,
+                "free": self.shared_vcpus_free,
+            },
+            "memory": {"used": self.memory_used, "capacity": self.memory_capacity, "free": self.memory_free},
+            "vfs_used": dict(sorted(self.vfs_used.items())),
+            "storage_committed": dict(sorted(self.storage_committed.items())),
+            "vms": self.vms,
+        }
+
+
+def _even(total: int, parts: int, unit: int = 1) -> list[int]:
+    """`total` split in `parts` shares that differ by at most `unit`, larger shares first."""
+    if total % unit:
+        unit = 1
+    base, extra = divmod(total // unit, parts)
+    return [(base + (1 if i < extra else 0)) * unit for i in range(parts)]
+
+
+class _Totals(NamedTuple):
+    pinned: dict[int, str]
+    shared: int
+    memory: int
+    node_memory: dict[int, int]
+    pages: dict[tuple[str, int], int]
+    node_vms: dict[int, list[str]]
+    vfs: dict[str, int]
+    disks: dict[str, int]
+    count: int
+
+
+def _totals(allocations: Sequence[Allocation]) -> _Totals:
+    """Sum what the allocations take. One pass; floating VMs (the many) take the short path."""
+    pinned: dict[int, str] = {}
+    node_memory: dict[int, int] = {}
+    pages: dict[tuple[str, int], int] = {}
+    node_vms: dict[int, list[str]] = {}
+    vfs: dict[str, int] = {}
+    disks: dict[str, int] = {}
+    shared = memory = 0
+    for a in allocations:
+        hp = a.hugepages
+        if a.pinned is None:
+            shared += a.vcpus
+        else:
+            for t in a.pinned:
+                pinned.setdefault(t, a.name)
+        if hp is None:
+            memory += a.memory
+        nodes = a.numa_nodes or (tuple(hp.per_node) if hp is not None else tuple({c.node for c in a.cells}))
+        if nodes:
+            if hp is not None:
+                size = hp.size
+                for n, p in hp.per_node.items():
+                    pages[size, n] = pages.get((size, n), 0) + p
+            elif a.cells:
+                for c in a.cells:
+                    node_memory[c.node] = node_memory.get(c.node, 0) + c.memory
+            else:
+                for n, b in zip(nodes, _even(a.memory, len(nodes), 1024), strict=True):
+                    node_memory[n] = node_memory.get(n, 0) + b
+            for n in nodes:
+                vms = node_vms.get(n)
+                if vms is None:
+                    node_vms[n] = [a.name]
+                else:
+                    vms.append(a.name)
+        if a.nics:
+            for nic in a.nics:
+                if nic.type == "sriov":
+                    vfs[nic.parent] = vfs.get(nic.parent, 0) + 1
+        if a.disks:
+            for d in a.disks:
+                disks[d.pool] = disks.get(d.pool, 0) + d.size
+    return _Totals(pinned, shared, memory, node_memory, pages, node_vms, vfs, disks, len(allocations))
+
+
+class _State:
+    """Usage of one (host, allocations, policy) plus what placement derives from it, computed once."""
+
+    def __init__(self, host: HostTopology, allocations: tuple[Allocation, ...], policy: Policy):
+        self.host = host
+        self.allocations = allocations
+        self.policy = policy
+        self.usage = _compute_usage(host, allocations, policy)
+        self.node_free: dict[tuple[bool, str | None], list[_NodeFree]] = {}
+
+    def same(self, host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> bool:
+        return (
+            self.host is host
+            and len(self.allocations) == len(allocations)
+            and self.policy == policy
+            and all(map(operator.is_, self.allocations, allocations))
+        )
+
+
+# The last few states, newest last: a caller asking again about the same objects (a benchmark, a
+# retry, the resources view after a compose) pays one identity check per allocation.
+_STATES: list[_State] = []
+_STATES_MAX = 4
+
+
+def _state(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> _State:
+    for i in range(len(_STATES) - 1, -1, -1):
+        st = _STATES[i]
+        if st.same(host, allocations, policy):
+            return st
+    st = _State(host, tuple(allocations), policy)
+    _STATES.append(st)
+    del _STATES[:-_STATES_MAX]
+    return st
+
+
+def _shared_capacity(free_threads: int, ratio: float) -> int:
+    return max(0, math.floor(free_threads * ratio + _EPS))
+
+
+def compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> HostUsage:
+    """Capacity and use per NUMA node and host-wide, from the host and every VM on it (ours or not).
+
+    The result is shared between calls with the same inputs: treat it as read-only.
+    """
+    return _state(host, allocations, policy).usage
+
+
+def _compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> HostUsage:
+    t = _totals(allocations)
+    reserved = set(policy.reserved_cores)
+    thread_node = host.thread_node
+    node_names: dict[int, set[str]] = {n: set(v) for n, v in t.node_vms.items()}
+    for th, name in t.pinned.items():
+        n = thread_node.get(th)
+        if n is not None:
+            node_names.setdefault(n, set()).add(name)
+    n_nodes = max(1, len(host.nodes))
+    reserved_share = _even(policy.reserved_memory, n_nodes)
+    mem_ratio = policy.memory_overcommit_ratio
+    nodes = []
+    free_total = 0
+    for i, node in enumerate(host.nodes):
+        threads = tuple(sorted(node.threads))
+        res = tuple(th for th in threads if th in reserved)
+        pinned = {th: t.pinned[th] for th in threads if th in t.pinned}
+        free = tuple(th for th in threads if th not in reserved and th not in pinned)
+        free_total += len(free)
+        sizes = sorted(set(node.hugepages) | {s for s, n in t.pages if n == node.id}, key=HUGEPAGE_SIZES.get)
+        hp = {s: (node.hugepages.get(s, 0), t.pages.get((s, node.id), 0)) for s in sizes}
+        general = node.memory - node.hugepage_bytes() - reserved_share[i]
+        nodes.append(
+            NodeUsage(
+                node=node.id,
+                threads=threads,
+                reserved=res,
+                pinned=MappingProxyType(pinned),
+                free_threads=free,
+                hugepages=MappingProxyType(hp),
+                memory_capacity=max(0, int(general * mem_ratio)),
+                memory_bound=t.node_memory.get(node.id, 0),
+                vms=tuple(sorted(node_names.get(node.id, ()))),
+            )
+        )
+    general_total = sum(n.memory - n.hugepage_bytes() for n in host.nodes) - policy.reserved_memory
+    return HostUsage(
+        nodes=tuple(nodes),
+        shared_vcpus_used=t.shared,
+        shared_vcpus_capacity=_shared_capacity(free_total, policy.cpu_overcommit_ratio),
+        memory_used=t.memory,
+        memory_capacity=max(0, int(general_total * mem_ratio)),
+        vfs_used=MappingProxyType(t.vfs),
+        storage_committed=MappingProxyType(t.disks),
+        vms=t.count,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages
+
+
+def _size(n: int) -> str:
+    """Memory: "8G", "512M", else bytes."""
+    return format_size(n) if n and n % 1024**2 == 0 else f"{n} bytes"
+
+
+def _gb(n: int) -> str:
+    """Disks are sized in decimal GB (MAAS storage syntax)."""
+    return f"{round(n / 10**9, 2):g} GB"
+
+
+def _per_node(values: Sequence[tuple[int, str]]) -> str:
+    """ "node 0 has 1024 free, node 1 has 0" (rule 7's form)."""
+    parts = [f"node {n} has {v}" + (" free" if i == 0 else "") for i, (n, v) in enumerate(values)]
+    return ", ".join(parts) if parts else "the host has no NUMA nodes"
+
+
+# ---------------------------------------------------------------------------------------------
+# Interfaces
+
+
+@dataclass
+class _Iface:
+    spec: InterfaceSpec
+    type: str  # bridge | macvlan | sriov
+    nics: list[Nic]  # candidates, best first (bridge/macvlan use the first)
+    fallback: list[Nic]  # macvlan candidates when SR-IOV was only preferred, not forced
+
+
+def _in_any(addresses: Sequence[str], networks: Sequence[str]) -> bool:
+    for a in addresses:
+        try:
+            ip = ipaddress.ip_interface(a).ip
+        except ValueError:
+            continue
+        for net in networks:
+            if ip.version == ipaddress.ip_network(net).version and ip in ipaddress.ip_network(net):
+                return True
+    return False
+
+
+def _contains_ip(nic: Nic, ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    for a in nic.addresses:
+        try:
+            iface = ipaddress.ip_interface(a)
+        except ValueError:
+            continue
+        if iface.version == addr.version and addr in iface.network:
+            return True
+    return False
+
+
+def _matches(nic: Nic, s: InterfaceSpec) -> bool:
+    vid = nic.vlan or 0
+    return (
+        (s.name is None or nic.name == s.name)
+        and (not s.space or nic.space in s.space)
+        and (not s.not_space or nic.space not in s.not_space)
+        and (not s.subnet or _in_any(nic.addresses, s.subnet))
+        and (not s.not_subnet or not _in_any(nic.addresses, s.not_subnet))
+        and (not s.vlan or vid in s.vlan)
+        and (not s.not_vlan or vid not in s.not_vlan)
+    )
+
+
+def _describe(s: InterfaceSpec) -> str:
+    body = s.to_str().split(":", 1)[1]
+    return body or "no constraints"
+
+
+def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_used: dict[str, int]) -> list[_Iface]:
+    by_name = {n.name: n for n in host.nics}
+    out = []
+    for s in specs:
+        matched = [n for n in host.nics if _matches(n, s)]
+        if s.ip is not None:
+            matched = [n for n in matched if _contains_ip(n, s.ip) or _bridge_contains(by_name, n, s.ip)]
+        if not matched:
+            why = f" with a subnet containing ip {s.ip}" if s.ip else ""
+            known = ", ".join(sorted(by_name)) or "none"
+            raise PlacementError(
+                f"interface {s.label}: no host interface matches {_describe(s)}{why}; host interfaces: {known}"
+            )
+        bridges: dict[str, Nic] = {}
+        for n in matched:
+            if n.kind == "bridge":
+                bridges[n.name] = n
+            elif n.bridge:  # a port attaches through its bridge, which must pass the filters too
+                parent = by_name.get(n.bridge) or Nic(name=n.bridge, kind="bridge")
+                if _matches(parent, replace(s, name=None)):
+                    bridges.setdefault(n.bridge, parent)
+        bridge = sorted(bridges.values(), key=lambda n: n.name)
+        sriov = sorted(
+            (n for n in matched if n.sriov_max_vfs > 0),
+            key=lambda n: (vfs_used.get(n.name, 0) - n.sriov_max_vfs, n.name),
+        )
+        macvlan = sorted((n for n in matched if n.kind in _MACVLAN_KINDS and not n.bridge), key=lambda n: n.name)
+        if s.ip is not None:
+            bridge = [n for n in bridge if _contains_ip(n, s.ip)] or bridge
+        free_sriov = [n for n in sriov if vfs_used.get(n.name, 0) < n.sriov_max_vfs]
+        names = ", ".join(sorted(n.name for n in matched))
+        if s.type == "bridge" or (s.type is None and bridge):
+            if not bridge:
+                raise PlacementError(f"interface {s.label}: no bridge matches {_describe(s)}; matching: {names}")
+            out.append(_Iface(s, "bridge", bridge, []))
+        elif s.type == "sriov" or (s.type is None and free_sriov):
+            if not free_sriov:
+                full = ", ".join(f"{n.name} {vfs_used.get(n.name, 0)}/{n.sriov_max_vfs}" for n in sriov)
+                raise PlacementError(
+                    f"interface {s.label}: sriov needs a free VF on a NIC matching {_describe(s)}; "
+                    + (f"all VFs are in use ({full})" if sriov else f"none of {names} has SR-IOV VFs")
+                )
+            out.append(_Iface(s, "sriov", free_sriov, macvlan if s.type is None else []))
+        else:
+            if not macvlan:
+                raise PlacementError(
+                    f"interface {s.label}: no physical or VLAN interface for macvlan matches {_describe(s)}; matching: {names}"
+                )
+            out.append(_Iface(s, "macvlan", macvlan, []))
+    return out
+
+
+def _bridge_contains(by_name: dict[str, Nic], nic: Nic, ip: str) -> bool:
+    parent = by_name.get(nic.bridge) if nic.bridge else None
+    return parent is not None and _contains_ip(parent, ip)
+
+
+def _assign_vfs(ifaces: Sequence[_Iface], nodes: set[int] | None, vfs_used: dict[str, int]) -> dict[str, Nic] | None:
+    """A VF per SR-IOV interface, local to `nodes` (None: anywhere); None when impossible."""
+    left: dict[str, int] = {}
+    out: dict[str, Nic] = {}
+    for f in ifaces:
+        if f.type != "sriov":
+            continue
+        best = None
+        for n in f.nics:
+            if nodes is not None and n.numa_node is not None and n.numa_node not in nodes:
+                continue
+            free = left.get(n.name, n.sriov_max_vfs - vfs_used.get(n.name, 0))
+            if free > 0 and (
+                best is None or free > left.get(best.name, best.sriov_max_vfs - vfs_used.get(best.name, 0))
+            ):
+                best = n
+        if best is None:
+            return None
+        left[best.name] = left.get(best.name, best.sriov_max_vfs - vfs_used.get(best.name, 0)) - 1
+        out[f.spec.label] = best
+    return out
+
+
+def _nic_allocations(ifaces: Sequence[_Iface], vfs: dict[str, Nic]) -> tuple[NicAllocation, ...]:
+    out = []
+    for f in ifaces:
+        nic = vfs[f.spec.label] if f.type == "sriov" else f.nics[0]
+        out.append(
+            NicAllocation(
+                label=f.spec.label,
+                type=f.type,
+                parent=nic.name,
+                vlan=nic.vlan,
+                ip=f.spec.ip,
+                numa_node=nic.numa_node,
+            )
+        )
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+def _place_disks(host: HostTopology, request: VmRequest, policy: Policy, committed: dict[str, int]):
+    pools = {p.name: p for p in host.storage_pools}
+    taken: dict[str, int] = {}
+
+    def free(name: str) -> int:
+        p = pools[name]
+        return p.total - max(p.used, committed.get(name, 0)) - taken.get(name, 0)
+
+    out = []
+    for d in request.storage:
+        named = [t for t in d.tags if t in pools]
+        if named:
+            pool = named[0]
+            why = f"tagged {pool}"
+        elif policy.default_storage_pool:
+            pool = policy.default_storage_pool
+            why = "the default pool"
+            if pool not in pools:
+                raise PlacementError(
+                    f"disk {d.label}: default storage pool {pool!r} does not exist; pools: {', '.join(pools) or 'none'}"
+                )
+        else:
+            fits = [p for p in pools if free(p) >= d.size]
+            if not fits:
+                have = (
+                    ", ".join(f"{p} has {_gb(max(0, free(p)))} free" for p in pools) or "the host has no storage pools"
+                )
+                raise PlacementError(f"disk {d.label}: need {_gb(d.size)} in one pool, {have}")
+            pool, why = fits[0], ""
+        if free(pool) < d.size:
+            raise PlacementError(
+                f"disk {d.label}: need {_gb(d.size)} in pool {pool} ({why}), it has {_gb(max(0, free(pool)))} free"
+            )
+        taken[pool] = taken.get(pool, 0) + d.size
+        out.append(DiskAllocation(label=d.label, size=d.size, pool=pool, tags=d.tags))
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# NUMA placement
+
+
+@dataclass
+class _NodeFree:
+    """What one node can still give a NUMA-bound VM."""
+
+    id: int
+    whole: list[tuple[int, ...]]  # cores with every thread free
+    lone: list[int]  # free threads of partly used cores
+    amount: int  # free hugepages of the requested size, or free general memory (bytes)
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        self.threads = sum(map(len, self.whole)) + len(self.lone)
+
+    def breaks(self, n: int) -> int:
+        """How many whole cores taking `n` threads would split (0 or 1)."""
+        return 1 if self._pick(n)[1] else 0
+
+    def pick(self, n: int) -> tuple[list[int], bool]:
+        return self._pick(n)
+
+    def _pick(self, n: int) -> tuple[list[int], bool]:
+        """Whole cores first, then lone threads, then (only for a remainder) split a core."""
+        got: list[int] = []
+        used: set[int] = set()
+        rem = n
+        for i, core in enumerate(self.whole):
+            if len(core) <= rem:
+                got.extend(core)
+                used.add(i)
+                rem -= len(core)
+                if not rem:
+                    return got, False
+        take = self.lone[:rem]
+        got.extend(take)
+        rem -= len(take)
+        split = False
+        for i, core in enumerate(self.whole):
+            if not rem:
+                break
+            if i not in used:
+                got.extend(core[:rem])
+                rem -= min(rem, len(core))
+                split = True
+        return got, split
+
+
+@dataclass
+class _Need:
+    """A NUMA-bound request, reduced to numbers."""
+
+    vcpus: int
+    pin: bool
+    size: str | None  # hugepage size, None for general memory
+    amount: int  # pages (hugepages) or bytes (general memory)
+    unit: int  # split granularity of `amount`
+
+
+def _node_free(st: _State, need: _Need) -> list[_NodeFree]:
+    """Per node: free whole cores, lone threads and the free amount the request draws on (cached per state)."""
+    key = (need.pin, need.size)
+    got = st.node_free.get(key)
+    if got is None:
+        got = st.node_free[key] = _node_free_uncached(st.host, st.usage, need)
+    return got
+
+
+def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> list[_NodeFree]:
+    out = []
+    for node, nu in zip(host.nodes, usage.nodes, strict=False):
+        whole: list[tuple[int, ...]] = []
+        lone: list[int] = []
+        if need.pin:
+            free = set(nu.free_threads)
+            for core in node.cores:
+                ft = tuple(t for t in core.threads if t in free)
+                if len(ft) == len(core.threads):
+                    whole.append(ft)
+                else:
+                    lone.extend(ft)
+            whole.sort()
+            lone.sort()
+        amount = nu.hugepages_free(need.size) if need.size else nu.memory_free
+        out.append(_NodeFree(nu.node, whole, lone, amount))
+    return out
+
+
+def _choose(
+    free: list[_NodeFree], need: _Need, ifaces: Sequence[_Iface], vfs_used: dict[str, int]
+) -> tuple[list[_NodeFree], list[int], list[int]] | None:
+    """Fewest nodes, split evenly, best fit. Returns (nodes by id, vCPU shares, amount shares)."""
+    sriov = [f for f in ifaces if f.type == "sriov"]
+    for k in range(1, min(len(free), need.vcpus) + 1):
+        cpu = _even(need.vcpus, k)
+        amt = _even(need.amount, k, need.unit)
+        lo_c, hi_c = cpu[-1], cpu[0]
+        lo_a, hi_a = amt[-1], amt[0]
+        cand = [n for n in free if n.amount >= lo_a and (not need.pin or n.threads >= lo_c)]
+        if len(cand) < k:
+            continue
+
+        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a) -> tuple:
+            local = -sum(1 for f in sriov if any(x.numa_node in (None, n.id) for x in f.nics))
+            thr = (n.breaks(c), n.threads - c) if need.pin else (0, 0)
+            return (local, *thr, n.amount - a, n.id)
+
+        if k == 1:
+            chosen = sorted(cand, key=score)
+            for n in chosen:
+                if sriov and _assign_vfs(ifaces, {n.id}, vfs_used) is None:
+                    continue
+                return [n], cpu, amt
+            continue
+        strong = [n for n in cand if n.amount >= hi_a and (not need.pin or n.threads >= hi_c)]
+        r = max(
+            sum(1 for x in cpu if x == hi_c) if hi_c > lo_c else 0,
+            sum(1 for x in amt if x == hi_a) if hi_a > lo_a else 0,
+        )
+        strong.sort(key=score)
+        picked = strong[:r]
+        ids = {n.id for n in picked}
+        rest = sorted((n for n in cand if n.id not in ids), key=score)
+        picked += rest[: k - len(picked)]
+        if not _shares_fit(picked, cpu, amt, need):
+            if len(strong) < k:
+                continue
+            picked = strong[:k]
+        if sriov and _assign_vfs(ifaces, {n.id for n in picked}, vfs_used) is None:
+            continue
+        return sorted(picked, key=lambda n: n.id), cpu, amt
+    return None
+
+
+def _shares_fit(nodes: list[_NodeFree], cpu: list[int], amt: list[int], need: _Need) -> bool:
+    if need.pin and any(c > t for c, t in zip(cpu, sorted((n.threads for n in nodes), reverse=True), strict=False)):
+        return False
+    return all(a <= p for a, p in zip(amt, sorted((n.amount for n in nodes), reverse=True), strict=False))
+
+
+def _assign_shares(nodes: list[_NodeFree], shares: list[int], key) -> dict[int, int]:
+    """Larger shares to the roomier nodes (ties by node id)."""
+    order = sorted(nodes, key=lambda n: (-key(n), n.id))
+    return {n.id: s for n, s in zip(order, shares, strict=False)}
+
+
+def _splits_fit(have: list[int], total: int, k_max: int, unit: int = 1) -> bool:
+    """Whether `total`, split evenly over some k <= k_max nodes, fits the free amounts `have`."""
+    have = sorted(have, reverse=True)
+    return any(
+        all(h >= s for h, s in zip(have, _even(total, k, unit), strict=False))
+        for k in range(1, min(len(have), k_max) + 1)
+    )
+
+
+def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
+    """The one-sentence reason no node set worked (rule 7): the first resource short on its own."""
+    span = "" if need.vcpus >= len(free) else f" (a {need.vcpus}-vCPU VM spans at most {need.vcpus} nodes)"
+    if need.pin and not _splits_fit([n.threads for n in free], need.vcpus, need.vcpus):
+        return f"pinned cpus: need {need.vcpus}, " + _per_node([(n.id, str(n.threads)) for n in free])
+    if not _splits_fit([n.amount for n in free], need.amount, need.vcpus, need.unit):
+        if need.size:
+            have = _per_node([(n.id, str(n.amount)) for n in free])
+            return f"hugepages {need.size}: need {need.amount}, {have}{span}"
+        have = _per_node([(n.id, _size(n.amount)) for n in free])
+        return f"memory: need {_size(need.amount)} on NUMA nodes, {have}{span}"
+    what = [f"{need.vcpus} pinned cpus" if need.pin else f"{need.vcpus} vCPUs"]
+    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{_size(need.amount)} memory")
+    if sriov:
+        what.append("a NUMA-local SR-IOV VF")
+    cpus = (lambda n: f"{n.threads} cpus and ") if need.pin else (lambda n: "")
+    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: _size(n.amount))
+    have = _per_node([(n.id, cpus(n) + amount(n)) for n in free])
+    return f"no even split over NUMA nodes holds {' and '.join(what)} together; {have}"
+
+
+def _max_pin(usage: HostUsage, ratio: float) -> int:
+    """Threads that can still be pinned without shrinking shared capacity below what is in use."""
+    free = sum(len(n.free_threads) for n in usage.nodes)
+    if usage.shared_vcpus_used <= 0:
+        return free
+    if ratio <= 0:
+        return 0
+    keep = math.ceil(usage.shared_vcpus_used / ratio - _EPS)
+    return max(0, free - keep)
+
+
+def _check_shared(usage: HostUsage, vcpus: int, policy: Policy) -> None:
+    if usage.shared_vcpus_used + vcpus > usage.shared_vcpus_capacity:
+        raise PlacementError(
+            f"shared vCPUs: need {vcpus}, the host has {usage.shared_vcpus_free} free "
+            f"({usage.shared_vcpus_used} of {usage.shared_vcpus_capacity} in use at cpu overcommit {policy.cpu_overcommit_ratio:g})"
+        )
+
+
+def _check_memory(usage: HostUsage, memory: int, policy: Policy) -> None:
+    if usage.memory_used + memory > usage.memory_capacity:
+        raise PlacementError(
+            f"memory: need {_size(memory)}, the host has {_size(usage.memory_free)} of general memory free "
+            f"({_size(usage.memory_used)} of {_size(usage.memory_capacity)} in use at memory overcommit "
+            f"{policy.memory_overcommit_ratio:g}; hugepages and reserved memory excluded)"
+        )
+
+
+def _check_pin(usage: HostUsage, n: int, policy: Policy) -> None:
+    max_pin = _max_pin(usage, policy.cpu_overcommit_ratio)
+    if n > max_pin:
+        free = sum(len(x.free_threads) for x in usage.nodes)
+        if max_pin == free:
+            raise PlacementError(
+                f"pinned cpus: need {n}, " + _per_node([(x.node, str(len(x.free_threads))) for x in usage.nodes])
+            )
+        raise PlacementError(
+            f"pinned cpus: need {n}, only {max_pin} of the {free} free threads can be pinned without leaving "
+            f"fewer shared vCPUs than the {usage.shared_vcpus_used} in use"
+        )
+
+
+def _cells(
+    nodes: list[int], vcpu_groups: dict[int, list[int]], memory: dict[int, int]
+) -> tuple[tuple[Cell, ...], list[int]]:
+    """Guest cells in node order; returns the cells and the guest-vCPU -> host-thread list (or vCPU counts)."""
+    cells = []
+    flat: list[int] = []
+    for n in nodes:
+        group = vcpu_groups[n]
+        cells.append(Cell(node=n, vcpus=tuple(range(len(flat), len(flat) + len(group))), memory=memory[n]))
+        flat.extend(group)
+    return tuple(cells), flat
+
+
+def _validate_explicit(host: HostTopology, usage: HostUsage, cpus: tuple[int, ...], policy: Policy) -> None:
+    thread_node = host.thread_node
+    reserved = set(policy.reserved_cores)
+    pinned = usage.pinned
+    for t in cpus:
+        if t not in thread_node:
+            online = format_cpuset(thread_node) if thread_node else "none"
+            raise PlacementError(f"pinned cpu {t} does not exist or is offline on this host; online cpus: {online}")
+        if t in reserved:
+            raise PlacementError(
+                f"pinned cpu {t} is reserved for the host (reserved cores {format_cpuset(reserved)}); choose other cpus"
+            )
+        if t in pinned:
+            raise PlacementError(f"pinned cpu {t} is already pinned by VM {pinned[t]}; choose other cpus")
+
+
+def _place_bound(
+    st: _State,
+    request: VmRequest,
+    policy: Policy,
+    size: str | None,
+    ifaces: list[_Iface],
+) -> tuple:
+    """Place a pinned or hugepage VM on NUMA nodes. Returns (pinned, nodes, hugepages, cells, tpc, vfs)."""
+    host, usage = st.host, st.usage
+    pin = request.pinned_cores is not None
+    if size:
+        page = HUGEPAGE_SIZES[size]
+        need = _Need(request.cores, pin, size, request.memory // page, 1)
+    else:
+        need = _Need(request.cores, pin, None, request.memory, 1024)
+        _check_memory(usage, request.memory, policy)
+    if not pin:
+        _check_shared(usage, request.cores, policy)
+    elif isinstance(request.pinned_cores, tuple):
+        return _place_explicit(host, usage, request, policy, need, ifaces)
+    else:
+        _check_pin(usage, request.cores, policy)
+    free = _node_free(st, need)
+    got = _choose(free, need, ifaces, usage.vfs_used)
+    if got is None:
+        sriov = any(f.type == "sriov" for f in ifaces)
+        raise PlacementError(_shortage(free, need, sriov))
+    nodes, cpu_shares, amt_shares = got
+    cpu_by = _assign_shares(nodes, cpu_shares, lambda n: n.threads if pin else 0)
+    amt_by = _assign_shares(nodes, amt_shares, lambda n: n.amount)
+    ids = [n.id for n in nodes]
+    groups: dict[int, list[int]] = {}
+    whole = True
+    sibs: set[int] = set()
+    for n in nodes:
+        if pin:
+            threads, split = n.pick(cpu_by[n.id])
+            whole = whole and not split and not set(threads) & set(n.lone)
+            sibs.update(len(host.siblings[t]) for t in threads)
+            groups[n.id] = threads
+        else:
+            groups[n.id] = [0] * cpu_by[n.id]
+    mem = {i: amt_by[i] * HUGEPAGE_SIZES[size] for i in ids} if size else dict(amt_by)
+    cells, flat = _cells(ids, groups, mem)
+    tpc = 1
+    if pin and whole and len(sibs) == 1:
+        t = sibs.pop()
+        if t > 1 and all(len(c.vcpus) % t == 0 for c in cells):
+            tpc = t
+    hp = HugepageAllocation(size=size, per_node={i: amt_by[i] for i in ids}) if size else None
+    vfs = _assign_vfs(ifaces, set(ids), usage.vfs_used) or {}
+    return (tuple(flat) if pin else None), tuple(ids), hp, cells, tpc, vfs
+
+
+def _place_explicit(
+    host: HostTopology, usage: HostUsage, request: VmRequest, policy: Policy, need: _Need, ifaces: list[_Iface]
+) -> tuple:
+    cpus = request.pinned_cores
+    assert isinstance(cpus, tuple)
+    if len(cpus) != request.cores:
+        raise PlacementError(f"pinned cores {format_cpuset(cpus)} list {len(cpus)} cpus but cores is {request.cores}")
+    _validate_explicit(host, usage, cpus, policy)
+    _check_pin(usage, len(cpus), policy)
+    thread_node = host.thread_node
+    ids = sorted({thread_node[t] for t in cpus})
+    groups = {i: sorted(t for t in cpus if thread_node[t] == i) for i in ids}
+    shares = _even(need.amount, len(ids), need.unit)
+    free = {nu.node: nu for nu in usage.nodes}
+    # Larger shares to the roomier nodes, as for automatic placement.
+    have = {i: (free[i].hugepages_free(need.size) if need.size else free[i].memory_free) for i in ids}
+    order = sorted(ids, key=lambda i: (-have[i], i))
+    amt = {i: s for i, s in zip(order, shares, strict=False)}
+    short = [i for i in ids if amt[i] > have[i]]
+    if short:
+        if need.size:
+            raise PlacementError(
+                f"hugepages {need.size}: need {need.amount} on the nodes of cpus {format_cpuset(cpus)} "
+                f"({', '.join(f'{amt[i]} on node {i}' for i in ids)}), " + _per_node([(i, str(have[i])) for i in ids])
+            )
+        raise PlacementError(
+            f"memory: need {_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
+            f"({', '.join(f'{_size(amt[i])} on node {i}' for i in ids)}), "
+            + _per_node([(i, _size(have[i])) for i in ids])
+        )
+    vfs: dict[str, Nic] = {}
+    if any(f.type == "sriov" for f in ifaces):
+        got = _assign_vfs(ifaces, set(ids), usage.vfs_used)
+        if got is None:
+            raise PlacementError(
+                f"sriov: no free VF on a NIC local to NUMA node(s) {format_cpuset(ids)} of cpus {format_cpuset(cpus)}"
+            )
+        vfs = got
+    mem = {i: amt[i] * HUGEPAGE_SIZES[need.size] for i in ids} if need.size else amt
+    cells, flat = _cells(ids, groups, mem)
+    hp = HugepageAllocation(size=need.size, per_node={i: amt[i] for i in ids}) if need.size else None
+    return tuple(flat), tuple(ids), hp, cells, 1, vfs
+
+
+def _hugepage_sizes(request: VmRequest) -> list[str]:
+    if request.hugepage_size:
+        return [request.hugepage_size]
+    sizes = [s for s in _SIZES_LARGEST_FIRST if request.memory % HUGEPAGE_SIZES[s] == 0]
+    if not sizes:
+        smallest = _SIZES_LARGEST_FIRST[-1]
+        raise PlacementError(
+            f"memory {_size(request.memory)} is not a whole number of {smallest} hugepages; "
+            f"use a multiple of {smallest} for hugepages_backed"
+        )
+    return sizes
+
+
+def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequest, policy: Policy) -> Allocation:
+    """The allocation for `request` on `host` next to `allocations`, or PlacementError saying what is short."""
+    if request.cores < 1 or request.memory <= 0:
+        raise PlacementError(
+            f"a VM needs at least 1 core and some memory; got cores={request.cores}, memory={request.memory}"
+        )
+    st = _state(host, allocations, policy)
+    usage = st.usage
+    disks = _place_disks(host, request, policy, usage.storage_committed)
+    ifaces = _resolve_interfaces(host, request.interfaces, usage.vfs_used)
+    name = request.name or DEFAULT_NAME
+    common = {"name": name, "vcpus": request.cores, "memory": request.memory, "disks": disks}
+    common.update(pool=request.pool, owner=request.owner)
+    if not request.numa_bound:
+        _check_shared(usage, request.cores, policy)
+        _check_memory(usage, request.memory, policy)
+        vfs = _assign_vfs(ifaces, None, usage.vfs_used) or {}
+        return Allocation(**common, nics=_nic_allocations(ifaces, vfs))
+    sizes = _hugepage_sizes(request) if request.hugepages_backed else [None]
+    error: PlacementError | None = None
+    for size in sizes:
+        try:
+            result = _place_bound_with_fallback(st, request, policy, size, ifaces)
+        except PlacementError as e:
+            error = e
+            continue
+        pinned, nodes, hp, cells, tpc, vfs, ifaces_used = result
+        return Allocation(
+            **common,
+            pinned=pinned,
+            numa_nodes=nodes,
+            hugepages=hp,
+            cells=cells,
+            threads_per_core=tpc,
+            nics=_nic_allocations(ifaces_used, vfs),
+        )
+    assert error is not None
+    raise error
+
+
+def _place_bound_with_fallback(st, request, policy, size, ifaces):
+    """SR-IOV that was only preferred (not forced) falls back to macvlan when no local VF fits."""
+    try:
+        return (*_place_bound(st, request, policy, size, ifaces), ifaces)
+    except PlacementError:
+        soft = [f for f in ifaces if f.type == "sriov" and f.fallback]
+        if not soft:
+            raise
+        downgraded = [
+            _Iface(f.spec, "macvlan", f.fallback, []) if f.type == "sriov" and f.fallback else f for f in ifaces
+        ]
+        return (*_place_bound(st, request, policy, size, downgraded), downgraded)

@@ -1,0 +1,161 @@
+"""The provider protocol every hypervisor plugin implements, and the pieces they share.
+
+Providers do I/O and nothing clever: placement decides, the provider makes it so. Compose is a
+transaction (see `Transaction`): each step registers its undo, and a failure unwinds them in
+reverse so a failed compose leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Protocol, runtime_checkable
+
+from vmhost.model import Allocation, HostTopology, Nic, StoragePool
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "vmhost.providers"
+# Prefix of every object (domain, volume, instance) vm-host creates; gc only ever touches these.
+NAME_PREFIX = "vmhost-"
+
+
+class ProviderError(Exception):
+    """A backend refused or failed; the message is one sentence an operator can act on."""
+
+
+class NotFound(ProviderError):
+    """The named VM does not exist on this host."""
+
+
+class ComposeError(ProviderError):
+    """A compose step failed; everything done before it was undone."""
+
+    def __init__(self, step: str, cause: BaseException):
+        super().__init__(f"compose failed at step '{step}': {cause}")
+        self.step = step
+        self.cause = cause
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """What reaches the guest through a cloud-init seed (NoCloud)."""
+
+    hostname: str
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposePlan:
+    """Everything a provider needs to make one VM: the allocation plus how it boots."""
+
+    allocation: Allocation
+    start: bool = False
+    boot: str = "network"  # network (PXE first, as MAAS did) | image
+    image: str | None = None
+    cloud_init: CloudInit | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as the hypervisor reports it, with the allocation read back from its metadata."""
+
+    name: str
+    state: str  # running | stopped | other hypervisor states, lower case
+    allocation: Allocation
+    managed: bool = True
+    macs: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = self.allocation.to_dict()
+        d.update(name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs))
+        return d
+
+
+@runtime_checkable
+class Provider(Protocol):
+    """A hypervisor backend. Found through the `vmhost.providers` entry-point group."""
+
+    name: str
+
+    def discover(self) -> HostTopology: ...
+
+    def list_vms(self) -> list[VmInfo]: ...
+
+    def compose(self, plan: ComposePlan) -> VmInfo: ...
+
+    def decompose(self, name: str) -> None: ...
+
+    def start(self, name: str) -> None: ...
+
+    def stop(self, name: str, force: bool = False) -> None: ...
+
+    def storage_pools(self) -> list[StoragePool]: ...
+
+    def networks(self) -> list[Nic]: ...
+
+    def gc(self) -> list[str]:
+        """Remove objects tagged as ours that no VM owns (left by a crash); return their names."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Transaction:
+    """Undo log for a compose: `with tx.step("define domain"): ...; tx.on_undo(fn)`.
+
+    A failing step unwinds every registered undo in reverse and raises ComposeError naming the step.
+    """
+
+    undos: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+
+    def on_undo(self, what: str, fn: Callable[[], object]) -> None:
+        self.undos.append((what, fn))
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            self.rollback()
+            raise ComposeError(name, e) from e
+
+    def rollback(self) -> None:
+        while self.undos:
+            what, fn = self.undos.pop()
+            try:
+                fn()
+            except Exception as e:  # keep unwinding; the orphan is tagged and gc will find it
+                log.warning("undo %s failed: %s", what, e)
+
+
+# The built-in plugins, also reachable when vmhost runs unpackaged (inside a charm) with no entry points.
+BUILTIN_PROVIDERS = {
+    "libvirt": "vmhost.providers.libvirt:LibvirtProvider",
+    "lxd": "vmhost.providers.lxd:LxdProvider",
+}
+
+
+def available_providers() -> dict[str, str]:
+    """Provider "module:Class" paths by name: built-ins plus the entry-point group (third parties add theirs)."""
+    found = dict(BUILTIN_PROVIDERS)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.value
+    return found
+
+
+def get_provider(name: str, uri: str | None = None, **options) -> Provider:
+    """Instantiate the provider plugin `name` (e.g. "libvirt", "lxd") for `uri`."""
+    eps = available_providers()
+    if name not in eps:
+        allowed = ", ".join(sorted(eps)) or "none installed"
+        raise ProviderError(f"backend {name!r} is not available; installed: {allowed}")
+    module, _, attr = eps[name].partition(":")
+    cls = getattr(importlib.import_module(module), attr)
+    return cls(uri=uri, **options)

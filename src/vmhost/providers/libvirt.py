@@ -1,0 +1,670 @@
+"""The libvirt/KVM provider: discovery, compose as a transaction, and reading allocations back.
+
+libvirt is the only database (DESIGN.md §3): each domain carries its Allocation in `<metadata>` and
+each volume carries NAME_PREFIX + VM name, so usage is recomputed from libvirt and orphans of a
+crashed compose are found by `gc`. The XML itself comes from the pure builder in libvirt_xml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import logging
+import os
+import random
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import tenacity
+
+from vmhost.cloudinit import seed_documents, write_seed_iso
+from vmhost.model import Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
+from vmhost.parse import HUGEPAGE_SIZES, parse_cpuset
+from vmhost.providers.base import (
+    NAME_PREFIX,
+    ComposeError,
+    ComposePlan,
+    NotFound,
+    ProviderError,
+    Transaction,
+    VmInfo,
+)
+from vmhost.providers.libvirt_xml import (
+    METADATA_NS,
+    METADATA_PREFIX,
+    SEED_LABEL,
+    STATE_COMPOSING,
+    STATE_READY,
+    VolumeRef,
+    allocation_from_foreign_xml,
+    domain_xml,
+    read_metadata,
+    volume_name,
+)
+
+try:
+    import libvirt
+except ImportError:  # importable without the binding (unit tests of the XML); connect() says what is missing
+    libvirt = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_URI = "qemu:///system"
+# Pools whose volumes are files: qcow2 there (thin, snapshot-able); raw everywhere else (LVM, disk, RBD, iSCSI).
+FILE_POOLS = ("dir", "fs", "netfs", "gluster")
+_SYSFS_NET = Path("/sys/class/net")
+_SYSFS_NODES = Path("/sys/devices/system/node")
+_PAGE_DIR_SIZES = {f"hugepages-{b // 1024}kB": label for label, b in HUGEPAGE_SIZES.items()}
+
+
+def _code(e: BaseException) -> int | None:
+    return e.get_error_code() if libvirt is not None and isinstance(e, libvirt.libvirtError) else None
+
+
+def _transient(e: BaseException) -> bool:
+    """Worth retrying: libvirt's state-change lock timed out, or the daemon is (re)starting."""
+    if libvirt is None or not isinstance(e, libvirt.libvirtError):
+        return False
+    msg = str(e).lower()
+    return _code(e) == libvirt.VIR_ERR_OPERATION_TIMEOUT or "connection refused" in msg
+
+
+def _transient_connect(e: BaseException) -> bool:
+    return _transient(e) or _code(e) in (
+        getattr(libvirt, "VIR_ERR_SYSTEM_ERROR", -1),
+        getattr(libvirt, "VIR_ERR_NO_CONNECT", -1),
+    )
+
+
+RETRY_ATTEMPTS = 5
+RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # ~3 s in all before giving up
+
+
+def _retrying(pred: Callable[[BaseException], bool]) -> tenacity.Retrying:
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(pred),
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        wait=RETRY_WAIT,
+        reraise=True,
+    )
+
+
+def _msg(e: BaseException) -> str:
+    return (e.get_error_message() if _code(e) is not None else str(e)) or str(e)
+
+
+_STATES = {
+    0: "unknown",  # NOSTATE
+    1: "running",
+    2: "running",  # BLOCKED: running, waiting on I/O
+    3: "paused",
+    4: "stopping",
+    5: "stopped",
+    6: "crashed",
+    7: "suspended",
+}
+
+
+class LibvirtProvider:
+    """vm-host on libvirt/QEMU-KVM (`qemu:///system`, or remote `qemu+ssh://user@host/system`)."""
+
+    name = "libvirt"
+
+    def __init__(self, uri: str | None = None, **options: Any):
+        self.uri = uri or DEFAULT_URI
+        self.options = options
+        self._conn = None
+        parts = urlsplit(self.uri)
+        # sysfs describes this machine only; a remote host is read through libvirt alone.
+        self.local = parts.hostname in (None, "", "localhost") and "+" not in parts.scheme
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def conn(self):
+        if self._conn is None:
+            if libvirt is None:
+                raise ProviderError("libvirt-python is not installed; install the libvirt-python package")
+            try:
+                self._conn = _retrying(_transient_connect)(libvirt.open, self.uri)
+            except libvirt.libvirtError as e:
+                raise ProviderError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from e
+        return self._conn
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        return _retrying(_transient)(fn, *args)
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        try:
+            yield
+        except ProviderError:
+            raise
+        except Exception as e:
+            if _code(e) is None:
+                raise
+            raise ProviderError(f"libvirt could not {what}: {_msg(e)}") from e
+
+    def close(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+    def _domain(self, name: str):
+        try:
+            return self._call(self.conn.lookupByName, name)
+        except Exception as e:
+            if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f"no VM named {name!r} on this host") from e
+            raise ProviderError(f"libvirt could not look up VM {name!r}: {_msg(e)}") from e
+
+    # -- discovery ----------------------------------------------------------------------------
+
+    def _capabilities(self) -> ET.Element:
+        with self._errors("read the host capabilities"):
+            return ET.fromstring(self._call(self.conn.getCapabilities))
+
+    def discover(self) -> HostTopology:
+        caps = self._capabilities()
+        cells = caps.findall("host/topology/cells/cell")
+        if not cells:
+            raise ProviderError(f"libvirt at {self.uri} reports no NUMA cells; its capabilities lack a host topology")
+        nodes = []
+        for cell in cells:
+            node_id = int(cell.get("id"))
+            mem_el = cell.find("memory")
+            memory = int(mem_el.text) * (1024 if mem_el.get("unit", "KiB") == "KiB" else 1)
+            nodes.append(
+                NumaNode(id=node_id, memory=memory, cores=_cores(cell), hugepages=self._hugepages(node_id, cell))
+            )
+        return HostTopology(nodes=tuple(nodes), nics=tuple(self.networks()), storage_pools=tuple(self.storage_pools()))
+
+    def _hugepages(self, node_id: int, cell: ET.Element) -> dict[str, int]:
+        """Total pages per size on a node: sysfs when local (exact, per node), else libvirt's <pages>."""
+        pages: dict[str, int] = {}
+        node_dir = _SYSFS_NODES / f"node{node_id}" / "hugepages"
+        if self.local and node_dir.is_dir():
+            for d in node_dir.iterdir():
+                label = _PAGE_DIR_SIZES.get(d.name)
+                if label:
+                    pages[label] = int((d / "nr_hugepages").read_text())
+            return pages
+        for p in cell.findall("pages"):
+            size = int(p.get("size", "0")) * 1024
+            for label, b in HUGEPAGE_SIZES.items():
+                if b == size:
+                    pages[label] = int(p.text or 0)
+        return pages
+
+    def storage_pools(self) -> list[StoragePool]:
+        out = []
+        with self._errors("list storage pools"):
+            for pool in self._call(self.conn.listAllStoragePools, libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                _state, capacity, _allocation, available = pool.info()
+                driver = ET.fromstring(pool.XMLDesc(0)).get("type", "dir")
+                out.append(StoragePool(pool.name(), driver, capacity, capacity - available))
+        return sorted(out, key=lambda p: p.name)
+
+    def networks(self) -> list[Nic]:
+        """Host interfaces (sysfs + `ip` when local, libvirt node devices when remote) and libvirt networks."""
+        nics = _local_nics() if self.local else self._remote_nics()
+        with self._errors("list networks"):
+            for net in self._call(self.conn.listAllNetworks, libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE):
+                nics.append(Nic(name=net.name(), kind="network"))
+        return nics
+
+    def _remote_nics(self) -> list[Nic]:
+        out = []
+        with self._errors("list host interfaces"):
+            for dev in self._call(self.conn.listAllDevices, libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET):
+                name = ET.fromstring(dev.XMLDesc(0)).findtext("capability/interface")
+                if name and name != "lo":
+                    out.append(Nic(name=name))
+        return out
+
+    # -- reading VMs back -----------------------------------------------------------------------
+
+    def _node_ids(self) -> tuple[int, ...]:
+        return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
+
+    def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
+        xml = ET.fromstring(dom.XMLDesc(0))
+        meta = read_metadata(xml)
+        macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
+        state = _STATES.get(dom.state()[0], "unknown")
+        if meta is None:
+            alloc = allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids())
+            return VmInfo(dom.name(), state, alloc, managed=False, macs=macs)
+        return VmInfo(dom.name(), state, meta[0], managed=True, macs=macs)
+
+    def list_vms(self) -> list[VmInfo]:
+        host_nodes = self._node_ids()
+        out = []
+        with self._errors("list domains"):
+            for dom in self._call(self.conn.listAllDomains, 0):
+                try:
+                    out.append(self._info(dom, host_nodes))
+                except libvirt.libvirtError as e:
+                    if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished between list and read
+                        raise
+        return sorted(out, key=lambda v: v.name)
+
+    # -- compose --------------------------------------------------------------------------------
+
+    def compose(self, plan: ComposePlan) -> VmInfo:
+        a = plan.allocation
+        if plan.boot == "image" and not (plan.image and a.disks):
+            raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
+        if plan.image and not Path(plan.image).is_file():
+            raise ProviderError(f"image {plan.image!r} is not a readable file on this machine")
+        with contextlib.suppress(NotFound):
+            self._domain(a.name)
+            raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
+        untagged = self._check_vlans(a.nics)
+        nics = tuple(replace(n, mac=n.mac or _random_mac()) for n in a.nics)
+        plan = replace(plan, allocation=replace(a, nics=nics))
+        a = plan.allocation
+        tx = Transaction()
+        volumes: dict[str, VolumeRef] = {}
+        for i, disk in enumerate(a.disks):
+            with tx.step(f"create volume {disk.label} in pool {disk.pool}"):
+                image = plan.image if i == 0 and plan.image else None
+                volumes[disk.label] = self._create_volume(
+                    tx, disk.pool, volume_name(a.name, disk.label), disk.size, image
+                )
+        seed = None
+        if plan.cloud_init:
+            with tx.step("create cloud-init seed"):
+                seed = self._create_seed(tx, plan)
+        with tx.step("resolve SR-IOV VFs"):
+            vfs = self._free_vfs([n for n in nics if n.type == "sriov"])
+        with tx.step("define domain"):
+            xml = domain_xml(
+                plan,
+                volumes=volumes,
+                seed=seed,
+                vf_addresses=vfs,
+                state=STATE_COMPOSING,
+                untagged=untagged,
+                disabled_cpu_features=self._emulated_only_features(),
+            )
+            dom = self._call(self.conn.defineXML, xml)
+            tx.on_undo("undefine domain", lambda: _undefine(dom))
+        if plan.start:
+            with tx.step("start domain"):
+                self._call(dom.create)
+                tx.on_undo("destroy domain", lambda: _destroy(dom))
+        with tx.step("mark ready"):
+            self._set_state(dom, STATE_READY)
+        return self._info(dom)
+
+    def _emulated_only_features(self) -> tuple[str, ...]:
+        """Features KVM offers host-passthrough guests that the host CPU itself lacks and QEMU may fail to set.
+
+        arch-capabilities (MSR 0x10a) on AMD or nested hosts makes QEMU abort at start ("failed to set MSR
+        0x10a"); hiding it when the hardware has no such MSR loses nothing.
+        """
+        caps = self._capabilities()
+        host = {f.get("name") for f in caps.findall("host/cpu/feature")}
+        return tuple(f for f in ("arch-capabilities",) if f not in host)
+
+    def _check_vlans(self, nics: tuple[NicAllocation, ...]) -> set[str]:
+        """Labels of bridge NICs whose VLAN the bridge already carries; refuse tags a Linux bridge cannot set.
+
+        libvirt tags guest ports only on Open vSwitch bridges; tagging by hand after start would be lost on
+        the next `virsh start`, silently putting the guest on the wrong VLAN, so we refuse instead.
+        """
+        tagged = [n for n in nics if n.type == "bridge" and n.vlan is not None]
+        if not tagged:
+            return set()
+        host = {n.name: n for n in (_local_nics() if self.local else self._remote_nics())}
+        untagged = set()
+        for nic in tagged:
+            br = host.get(nic.parent)
+            if br is not None and br.vlan == nic.vlan:
+                untagged.add(nic.label)
+            elif self.local and (_SYSFS_NET / nic.parent / "bridge").is_dir():
+                raise ProviderError(
+                    f"NIC {nic.label!r} wants VLAN {nic.vlan} on Linux bridge {nic.parent!r}, which libvirt cannot tag; "
+                    f"use a bridge over a VLAN {nic.vlan} interface or an Open vSwitch bridge"
+                )
+        return untagged
+
+    def _set_state(self, dom, state: str) -> None:
+        meta = read_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if meta is None:
+            raise ProviderError(f"domain {dom.name()!r} lost its vm-host metadata")
+        el = ET.Element("allocation", {"state": state})
+        el.text = json.dumps(meta[0].to_dict(), sort_keys=True, separators=(",", ":"))
+        flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ET.tostring(el, encoding="unicode"),
+            METADATA_PREFIX,
+            METADATA_NS,
+            flags,
+        )
+
+    def _pool(self, name: str):
+        try:
+            return self._call(self.conn.storagePoolLookupByName, name)
+        except Exception as e:
+            if _code(e) == libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise ProviderError(f"storage pool {name!r} does not exist on this host") from e
+            raise
+
+    def _create_volume(self, tx: Transaction, pool_name: str, name: str, size: int, image: str | None) -> VolumeRef:
+        """A volume (tagged by name) in `pool_name`; filled from `image` when given, then grown to `size`."""
+        pool = self._pool(pool_name)
+        driver = ET.fromstring(pool.XMLDesc(0)).get("type", "dir")
+        fmt = "qcow2" if driver in FILE_POOLS else "raw"
+        capacity = size
+        if image:
+            img_fmt, virtual = _image_format(image)
+            if img_fmt == "qcow2" and driver not in FILE_POOLS:
+                raise ProviderError(
+                    f"image {image} is qcow2 but pool {pool_name!r} ({driver}) holds raw volumes; "
+                    "convert it with qemu-img convert -O raw"
+                )
+            fmt, capacity = img_fmt, (virtual if img_fmt == "qcow2" else max(size, virtual))
+        vol_xml = (
+            f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
+            f"<target><format type='{fmt}'/></target></volume>"
+        )
+        vol = self._call(pool.createXML, vol_xml, 0)
+        tx.on_undo(f"delete volume {name}", vol.delete)
+        if image:
+            self._upload(vol, image)
+            if fmt == "qcow2" and size > capacity:
+                pool.refresh(0)
+                vol = pool.storageVolLookupByName(name)
+                vol.resize(size, 0)
+        return VolumeRef(pool_name, name, fmt)
+
+    def _upload(self, vol, path: str) -> None:
+        length = os.path.getsize(path)
+        stream = self.conn.newStream(0)
+        vol.upload(stream, 0, length, 0)
+        try:
+            with open(path, "rb") as fh:
+                stream.sendAll(lambda _s, n, f: f.read(n), fh)
+            stream.finish()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.abort()
+            raise
+
+    def _create_seed(self, tx: Transaction, plan: ComposePlan) -> VolumeRef:
+        a = plan.allocation
+        pool_name = a.disks[0].pool if a.disks else (a.pool or self._default_pool())
+        docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=self._prefixes(a.nics))
+        with tempfile.TemporaryDirectory(prefix="vmhost-seed-") as tmp:
+            iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
+            pool = self._pool(pool_name)
+            name = volume_name(a.name, SEED_LABEL)
+            vol_xml = (
+                f"<volume><name>{name}</name><capacity unit='bytes'>{iso.stat().st_size}</capacity>"
+                "<target><format type='raw'/></target></volume>"
+            )
+            vol = self._call(pool.createXML, vol_xml, 0)
+            tx.on_undo(f"delete volume {name}", vol.delete)
+            self._upload(vol, str(iso))
+        return VolumeRef(pool_name, name, "raw")
+
+    def _default_pool(self) -> str:
+        names = [p.name for p in self.storage_pools()]
+        if not names:
+            raise ProviderError("no active storage pool on this host for the cloud-init seed")
+        return "default" if "default" in names else names[0]
+
+    def _prefixes(self, nics: tuple[NicAllocation, ...]) -> dict[str, int]:
+        """Prefix length of each static ip, from the host address on the same subnet of its parent."""
+        host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
+        out = {}
+        for nic in nics:
+            if not nic.ip:
+                continue
+            for addr in host.get(nic.parent, ()):
+                net = ipaddress.ip_interface(addr).network
+                if ipaddress.ip_address(nic.ip) in net:
+                    out[nic.label] = net.prefixlen
+        return out
+
+    def _free_vfs(self, nics: list[NicAllocation]) -> dict[str, str]:
+        """NIC label -> PCI address of a VF of its parent that no domain uses (via libvirt node devices)."""
+        if not nics:
+            return {}
+        used = set()
+        for dom in self.conn.listAllDomains(0):
+            xml = ET.fromstring(dom.XMLDesc(0))
+            for addr in xml.findall("devices/interface/source/address") + xml.findall("devices/hostdev/source/address"):
+                if addr.get("bus") is not None:
+                    used.add(_pci_str(addr))
+        out: dict[str, str] = {}
+        for nic in nics:
+            free = [vf for vf in self._vfs_of(nic.parent) if vf not in used]
+            if not free:
+                raise ProviderError(
+                    f"no free SR-IOV VF on {nic.parent!r}; all of its VFs are in use or none are enabled"
+                )
+            out[nic.label] = free[0]
+            used.add(free[0])
+        return out
+
+    def _vfs_of(self, ifname: str) -> list[str]:
+        for dev in self.conn.listAllDevices(libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET):
+            xml = ET.fromstring(dev.XMLDesc(0))
+            if xml.findtext("capability/interface") != ifname:
+                continue
+            pf = ET.fromstring(self.conn.nodeDeviceLookupByName(xml.findtext("parent")).XMLDesc(0))
+            return [_pci_str(a) for a in pf.findall("capability/capability[@type='virt_functions']/address")]
+        raise ProviderError(f"host interface {ifname!r} does not exist")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def decompose(self, name: str) -> None:
+        dom = self._domain(name)
+        xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if read_metadata(xml) is None:
+            raise ProviderError(f"VM {name!r} was not made by vm-host; remove it with virsh if you mean to")
+        with self._errors(f"remove VM {name!r}"):
+            if dom.isActive():
+                _destroy(dom)
+            _undefine(dom)
+            for pool, vol in _own_volumes(xml, name):
+                with contextlib.suppress(NotFound):
+                    self._delete_volume(pool, vol)
+
+    def _delete_volume(self, pool_name: str, vol_name: str) -> None:
+        try:
+            vol = self._pool(pool_name).storageVolLookupByName(vol_name)
+        except Exception as e:
+            if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                raise NotFound(f"no volume {vol_name!r} in pool {pool_name!r}") from e
+            raise
+        self._call(vol.delete, 0)
+
+    def start(self, name: str) -> None:
+        dom = self._domain(name)
+        with self._errors(f"start VM {name!r}"):
+            if not dom.isActive():
+                self._call(dom.create)
+
+    def stop(self, name: str, force: bool = False) -> None:
+        dom = self._domain(name)
+        with self._errors(f"stop VM {name!r}"):
+            if dom.isActive():
+                self._call(dom.destroy if force else dom.shutdown)
+
+    def gc(self) -> list[str]:
+        """Remove domains whose compose never finished and NAME_PREFIX volumes no domain owns."""
+        removed = []
+        with self._errors("collect orphans"):
+            domains = {}
+            for dom in self.conn.listAllDomains(0):
+                xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                meta = read_metadata(xml)
+                if meta is not None and meta[1] == STATE_COMPOSING:
+                    self.decompose(dom.name())
+                    removed.append(dom.name())
+                else:
+                    domains[dom.name()] = xml
+            referenced = {
+                (d.find("source").get("pool"), d.find("source").get("volume"))
+                for xml in domains.values()
+                for d in xml.findall("devices/disk[@type='volume']")
+                if d.find("source") is not None
+            }
+            paths = {
+                d.find("source").get("file")
+                for xml in domains.values()
+                for d in xml.findall("devices/disk[@type='file']")
+                if d.find("source") is not None
+            }
+            for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
+                pool.refresh(0)
+                for vol in pool.listAllVolumes(0):
+                    vname = vol.name()
+                    if not vname.startswith(NAME_PREFIX) or (pool.name(), vname) in referenced:
+                        continue
+                    if vol.path() in paths or any(vname.startswith(volume_name(d, "")) for d in domains):
+                        continue
+                    vol.delete(0)
+                    removed.append(vname)
+        return removed
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+
+def _cores(cell: ET.Element) -> tuple[Core, ...]:
+    """Cores of a capabilities <cell>, grouped by sibling set; offline CPUs (no core_id) left out."""
+    groups: dict[tuple[int, ...], int] = {}
+    for cpu in cell.findall("cpus/cpu"):
+        if cpu.get("core_id") is None:
+            continue
+        siblings = cpu.get("siblings") or cpu.get("id")
+        key = parse_cpuset(siblings)
+        groups.setdefault(key, int(cpu.get("core_id")))
+    ids = list(groups.values())
+    unique = len(set(ids)) == len(ids)  # core_id is per socket: fall back to the first thread when it clashes
+    return tuple(
+        sorted(
+            (Core(id=cid if unique else threads[0], threads=threads) for threads, cid in groups.items()),
+            key=lambda c: c.threads,
+        )
+    )
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _local_nics() -> list[Nic]:
+    """Host NICs from `ip -j -d addr` (kinds, masters, VLAN ids, addresses) and sysfs (NUMA node, VFs)."""
+    try:
+        links = json.loads(
+            subprocess.run(["ip", "-j", "-d", "addr"], capture_output=True, text=True, check=True).stdout
+        )
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        links = [{"ifname": p.name} for p in sorted(_SYSFS_NET.iterdir())] if _SYSFS_NET.is_dir() else []
+    kinds = {}
+    for link in links:
+        name = link["ifname"]
+        info_kind = (link.get("linkinfo") or {}).get("info_kind")
+        if name == "lo" or (info_kind is None and not (_SYSFS_NET / name / "device").exists()):
+            continue
+        kind = {None: "physical", "dummy": "physical", "bridge": "bridge", "vlan": "vlan", "bond": "bond"}.get(
+            info_kind
+        )
+        if kind is not None:
+            kinds[name] = (kind, link)
+    bridge_vlan: dict[str, int] = {}
+    nics = []
+    for name, (kind, link) in kinds.items():
+        dev = _SYSFS_NET / name / "device"
+        node = _read(dev / "numa_node")
+        vfs = _read(dev / "sriov_totalvfs")
+        master = link.get("master")
+        bridge = master if master and (_SYSFS_NET / name / "brport").exists() else None
+        vlan = ((link.get("linkinfo") or {}).get("info_data") or {}).get("id") if kind == "vlan" else None
+        if bridge and vlan is not None:
+            bridge_vlan[bridge] = vlan
+        addresses = tuple(
+            f"{a['local']}/{a['prefixlen']}" for a in link.get("addr_info") or () if a.get("scope") == "global"
+        )
+        nics.append(
+            Nic(
+                name=name,
+                numa_node=int(node) if node and int(node) >= 0 else None,
+                sriov_max_vfs=int(vfs) if vfs else 0,
+                bridge=bridge,
+                vlan=vlan,
+                addresses=addresses,
+                kind=kind,
+            )
+        )
+    return [replace(n, vlan=bridge_vlan[n.name]) if n.name in bridge_vlan else n for n in nics]
+
+
+def _random_mac() -> str:
+    """A locally administered MAC in QEMU's 52:54:00 range (set up front so cloud-init can match it)."""
+    return "52:54:00:" + ":".join(f"{random.randint(0, 255):02x}" for _ in range(3))
+
+
+def _pci_str(addr: ET.Element) -> str:
+    return (
+        f"{int(addr.get('domain', '0'), 16):04x}:{int(addr.get('bus'), 16):02x}:"
+        f"{int(addr.get('slot'), 16):02x}.{int(addr.get('function'), 16):x}"
+    )
+
+
+def _image_format(path: str) -> tuple[str, int]:
+    """("qcow2", virtual size) from the qcow2 header, else ("raw", file size)."""
+    with open(path, "rb") as fh:
+        head = fh.read(32)
+    if head[:4] == b"QFI\xfb":
+        return "qcow2", int.from_bytes(head[24:32], "big")
+    return "raw", os.path.getsize(path)
+
+
+def _own_volumes(xml: ET.Element, vm: str) -> list[tuple[str, str]]:
+    """The (pool, volume) disks of a domain that vm-host made for it (never a volume it merely attached)."""
+    out = []
+    for d in xml.findall("devices/disk[@type='volume']"):
+        src = d.find("source")
+        if src is not None and (src.get("volume") or "").startswith(volume_name(vm, "")):
+            out.append((src.get("pool"), src.get("volume")))
+    return out
+
+
+def _destroy(dom) -> None:
+    with contextlib.suppress(Exception):
+        if not dom.isActive():
+            return
+    dom.destroy()
+
+
+def _undefine(dom) -> None:
+    flags = (
+        libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        | libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+        | getattr(libvirt, "VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA", 0)
+    )
+    dom.undefineFlags(flags)
+
+
+__all__ = ["DEFAULT_URI", "ComposeError", "LibvirtProvider"]

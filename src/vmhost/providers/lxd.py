@@ -1,0 +1,571 @@
+"""The LXD provider: VM records, custom volumes and devices over the LXD REST API (pylxd's session).
+
+Our VMs live in a project of our own (sharing the default project's profiles and images); each carries
+its allocation in `user.vmhost.allocation`, each extra volume its owner VM in `user.vmhost.owner`, so
+the daemon is the only database (DESIGN.md §3). VMs made by others are counted from their own limits.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import requests
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
+from vmhost.parse import HUGEPAGE_SIZES
+from vmhost.providers import lxd_config as cfg
+from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROJECT = "vmhost"
+PREFERRED_PROFILE = "vmhost"
+OPERATION_TIMEOUT = 120
+_NIC_KINDS = ("physical", "bridge", "vlan", "bond")
+
+
+class LxdApiError(ProviderError):
+    """LXD answered with an error status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _transient(e: BaseException) -> bool:
+    if isinstance(e, LxdApiError):
+        return e.status == 503
+    return isinstance(e, (requests.ConnectionError, requests.Timeout))
+
+
+def _retrying() -> Retrying:
+    return Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_attempt(5),
+        wait=wait_exponential(multiplier=0.2, max=2),
+        reraise=True,
+    )
+
+
+class LxdProvider:
+    """LXD VM host backend (local unix socket, or https://host:8443 with a client certificate)."""
+
+    name = "lxd"
+
+    def __init__(
+        self,
+        uri: str | None = None,
+        project: str = DEFAULT_PROJECT,
+        profile: str | None = None,
+        cert: tuple[str, str] | None = None,
+        verify: bool | str = True,
+        **options: Any,
+    ):
+        if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
+            raise ProviderError(f"LXD uri {uri!r} is not usable; give https://host:8443 or a unix socket path")
+        if uri is not None and uri.startswith("https://") and cert is None:
+            raise ProviderError(f"LXD at {uri} needs a client certificate; give cert=(cert.pem, key.pem)")
+        self.uri = uri
+        self.project = project
+        self.profile = profile
+        self.cert = tuple(cert) if cert else None
+        self.verify = verify
+        self.timeout = float(options.pop("timeout", 30))
+        self.options = options
+        self._client = None
+
+    # -- transport ---------------------------------------------------------------------------------
+
+    @property
+    def client(self):
+        """The pylxd client, connected on first use (the charm builds providers before LXD is installed)."""
+        if self._client is None:
+            import pylxd
+            from pylxd import exceptions as pe
+
+            where = self.uri or "the local unix socket"
+            try:
+                for attempt in _retrying():
+                    with attempt:
+                        try:
+                            self._client = pylxd.Client(
+                                endpoint=self.uri, cert=self.cert, verify=self.verify, timeout=self.timeout
+                            )
+                        except pe.ClientConnectionFailed as e:
+                            raise requests.ConnectionError(str(e) or "connection failed") from e
+            except requests.RequestException as e:
+                raise ProviderError(f"cannot reach LXD at {where}: {e}") from e
+            if self._client.host_info.get("auth") != "trusted":
+                raise ProviderError(
+                    f"LXD at {where} does not trust this client; add its certificate (add-trusted-client) or use a join token"
+                )
+        return self._client
+
+    def _url(self, path: str) -> str:
+        return self.client.api._api_endpoint + path
+
+    def _call(
+        self, method: str, path: str, *, project: str | None = None, json: Any = None, params: dict | None = None
+    ) -> Any:
+        """One API call (path below /1.0), retried while transient; async operations are waited for."""
+        params = dict(params or {})
+        if project is not None:
+            params["project"] = project
+
+        def once() -> Any:
+            r = self.client.api.session.request(method, self._url(path), json=json, params=params, timeout=self.timeout)
+            try:
+                body = r.json()
+            except ValueError:
+                body = {}
+            if r.status_code >= 400 or body.get("type") == "error":
+                raise LxdApiError(
+                    r.status_code if r.status_code >= 400 else int(body.get("error_code") or 500),
+                    body.get("error") or r.text.strip(),
+                )
+            if body.get("type") == "async":
+                return self._wait(body["metadata"]["id"])
+            return body.get("metadata")
+
+        for attempt in _retrying():
+            with attempt:
+                return once()
+        raise AssertionError("unreachable")
+
+    def _wait(self, op_id: str) -> Any:
+        r = self.client.api.session.get(
+            self._url(f"/operations/{op_id}/wait"),
+            params={"timeout": OPERATION_TIMEOUT},
+            timeout=OPERATION_TIMEOUT + 10,
+        )
+        body = r.json()
+        meta = body.get("metadata") or {}
+        if r.status_code >= 400:
+            raise LxdApiError(r.status_code, body.get("error") or r.text.strip())
+        if meta.get("status") != "Success":
+            raise LxdApiError(int(meta.get("status_code") or 500), meta.get("err") or f"operation {meta.get('status')}")
+        return meta.get("metadata")
+
+    def _get(self, path: str, *, project: str | None = None, **params: Any) -> Any:
+        return self._call("GET", path, project=project, params=params)
+
+    def _exists(self, path: str, *, project: str | None = None) -> bool:
+        try:
+            self._get(path, project=project)
+            return True
+        except LxdApiError as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.api.session.close()
+            self._client = None
+
+    # -- discovery -----------------------------------------------------------------------------
+
+    def discover(self) -> HostTopology:
+        res = self._get("/resources")
+        return HostTopology(
+            nodes=self._nodes(res), nics=tuple(self._nics(res)), storage_pools=tuple(self.storage_pools())
+        )
+
+    def _nodes(self, res: dict) -> tuple[NumaNode, ...]:
+        cores: dict[int, list[Core]] = {}
+        for socket in res.get("cpu", {}).get("sockets") or []:
+            for core in socket.get("cores") or []:
+                by_node: dict[int, list[int]] = {}
+                for t in core.get("threads") or []:
+                    if t.get("online", True):
+                        by_node.setdefault(int(t.get("numa_node") or 0), []).append(int(t["id"]))
+                for node, threads in by_node.items():
+                    # Core numbers repeat per socket; the lowest thread id is unique host-wide.
+                    cores.setdefault(node, []).append(Core(id=min(threads), threads=tuple(sorted(threads))))
+        mem = res.get("memory", {})
+        hp_size = self._default_hugepage_size(mem)
+        nodes_mem = {int(n.get("numa_node") or 0): n for n in mem.get("nodes") or []}
+        if not nodes_mem:
+            nodes_mem = {0: mem}
+        nodes = []
+        for node_id in sorted(set(cores) | set(nodes_mem)):
+            m = nodes_mem.get(node_id, {})
+            pages: dict[str, int] = {}
+            if hp_size and m.get("hugepages_total"):
+                pages[hp_size] = int(m["hugepages_total"]) // HUGEPAGE_SIZES[hp_size]
+            pages.update(self._local_hugepages(node_id))
+            nodes.append(
+                NumaNode(
+                    id=node_id,
+                    memory=int(m.get("total") or 0),
+                    cores=tuple(sorted(cores.get(node_id, []), key=lambda c: c.id)),
+                    hugepages={k: v for k, v in pages.items() if v},
+                )
+            )
+        return tuple(nodes)
+
+    @staticmethod
+    def _default_hugepage_size(mem: dict) -> str | None:
+        size = int(mem.get("hugepages_size") or 0)
+        return next((k for k, v in HUGEPAGE_SIZES.items() if v == size), None)
+
+    def _local_hugepages(self, node_id: int) -> dict[str, int]:
+        """Per-size pages from sysfs when the daemon is local (/1.0/resources reports the default size only)."""
+        if self.uri is not None and not self.uri.startswith("/"):
+            return {}
+        base = Path(f"/sys/devices/system/node/node{node_id}/hugepages")
+        out = {}
+        for label, size in HUGEPAGE_SIZES.items():
+            f = base / f"hugepages-{size // 1024}kB" / "nr_hugepages"
+            try:
+                out[label] = int(f.read_text())
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def _nics(self, res: dict) -> list[Nic]:
+        cards: dict[str, tuple[int | None, int]] = {}
+        for card in (res.get("network") or {}).get("cards") or []:
+            numa = card.get("numa_node")
+            vfs = int((card.get("sriov") or {}).get("maximum_vfs") or 0)
+            for port in card.get("ports") or []:
+                cards[port["id"]] = (numa, vfs)
+        nics = []
+        nets = self._get("/networks", recursion=1) or []
+        states: dict[str, dict] = {}
+        for net in nets:
+            if net.get("type") in _NIC_KINDS:
+                try:
+                    states[net["name"]] = self._get(f"/networks/{quote(net['name'], safe='')}/state") or {}
+                except LxdApiError:
+                    states[net["name"]] = {}
+        port_of = {
+            port: name for name, st in states.items() for port in ((st.get("bridge") or {}).get("upper_devices") or [])
+        }
+        for net in nets:
+            kind = net.get("type")
+            if kind not in _NIC_KINDS:
+                continue
+            name = net["name"]
+            st = states.get(name, {})
+            vlan = (st.get("vlan") or {}).get("vid")
+            numa, vfs = cards.get(name, (None, 0))
+            addresses = tuple(
+                f"{a['address']}/{a['netmask']}" for a in st.get("addresses") or [] if a.get("scope") == "global"
+            )
+            nics.append(
+                Nic(
+                    name=name,
+                    numa_node=numa,
+                    sriov_max_vfs=vfs,
+                    bridge=port_of.get(name),
+                    vlan=int(vlan) if vlan else None,
+                    addresses=addresses,
+                    kind=kind,
+                )
+            )
+        return nics
+
+    def storage_pools(self) -> list[StoragePool]:
+        pools = []
+        for p in self._get("/storage-pools", recursion=1) or []:
+            space = (self._get(f"/storage-pools/{quote(p['name'], safe='')}/resources") or {}).get("space") or {}
+            pools.append(
+                StoragePool(
+                    name=p["name"],
+                    driver=p.get("driver") or "dir",
+                    total=int(space.get("total") or 0),
+                    used=int(space.get("used") or 0),
+                )
+            )
+        return pools
+
+    def networks(self) -> list[Nic]:
+        return self._nics(self._get("/resources"))
+
+    # -- VMs -----------------------------------------------------------------------------------
+
+    def _project_exists(self) -> bool:
+        return self._exists(f"/projects/{quote(self.project, safe='')}")
+
+    def _ensure_project(self) -> None:
+        if self.project == "default" or self._project_exists():
+            return
+        try:
+            self._call(
+                "POST",
+                "/projects",
+                json={
+                    "name": self.project,
+                    "description": "VMs composed by vm-host",
+                    # Share the default project's profiles and images; keep our volumes to ourselves.
+                    "config": {
+                        "features.images": "false",
+                        "features.profiles": "false",
+                        "features.storage.volumes": "true",
+                    },
+                },
+            )
+        except LxdApiError as e:
+            if e.status != 409:
+                raise ProviderError(f"cannot create LXD project {self.project!r}: {e}") from e
+
+    def _instances(self) -> list[tuple[str, dict]]:
+        """(project, instance) for every VM this host runs that we can see."""
+        if self.client.has_api_extension("instance_all_projects"):
+            items = self._get("/instances", recursion=1, **{"all-projects": "true"}) or []
+            return [(i.get("project") or "default", i) for i in items]
+        out = []
+        for project in dict.fromkeys(["default", self.project]):
+            if project != "default" and not self._project_exists():
+                continue
+            out += [(project, i) for i in self._get("/instances", project=project, recursion=1) or []]
+        return out
+
+    def list_vms(self) -> list[VmInfo]:
+        res = self._get("/resources")
+        mem = res.get("memory", {})
+        hp_size = self._default_hugepage_size(mem) or "2M"
+        thread_node = {
+            int(t["id"]): int(t.get("numa_node") or 0)
+            for s in res.get("cpu", {}).get("sockets") or []
+            for c in s.get("cores") or []
+            for t in c.get("threads") or []
+        }
+        vms = []
+        for project, inst in self._instances():
+            if inst.get("type") != "virtual-machine":
+                continue
+            ours = project == self.project and cfg.ALLOCATION_KEY in (inst.get("config") or {})
+            name = inst["name"] if project in (self.project, "default") else f"{project}/{inst['name']}"
+            config = inst.get("config") if ours else inst.get("expanded_config") or inst.get("config") or {}
+            devices = inst.get("expanded_devices") or inst.get("devices") or {}
+            try:
+                alloc = cfg.allocation_from_config(
+                    name,
+                    config,
+                    devices,
+                    host_memory=int(mem.get("total") or 0),
+                    thread_node=thread_node,
+                    hugepage_size=hp_size,
+                )
+            except (ValueError, KeyError) as e:
+                log.warning("VM %s has an unreadable allocation (%s); counting it from its limits", name, e)
+                config = {k: v for k, v in config.items() if k != cfg.ALLOCATION_KEY}
+                alloc = cfg.allocation_from_config(name, config, devices, host_memory=int(mem.get("total") or 0))
+                ours = False
+            macs = tuple(
+                inst.get("config", {}).get(f"volatile.{label}.hwaddr") or dev.get("hwaddr", "")
+                for label, dev in sorted(devices.items())
+                if dev.get("type") == "nic"
+            )
+            if ours:
+                alloc = cfg.with_macs(
+                    alloc, {n.label: inst["config"].get(f"volatile.{n.label}.hwaddr", "") for n in alloc.nics}
+                )
+            vms.append(
+                VmInfo(
+                    name=name,
+                    state=str(inst.get("status") or "unknown").lower(),
+                    allocation=alloc,
+                    managed=ours,
+                    macs=tuple(m for m in macs if m),
+                )
+            )
+        return vms
+
+    def _choose_profile(self) -> str:
+        if self.profile:
+            if not self._exists(f"/profiles/{quote(self.profile, safe='')}", project="default"):
+                raise ProviderError(f"LXD profile {self.profile!r} does not exist; create it or leave profile unset")
+            return self.profile
+        if self._exists(f"/profiles/{PREFERRED_PROFILE}", project="default"):
+            return PREFERRED_PROFILE
+        return "default"
+
+    def compose(self, plan: ComposePlan) -> VmInfo:
+        a = plan.allocation
+        if plan.boot not in ("network", "image"):
+            raise ProviderError(f"boot {plan.boot!r} is not a boot mode; allowed: network, image")
+        if plan.cloud_init is not None and any(not n.mac for n in a.nics):
+            # The guest's network config matches NICs by MAC, so fix the MACs before LXD would.
+            a = cfg.with_macs(a, {n.label: _random_mac() for n in a.nics if not n.mac})
+            plan = replace(plan, allocation=a)
+        try:
+            body = cfg.instance_body(
+                plan,
+                profile=self._choose_profile(),
+                numa_placement=self.client.has_api_extension("numa_cpu_placement"),
+                cloud_init_keys=self.client.has_api_extension("cloud_init"),
+                prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
+            )
+        except ValueError as e:
+            raise ProviderError(str(e)) from e
+        self._ensure_project()
+        vm_path = f"/instances/{quote(a.name, safe='')}"
+        if self._exists(vm_path, project=self.project):
+            raise ProviderError(
+                f"a VM named {a.name!r} already exists in LXD project {self.project!r}; choose another name"
+            )
+        tx = Transaction()
+        for pool, vol in cfg.volume_bodies(a):
+            vol_path = f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
+            with tx.step(f"create volume {vol['name']} in pool {pool}"):
+                self._call(
+                    "POST", f"/storage-pools/{quote(pool, safe='')}/volumes/custom", project=self.project, json=vol
+                )
+                tx.on_undo(
+                    f"delete volume {vol['name']}", lambda p=vol_path: self._call("DELETE", p, project=self.project)
+                )
+        with tx.step(f"create VM {a.name}"):
+            # Registered first: a failed create can leave a half-made record behind.
+            # LXD checks NIC parents only at start (which may be much later); check them now.
+            self._check_nic_parents(a)
+            tx.on_undo(f"delete VM {a.name}", lambda: self._delete_if_exists(vm_path))
+            self._call("POST", "/instances", project=self.project, json=body)
+        with tx.step(f"mark VM {a.name} ready"):
+            self._call("PATCH", vm_path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_READY}})
+        if plan.start:
+            with tx.step(f"start VM {a.name}"):
+                self._state(a.name, "start")
+        return self._info(a.name)
+
+    def _prefixes(self, a: Allocation) -> dict[str, int]:
+        """Prefix length of each static ip given bare, from the host address on its parent that contains it."""
+        need = [n for n in a.nics if n.ip and "/" not in n.ip]
+        if not need:
+            return {}
+        host = {n.name: n.addresses for n in self.networks()}
+        out = {}
+        for nic in need:
+            ip = ipaddress.ip_address(nic.ip)
+            for addr in host.get(nic.parent, ()):
+                iface = ipaddress.ip_interface(addr)
+                if iface.version == ip.version and ip in iface.network:
+                    out[nic.label] = iface.network.prefixlen
+                    break
+        return out
+
+    def _check_nic_parents(self, a: Allocation) -> None:
+        kinds = {n["name"]: n.get("type") for n in self._get("/networks", recursion=1) or []}
+        for nic in a.nics:
+            kind = kinds.get(nic.parent)
+            if kind is None:
+                raise ProviderError(
+                    f"NIC {nic.label} parent {nic.parent!r} is not an interface or network on this host"
+                )
+            if nic.type == "bridge" and kind != "bridge":
+                raise ProviderError(
+                    f"NIC {nic.label} parent {nic.parent!r} is a {kind}, not a bridge; use type=macvlan"
+                )
+
+    def _delete_if_exists(self, path: str) -> None:
+        try:
+            self._call("DELETE", path, project=self.project)
+        except LxdApiError as e:
+            if e.status != 404:
+                raise
+
+    def _info(self, name: str) -> VmInfo:
+        for vm in self.list_vms():
+            if vm.name == name and vm.managed:
+                return vm
+        raise NotFound(f"no VM named {name!r} in LXD project {self.project!r}")
+
+    def _instance(self, name: str) -> dict:
+        try:
+            return self._get(f"/instances/{quote(name, safe='')}", project=self.project)
+        except LxdApiError as e:
+            if e.status == 404:
+                raise NotFound(f"no VM named {name!r} in LXD project {self.project!r}") from e
+            raise
+
+    def decompose(self, name: str) -> None:
+        if not self._project_exists():
+            raise NotFound(f"no VM named {name!r} in LXD project {self.project!r}")
+        inst = self._instance(name)
+        if cfg.ALLOCATION_KEY not in (inst.get("config") or {}):
+            raise ProviderError(f"VM {name!r} was not made by vm-host; remove it with lxc, not vmhost")
+        self._remove(name, inst)
+
+    def _remove(self, name: str, inst: dict) -> None:
+        try:
+            if str(inst.get("status", "")).lower() != "stopped":
+                self._state(name, "stop", force=True)
+            self._delete_if_exists(f"/instances/{quote(name, safe='')}")
+            for pool, vol in self._our_volumes():
+                if vol.get("config", {}).get(cfg.OWNER_KEY) == name:
+                    self._delete_if_exists(
+                        f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
+                    )
+        except LxdApiError as e:
+            raise ProviderError(f"removing VM {name!r} failed: {e}") from e
+
+    def _our_volumes(self) -> list[tuple[str, dict]]:
+        out = []
+        for p in self._get("/storage-pools") or []:
+            pool = p.rsplit("/", 1)[-1]
+            for vol in (
+                self._get(f"/storage-pools/{quote(pool, safe='')}/volumes/custom", project=self.project, recursion=1)
+                or []
+            ):
+                if cfg.OWNER_KEY in (vol.get("config") or {}):
+                    out.append((pool, vol))
+        return out
+
+    def _state(self, name: str, action: str, force: bool = False) -> None:
+        try:
+            self._call(
+                "PUT",
+                f"/instances/{quote(name, safe='')}/state",
+                project=self.project,
+                json={"action": action, "force": force, "timeout": 30},
+            )
+        except LxdApiError as e:
+            if e.status == 404:
+                raise NotFound(f"no VM named {name!r} in LXD project {self.project!r}") from e
+            raise ProviderError(f"cannot {action} VM {name!r}: {e}") from e
+
+    def start(self, name: str) -> None:
+        self._state(name, "start")
+
+    def stop(self, name: str, force: bool = False) -> None:
+        self._state(name, "stop", force=force)
+
+    def gc(self) -> list[str]:
+        """Remove VMs a crash left mid-compose, and our volumes whose VM is gone."""
+        if not self._project_exists():
+            return []
+        removed = []
+        instances = {i["name"]: i for i in self._get("/instances", project=self.project, recursion=1) or []}
+        for name, inst in instances.items():
+            if (inst.get("config") or {}).get(cfg.STATE_KEY) == cfg.STATE_COMPOSING:
+                self._remove(name, inst)
+                removed.append(name)
+        live = set(instances) - set(removed)
+        for pool, vol in self._our_volumes():
+            if vol["config"][cfg.OWNER_KEY] not in live:
+                self._delete_if_exists(
+                    f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
+                )
+                removed.append(f"{pool}/{vol['name']}")
+        return removed
+
+    def allocation(self, name: str) -> Allocation:
+        return self._info(name).allocation
+
+
+def _random_mac() -> str:
+    """A MAC in LXD's own OUI (00:16:3e), as LXD would pick."""
+    rnd = random.SystemRandom()
+    return "00:16:3e:" + ":".join(f"{rnd.randrange(256):02x}" for _ in range(3))
+
+
+__all__ = ["LxdProvider"]

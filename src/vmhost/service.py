@@ -1,0 +1,123 @@
+"""The use cases the `vmhost` command and the charm share.
+
+Plan and compose happen under one host-wide file lock, so two processes composing at once can never
+be handed the same threads or pages. Every call recomputes usage from what the hypervisor reports
+(DESIGN.md §3): there is no side state to drift.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from vmhost.model import Allocation, HostTopology, Policy, VmRequest
+from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo
+
+DEFAULT_LOCK = "/run/lock/vmhost.lock"
+BOOT_MODES = ("network", "image")
+
+
+@contextmanager
+def host_lock(path: str | None = None) -> Iterator[None]:
+    """Exclusive lock across processes on this machine (plan + compose must be atomic)."""
+    lock_path = Path(path or os.environ.get("VMHOST_LOCK_FILE") or DEFAULT_LOCK)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def new_vm_name(taken: set[str]) -> str:
+    """A short unique name like vm-3f2a (the provider, never a remote model, names VMs)."""
+    while True:
+        name = f"vm-{secrets.token_hex(2)}"
+        if name not in taken:
+            return name
+
+
+@dataclass
+class VmHost:
+    """One VM host: a provider plus the operator's policy."""
+
+    provider: Provider
+    policy: Policy = field(default_factory=Policy)
+    lock_path: str | None = None
+
+    def topology(self) -> HostTopology:
+        return self.provider.discover()
+
+    def vms(self, pool: str | None = None) -> list[VmInfo]:
+        vms = sorted(self.provider.list_vms(), key=lambda v: v.name)
+        return [v for v in vms if pool is None or v.allocation.pool == pool]
+
+    def allocations(self) -> list[Allocation]:
+        return [v.allocation for v in self.provider.list_vms()]
+
+    def plan(self, request: VmRequest) -> Allocation:
+        """What compose would allocate now, without creating anything (raises PlacementError)."""
+        from vmhost.placement import place
+
+        vms = self.provider.list_vms()
+        if request.name is None:
+            request = replace(request, name=new_vm_name({v.name for v in vms}))
+        elif any(v.name == request.name for v in vms):
+            raise ValueError(f"a VM named {request.name!r} already exists on this host; choose another name")
+        return place(self.provider.discover(), [v.allocation for v in vms], request, self.policy)
+
+    def compose(
+        self,
+        request: VmRequest,
+        *,
+        start: bool = False,
+        boot: str = "network",
+        image: str | None = None,
+        cloud_init: CloudInit | None = None,
+    ) -> VmInfo:
+        """Place and create a VM atomically with respect to other vmhost processes."""
+        if boot not in BOOT_MODES:
+            raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
+        if boot == "image" and not image:
+            raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
+        with host_lock(self.lock_path):
+            allocation = self.plan(request)
+            plan = ComposePlan(allocation=allocation, start=start, boot=boot, image=image, cloud_init=cloud_init)
+            return self.provider.compose(plan)
+
+    def find(self, name: str) -> VmInfo:
+        for vm in self.provider.list_vms():
+            if vm.name == name:
+                return vm
+        raise NotFound(f"no VM named {name!r} on this host")
+
+    def decompose(self, name: str) -> None:
+        with host_lock(self.lock_path):
+            self.find(name)
+            self.provider.decompose(name)
+
+    def start(self, name: str) -> None:
+        self.provider.start(name)
+
+    def stop(self, name: str, force: bool = False) -> None:
+        self.provider.stop(name, force=force)
+
+    def gc(self) -> list[str]:
+        with host_lock(self.lock_path):
+            return self.provider.gc()
+
+    def resources(self) -> dict:
+        """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
+        from vmhost.placement import compute_usage
+        from vmhost.resources_view import resources_dict
+
+        host = self.provider.discover()
+        vms = self.vms()
+        usage = compute_usage(host, [v.allocation for v in vms], self.policy)
+        return resources_dict(self.provider.name, host, usage, vms, self.policy)

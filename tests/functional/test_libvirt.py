@@ -1,0 +1,294 @@
+"""The libvirt provider against the real libvirtd + QEMU/KVM: what it composes really runs as allocated.
+
+Allocations are built by hand: placement, collisions and the host lock are tested through the service
+layer (test_service_libvirt.py); here the provider must make exactly what it is told, and undo it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmhost.model import Allocation, Cell, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.parse import parse_cpuset
+from vmhost.providers.base import NAME_PREFIX, CloudInit, ComposeError, ComposePlan, NotFound, ProviderError
+from vmhost.providers.libvirt_xml import STATE_COMPOSING, domain_xml, volume_name
+
+pytestmark = pytest.mark.libvirt
+
+M = 1024**2
+TEST_BRIDGE = "vmhostbr0"
+
+
+def _meminfo(key: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _affinity(name: str) -> dict[int, tuple[int, ...]]:
+    """vCPU -> host CPUs it may run on, as `virsh vcpuinfo` reports it."""
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "vcpuinfo", name], capture_output=True, text=True, check=True
+    )
+    vcpus = [int(v) for v in re.findall(r"^VCPU:\s+(\d+)", out.stdout, re.M)]
+    masks = re.findall(r"^CPU Affinity:\s+(\S+)", out.stdout, re.M)
+    return {v: tuple(i for i, c in enumerate(mask) if c == "y") for v, mask in zip(vcpus, masks, strict=True)}
+
+
+def _our_volumes(conn, vm: str) -> list[str]:
+    out = []
+    for pool in conn.listAllStoragePools(0):
+        if pool.isActive():
+            pool.refresh(0)
+            out += [v.name() for v in pool.listAllVolumes(0) if v.name().startswith(volume_name(vm, ""))]
+    return out
+
+
+def _domains(conn) -> set[str]:
+    return {d.name() for d in conn.listAllDomains(0)}
+
+
+def _free_thread(provider) -> int:
+    """The highest thread no other VM pins (thread 1 on this 2-CPU host; 0 stays for the host)."""
+    pinned = {t for v in provider.list_vms() for t in (v.allocation.pinned or ())}
+    free = [t for t in provider.discover().threads if t not in pinned]
+    if not free:
+        pytest.fail(f"every host thread is pinned by another VM: {sorted(pinned)}")
+    return free[-1]
+
+
+def _pinned_hugepage_alloc(name: str, thread: int, node: int, **extra) -> Allocation:
+    return Allocation(
+        name=name,
+        vcpus=1,
+        memory=128 * M,
+        pinned=(thread,),
+        numa_nodes=(node,),
+        hugepages=HugepageAllocation("2M", {node: 64}),
+        cells=(Cell(node, (0,), 128 * M),),
+        disks=(DiskAllocation("root", 16 * M, "default"),),
+        **extra,
+    )
+
+
+def test_pinned_hugepage_vm_runs_as_allocated_and_decompose_gives_everything_back(
+    libvirt_provider, libvirt_conn, vm_names
+):
+    p = libvirt_provider
+    topo = p.discover()
+    thread = _free_thread(p)
+    node = topo.thread_node[thread]
+    name = vm_names()
+    alloc = _pinned_hugepage_alloc(name, thread, node, nics=(NicAllocation("eth0", "bridge", TEST_BRIDGE),))
+    free_before = _meminfo("HugePages_Free")
+    if free_before < 64:
+        pytest.fail(f"needs 64 free 2M hugepages, host has {free_before}; run scripts/host-setup.sh")
+
+    vm = p.compose(ComposePlan(alloc, start=True, boot="network"))
+
+    assert vm.state == "running" and vm.managed
+    assert _affinity(name) == {0: (thread,)}
+    assert _meminfo("HugePages_Free") == free_before - 64
+    listed = {v.name: v for v in p.list_vms()}[name]
+    assert listed.managed and listed.state == "running"
+    # Read back from libvirt's metadata: the allocation as given, plus the MAC the provider chose.
+    assert len(listed.macs) == 1 and listed.allocation.nics[0].mac == listed.macs[0]
+    assert listed.allocation == alloc.__class__.from_dict(
+        {**alloc.to_dict(), "nics": [{**alloc.nics[0].to_dict(), "mac": listed.macs[0]}]}
+    )
+    assert _our_volumes(libvirt_conn, name) == [volume_name(name, "root")]
+
+    p.decompose(name)
+
+    assert name not in _domains(libvirt_conn)
+    assert _our_volumes(libvirt_conn, name) == []
+    assert _meminfo("HugePages_Free") == free_before
+    with pytest.raises(NotFound, match=name):
+        p.decompose(name)
+
+
+def test_compose_failing_after_its_first_step_leaves_nothing(libvirt_provider, libvirt_conn, vm_names):
+    p = libvirt_provider
+    name = vm_names()
+    missing_bridge = f"nobr{name[-6:]}"
+    alloc = Allocation(
+        name=name,
+        vcpus=1,
+        memory=64 * M,
+        disks=(DiskAllocation("root", 8 * M, "default"),),
+        nics=(NicAllocation("eth0", "bridge", missing_bridge),),
+    )
+    before = _domains(libvirt_conn)
+    with pytest.raises(ComposeError) as err:
+        p.compose(ComposePlan(alloc, start=True))
+    assert err.value.step == "start domain"
+    assert missing_bridge in str(err.value)
+    assert _domains(libvirt_conn) == before
+    assert _our_volumes(libvirt_conn, name) == []
+
+
+def test_compose_failing_at_a_later_volume_removes_the_earlier_one(libvirt_provider, libvirt_conn, vm_names):
+    name = vm_names()
+    alloc = Allocation(
+        name=name,
+        vcpus=1,
+        memory=64 * M,
+        disks=(DiskAllocation("root", 8 * M, "default"), DiskAllocation("data", 8 * M, f"nopool-{name}")),
+    )
+    with pytest.raises(ComposeError) as err:
+        libvirt_provider.compose(ComposePlan(alloc))
+    assert err.value.step == f"create volume data in pool nopool-{name}"
+    assert "does not exist" in str(err.value)
+    assert name not in _domains(libvirt_conn)
+    assert _our_volumes(libvirt_conn, name) == []
+
+
+def test_discover_reports_this_hosts_cpus_memory_hugepages_pools_and_bridge(libvirt_provider):
+    topo = libvirt_provider.discover()
+    online = parse_cpuset(Path("/sys/devices/system/cpu/online").read_text().strip())
+    assert topo.threads == online
+    nodes = sorted(int(p.name[4:]) for p in Path("/sys/devices/system/node").glob("node[0-9]*"))
+    assert [n.id for n in topo.nodes] == nodes
+    for n in topo.nodes:
+        sysnode = Path(f"/sys/devices/system/node/node{n.id}")
+        assert n.threads == tuple(sorted(parse_cpuset((sysnode / "cpulist").read_text().strip())))
+        memtotal_kib = int(re.search(r"MemTotal:\s+(\d+)", (sysnode / "meminfo").read_text()).group(1))
+        assert n.memory == memtotal_kib * 1024
+        pages = int((sysnode / "hugepages/hugepages-2048kB/nr_hugepages").read_text())
+        assert n.hugepages["2M"] == pages
+    for core in (c for n in topo.nodes for c in n.cores):
+        siblings = Path(f"/sys/devices/system/cpu/cpu{core.threads[0]}/topology/thread_siblings_list").read_text()
+        assert core.threads == parse_cpuset(siblings.strip())
+    pools = {sp.name: sp for sp in topo.storage_pools}
+    assert "default" in pools and pools["default"].driver == "dir"
+    assert pools["default"].total > 0 and 0 <= pools["default"].used <= pools["default"].total
+    nics = {n.name: n for n in topo.nics}
+    assert nics[TEST_BRIDGE].kind == "bridge"
+
+
+def test_stop_and_start(libvirt_provider, vm_names):
+    p = libvirt_provider
+    name = vm_names()
+    p.compose(ComposePlan(Allocation(name=name, vcpus=1, memory=64 * M)))
+    assert {v.name: v.state for v in p.list_vms()}[name] == "stopped"
+    p.start(name)
+    assert {v.name: v.state for v in p.list_vms()}[name] == "running"
+    p.stop(name, force=True)
+    assert {v.name: v.state for v in p.list_vms()}[name] == "stopped"
+    p.decompose(name)
+    with pytest.raises(NotFound):
+        p.start(name)
+
+
+def test_domain_defined_outside_vmhost_is_listed_as_other_and_not_decomposed(libvirt_provider, libvirt_conn, vm_names):
+    name = vm_names("other")
+    libvirt_conn.defineXML(
+        f"""<domain type='kvm'><name>{name}</name><memory unit='MiB'>96</memory><vcpu>2</vcpu>
+        <cputune><vcpupin vcpu='0' cpuset='0'/><vcpupin vcpu='1' cpuset='1'/></cputune>
+        <os><type arch='x86_64'>hvm</type></os></domain>"""
+    )
+    vm = {v.name: v for v in libvirt_provider.list_vms()}[name]
+    assert not vm.managed and vm.allocation.other
+    assert vm.allocation.vcpus == 2 and vm.allocation.memory == 96 * M and vm.allocation.pinned == (0, 1)
+    with pytest.raises(ProviderError, match="not made by vm-host"):
+        libvirt_provider.decompose(name)
+    assert name in _domains(libvirt_conn)
+
+
+def test_gc_removes_orphan_volumes_and_unfinished_composes_only(libvirt_provider, libvirt_conn, vm_names):
+    import libvirt
+
+    pool = libvirt_conn.storagePoolLookupByName("default")
+
+    def volume(vol: str) -> None:
+        pool.createXML(
+            f"<volume><name>{vol}</name><capacity unit='bytes'>{M}</capacity>"
+            "<target><format type='raw'/></target></volume>",
+            0,
+        )
+
+    orphan_vm, crashed, kept = vm_names(), vm_names(), vm_names()
+    volume(volume_name(orphan_vm, "root"))
+    # A compose that crashed after define: domain still says "composing", its volume exists.
+    volume(volume_name(crashed, "root"))
+    crashed_alloc = Allocation(name=crashed, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", M, "default"),))
+    libvirt_conn.defineXML(domain_xml(ComposePlan(crashed_alloc), state=STATE_COMPOSING))
+    libvirt_provider.compose(ComposePlan(Allocation(name=kept, vcpus=1, memory=64 * M, disks=crashed_alloc.disks)))
+    unrelated = f"not-ours-{kept}"
+    volume(unrelated)
+    try:
+        removed = libvirt_provider.gc()
+        assert volume_name(orphan_vm, "root") in removed and crashed in removed
+        assert _our_volumes(libvirt_conn, orphan_vm) == [] and _our_volumes(libvirt_conn, crashed) == []
+        assert crashed not in _domains(libvirt_conn)
+        assert kept in _domains(libvirt_conn) and _our_volumes(libvirt_conn, kept) == [volume_name(kept, "root")]
+        pool.storageVolLookupByName(unrelated)  # gc only ever touches NAME_PREFIX objects
+        assert not unrelated.startswith(NAME_PREFIX)
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.storageVolLookupByName(unrelated).delete(0)
+
+
+@pytest.mark.skipif(not shutil.which("isoinfo"), reason="isoinfo (genisoimage package) is not installed")
+def test_cloud_init_seed_is_attached_with_the_static_address_and_removed_on_decompose(
+    libvirt_provider, libvirt_conn, vm_names
+):
+    import xml.etree.ElementTree as ET
+
+    name = vm_names()
+    nic = NicAllocation("eth0", "bridge", TEST_BRIDGE, ip="10.99.0.7")
+    alloc = Allocation(
+        name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", 8 * M, "default"),), nics=(nic,)
+    )
+    vm = libvirt_provider.compose(ComposePlan(alloc, cloud_init=CloudInit(name, ("ssh-ed25519 AAAAC3Nza test",))))
+    seed = volume_name(name, "cidata")
+    assert sorted(_our_volumes(libvirt_conn, name)) == sorted([seed, volume_name(name, "root")])
+    dom = ET.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0))
+    cdrom = dom.find("devices/disk[@device='cdrom']/source")
+    assert cdrom.get("volume") == seed
+    path = libvirt_conn.storagePoolLookupByName("default").storageVolLookupByName(seed).path()
+    net = subprocess.run(["isoinfo", "-J", "-i", path, "-x", "/network-config"], capture_output=True, text=True)
+    meta = subprocess.run(["isoinfo", "-J", "-i", path, "-x", "/meta-data"], capture_output=True, text=True)
+    assert "10.99.0.7/" in net.stdout and vm.macs[0] in net.stdout
+    assert "ssh-ed25519 AAAAC3Nza test" in meta.stdout and f"local-hostname: {name}" in meta.stdout
+    libvirt_provider.decompose(name)
+    assert _our_volumes(libvirt_conn, name) == []
+
+
+@pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img (qemu-utils package) is not installed")
+def test_image_boot_uploads_the_image_into_the_root_volume_and_grows_it(
+    libvirt_provider, libvirt_conn, vm_names, tmp_path
+):
+    import json
+    import xml.etree.ElementTree as ET
+
+    raw = tmp_path / "marker.raw"
+    raw.write_bytes(b"VMHOST-IMAGE-MARKER" + b"\0" * (M - 19))
+    qcow = tmp_path / "tiny.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "4M"], check=True)
+    pool = libvirt_conn.storagePoolLookupByName("default")
+    for image, fmt in ((raw, "raw"), (qcow, "qcow2")):
+        name = vm_names("img")
+        alloc = Allocation(name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", 16 * M, "default"),))
+        libvirt_provider.compose(ComposePlan(alloc, boot="image", image=str(image)))
+        path = pool.storageVolLookupByName(volume_name(name, "root")).path()
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", path], capture_output=True, text=True, check=True
+            ).stdout
+        )
+        assert (info["format"], info["virtual-size"]) == (fmt, 16 * M)
+        if fmt == "raw":
+            assert Path(path).read_bytes()[:19] == b"VMHOST-IMAGE-MARKER"
+        dom = ET.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0))
+        assert dom.find("devices/disk[@device='disk']/driver").get("type") == fmt
+        assert [b.get("dev") for b in dom.findall("os/boot")] == ["hd", "network"]
+        libvirt_provider.decompose(name)
+        assert _our_volumes(libvirt_conn, name) == []

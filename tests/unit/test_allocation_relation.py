@@ -1,0 +1,452 @@
+"""The vm-allocation provider through ops.testing: a tiny host charm around AllocationRelation, a real
+VmHost and placement, and an in-memory provider standing in for the hypervisor."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from types import SimpleNamespace
+
+import ops
+import pytest
+from ops import testing
+
+from allocation_relation import AllocationRelation
+from tests.unit.hosts import GiB, synthetic_host
+from vmhost.model import Allocation, Nic, Policy, StoragePool
+from vmhost.providers.base import ComposePlan, NotFound, VmInfo
+from vmhost.service import VmHost
+
+MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
+MODEL_B = "bbbbbbbb-2222-4222-8222-000000000002"
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
+
+
+class FakeProvider:
+    """The hypervisor as a dict: compose stores the planned allocation, list_vms reads it back."""
+
+    name = "fake"
+
+    def __init__(self, host_cores: int = 4, memory: int = 16 * GiB):
+        self.topology = synthetic_host(
+            nodes=1,
+            cores_per_node=host_cores,
+            threads_per_core=2,
+            memory_per_node=memory,
+            hugepages={"2M": 512},
+            nics=(
+                Nic(name="br0", kind="bridge", addresses=("10.20.0.1/24",), space="public"),
+                Nic(name="br1", kind="bridge", addresses=("10.30.0.1/24",)),
+            ),
+            storage_pools=(StoragePool(name="default", total=500 * 10**9),),
+        )
+        self.vms: dict[str, VmInfo] = {}
+        self.plans: dict[str, ComposePlan] = {}
+        self.composes = 0
+        self.decomposed: list[str] = []
+
+    def discover(self):
+        return self.topology
+
+    def list_vms(self):
+        return list(self.vms.values())
+
+    def compose(self, plan: ComposePlan) -> VmInfo:
+        self.composes += 1
+        a = plan.allocation
+        nics = tuple(replace(n, mac=f"52:54:00:00:{self.composes:02x}:{i:02x}") for i, n in enumerate(a.nics))
+        a = replace(a, nics=nics)
+        vm = VmInfo(
+            name=a.name, state="running" if plan.start else "stopped", allocation=a, macs=tuple(n.mac for n in nics)
+        )
+        self.vms[a.name] = vm
+        self.plans[a.name] = plan
+        return vm
+
+    def decompose(self, name):
+        if name not in self.vms:
+            raise NotFound(name)
+        del self.vms[name]
+        self.decomposed.append(name)
+
+    def start(self, name):
+        pass
+
+    def stop(self, name, force=False):
+        pass
+
+    def storage_pools(self):
+        return list(self.topology.storage_pools)
+
+    def networks(self):
+        return list(self.topology.nics)
+
+    def gc(self):
+        return []
+
+    def close(self):
+        pass
+
+
+META = {
+    "name": "vm-host",
+    "provides": {"vm-allocation": {"interface": "vm_allocation"}},
+    "peers": {"vm-host-peers": {"interface": "vm_host_peers"}},
+}
+ENV: dict = {}
+
+
+class HostCharm(ops.CharmBase):
+    def __init__(self, framework):
+        super().__init__(framework)
+        self.allocation = AllocationRelation(self, relation_name="vm-allocation", peer_name="vm-host-peers")
+        for ev in (
+            self.on["vm-allocation"].relation_changed,
+            self.on["vm-allocation"].relation_broken,
+            self.on["vm-host-peers"].relation_changed,
+            self.on["vm-host-peers"].relation_departed,
+            self.on.leader_elected,
+            self.on.update_status,
+        ):
+            framework.observe(ev, self._reconcile)
+
+    def _reconcile(self, _event):
+        self.allocation.reconcile(ENV["host"], ENV["config"])
+
+
+@pytest.fixture
+def provider(tmp_path):
+    p = FakeProvider()
+    ENV["host"] = VmHost(provider=p, policy=Policy(), lock_path=str(tmp_path / "lock"))
+    ENV["config"] = SimpleNamespace(relation_quota="", allowed_networks="", space_bridges="public=br0 storage=br1")
+    yield p
+    ENV.clear()
+
+
+def ctx(unit_id: int = 0) -> testing.Context:
+    return testing.Context(HostCharm, meta=META, unit_id=unit_id)
+
+
+def req(id: str, **kw) -> dict:
+    return {"id": id, "cores": 1, "memory": "512M", **kw}
+
+
+def rel(requests, *, app="client", model=MODEL_A, rid=None, raw=None) -> testing.Relation:
+    data = {"requests": raw if raw is not None else json.dumps(requests)}
+    kw = {"id": rid} if rid is not None else {}
+    return testing.Relation("vm-allocation", remote_app_name=app, remote_model_uuid=model, remote_app_data=data, **kw)
+
+
+def statuses(state: testing.State, relation: testing.Relation) -> dict[str, dict]:
+    out = state.get_relation(relation.id).local_app_data
+    return {v["id"]: v for v in json.loads(out.get("vms", "[]"))}
+
+
+def run(relation, state: testing.State | None = None, *, leader=True, unit_id=0, event=None, peers=None):
+    state = state or testing.State(leader=leader, relations=[relation, *(peers or [])])
+    relation = state.get_relation(relation.id)
+    c = ctx(unit_id)
+    return c.run(event or c.on.relation_changed(relation), state)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_new_request_composes_one_vm_owned_by_the_remote_app(provider):
+    r = rel([req("web-0", cores=2, memory="1G", ssh_authorized_keys=[KEY], user_data="#cloud-config\n{}")])
+    out = run(r)
+    (vm,) = provider.vms.values()
+    assert vm.allocation.owner == f"{MODEL_A}/client/web-0"
+    assert (vm.allocation.vcpus, vm.allocation.memory) == (2, GiB)
+    plan = provider.plans[vm.name]
+    assert plan.start is True and plan.boot == "network"
+    assert plan.cloud_init.hostname == vm.name
+    assert plan.cloud_init.ssh_authorized_keys == (KEY,)
+    assert plan.cloud_init.user_data == "#cloud-config\n{}"
+    st = statuses(out, r)["web-0"]
+    assert st["status"] == "ready"
+    assert st["name"] == vm.name and st["unit"] == "vm-host/0"
+    assert st["mac_addresses"] == list(vm.macs)
+
+
+def test_replayed_hook_and_repeated_request_compose_once(provider):
+    r = rel([req("web-0"), req("web-0")])
+    out = run(r)
+    out = run(r, out)  # the hook runs again (retry / replay) with the same data
+    out = ctx().run(ctx().on.update_status(), out)
+    assert provider.composes == 1
+    assert len(provider.vms) == 1
+    assert statuses(out, r)["web-0"]["status"] == "ready"
+
+
+def test_withdrawn_request_releases_its_vm_only(provider):
+    r = rel([req("a"), req("b")])
+    out = run(r)
+    names = {v.allocation.owner.rsplit("/", 1)[1]: v.name for v in provider.vms.values()}
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": json.dumps([req("b")])})
+    out = run(r2, replace(out, relations=[r2]))
+    assert provider.decomposed == [names["a"]]
+    assert [v.name for v in provider.vms.values()] == [names["b"]]
+    assert set(statuses(out, r2)) == {"b"}
+
+
+def test_changed_request_keeps_its_vm_and_says_so(provider):
+    r = rel([req("a", cores=1)])
+    out = run(r)
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": json.dumps([req("a", cores=2)])})
+    out = run(r2, replace(out, relations=[r2]))
+    assert provider.composes == 1 and len(provider.vms) == 1
+    st = statuses(out, r2)["a"]
+    assert st["status"] == "ready" and "changed" in st["message"]
+
+
+def test_broken_relation_releases_all_its_vms_and_no_others(provider):
+    r1 = rel([req("a"), req("b")], app="one", rid=1)
+    r2 = rel([req("a")], app="two", rid=2)
+    state = testing.State(leader=True, relations=[r1, r2])
+    out = ctx().run(ctx().on.relation_changed(r1), state)
+    assert len(provider.vms) == 3
+    # an operator's own VM (no owner) is never touched
+    provider.vms["mine"] = VmInfo(name="mine", state="running", allocation=Allocation(name="mine", vcpus=1, memory=GiB))
+    out = ctx().run(ctx().on.relation_broken(out.get_relation(1)), out)
+    owners = sorted(str(v.allocation.owner) for v in provider.vms.values())
+    assert owners == ["None", f"{MODEL_A}/two/a"]
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"cores": 0}, "cores"),
+        ({"cores": 999}, "cores"),
+        ({"cores": "2"}, "cores"),
+        ({"memory": "lots"}, "memory"),
+        ({"memory": "1M"}, "memory"),
+        ({"pinned_cores": [0, 1]}, "pinned_cores"),
+        ({"hugepage_size": "4M"}, "hugepage_size"),
+        ({"hugepages_backed": "yes"}, "hugepages_backed"),
+        ({"storage": "root:20;rm -rf"}, "storage"),
+        ({"storage": "root:twenty"}, "storage"),
+        ({"interfaces": "eth0:color=blue"}, "interfaces"),
+        ({"interfaces": "eth0:space=public\n"}, "interfaces"),
+        ({"image": "/etc/shadow"}, "image"),
+        ({"ssh_authorized_keys": ["not a key"]}, "ssh_authorized_keys"),
+        ({"ssh_authorized_keys": [KEY] * 33}, "ssh_authorized_keys"),
+        ({"user_data": "x" * (64 * 1024 + 1)}, "user_data"),
+        ({"tags": ["ok", "no spaces"]}, "tags"),
+        ({"memory": "1G", "hugepages_backed": True, "hugepage_size": "1G", "cores": 1, "pinned_cores": "auto"}, None),
+    ],
+)
+def test_malformed_field_is_rejected_naming_it(provider, bad, field):
+    r = rel([req("good"), {**req("bad"), **bad}])
+    out = run(r)
+    st = statuses(out, r)
+    assert st["good"]["status"] == "ready"
+    if field is None:  # control: a well-formed request of the same shape is accepted (or fails on capacity)
+        assert st["bad"]["status"] in ("ready", "failed")
+        return
+    assert st["bad"]["status"] == "rejected"
+    assert field in st["bad"]["message"]
+    assert {v.allocation.owner for v in provider.vms.values()} == {f"{MODEL_A}/client/good"}
+
+
+def test_rejection_messages_never_echo_secret_values(provider):
+    secret = "#cloud-config\npassword: hunter2-" + "x" * (64 * 1024)
+    r = rel([{**req("a"), "user_data": secret, "ssh_authorized_keys": ["hunter2 secret-key"]}])
+    out = run(r)
+    st = statuses(out, r)["a"]
+    assert st["status"] == "rejected"
+    assert "hunter2" not in st["message"]
+
+
+def test_unreadable_list_reports_an_error_and_keeps_existing_vms(provider):
+    r = rel([req("a")])
+    out = run(r)
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": "{not json"})
+    out = run(r2, replace(out, relations=[r2]))
+    assert len(provider.vms) == 1 and provider.decomposed == []
+    assert json.loads(out.get_relation(r.id).local_app_data["error"])
+
+
+def test_bad_entries_without_ids_are_reported_by_position(provider):
+    r = rel([req("a"), "junk", {"cores": 1}])
+    out = run(r)
+    st = statuses(out, r)
+    assert st["a"]["status"] == "ready"
+    assert st["#1"]["status"] == "rejected" and st["#2"]["status"] == "rejected"
+    assert "id" in st["#2"]["message"]
+
+
+def test_quota_rejects_new_requests_but_never_existing_vms(provider):
+    ENV["config"].relation_quota = "vms=2,cores=3"
+    r = rel([req("a", cores=2), req("b", cores=2), req("c")])
+    out = run(r)
+    st = statuses(out, r)
+    assert st["a"]["status"] == "ready"
+    assert st["b"]["status"] == "rejected" and "quota" in st["b"]["message"] and "cores" in st["b"]["message"]
+    assert st["c"]["status"] == "ready"
+    # a new request listed first does not displace the VMs that exist
+    r2 = replace(
+        out.get_relation(r.id), remote_app_data={"requests": json.dumps([req("z"), req("a", cores=2), req("c")])}
+    )
+    out = run(r2, replace(out, relations=[r2]))
+    st = statuses(out, r2)
+    assert st["z"]["status"] == "rejected" and "vms" in st["z"]["message"]
+    assert st["a"]["status"] == "ready" and st["c"]["status"] == "ready"
+    assert provider.composes == 2
+
+
+def test_quota_is_per_application_and_model(provider):
+    ENV["config"].relation_quota = "vms=1"
+    r1 = rel([req("a")], app="client", model=MODEL_A, rid=1)
+    r2 = rel([req("a")], app="client", model=MODEL_B, rid=2)
+    state = testing.State(leader=True, relations=[r1, r2])
+    out = ctx().run(ctx().on.relation_changed(r1), state)
+    assert statuses(out, r1)["a"]["status"] == "ready"
+    assert statuses(out, r2)["a"]["status"] == "ready"
+    assert {v.allocation.owner for v in provider.vms.values()} == {f"{MODEL_A}/client/a", f"{MODEL_B}/client/a"}
+
+
+def test_cross_model_apps_with_the_same_name_stay_apart(provider):
+    r1 = rel([req("a")], app="client", model=MODEL_A, rid=1)
+    r2 = rel([req("a")], app="client", model=MODEL_B, rid=2)
+    out = ctx().run(ctx().on.relation_changed(r1), testing.State(leader=True, relations=[r1, r2]))
+    vm_b = next(v for v in provider.vms.values() if v.allocation.owner.startswith(MODEL_B))
+    # model A withdraws its request; model B's VM with the same app name and id stays
+    r1b = replace(out.get_relation(1), remote_app_data={"requests": "[]"})
+    out = ctx().run(ctx().on.relation_changed(r1b), replace(out, relations=[r1b, out.get_relation(2)]))
+    assert list(provider.vms) == [vm_b.name]
+    assert statuses(out, out.get_relation(2))["a"]["name"] == vm_b.name
+
+
+def test_space_maps_to_its_bridge_and_static_ip_reaches_the_vm(provider):
+    r = rel([req("a", interfaces="eth0:space=storage,ip=10.30.0.50")])
+    out = run(r)
+    (vm,) = provider.vms.values()
+    (nic,) = vm.allocation.nics
+    assert (nic.parent, nic.ip) == ("br1", "10.30.0.50")
+    assert statuses(out, r)["a"]["addresses"] == ["10.30.0.50"]
+
+
+def test_interfaces_only_onto_allowed_networks(provider):
+    ENV["config"].allowed_networks = "public"
+    r = rel(
+        [
+            req("ok", interfaces="eth0:space=public"),
+            req("mapped", interfaces="eth0:space=storage"),
+            req("subnet", interfaces="eth0:subnet=10.30.0.0/24"),
+            req("named", interfaces="eth0:name=br1"),
+        ]
+    )
+    out = run(r)
+    st = statuses(out, r)
+    assert st["ok"]["status"] == "ready"
+    for rid in ("mapped", "subnet", "named"):
+        assert st[rid]["status"] == "rejected", rid
+        assert "allowed-networks" in st[rid]["message"] and "br1" in st[rid]["message"]
+    assert [v.allocation.nics[0].parent for v in provider.vms.values()] == ["br0"]
+
+
+def test_placement_failure_is_reported_failed_and_retried_later(provider):
+    r = rel([req("big", cores=64)])
+    out = run(r)
+    st = statuses(out, r)["big"]
+    assert st["status"] == "failed" and st["message"]
+    assert provider.vms == {}
+
+
+def test_non_leader_never_writes_the_provider_databag(provider):
+    r = rel([req("a")])
+    out = run(r, leader=False)
+    assert "vms" not in out.get_relation(r.id).local_app_data
+    assert provider.composes == 0  # nothing is assigned to it without a leader's assignment
+
+
+# ---------------------------------------------------------------------------------------------
+# Several host units
+
+
+def cap(threads: int, vcpus: int | None = None, memory: int = 32 * GiB) -> str:
+    return json.dumps({"threads": threads, "vcpus": threads if vcpus is None else vcpus, "memory": memory})
+
+
+def test_three_units_leader_assigns_best_fit_and_reassigns_when_one_leaves(provider):
+    r = rel([req("a", cores=2), req("b", cores=6), req("c", cores=1)])
+    # unit 0 (leader, here) has 8 free threads; unit 1 has 3; unit 2 has 16
+    peers = testing.PeerRelation("vm-host-peers", peers_data={1: {"capacity": cap(3)}, 2: {"capacity": cap(16)}})
+    out = run(r, peers=[peers])
+    assignments = json.loads(out.get_relation(peers.id).local_app_data["assignments"])
+    owner = f"{MODEL_A}/client/"
+    # a (2) -> fewest threads that fit: unit 1 (3); b (6) -> unit 0 (8); c (1) -> unit 1 (1 left)
+    assert assignments == {owner + "a": "vm-host/1", owner + "b": "vm-host/0", owner + "c": "vm-host/1"}
+    assert {v.allocation.owner for v in provider.vms.values()} == {owner + "b"}
+    st = statuses(out, r)
+    assert st["b"]["status"] == "ready" and st["b"]["unit"] == "vm-host/0"
+    assert st["a"]["status"] == "pending" and st["a"]["unit"] == "vm-host/1"
+    mine = json.loads(out.get_relation(peers.id).local_unit_data["results"])
+    assert mine[owner + "b"]["status"] == "ready"
+
+    # unit 1 runs with the leader's assignments: it composes a and c only, on its own host
+    other = FakeProvider()
+    ENV["host"] = VmHost(provider=other, policy=Policy(), lock_path=ENV["host"].lock_path)
+    p1 = testing.PeerRelation(
+        "vm-host-peers",
+        id=peers.id,
+        local_app_data={"assignments": json.dumps(assignments)},
+        peers_data={0: {}, 2: {}},
+    )
+    out1 = ctx(1).run(ctx(1).on.relation_changed(p1), testing.State(leader=False, relations=[r, p1]))
+    assert sorted(v.allocation.owner for v in other.vms.values()) == [owner + "a", owner + "c"]
+    results1 = out1.get_relation(p1.id).local_unit_data["results"]
+
+    # the leader merges unit 1's results; unit 2 has left: nothing was assigned to it, a and c stay
+    ENV["host"] = VmHost(provider=provider, policy=Policy(), lock_path=ENV["host"].lock_path)
+    p0 = replace(out.get_relation(peers.id), peers_data={1: {"capacity": cap(0), "results": results1}})
+    out = ctx().run(ctx().on.relation_changed(p0), replace(out, relations=[out.get_relation(r.id), p0]))
+    st = statuses(out, r)
+    assert {k: (v["status"], v["unit"]) for k, v in st.items()} == {
+        "a": ("ready", "vm-host/1"),
+        "b": ("ready", "vm-host/0"),
+        "c": ("ready", "vm-host/1"),
+    }
+
+    # unit 1 leaves: its requests go to the units that remain. Unit 0 has 2 shared vCPUs left
+    # (8 threads, b takes 6): a (2) fits it exactly; c (1) then only fits unit 2.
+    p0 = replace(out.get_relation(peers.id), peers_data={2: {"capacity": cap(16)}})
+    out = ctx().run(ctx().on.relation_departed(p0, remote_unit=1), replace(out, relations=[out.get_relation(r.id), p0]))
+    assignments = json.loads(out.get_relation(peers.id).local_app_data["assignments"])
+    assert assignments == {owner + "a": "vm-host/0", owner + "b": "vm-host/0", owner + "c": "vm-host/2"}
+    st = statuses(out, r)
+    assert (st["a"]["status"], st["a"]["unit"]) == ("ready", "vm-host/0")
+    assert (st["c"]["status"], st["c"]["unit"]) == ("pending", "vm-host/2")
+    assert sorted(v.allocation.owner for v in provider.vms.values()) == [owner + "a", owner + "b"]
+
+
+def test_departing_unit_releases_its_relation_vms(provider):
+    r = rel([req("a")])
+    peers = testing.PeerRelation("vm-host-peers", peers_data={1: {"capacity": cap(8)}})
+    out = run(r, peers=[peers])
+    assert len(provider.vms) == 1
+    p = out.get_relation(peers.id)
+    out = ctx().run(ctx().on.relation_departed(p, remote_unit=0, departing_unit=0), out)
+    assert provider.vms == {}
+    assert json.loads(out.get_relation(peers.id).local_unit_data["results"]) == {}
+
+
+def test_unit_releases_a_duplicate_that_another_unit_serves(provider):
+    owner = f"{MODEL_A}/client/a"
+    r = rel([req("a")])
+    ready = {owner: {"status": "ready", "name": "vm-x", "cores": 1, "memory": 512 * 1024**2}}
+    peers = testing.PeerRelation(
+        "vm-host-peers",
+        local_app_data={"assignments": json.dumps({owner: "vm-host/1"})},
+        peers_data={1: {"results": json.dumps(ready)}},
+    )
+    # this unit holds a stray VM for the same owner (say, from a hook that raced a re-assignment)
+    provider.vms["vm-stray"] = VmInfo(
+        name="vm-stray",
+        state="running",
+        allocation=Allocation(name="vm-stray", vcpus=1, memory=512 * 1024**2, owner=owner),
+    )
+    out = run(r, leader=False, peers=[peers])
+    assert provider.decomposed == ["vm-stray"]
+    assert json.loads(out.get_relation(peers.id).local_unit_data["results"]) == {}

@@ -1,0 +1,156 @@
+"""Typed charm config and action params: every option parses, every bad value names itself."""
+
+from __future__ import annotations
+
+import json
+
+import pydantic
+import pytest
+
+from vmhost.charm_models import (
+    AddTrustedClientParams,
+    CharmConfig,
+    ComposeParams,
+    HugepageSetting,
+    Quota,
+    error_message,
+    parse_hugepages_setting,
+    vm_results,
+)
+from vmhost.model import Policy, VmRequest
+
+
+def test_defaults_are_a_working_lxd_host():
+    c = CharmConfig()
+    assert c.backend == "lxd"
+    assert c.lxd_snap_channel == "5.21/stable"
+    assert c.libvirt_uri == "qemu:///system"
+    assert c.policy() == Policy()
+    assert c.relation_quota == Quota()
+
+
+def test_strings_parse_into_typed_values():
+    c = CharmConfig(
+        backend="libvirt",
+        cpu_overcommit_ratio=4.0,
+        memory_overcommit_ratio=1.5,
+        reserved_cores="0-1,64",
+        reserved_memory="4G",
+        hugepages="0:1G:8,1:1G:8 2M:4096",
+        default_storage_pool="ssd",
+        space_bridges="public=br0 storage=br1",
+        allowed_networks="public, 10.20.0.5/24",
+        relation_quota="vms=20,cores=64,memory=256G",
+        lxd_listen_address="[::]:8443",
+    )
+    assert c.reserved_cores == (0, 1, 64)
+    assert c.reserved_memory == 4 * 1024**3
+    assert c.hugepages == (
+        HugepageSetting("1G", 8, 0),
+        HugepageSetting("1G", 8, 1),
+        HugepageSetting("2M", 4096, None),
+    )
+    assert c.space_bridges == {"public": "br0", "storage": "br1"}
+    assert c.allowed_networks == ("public", "10.20.0.0/24")
+    assert c.relation_quota == Quota(vms=20, cores=64, memory=256 * 1024**3)
+    p = c.policy()
+    assert (p.cpu_overcommit_ratio, p.reserved_cores, p.default_storage_pool) == (4.0, (0, 1, 64), "ssd")
+    assert p.reserved_memory == 4 * 1024**3
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "says"),
+    [
+        ("backend", "xen", "config backend: 'xen' is not allowed: input should be 'lxd' or 'libvirt'"),
+        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0.0 is not allowed"),
+        ("memory_overcommit_ratio", -1.0, "config memory-overcommit-ratio: -1.0 is not allowed"),
+        ("lxd_storage_driver", "ceph", "config lxd-storage-driver: 'ceph' is not allowed"),
+        ("reserved_cores", "0-x", "config reserved-cores: cpu set token '0-x'"),
+        ("reserved_memory", "lots", "config reserved-memory: size 'lots' is not a size"),
+        ("hugepages", "3M:10", "config hugepages: hugepage size '3M' is not supported; allowed: 2M, 1G"),
+        ("hugepages", "2M", "config hugepages: entry '2M' is not size:count or node:size:count"),
+        ("hugepages", "2M:8,0:2M:4", "config hugepages: 2M pages are given twice"),
+        ("space_bridges", "public:br0", "config space-bridges: entry 'public:br0' is not space=bridge"),
+        ("allowed_networks", "10.0.0.0/33", "config allowed-networks: '10.0.0.0/33' is not a CIDR"),
+        ("relation_quota", "vms=lots", "config relation-quota: vms 'lots' is not a whole number"),
+        ("relation_quota", "disks=3", "config relation-quota: entry 'disks=3' is not vms=N"),
+        ("lxd_listen_address", "10.0.0.5:99999", "config lxd-listen-address: port 99999"),
+        ("lxd_snap_channel", "5.21/stabel", "config lxd-snap-channel: '5.21/stabel' is not a snap channel"),
+        ("libvirt_uri", "/var/run/libvirt", "config libvirt-uri: '/var/run/libvirt' is not a libvirt URI"),
+        ("bridge", "br 0", "config bridge: 'br 0' is not a name"),
+    ],
+)
+def test_bad_values_name_the_option_and_what_is_allowed(option, value, says):
+    with pytest.raises(pydantic.ValidationError) as exc:
+        CharmConfig(**{option: value})
+    assert error_message(exc.value, "config").startswith(says)
+
+
+def test_hugepage_setting_forms():
+    assert parse_hugepages_setting("") == ()
+    assert parse_hugepages_setting("2M:4096,1G:8") == (HugepageSetting("2M", 4096), HugepageSetting("1G", 8))
+    assert parse_hugepages_setting("0:2048K:16") == (HugepageSetting("2M", 16, 0),)
+
+
+def test_compose_params_map_to_a_vm_request():
+    p = ComposeParams(
+        cores=2,
+        memory="1G",
+        pinned_cores="auto",
+        hugepage_size="2M",
+        storage="root:20(ssd)",
+        interfaces="eth0:space=public",
+        hostname="web-1",
+        pool="tenant-a",
+    )
+    req = VmRequest.from_dict(p.request_dict())
+    assert (req.cores, req.memory, req.pinned_cores, req.hugepages_backed) == (2, 1024**3, "auto", True)
+    assert (req.name, req.pool) == ("web-1", "tenant-a")
+    assert req.storage[0].label == "root" and req.storage[0].tags == ("ssd",)
+    assert req.interfaces[0].space == ("public",)
+
+
+def test_compose_params_refuse_bad_hostname_and_cores():
+    with pytest.raises(pydantic.ValidationError) as exc:
+        ComposeParams(hostname="Web_1")
+    assert error_message(exc.value, "parameter") == (
+        "parameter hostname: 'Web_1' is not a host name; use lower-case letters, digits and '-' (at most 63)"
+    )
+    with pytest.raises(pydantic.ValidationError):
+        ComposeParams(cores=0)
+
+
+def test_trusted_client_needs_a_pem():
+    with pytest.raises(pydantic.ValidationError) as exc:
+        AddTrustedClientParams(cert="hello")
+    assert "is not a PEM certificate" in error_message(exc.value, "parameter")
+
+
+def test_vm_results_are_flat_strings_with_juju_safe_keys():
+    vm = {
+        "name": "vm-3f2a",
+        "state": "running",
+        "vcpus": 2,
+        "pinned": [2, 3],
+        "numa_nodes": [0],
+        "memory": 1024**3,
+        "hugepages": {"size": "2M", "per_node": {"0": 512}},
+        "disks": [{"label": "root", "size": 20 * 10**9, "pool": "default", "tags": []}],
+        "nics": [{"label": "eth0", "type": "bridge", "parent": "br0", "mac": "52:54:00:00:00:01"}],
+        "mac_addresses": ["52:54:00:00:00:01"],
+        "threads_per_core": 2,
+        "pool": None,
+        "managed": True,
+    }
+    r = vm_results(vm)
+    assert all(isinstance(v, str) for v in r.values())
+    assert all(k == k.lower() and "_" not in k for k in r)
+    assert r["name"] == "vm-3f2a" and r["state"] == "running" and r["vcpus"] == "2"
+    assert json.loads(r["pinned"]) == [2, 3]
+    assert json.loads(r["nodes"]) == [0]
+    assert json.loads(r["hugepages"])["per_node"] == {"0": 512}
+    assert json.loads(r["disks"])[0]["pool"] == "default"
+    assert json.loads(r["nics"])[0]["parent"] == "br0"
+    assert json.loads(r["macs"]) == ["52:54:00:00:00:01"]
+    assert r["threads"] == "2"
+    assert "pool" not in r

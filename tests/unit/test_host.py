@@ -1,0 +1,219 @@
+"""Host preparation against a temp-dir sysfs/procfs and a recording command runner."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from vmhost.charm_models import HugepageSetting, parse_hugepages_setting
+from vmhost.host import GRUB_DROPIN, Host, HostSetupError, SpaceMappedProvider, libvirt_packages
+from vmhost.model import HostTopology
+
+KB = {"2M": "2048kB", "1G": "1048576kB"}
+
+
+def make_root(root: Path, nodes=(0,), cmdline="BOOT_IMAGE=/vmlinuz root=/dev/sda1", mounts="") -> Path:
+    for size in KB.values():
+        (root / f"sys/kernel/mm/hugepages/hugepages-{size}").mkdir(parents=True)
+    for n in nodes:
+        for size in KB.values():
+            d = root / f"sys/devices/system/node/node{n}/hugepages/hugepages-{size}"
+            d.mkdir(parents=True)
+            (d / "nr_hugepages").write_text("0\n")
+    (root / "proc").mkdir()
+    (root / "proc/cmdline").write_text(cmdline + "\n")
+    (root / "proc/mounts").write_text(mounts)
+    (root / "proc/meminfo").write_text("MemTotal: 1000 kB\nHugepagesize:       2048 kB\n")
+    return root
+
+
+class Recorder:
+    def __init__(self, installed=()):
+        self.calls: list[list[str]] = []
+        self.installed = set(installed)
+
+    def __call__(self, cmd):
+        cmd = list(cmd)
+        self.calls.append(cmd)
+        if cmd[0] == "dpkg-query":
+            out = "install ok installed" if cmd[-1] in self.installed else ""
+            if not out:
+                raise subprocess.CalledProcessError(1, cmd)
+            return subprocess.CompletedProcess(cmd, 0, out, "")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+class CappedHost(Host):
+    """A kernel that cannot give more than `cap[size]` pages per node at runtime (fragmented memory)."""
+
+    cap: dict[str, int] = {}
+
+    def _write_sysfs(self, path, value):
+        size = "1G" if "1048576kB" in str(path) else "2M"
+        path.write_text(f"{min(value, self.cap.get(size, value))}\n")
+
+
+def nr(root: Path, node: int, size: str) -> int:
+    return int((root / f"sys/devices/system/node/node{node}/hugepages/hugepages-{KB[size]}/nr_hugepages").read_text())
+
+
+def test_runtime_hugepages_split_evenly_over_nodes(tmp_path):
+    root = make_root(tmp_path, nodes=(0, 1))
+    run = Recorder()
+    host = Host(root=root, run=run)
+    report = host.apply_hugepages(parse_hugepages_setting("2M:1025"))
+    assert (nr(root, 0, "2M"), nr(root, 1, "2M")) == (513, 512)
+    assert not report.reboot_required
+    assert report.actual[(0, "2M")] == 513
+    assert not (root / GRUB_DROPIN).exists()
+    assert ["update-grub"] not in run.calls
+
+
+def test_per_node_hugepages_only_touch_named_nodes(tmp_path):
+    root = make_root(tmp_path, nodes=(0, 1))
+    Host(root=root, run=Recorder()).apply_hugepages(parse_hugepages_setting("1:1G:4"))
+    assert nr(root, 1, "1G") == 4
+    assert nr(root, 0, "1G") == 0
+
+
+def test_1g_short_at_runtime_writes_cmdline_dropin_and_needs_reboot(tmp_path):
+    root = make_root(tmp_path, nodes=(0, 1))
+    run = Recorder()
+    host = CappedHost(root=root, run=run)
+    host.cap = {"1G": 2}
+    report = host.apply_hugepages(parse_hugepages_setting("0:1G:8,1:1G:8,2M:64"))
+    # What the kernel gave is what is reported, not what was asked.
+    assert report.actual[(0, "1G")] == 2
+    assert report.short == {(0, "1G"): (8, 2), (1, "1G"): (8, 2)}
+    assert report.reboot_sizes == ("1G",)
+    assert report.message() == "reboot required for 1G hugepages"
+    text = (root / GRUB_DROPIN).read_text()
+    assert "default_hugepagesz=1G hugepagesz=1G hugepages=0:8,1:8" in text
+    assert "2M" not in text.split("GRUB_CMDLINE_LINUX_DEFAULT=")[1]  # 2M were given at runtime
+    assert ["update-grub"] in run.calls
+    assert host.reboot_required()
+
+
+def test_reboot_no_longer_required_once_booted_with_the_args(tmp_path):
+    root = make_root(tmp_path)
+    host = CappedHost(root=root, run=Recorder())
+    host.cap = {"1G": 0}
+    host.apply_hugepages([HugepageSetting("1G", 4)])
+    assert host.pending_reboot_sizes() == ["1G"]
+    (root / "proc/cmdline").write_text("root=/dev/sda1 default_hugepagesz=1G hugepagesz=1G hugepages=4\n")
+    assert host.pending_reboot_sizes() == []
+
+
+def test_dropin_removed_when_runtime_suffices_again(tmp_path):
+    root = make_root(tmp_path)
+    run = Recorder()
+    host = CappedHost(root=root, run=run)
+    host.cap = {"1G": 0}
+    host.apply_hugepages([HugepageSetting("1G", 4)])
+    assert (root / GRUB_DROPIN).exists()
+    host.cap = {}
+    report = host.apply_hugepages([HugepageSetting("1G", 4)])
+    assert not (root / GRUB_DROPIN).exists()
+    assert not report.reboot_required
+    assert run.calls.count(["update-grub"]) == 2
+
+
+def test_unknown_node_and_unsupported_size_are_refused(tmp_path):
+    root = make_root(tmp_path, nodes=(0,))
+    host = Host(root=root, run=Recorder())
+    with pytest.raises(HostSetupError, match="node 3 but this host has nodes 0"):
+        host.apply_hugepages(parse_hugepages_setting("3:2M:8"))
+    (root / "sys/kernel/mm/hugepages/hugepages-1048576kB").rmdir()
+    with pytest.raises(HostSetupError, match="no 1G hugepages"):
+        host.apply_hugepages(parse_hugepages_setting("1G:1"))
+    assert nr(root, 0, "2M") == 0  # nothing half-applied by the refused settings
+
+
+def test_hugetlbfs_mounted_once_and_per_extra_size(tmp_path):
+    root = make_root(tmp_path, mounts="hugetlbfs /dev/hugepages hugetlbfs rw,pagesize=2M 0 0\n")
+    run = Recorder()
+    host = Host(root=root, run=run)
+    made = host.ensure_hugetlbfs({"2M", "1G"})
+    assert made == ["/dev/hugepages-1G"]
+    assert run.calls == [["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "hugetlbfs", "/dev/hugepages-1G"]]
+    assert (root / "dev/hugepages-1G").is_dir()
+
+    run2 = Recorder()
+    bare = Host(root=make_root(tmp_path / "other"), run=run2)
+    assert bare.ensure_hugetlbfs() == ["/dev/hugepages"]
+    assert run2.calls == [["mount", "-t", "hugetlbfs", "hugetlbfs", "/dev/hugepages"]]
+
+
+def test_kvm_detection(tmp_path):
+    host = Host(root=tmp_path, run=Recorder())
+    assert not host.kvm_available()
+    (tmp_path / "dev").mkdir()
+    (tmp_path / "dev/kvm").touch()
+    assert host.kvm_available()
+
+
+class FakeApt:
+    def __init__(self, fail=False):
+        self.added: list = []
+        self.fail = fail
+
+    def add_package(self, names, update_cache=False):
+        if self.fail:
+            raise RuntimeError("E: Unable to locate package qemu-system-x86")
+        self.added.append(list(names))
+
+
+def test_libvirt_packages_only_missing_ones_installed(tmp_path):
+    x86 = libvirt_packages("x86_64")
+    assert {"qemu-system-x86", "libvirt-daemon-system", "genisoimage", "ovmf"} <= set(x86)
+    assert "qemu-system-arm" in libvirt_packages("aarch64")
+    apt = FakeApt()
+    host = Host(root=tmp_path, run=Recorder(installed=set(libvirt_packages()) - {"genisoimage"}), apt=apt)
+    assert host.ensure_libvirt() == ["genisoimage"]
+    assert apt.added == [["genisoimage"]]
+
+    everything = Host(root=tmp_path, run=Recorder(installed=set(libvirt_packages())), apt=FakeApt())
+    assert everything.ensure_libvirt() == []
+    assert everything.apt.added == []
+
+
+def test_package_failure_is_one_clear_error(tmp_path):
+    host = Host(root=tmp_path, run=Recorder(), apt=FakeApt(fail=True))
+    with pytest.raises(HostSetupError, match=r"installing .*libvirt-daemon-system.* failed: E: Unable to locate"):
+        host.ensure_libvirt()
+
+
+def test_lxd_snap_channel_from_config(tmp_path):
+    calls = []
+
+    class Snap:
+        def ensure_installed(self, name, channel=None, update=True):
+            calls.append((name, channel, update))
+            return True
+
+    assert Host(root=tmp_path, snap=Snap()).ensure_lxd("6/stable") is True
+    assert calls == [("lxd", "6/stable", False)]
+
+
+def test_space_mapped_provider_labels_bridges_with_spaces():
+    topo = HostTopology.from_dict(
+        {
+            "nodes": [{"id": 0, "memory": 1 << 30, "cores": [{"id": 0, "threads": [0]}]}],
+            "nics": [{"name": "br0", "kind": "bridge"}, {"name": "eno1"}],
+        }
+    )
+
+    class P:
+        name = "fake"
+
+        def discover(self):
+            return topo
+
+    wrapped = SpaceMappedProvider(P(), {"public": "br0"})
+    nics = {n.name: n for n in wrapped.discover().nics}
+    assert nics["br0"].space == "public"
+    assert nics["br0"].kind == "bridge"
+    assert nics["eno1"].space is None
+    assert wrapped.name == "fake"

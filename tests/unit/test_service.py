@@ -1,0 +1,182 @@
+"""VmHost (the shared use cases), the resources view and the `vmhost` command over an in-memory provider."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from tests.unit.fakes import GIB, FakeProvider
+from vmhost import cli
+from vmhost.model import Policy, VmRequest
+from vmhost.placement import PlacementError
+from vmhost.providers.base import NotFound, Provider
+from vmhost.resources_view import render_view, summary_line
+from vmhost.service import VmHost, host_lock, new_vm_name
+
+
+@pytest.fixture
+def host(tmp_path):
+    return VmHost(FakeProvider(), Policy(), lock_path=str(tmp_path / "lock"))
+
+
+def req(**kw) -> VmRequest:
+    return VmRequest.from_dict({"cores": 2, "memory": "2G", **kw})
+
+
+def test_fake_is_a_provider():
+    assert isinstance(FakeProvider(), Provider)
+
+
+def test_compose_names_the_vm_and_records_the_allocation(host):
+    vm = host.compose(req(pinned_cores="auto", hugepages_backed=True, hugepage_size="2M"), start=True)
+    assert vm.name.startswith("vm-") and len(vm.name) == 7
+    assert vm.state == "running"
+    assert len(vm.allocation.pinned) == 2
+    assert vm.allocation.hugepages.pages == 1024
+    assert host.vms()[0].name == vm.name
+
+
+def test_compose_refuses_a_taken_name_and_creates_nothing(host):
+    host.compose(req(name="web"))
+    with pytest.raises(ValueError, match="'web' already exists"):
+        host.compose(req(name="web"))
+    assert [v.name for v in host.vms()] == ["web"]
+
+
+def test_second_compose_never_reuses_pinned_threads(host):
+    a = host.compose(req(pinned_cores="auto"))
+    b = host.compose(req(pinned_cores="auto"))
+    assert set(a.allocation.pinned).isdisjoint(b.allocation.pinned)
+
+
+def test_explicit_collision_names_the_owner_and_creates_nothing(host):
+    first = host.compose(req(cores=1, pinned_cores=[3], name="first"))
+    with pytest.raises(PlacementError, match="first"):
+        host.compose(req(cores=1, pinned_cores=[3], name="second"))
+    assert [v.name for v in host.vms()] == [first.name]
+
+
+def test_boot_mode_is_checked_before_anything_is_made(host):
+    with pytest.raises(ValueError, match="boot 'disk' is not a boot mode; allowed: network, image"):
+        host.compose(req(), boot="disk")
+    with pytest.raises(ValueError, match="boot=image needs an image"):
+        host.compose(req(), boot="image")
+    assert host.vms() == []
+
+
+def test_pool_filter_and_decompose(host):
+    host.compose(req(name="a", pool="prod"))
+    host.compose(req(name="b", pool="dev"))
+    assert [v.name for v in host.vms(pool="prod")] == ["a"]
+    host.decompose("a")
+    assert [v.name for v in host.vms()] == ["b"]
+    with pytest.raises(NotFound, match="no VM named 'a'"):
+        host.decompose("a")
+
+
+def test_resources_reflect_pinned_threads_and_hugepages(host):
+    host.compose(req(cores=4, pinned_cores="auto", hugepages_backed=True, hugepage_size="1G", memory="2G", name="db"))
+    res = host.resources()
+    assert json.loads(json.dumps(res)) == res
+    pinned = sum(n["threads"]["pinned"] for n in res["nodes"])
+    assert pinned == 4
+    used_1g = sum(n["hugepages"]["1G"]["used"] for n in res["nodes"])
+    assert used_1g == 2
+    assert summary_line(res) == "fake: 1 VM, 4/16 threads pinned, 2/12 GiB hugepages"
+    view = render_view(res)
+    assert "NUMA node 0" in view and "NUMA node 1" in view
+    assert "hugepages 1G: 2/4 used, 2 free" in view
+    assert "db" in view
+
+
+def test_new_vm_name_avoids_taken_names(monkeypatch):
+    names = iter(["aaaa", "aaaa", "bbbb"])
+    monkeypatch.setattr("vmhost.service.secrets.token_hex", lambda n: next(names))
+    assert new_vm_name({"vm-aaaa"}) == "vm-bbbb"
+
+
+def test_host_lock_serialises_threads(tmp_path):
+    path = str(tmp_path / "lock")
+    inside, overlaps = [], []
+
+    def work():
+        with host_lock(path):
+            inside.append(1)
+            if len(inside) > 1:
+                overlaps.append(1)
+            threading.Event().wait(0.01)
+            inside.pop()
+
+    # flock is per open file description, so threads with their own open() exclude each other too.
+    ts = [threading.Thread(target=work) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert overlaps == []
+
+
+# ---- the vmhost command -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake(monkeypatch, tmp_path):
+    provider = FakeProvider()
+    monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "lock"))
+    monkeypatch.setattr(cli, "get_provider", lambda backend, uri=None, **o: provider)
+    return provider
+
+
+def test_cli_compose_json_prints_the_allocation(fake, capsys):
+    rc = cli.main(
+        ["compose", "--cores", "2", "--memory", "1G", "--pinned-cores", "auto", "--hugepages-backed", "--json"]
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["name"] in fake.vms
+    assert out["vcpus"] == 2 and len(out["pinned"]) == 2
+    assert out["hugepages"]["size"] in ("2M", "1G")
+    assert out["memory"] == GIB
+
+
+def test_cli_dry_run_creates_nothing(fake, capsys):
+    assert cli.main(["compose", "--cores", "2", "--pinned-cores", "auto", "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["vcpus"] == 2
+    assert fake.vms == {}
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["compose", "--memory", "8Q"], "'8Q'"),
+        (["compose", "--pinned-cores", "0-1", "--cores", "3"], "lists 2 CPUs but cores is 3"),
+        (["compose", "--hostname", "Bad_Name"], "hostname 'Bad_Name' is not valid"),
+        (["compose", "--cores", "64", "--pinned-cores", "auto"], "need 64"),
+        (["decompose", "ghost"], "no VM named 'ghost'"),
+    ],
+)
+def test_cli_errors_are_one_line_exit_1_and_create_nothing(fake, capsys, argv, needle):
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("vmhost: error: ")
+    assert needle in err[0]
+    assert fake.vms == {}
+
+
+def test_cli_list_start_stop_gc(fake, capsys):
+    cli.main(["compose", "--hostname", "web", "--pool", "prod"])
+    cli.main(["compose", "--hostname", "db", "--pool", "dev"])
+    capsys.readouterr()
+    assert cli.main(["list", "--pool", "prod", "--json"]) == 0
+    assert [v["name"] for v in json.loads(capsys.readouterr().out)] == ["web"]
+    assert cli.main(["start", "web", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"name": "web", "state": "running"}
+    assert cli.main(["stop", "web"]) == 0
+    assert capsys.readouterr().out.strip() == "web: stopped"
+    fake.orphans = ["vmhost-vm-dead-root"]
+    assert cli.main(["gc", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == {"removed": ["vmhost-vm-dead-root"]}
+    assert cli.main(["resources"]) == 0
+    assert "fake: 2 VMs" in capsys.readouterr().out
