@@ -15,9 +15,12 @@ echo
 echo "\$ virsh vcpuinfo $name"
 virsh vcpuinfo "$name" | grep -E "^(VCPU|CPU Affinity)"
 echo
+grep HugePages_Free /proc/meminfo
+echo
 echo "\$ vmhost decompose --backend libvirt $name"
 $vmhost decompose --backend libvirt "$name"
 trap - EXIT
 echo
+grep HugePages_Free /proc/meminfo
 echo "\$ vmhost list --backend libvirt"
 $vmhost list --backend libvirt

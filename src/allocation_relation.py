@@ -54,17 +54,15 @@ class AllocationRelation(ops.Object):
         self.peer_name = peer_name
         self.provider = VmAllocationProvider(charm, relation_name)
         self._departing = False
-        self._last: tuple[Any, Any] | None = None
         if peer_name in charm.meta.peers:
             charm.framework.observe(charm.on[peer_name].relation_departed, self._on_peer_departed)
 
     def _on_peer_departed(self, event: ops.RelationDepartedEvent) -> None:
-        """This unit is leaving: give its relation VMs back; the leader assigns their requests elsewhere."""
-        if event.departing_unit != self._charm.unit:
-            return
-        self._departing = True
-        if self._last is not None:
-            self.reconcile(*self._last)
+        """This unit is leaving: its next reconcile (in this same dispatch) gives its relation VMs back,
+        and the leader assigns their requests elsewhere. Construct this object before the charm observes
+        the peer departed event, so this flag is set before the charm's reconcile runs."""
+        if event.departing_unit == self._charm.unit:
+            self._departing = True
 
     # -----------------------------------------------------------------------------------------
 
@@ -87,7 +85,6 @@ class AllocationRelation(ops.Object):
 
     def reconcile(self, host: Any, config: Any) -> None:
         """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
-        self._last = (host, config)
         try:
             settings = broker.Settings.from_config(config)
         except ValueError as e:

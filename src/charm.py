@@ -311,7 +311,10 @@ class VmHostCharm(ops.CharmBase):
         try:
             with self._session(config) as vmhost:
                 vmhost.find(name)  # a clear "no VM named ..." before touching anything
-                vmhost.start(name) if start else vmhost.stop(name, force=force)
+                if start:
+                    vmhost.start(name)
+                else:
+                    vmhost.stop(name, force=force)
                 state = vmhost.find(name).state
         except REQUEST_ERRORS as e:
             event.fail(str(e))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = [
     "DiskSpec",
@@ -44,7 +45,7 @@ _UNITS = {
     "TB": 1000**4,
     "TIB": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 
 HUGEPAGE_SIZES = {"2M": 2 * 1024**2, "1G": 1024**3}
 
@@ -67,7 +68,10 @@ def parse_size(value: str | int, *, default_unit: str = "") -> int:
         raise ParseError(
             f"size {value!r} has unknown unit {m.group(2)!r}; allowed: B, K, M, G, T, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
         )
-    result = float(number) * _UNITS[unit] if "." in number else int(number) * _UNITS[unit]
+    # Exact arithmetic: "1.5G" is 1610612736 bytes and a long number cannot overflow a float.
+    result = Fraction(number) * _UNITS[unit]
+    if result.denominator != 1:
+        raise ParseError(f"size {value!r} is not a whole number of bytes; use a larger unit or fewer decimals")
     return int(result)
 
 
@@ -107,7 +111,7 @@ def parse_cpuset(value: str | list[int] | tuple[int, ...]) -> tuple[int, ...]:
     out = set()
     for token in value.split(","):
         tok = token.strip()
-        m = re.fullmatch(r"(\d+)(?:-(\d+))?", tok)
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", tok)
         if not m:
             raise ParseError(f"cpu set token {tok!r} is not a CPU or range; use forms like 3 or 0-3")
         lo = int(m.group(1))
@@ -147,7 +151,7 @@ class DiskSpec:
         return f"{self.label}:{self.size}B{tags}"
 
 
-_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _DISK_RE = re.compile(r"^(?:([^:()]+):)?([^:()]+?)(?:\(([^()]*)\))?$")
 
 
@@ -163,14 +167,16 @@ def parse_storage(value: str | None) -> tuple[DiskSpec, ...]:
     disks: list[DiskSpec] = []
     for raw in _split_top_level(value):
         tok = raw.strip()
+        if not tok:
+            raise ParseError(f"storage {value!r} has an empty disk entry; separate disks with one ','")
         m = _DISK_RE.match(tok)
-        if not tok or not m:
+        if not m:
             raise ParseError(f"storage token {tok!r} is not label:size(tags); e.g. root:20(ssd)")
         label, size_s, tags_s = m.group(1), m.group(2).strip(), m.group(3)
         if label is None:
             label = "root" if not disks else f"disk{len(disks)}"
         label = label.strip()
-        if not _LABEL_RE.match(label):
+        if not _LABEL_RE.fullmatch(label):
             raise ParseError(f"storage label {label!r} in {tok!r} is not valid; use letters, digits, '-', '_' or '.'")
         try:
             size = parse_size(size_s, default_unit="GB")
@@ -184,7 +190,7 @@ def parse_storage(value: str | None) -> tuple[DiskSpec, ...]:
         if tags_s is not None:
             tags = tuple(t.strip() for t in tags_s.split(","))
             for t in tags:
-                if not _LABEL_RE.match(t):
+                if not _LABEL_RE.fullmatch(t):
                     raise ParseError(f"storage tag {t!r} in {tok!r} is not valid; use letters, digits, '-', '_' or '.'")
         if any(d.label == label for d in disks):
             raise ParseError(f"storage label {label!r} is used twice; each disk needs its own label")
@@ -245,7 +251,7 @@ class InterfaceSpec:
         return f"{self.label}:{','.join(parts)}"
 
 
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}$")
+_IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}")
 
 
 def parse_interfaces(value: str | None) -> tuple[InterfaceSpec, ...]:
@@ -266,7 +272,7 @@ def parse_interfaces(value: str | None) -> tuple[InterfaceSpec, ...]:
             label = label.strip()
         else:
             label, body = f"eth{i}", tok
-        if not _LABEL_RE.match(label):
+        if not _LABEL_RE.fullmatch(label):
             raise ParseError(f"interface label {label!r} is not valid; use letters, digits, '-', '_' or '.'")
         if any(o.label == label for o in out):
             raise ParseError(f"interface label {label!r} is used twice; each interface needs its own label")
@@ -314,7 +320,7 @@ def _check_iface_value(label: str, key: str, val: str):
         except ValueError:
             raise ParseError(f"subnet {val!r} in {label!r} is not a CIDR; e.g. 10.20.0.0/24") from None
     if key in ("vlan", "not_vlan"):
-        if not val.isdigit() or not 0 <= int(val) <= 4094:
+        if not re.fullmatch(r"[0-9]{1,4}", val) or not 0 <= int(val) <= 4094:
             raise ParseError(f"vlan {val!r} in {label!r} is not a VLAN id; use 0-4094")
         return int(val)
     if key == "ip":
@@ -327,9 +333,9 @@ def _check_iface_value(label: str, key: str, val: str):
             raise ParseError(f"interface type {val!r} in {label!r} is unknown; allowed: {', '.join(INTERFACE_TYPES)}")
         return val.lower()
     if key == "name":
-        if not _IFNAME_RE.match(val):
+        if not _IFNAME_RE.fullmatch(val):
             raise ParseError(f"interface name {val!r} in {label!r} is not a host interface name")
         return val
-    if not _LABEL_RE.match(val):
+    if not _LABEL_RE.fullmatch(val):
         raise ParseError(f"space {val!r} in {label!r} is not a valid space name")
     return val

@@ -136,6 +136,8 @@ def render_view(res: dict) -> str:
             f"{_gib(m['general_capacity'])} GiB ({_gib(m['bound'])} GiB bound to VMs here)"
         )
         for size, hp in n["hugepages"].items():
+            if not hp["total"] and not hp["used"]:
+                continue
             lines.append(f"  hugepages {size}: {hp['used']}/{hp['total']} used, {hp['free']} free")
         lines.append(f"  VMs: {', '.join(n['vms']) or '-'}")
     sv, mem = res["shared_vcpus"], res["memory"]

@@ -96,7 +96,7 @@ class LxdProvider:
                     with attempt:
                         try:
                             self._client = pylxd.Client(
-                                endpoint=self.uri, cert=self.cert, verify=self.verify, timeout=self.timeout
+                                endpoint=self.uri, timeout=self.timeout, session=self._session()
                             )
                         except pe.ClientConnectionFailed as e:
                             raise requests.ConnectionError(str(e) or "connection failed") from e
@@ -107,6 +107,21 @@ class LxdProvider:
                     f"LXD at {where} does not trust this client; add its certificate (add-trusted-client) or use a join token"
                 )
         return self._client
+
+    def _session(self):
+        """pylxd's session, except that an explicit `verify` wins over REQUESTS_CA_BUNDLE.
+
+        requests lets that variable override a session's verify setting, which would make a pinned
+        server certificate (or verify=False) silently ignored, so the environment is not consulted then.
+        """
+        from pylxd.client import get_session_for_url
+
+        if self.uri is None or self.uri.startswith("/"):
+            return None
+        session = get_session_for_url(self.uri.rstrip("/"), verify=self.verify, cert=self.cert)
+        if self.verify is not True:
+            session.trust_env = False
+        return session
 
     def _url(self, path: str) -> str:
         return self.client.api._api_endpoint + path

@@ -1,0 +1,175 @@
+"""The vm_allocation interface library: models, validation, the requirer side and its events."""
+
+from __future__ import annotations
+
+import json
+
+import ops
+import pytest
+from ops import testing
+from pydantic import ValidationError
+
+from charms.vm_host.v0 import vm_allocation as lib
+from charms.vm_host.v0.vm_allocation import VmAllocationRequirer, VmRequestSpec, parse_requests, parse_size
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
+
+
+def test_library_metadata():
+    assert len(lib.LIBID) == 32 and int(lib.LIBID, 16)
+    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 1)
+    assert lib.PYDEPS == ["pydantic>=2"]
+
+
+def test_library_is_standalone():
+    with open(lib.__file__) as fh:
+        src = fh.read()
+    assert "vmhost" not in src.replace("vm-host", "").replace("vm_host", "")
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [("8G", 8 * 1024**3), ("512MiB", 512 * 1024**2), ("1GB", 10**9), ("2048", 2048 * 1024**2), (4096, 4096)],
+)
+def test_parse_size(value, expected):
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", "8Q", "-1G", "1.5G", True, None, [1]])
+def test_parse_size_refuses(value):
+    with pytest.raises(ValueError):
+        parse_size(value)
+
+
+def test_spec_fields_absent_are_none_and_unknown_are_ignored():
+    s = VmRequestSpec.model_validate({"id": "a", "memory": "2G", "flavour": "large", "pinned_cores": True})
+    assert s.cores is None and s.storage is None and s.memory == 2 * 1024**3 and s.pinned_cores == "auto"
+    assert not hasattr(s, "flavour")
+    assert s.to_databag() == {"id": "a", "memory": 2 * 1024**3, "pinned_cores": "auto"}
+
+
+def test_secrets_stay_out_of_repr_and_errors():
+    s = VmRequestSpec(id="a", user_data="password: hunter2", ssh_authorized_keys=[KEY])
+    assert "hunter2" not in repr(s) and "AAAAC3" not in repr(s)
+    entries, _ = parse_requests([{"id": "b", "user_data": "hunter2" * 20000}])
+    assert "hunter2" not in entries[0].error and "user_data" in entries[0].error
+
+
+def test_parse_requests_collapses_replays_and_rejects_conflicts_and_excess():
+    same = {"id": "a", "cores": 2}
+    entries, err = parse_requests([same, dict(same), {"id": "b"}, {"id": "b", "cores": 3}])
+    assert err is None
+    assert [(e.id, e.spec is not None) for e in entries] == [("a", True), ("b", False)]
+    assert "more than once" in entries[1].error
+    entries, _ = parse_requests([{"id": f"r{i}"} for i in range(5)], max_requests=3)
+    assert [e.error is None for e in entries] == [True, True, True, False, False]
+    assert "at most 3" in entries[4].error
+    assert parse_requests({"id": "a"})[1] and parse_requests(None) == ([], None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requirer through ops.testing
+
+META = {"name": "client", "requires": {"vm-host": {"interface": "vm_allocation"}}}
+SEEN: list[tuple[str, str, str | None]] = []
+
+
+class ClientCharm(ops.CharmBase):
+    def __init__(self, framework):
+        super().__init__(framework)
+        self.vms = VmAllocationRequirer(self, "vm-host")
+        framework.observe(self.vms.on.vm_ready, self._ready)
+        framework.observe(self.vms.on.vm_failed, self._failed)
+        framework.observe(self.on.config_changed, self._ask)
+
+    def _ready(self, e):
+        SEEN.append(("ready", e.request_id, e.name))
+
+    def _failed(self, e):
+        SEEN.append(("failed", e.request_id, e.message))
+
+    def _ask(self, _):
+        self.vms.request_vm("web-0", cores=2, memory="4G", interfaces="eth0:space=public", ssh_authorized_keys=[KEY])
+        self.vms.request_vm("web-0", cores=2, memory="4G", interfaces="eth0:space=public", ssh_authorized_keys=[KEY])
+        self.vms.request_vm("db-0", cores=4, memory=8 * 1024**3)
+
+
+@pytest.fixture(autouse=True)
+def _clear():
+    SEEN.clear()
+
+
+def ctx():
+    return testing.Context(ClientCharm, meta=META)
+
+
+def test_requirer_writes_validated_requests_once():
+    r = testing.Relation("vm-host", remote_app_name="vm-host")
+    out = ctx().run(ctx().on.config_changed(), testing.State(leader=True, relations=[r]))
+    reqs = json.loads(out.get_relation(r.id).local_app_data["requests"])
+    assert [q["id"] for q in reqs] == ["web-0", "db-0"]
+    assert reqs[0]["memory"] == 4 * 1024**3 and reqs[0]["ssh_authorized_keys"] == [KEY]
+    # the provider library reads back exactly these, all valid
+    entries, err = parse_requests(reqs)
+    assert err is None and all(e.spec is not None for e in entries)
+
+
+def test_only_the_leader_can_request():
+    r = testing.Relation("vm-host", remote_app_name="vm-host")
+    with pytest.raises(testing.errors.UncaughtCharmError, match="leader"):
+        ctx().run(ctx().on.config_changed(), testing.State(leader=False, relations=[r]))
+
+
+def test_changed_and_withdrawn_requests():
+    r = testing.Relation("vm-host", remote_app_name="vm-host")
+    c = ctx()
+    with c(c.on.config_changed(), testing.State(leader=True, relations=[r])) as mgr:
+        mgr.run()
+        vms = mgr.charm.vms
+        vms.request_vm("web-0", cores=8, memory="4G")  # changed
+        assert vms.withdraw("db-0") is True
+        assert vms.withdraw("db-0") is False
+        assert [(s.id, s.cores) for s in vms.requests()] == [("web-0", 8)]
+        with pytest.raises(ValidationError):
+            vms.request_vm("Bad Id")
+        with pytest.raises(ValidationError):
+            vms.request_vm("x", cores=1000)
+
+
+def test_events_fire_once_per_transition():
+    def provider_data(*vms):
+        return {"vms": json.dumps([{"id": i, "status": s, "name": n, "message": m} for i, s, n, m in vms])}
+
+    r = testing.Relation(
+        "vm-host", remote_app_name="vm-host", remote_app_data=provider_data(("a", "pending", None, None))
+    )
+    c = ctx()
+    out = c.run(c.on.relation_changed(r), testing.State(relations=[r]))
+    assert SEEN == []
+    r2 = out.get_relation(r.id)
+    r2 = testing.Relation(
+        "vm-host",
+        id=r.id,
+        remote_app_name="vm-host",
+        remote_app_data=provider_data(("a", "ready", "vm-1", None), ("b", "rejected", None, "over quota")),
+    )
+    out = c.run(c.on.relation_changed(r2), testing.State(relations=[r2], stored_states=out.stored_states))
+    assert SEEN == [("ready", "a", "vm-1"), ("failed", "b", "over quota")]
+    out = c.run(c.on.relation_changed(r2), testing.State(relations=[r2], stored_states=out.stored_states))
+    assert len(SEEN) == 2  # nothing changed: no new events
+
+
+def test_statuses_tolerate_unknown_fields_and_garbage():
+    r = testing.Relation(
+        "vm-host",
+        remote_app_name="vm-host",
+        remote_app_data={"vms": json.dumps([{"id": "a", "status": "ready", "future": 1}]), "other": "x"},
+    )
+    c = ctx()
+    with c(c.on.update_status(), testing.State(relations=[r])) as mgr:
+        assert mgr.charm.vms.vm("a").status == "ready"
+    bad = testing.Relation(
+        "vm-host", remote_app_name="vm-host", remote_app_data={"vms": json.dumps([{"id": "a", "status": "odd"}])}
+    )
+    with c(c.on.update_status(), testing.State(relations=[bad])) as mgr:
+        assert mgr.charm.vms.statuses() == {}
