@@ -36,10 +36,13 @@ class FakeProvider:
 
     name = "fake"
 
-    def __init__(self, topology: dict | None = None, uri: str | None = None, **options):
-        self.topology = HostTopology.from_dict(topology or TWO_NODE_HOST)
+    def __init__(self, topology: dict | HostTopology | None = None, uri: str | None = None, **options):
+        if not isinstance(topology, HostTopology):
+            topology = HostTopology.from_dict(topology or TWO_NODE_HOST)
+        self.topology = topology
         self.vms: dict[str, VmInfo] = {}
         self.composed: list[ComposePlan] = []
+        self.decomposed: list[str] = []
         self.orphans: list[str] = []
         self.fail_compose: Exception | None = None
         self.closed = 0
@@ -49,6 +52,10 @@ class FakeProvider:
     def discover(self) -> HostTopology:
         return self.topology
 
+    @property
+    def plans(self) -> dict[str, ComposePlan]:
+        return {p.allocation.name: p for p in self.composed}
+
     def list_vms(self) -> list[VmInfo]:
         return list(self.vms.values())
 
@@ -57,7 +64,7 @@ class FakeProvider:
             raise self.fail_compose
         self.composed.append(plan)
         a = plan.allocation
-        macs = tuple(f"52:54:00:00:00:{i:02x}" for i in range(len(a.nics)))
+        macs = tuple(f"52:54:00:00:{len(self.composed):02x}:{i:02x}" for i in range(len(a.nics)))
         a = replace(a, nics=tuple(replace(n, mac=m) for n, m in zip(a.nics, macs, strict=True)))
         vm = VmInfo(name=a.name, state="running" if plan.start else "stopped", allocation=a, macs=macs)
         self.vms[a.name] = vm
@@ -67,6 +74,7 @@ class FakeProvider:
         if name not in self.vms:
             raise NotFound(f"no VM named {name!r} on this host")
         del self.vms[name]
+        self.decomposed.append(name)
 
     def start(self, name: str) -> None:
         self.vms[name] = replace(self.vms[name], state="running")

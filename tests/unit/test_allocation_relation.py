@@ -12,9 +12,10 @@ import pytest
 from ops import testing
 
 from allocation_relation import AllocationRelation
+from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
 from vmhost.model import Allocation, Nic, Policy, StoragePool
-from vmhost.providers.base import ComposePlan, NotFound, VmInfo
+from vmhost.providers.base import VmInfo
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
@@ -22,13 +23,10 @@ MODEL_B = "bbbbbbbb-2222-4222-8222-000000000002"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
 
 
-class FakeProvider:
-    """The hypervisor as a dict: compose stores the planned allocation, list_vms reads it back."""
-
-    name = "fake"
-
-    def __init__(self, host_cores: int = 4, memory: int = 16 * GiB):
-        self.topology = synthetic_host(
+def make_provider(host_cores: int = 4, memory: int = 16 * GiB) -> FakeProvider:
+    """One node, SMT2, two bridges (br0 in space public), one pool."""
+    return FakeProvider(
+        synthetic_host(
             nodes=1,
             cores_per_node=host_cores,
             threads_per_core=2,
@@ -40,52 +38,7 @@ class FakeProvider:
             ),
             storage_pools=(StoragePool(name="default", total=500 * 10**9),),
         )
-        self.vms: dict[str, VmInfo] = {}
-        self.plans: dict[str, ComposePlan] = {}
-        self.composes = 0
-        self.decomposed: list[str] = []
-
-    def discover(self):
-        return self.topology
-
-    def list_vms(self):
-        return list(self.vms.values())
-
-    def compose(self, plan: ComposePlan) -> VmInfo:
-        self.composes += 1
-        a = plan.allocation
-        nics = tuple(replace(n, mac=f"52:54:00:00:{self.composes:02x}:{i:02x}") for i, n in enumerate(a.nics))
-        a = replace(a, nics=nics)
-        vm = VmInfo(
-            name=a.name, state="running" if plan.start else "stopped", allocation=a, macs=tuple(n.mac for n in nics)
-        )
-        self.vms[a.name] = vm
-        self.plans[a.name] = plan
-        return vm
-
-    def decompose(self, name):
-        if name not in self.vms:
-            raise NotFound(name)
-        del self.vms[name]
-        self.decomposed.append(name)
-
-    def start(self, name):
-        pass
-
-    def stop(self, name, force=False):
-        pass
-
-    def storage_pools(self):
-        return list(self.topology.storage_pools)
-
-    def networks(self):
-        return list(self.topology.nics)
-
-    def gc(self):
-        return []
-
-    def close(self):
-        pass
+    )
 
 
 META = {
@@ -116,7 +69,7 @@ class HostCharm(ops.CharmBase):
 
 @pytest.fixture
 def provider(tmp_path):
-    p = FakeProvider()
+    p = make_provider()
     ENV["host"] = VmHost(provider=p, policy=Policy(), lock_path=str(tmp_path / "lock"))
     ENV["config"] = SimpleNamespace(relation_quota="", allowed_networks="", space_bridges="public=br0 storage=br1")
     yield p
@@ -174,7 +127,7 @@ def test_replayed_hook_and_repeated_request_compose_once(provider):
     out = run(r)
     out = run(r, out)  # the hook runs again (retry / replay) with the same data
     out = ctx().run(ctx().on.update_status(), out)
-    assert provider.composes == 1
+    assert len(provider.composed) == 1
     assert len(provider.vms) == 1
     assert statuses(out, r)["web-0"]["status"] == "ready"
 
@@ -195,7 +148,7 @@ def test_changed_request_keeps_its_vm_and_says_so(provider):
     out = run(r)
     r2 = replace(out.get_relation(r.id), remote_app_data={"requests": json.dumps([req("a", cores=2)])})
     out = run(r2, replace(out, relations=[r2]))
-    assert provider.composes == 1 and len(provider.vms) == 1
+    assert len(provider.composed) == 1 and len(provider.vms) == 1
     st = statuses(out, r2)["a"]
     assert st["status"] == "ready" and "changed" in st["message"]
 
@@ -292,7 +245,7 @@ def test_quota_rejects_new_requests_but_never_existing_vms(provider):
     st = statuses(out, r2)
     assert st["z"]["status"] == "rejected" and "vms" in st["z"]["message"]
     assert st["a"]["status"] == "ready" and st["c"]["status"] == "ready"
-    assert provider.composes == 2
+    assert len(provider.composed) == 2
 
 
 def test_quota_is_per_application_and_model(provider):
@@ -358,7 +311,7 @@ def test_non_leader_never_writes_the_provider_databag(provider):
     r = rel([req("a")])
     out = run(r, leader=False)
     assert "vms" not in out.get_relation(r.id).local_app_data
-    assert provider.composes == 0  # nothing is assigned to it without a leader's assignment
+    assert len(provider.composed) == 0  # nothing is assigned to it without a leader's assignment
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,7 +339,7 @@ def test_three_units_leader_assigns_best_fit_and_reassigns_when_one_leaves(provi
     assert mine[owner + "b"]["status"] == "ready"
 
     # unit 1 runs with the leader's assignments: it composes a and c only, on its own host
-    other = FakeProvider()
+    other = make_provider()
     ENV["host"] = VmHost(provider=other, policy=Policy(), lock_path=ENV["host"].lock_path)
     p1 = testing.PeerRelation(
         "vm-host-peers",

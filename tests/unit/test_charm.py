@@ -10,7 +10,6 @@ import json
 import subprocess
 import sys
 import types
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,10 @@ from ops import testing
 import charm
 import vmhost
 from charm import NO_KVM, VmHostCharm
+from tests.unit.fakes import FakeProvider
 from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
-from vmhost.model import HostTopology, NicAllocation
-from vmhost.providers.base import ComposePlan, NotFound, ProviderError, VmInfo
+from vmhost.model import NicAllocation
+from vmhost.providers.base import ProviderError
 
 TOPOLOGY = {
     "nodes": [
@@ -35,61 +35,6 @@ TOPOLOGY = {
     "nics": [{"name": "br0", "kind": "bridge", "addresses": ["10.0.0.1/24"]}],
     "storage_pools": [{"name": "default", "driver": "dir", "total": 100 * 10**9, "used": 0}],
 }
-
-
-class FakeProvider:
-    """An in-memory hypervisor implementing vmhost.providers.base.Provider."""
-
-    name = "fake"
-
-    def __init__(self):
-        self.vms: dict[str, VmInfo] = {}
-        self.orphans: list[str] = []
-        self.composed: list[ComposePlan] = []
-        self.fail_compose: Exception | None = None
-        self.closed = 0
-        self.uris: list = []
-
-    def discover(self) -> HostTopology:
-        return HostTopology.from_dict(TOPOLOGY)
-
-    def list_vms(self) -> list[VmInfo]:
-        return list(self.vms.values())
-
-    def compose(self, plan: ComposePlan) -> VmInfo:
-        if self.fail_compose:
-            raise self.fail_compose
-        self.composed.append(plan)
-        a = plan.allocation
-        macs = tuple(f"52:54:00:00:00:{i:02x}" for i, _ in enumerate(a.nics))
-        a = replace(a, nics=tuple(replace(n, mac=m) for n, m in zip(a.nics, macs, strict=True)))
-        vm = VmInfo(name=a.name, state="running" if plan.start else "stopped", allocation=a, macs=macs)
-        self.vms[a.name] = vm
-        return vm
-
-    def decompose(self, name: str) -> None:
-        if name not in self.vms:
-            raise NotFound(f"no VM named {name!r} on this host")
-        del self.vms[name]
-
-    def start(self, name: str) -> None:
-        self.vms[name] = replace(self.vms[name], state="running")
-
-    def stop(self, name: str, force: bool = False) -> None:
-        self.vms[name] = replace(self.vms[name], state="stopped")
-
-    def storage_pools(self):
-        return list(HostTopology.from_dict(TOPOLOGY).storage_pools)
-
-    def networks(self):
-        return list(HostTopology.from_dict(TOPOLOGY).nics)
-
-    def gc(self) -> list[str]:
-        removed, self.orphans = self.orphans, []
-        return removed
-
-    def close(self) -> None:
-        self.closed += 1
 
 
 class Runner:
@@ -208,7 +153,8 @@ class FakeLxdSetup(types.ModuleType):
 
 @pytest.fixture
 def fake(monkeypatch) -> FakeProvider:
-    provider = FakeProvider()
+    provider = FakeProvider(TOPOLOGY)
+    provider.uris = []
 
     def get_provider(name, uri=None, **options):
         provider.name = name
@@ -451,8 +397,8 @@ def test_compose_pinned_hugepage_vm(fake, machine):
     disks = json.loads(results["disks"])
     assert disks[0]["pool"] == "default" and disks[0]["size"] == 10 * 10**9
     nics = json.loads(results["nics"])
-    assert nics[0]["parent"] == "br0" and nics[0]["mac"] == "52:54:00:00:00:00"
-    assert json.loads(results["macs"]) == ["52:54:00:00:00:00"]
+    assert nics[0]["parent"] == "br0" and nics[0]["mac"] == "52:54:00:00:01:00"
+    assert json.loads(results["macs"]) == ["52:54:00:00:01:00"]
     plan = fake.composed[0]
     assert plan.start is True and plan.boot == "network"
     assert plan.cloud_init.hostname == "web-1"

@@ -217,3 +217,90 @@ def test_reverse_limits_agree_with_forward_limits_for_our_own_shapes():
         del config[cfg.ALLOCATION_KEY]
         back = cfg.allocation_from_config(a.name, config)
         assert (back.vcpus, back.pinned, back.memory) == (a.vcpus, a.pinned, a.memory)
+
+
+class _Response:
+    def __init__(self, status: int, body: dict):
+        self.status_code, self._body, self.text = status, body, json.dumps(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+class _FlakySession:
+    """LXD answering 503 (daemon busy) `fail` times, then the real answer."""
+
+    def __init__(self, fail: int):
+        self.fail, self.calls = fail, 0
+
+    def request(self, method, url, **kw):
+        self.calls += 1
+        if self.calls <= self.fail:
+            return _Response(503, {"type": "error", "error": "daemon is busy", "error_code": 503})
+        return _Response(200, {"type": "sync", "metadata": {"ok": True}})
+
+
+class _FakeApi:
+    _api_endpoint = "http+unix://fake/1.0"
+
+    def __init__(self, session):
+        self.session = session
+
+
+class _FakeClient:
+    def __init__(self, session):
+        self.api = _FakeApi(session)
+
+
+def _provider_with(session):
+    from vmhost.providers.lxd import LxdProvider
+
+    p = LxdProvider()
+    p._client = _FakeClient(session)
+    return p
+
+
+def test_provider_retries_a_busy_daemon_then_succeeds():
+    session = _FlakySession(fail=2)
+    assert _provider_with(session)._get("/resources") == {"ok": True}
+    assert session.calls == 3
+
+
+def test_provider_retries_are_bounded_and_end_in_one_clear_error():
+    from vmhost.providers.base import ProviderError
+
+    session = _FlakySession(fail=100)
+    with pytest.raises(ProviderError, match="daemon is busy"):
+        _provider_with(session)._get("/resources")
+    assert session.calls == 5
+
+
+def test_provider_does_not_retry_a_refusal():
+    from vmhost.providers.lxd import LxdApiError
+
+    class Refusing(_FlakySession):
+        def request(self, method, url, **kw):
+            self.calls += 1
+            return _Response(400, {"type": "error", "error": "Invalid devices", "error_code": 400})
+
+    session = Refusing(0)
+    with pytest.raises(LxdApiError, match="Invalid devices"):
+        _provider_with(session)._call("POST", "/instances", json={})
+    assert session.calls == 1
+
+
+def test_remote_uri_without_client_certificate_is_refused(monkeypatch, tmp_path):
+    import pylxd.client
+
+    from vmhost.providers.base import ProviderError
+    from vmhost.providers.lxd import LxdProvider
+
+    # No `lxc remote add` client certificate to fall back on.
+    monkeypatch.setattr(
+        pylxd.client, "DEFAULT_CERTS", pylxd.client.Cert(str(tmp_path / "c.crt"), str(tmp_path / "c.key"))
+    )
+
+    with pytest.raises(ProviderError, match="needs a client certificate"):
+        LxdProvider(uri="https://10.0.0.5:8443")
+    with pytest.raises(ProviderError, match="not usable"):
+        LxdProvider(uri="qemu:///system")
