@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
 from vmhost.model import (
     Allocation,
@@ -141,81 +140,128 @@ def _even(total: int, parts: int, unit: int = 1) -> list[int]:
     return [(base + (1 if i < extra else 0)) * unit for i in range(parts)]
 
 
-class _Totals(NamedTuple):
-    pinned: dict[int, str]
-    shared: int
-    memory: int
-    node_memory: dict[int, int]
-    pages: dict[tuple[str, int], int]
-    node_vms: dict[int, list[str]]
-    vfs: dict[str, int]
-    disks: dict[str, int]
-    count: int
+class _Totals:
+    """What a set of allocations takes, summed; can be updated by adding and removing allocations."""
 
+    def __init__(self) -> None:
+        self.pinned: dict[int, str] = {}
+        self.shared = 0
+        self.memory = 0
+        self.node_memory: dict[int, int] = {}
+        self.pages: dict[tuple[str, int], int] = {}
+        self.node_vms: dict[int, list[str]] = {}
+        self.vfs: dict[str, int] = {}
+        self.disks: dict[str, int] = {}
+        self.count = 0
+        self.conflict = False  # two VMs pin one thread (only VMs made by others can): no removal then
 
-def _totals(allocations: Sequence[Allocation]) -> _Totals:
-    """Sum what the allocations take. One pass; floating VMs (the many) take the short path."""
-    pinned: dict[int, str] = {}
-    node_memory: dict[int, int] = {}
-    pages: dict[tuple[str, int], int] = {}
-    node_vms: dict[int, list[str]] = {}
-    vfs: dict[str, int] = {}
-    disks: dict[str, int] = {}
-    shared = memory = 0
-    for a in allocations:
-        hp = a.hugepages
-        if a.pinned is None:
-            shared += a.vcpus
-        else:
-            for t in a.pinned:
-                pinned.setdefault(t, a.name)
-        if hp is None:
-            memory += a.memory
-        nodes = a.numa_nodes or (tuple(hp.per_node) if hp is not None else tuple({c.node for c in a.cells}))
-        if nodes:
-            if hp is not None:
-                size = hp.size
-                for n, p in hp.per_node.items():
-                    pages[size, n] = pages.get((size, n), 0) + p
-            elif a.cells:
-                for c in a.cells:
-                    node_memory[c.node] = node_memory.get(c.node, 0) + c.memory
+    def copy(self) -> _Totals:
+        t = _Totals()
+        t.pinned, t.node_memory, t.pages = dict(self.pinned), dict(self.node_memory), dict(self.pages)
+        t.node_vms = {n: list(v) for n, v in self.node_vms.items()}
+        t.vfs, t.disks = dict(self.vfs), dict(self.disks)
+        t.shared, t.memory, t.count, t.conflict = self.shared, self.memory, self.count, self.conflict
+        return t
+
+    def add(self, allocations: Iterable[Allocation], sign: int = 1) -> None:
+        """One pass; floating VMs (the many) take the short path. sign=-1 removes."""
+        pinned, node_memory, pages, node_vms = self.pinned, self.node_memory, self.pages, self.node_vms
+        shared = memory = count = 0
+        for a in allocations:
+            count += 1
+            hp = a.hugepages
+            if a.pinned is None:
+                shared += a.vcpus
+            elif sign > 0:
+                for t in a.pinned:
+                    if pinned.setdefault(t, a.name) != a.name:
+                        self.conflict = True
             else:
-                for n, b in zip(nodes, _even(a.memory, len(nodes), 1024), strict=True):
-                    node_memory[n] = node_memory.get(n, 0) + b
-            for n in nodes:
-                vms = node_vms.get(n)
-                if vms is None:
-                    node_vms[n] = [a.name]
+                for t in a.pinned:
+                    if pinned.get(t) == a.name:
+                        del pinned[t]
+            if hp is None:
+                memory += a.memory
+            nodes = a.numa_nodes or (tuple(hp.per_node) if hp is not None else tuple({c.node for c in a.cells}))
+            if nodes:
+                if hp is not None:
+                    size = hp.size
+                    for n, p in hp.per_node.items():
+                        pages[size, n] = pages.get((size, n), 0) + sign * p
+                elif a.cells:
+                    for c in a.cells:
+                        node_memory[c.node] = node_memory.get(c.node, 0) + sign * c.memory
                 else:
-                    vms.append(a.name)
-        if a.nics:
-            for nic in a.nics:
-                if nic.type == "sriov":
-                    vfs[nic.parent] = vfs.get(nic.parent, 0) + 1
-        if a.disks:
-            for d in a.disks:
-                disks[d.pool] = disks.get(d.pool, 0) + d.size
-    return _Totals(pinned, shared, memory, node_memory, pages, node_vms, vfs, disks, len(allocations))
+                    for n, b in zip(nodes, _even(a.memory, len(nodes), 1024), strict=True):
+                        node_memory[n] = node_memory.get(n, 0) + sign * b
+                for n in nodes:
+                    vms = node_vms.get(n)
+                    if sign < 0:
+                        if vms is not None and a.name in vms:
+                            vms.remove(a.name)
+                    elif vms is None:
+                        node_vms[n] = [a.name]
+                    else:
+                        vms.append(a.name)
+            if a.nics:
+                for nic in a.nics:
+                    if nic.type == "sriov":
+                        self.vfs[nic.parent] = self.vfs.get(nic.parent, 0) + sign
+            if a.disks:
+                for d in a.disks:
+                    self.disks[d.pool] = self.disks.get(d.pool, 0) + sign * d.size
+        self.shared += sign * shared
+        self.memory += sign * memory
+        self.count += sign * count
 
 
 class _State:
     """Usage of one (host, allocations, policy) plus what placement derives from it, computed once."""
 
-    def __init__(self, host: HostTopology, allocations: tuple[Allocation, ...], policy: Policy):
+    def __init__(
+        self,
+        host: HostTopology,
+        allocations: tuple[Allocation, ...],
+        policy: Policy,
+        totals: _Totals,
+        by_id: dict[int, Allocation] | None = None,
+    ):
         self.host = host
-        self.allocations = allocations
+        self.allocations = allocations  # also keeps the objects alive, so their ids stay theirs
         self.policy = policy
-        self.usage = _compute_usage(host, allocations, policy)
+        self.totals = totals
+        self.usage = _compute_usage(host, totals, policy)
         self.node_free: dict[tuple[bool, str | None], list[_NodeFree]] = {}
+        self._by_id: dict[int, Allocation] | None = by_id
+
+    @property
+    def by_id(self) -> dict[int, Allocation]:
+        if self._by_id is None:
+            self._by_id = dict(zip(map(id, self.allocations), self.allocations, strict=True))
+        return self._by_id
 
     def same(self, host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> bool:
-        return (
-            self.host is host
-            and len(self.allocations) == len(allocations)
-            and self.policy == policy
-            and all(map(operator.is_, self.allocations, allocations))
-        )
+        mine = self.allocations
+        if self.host is not host or len(mine) != len(allocations) or self.policy != policy:
+            return False
+        if mine and (mine[0] is not allocations[0] or mine[-1] is not allocations[-1]):
+            return False  # fresh objects (re-read from the hypervisor): recompute rather than compare deeply
+        # Element identity short-cuts tuple equality in C; equal-by-value members are equally valid.
+        return mine == (allocations if isinstance(allocations, tuple) else tuple(allocations))
+
+    def derive(self, allocations: tuple[Allocation, ...], by_id: dict[int, Allocation]) -> _Totals | None:
+        """Totals for `allocations` from ours when they differ by a few objects (compose/decompose churn)."""
+        mine = self.by_id
+        if self.totals.conflict or len(by_id) != len(allocations) or len(mine) != len(self.allocations):
+            return None
+        gone = mine.keys() - by_id.keys()
+        new = by_id.keys() - mine.keys()
+        if len(gone) + len(new) > max(8, len(allocations) // 8):
+            return None
+        totals = self.totals.copy()
+        totals.add((mine[i] for i in gone), -1)
+        totals.add(by_id[i] for i in new)
+        return totals
 
 
 # The last few states, newest last: a caller asking again about the same objects (a benchmark, a
@@ -226,10 +272,20 @@ _STATES_MAX = 4
 
 def _state(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> _State:
     for i in range(len(_STATES) - 1, -1, -1):
-        st = _STATES[i]
-        if st.same(host, allocations, policy):
-            return st
-    st = _State(host, tuple(allocations), policy)
+        if _STATES[i].same(host, allocations, policy):
+            return _STATES[i]
+    allocs = tuple(allocations)
+    by_id = None
+    totals = None
+    for prev in reversed(_STATES):
+        if prev.host is host and prev.policy == policy:
+            by_id = dict(zip(map(id, allocs), allocs, strict=True))
+            totals = prev.derive(allocs, by_id)
+            break
+    if totals is None:
+        totals = _Totals()
+        totals.add(allocs)
+    st = _State(host, allocs, policy, totals, by_id)
     _STATES.append(st)
     del _STATES[:-_STATES_MAX]
     return st
@@ -247,11 +303,10 @@ def compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy:
     return _state(host, allocations, policy).usage
 
 
-def _compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> HostUsage:
-    t = _totals(allocations)
+def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
     reserved = set(policy.reserved_cores)
     thread_node = host.thread_node
-    node_names: dict[int, set[str]] = {n: set(v) for n, v in t.node_vms.items()}
+    node_names: dict[int, set[str]] = {n: set(v) for n, v in t.node_vms.items() if v}
     for th, name in t.pinned.items():
         n = thread_node.get(th)
         if n is not None:
@@ -290,8 +345,8 @@ def _compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy
         shared_vcpus_capacity=_shared_capacity(free_total, policy.cpu_overcommit_ratio),
         memory_used=t.memory,
         memory_capacity=max(0, int(general_total * mem_ratio)),
-        vfs_used=MappingProxyType(t.vfs),
-        storage_committed=MappingProxyType(t.disks),
+        vfs_used=MappingProxyType({k: v for k, v in t.vfs.items() if v}),
+        storage_committed=MappingProxyType({k: v for k, v in t.disks.items() if v}),
         vms=t.count,
     )
 
@@ -522,12 +577,18 @@ class _NodeFree:
     lone: list[int]  # free threads of partly used cores
     amount: int  # free hugepages of the requested size, or free general memory (bytes)
     threads: int = 0
+    core_size: int = 0  # threads per whole core when all are alike, else 0
 
     def __post_init__(self) -> None:
         self.threads = sum(map(len, self.whole)) + len(self.lone)
+        sizes = {len(c) for c in self.whole}
+        self.core_size = sizes.pop() if len(sizes) == 1 else 0
 
     def breaks(self, n: int) -> int:
-        """How many whole cores taking `n` threads would split (0 or 1)."""
+        """How many whole cores taking `n` threads would split (0 or 1); arithmetic when cores are alike."""
+        if self.core_size:
+            rem = n - min(len(self.whole), n // self.core_size) * self.core_size
+            return 1 if rem > len(self.lone) else 0
         return 1 if self._pick(n)[1] else 0
 
     def pick(self, n: int) -> tuple[list[int], bool]:

@@ -420,3 +420,31 @@ def test_explicit_pinned_collision_is_refused_naming_the_vm(provider, project, n
         host.compose(VmRequest.from_dict({"name": second, "cores": 1, "memory": "256M", "pinned_cores": [1]}))
     assert instance_names(project) == before_instances
     assert volume_names(project) == before_volumes
+
+
+def test_hugepage_size_lxd_cannot_back_is_refused_before_anything_is_made(provider, project, names):
+    default = lxc_json("/1.0/resources")["memory"]["hugepages_size"]
+    other_size = "1G" if default != 1024**3 else "2M"
+    name = names()
+    alloc = planned(
+        name, hugepages=HugepageAllocation(other_size, {0: 1}), memory=1024**3 if other_size == "1G" else 2 * MIB
+    )
+    with pytest.raises(ProviderError, match=f"so {other_size} pages cannot be used"):
+        provider.compose(ComposePlan(alloc))
+    assert name not in instance_names(project)
+    assert not {v for v in volume_names(project) if v.startswith(name)}
+
+
+def test_apply_preseed_creates_what_it_describes_and_reports_lxd_refusals(lxd_daemon):
+    from vmhost.lxd_setup import LxdSetupError, apply_preseed
+
+    pool = f"ft-{uuid.uuid4().hex[:6]}"
+    try:
+        apply_preseed({"storage_pools": [{"name": pool, "driver": "dir", "config": {}}]})
+        assert yaml.safe_load(lxc("storage", "show", pool).stdout)["driver"] == "dir"
+    finally:
+        lxc("storage", "delete", pool, check=False)
+    bad = f"ft-{uuid.uuid4().hex[:6]}"
+    with pytest.raises(LxdSetupError, match="lxd init --preseed failed"):
+        apply_preseed({"storage_pools": [{"name": bad, "driver": "no-such-driver", "config": {}}]})
+    assert lxc("storage", "show", bad, check=False).returncode != 0

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import random
+import re
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -71,7 +72,11 @@ class LxdProvider:
         if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
             raise ProviderError(f"LXD uri {uri!r} is not usable; give https://host:8443 or a unix socket path")
         if uri is not None and uri.startswith("https://") and cert is None:
-            raise ProviderError(f"LXD at {uri} needs a client certificate; give cert=(cert.pem, key.pem)")
+            from pylxd.client import DEFAULT_CERTS
+
+            if not (os.path.exists(DEFAULT_CERTS.cert) and os.path.exists(DEFAULT_CERTS.key)):
+                raise ProviderError(f"LXD at {uri} needs a client certificate; give cert=(cert.pem, key.pem)")
+            cert = (DEFAULT_CERTS.cert, DEFAULT_CERTS.key)  # the one `lxc remote add` made
         self.uri = uri
         self.project = project
         self.profile = profile
@@ -95,17 +100,17 @@ class LxdProvider:
                 for attempt in _retrying():
                     with attempt:
                         try:
-                            self._client = pylxd.Client(
-                                endpoint=self.uri, timeout=self.timeout, session=self._session()
-                            )
+                            client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
                         except pe.ClientConnectionFailed as e:
                             raise requests.ConnectionError(str(e) or "connection failed") from e
             except requests.RequestException as e:
                 raise ProviderError(f"cannot reach LXD at {where}: {e}") from e
-            if self._client.host_info.get("auth") != "trusted":
+            if client.host_info.get("auth") != "trusted":
+                client.api.session.close()
                 raise ProviderError(
                     f"LXD at {where} does not trust this client; add its certificate (add-trusted-client) or use a join token"
                 )
+            self._client = client
         return self._client
 
     def _session(self):
@@ -114,12 +119,18 @@ class LxdProvider:
         requests lets that variable override a session's verify setting, which would make a pinned
         server certificate (or verify=False) silently ignored, so the environment is not consulted then.
         """
-        from pylxd.client import get_session_for_url
+        from pylxd.client import CERTS_PATH, get_session_for_url
 
         if self.uri is None or self.uri.startswith("/"):
             return None
-        session = get_session_for_url(self.uri.rstrip("/"), verify=self.verify, cert=self.cert)
-        if self.verify is not True:
+        verify = self.verify
+        if verify is True:
+            # Like pylxd and lxc: a server certificate accepted earlier (`lxc remote add`) pins the server.
+            host = re.sub(r"]?(:[0-9]+)?$", "", re.sub(r"^https://\[?", "", self.uri.rstrip("/")))
+            known = os.path.join(CERTS_PATH, "servercerts", f"{host}.crt")
+            verify = known if os.path.exists(known) else True
+        session = get_session_for_url(self.uri.rstrip("/"), verify=verify, cert=self.cert)
+        if verify is not True:
             session.trust_env = False
         return session
 
@@ -205,6 +216,8 @@ class LxdProvider:
                     # Core numbers repeat per socket; the lowest thread id is unique host-wide.
                     cores.setdefault(node, []).append(Core(id=min(threads), threads=tuple(sorted(threads))))
         mem = res.get("memory", {})
+        # LXD backs `limits.memory.hugepages` with the host's default page size only, so that is the
+        # only size offered to placement.
         hp_size = self._default_hugepage_size(mem)
         nodes_mem = {int(n.get("numa_node") or 0): n for n in mem.get("nodes") or []}
         if not nodes_mem:
@@ -215,7 +228,6 @@ class LxdProvider:
             pages: dict[str, int] = {}
             if hp_size and m.get("hugepages_total"):
                 pages[hp_size] = int(m["hugepages_total"]) // HUGEPAGE_SIZES[hp_size]
-            pages.update(self._local_hugepages(node_id))
             nodes.append(
                 NumaNode(
                     id=node_id,
@@ -230,20 +242,6 @@ class LxdProvider:
     def _default_hugepage_size(mem: dict) -> str | None:
         size = int(mem.get("hugepages_size") or 0)
         return next((k for k, v in HUGEPAGE_SIZES.items() if v == size), None)
-
-    def _local_hugepages(self, node_id: int) -> dict[str, int]:
-        """Per-size pages from sysfs when the daemon is local (/1.0/resources reports the default size only)."""
-        if self.uri is not None and not self.uri.startswith("/"):
-            return {}
-        base = Path(f"/sys/devices/system/node/node{node_id}/hugepages")
-        out = {}
-        for label, size in HUGEPAGE_SIZES.items():
-            f = base / f"hugepages-{size // 1024}kB" / "nr_hugepages"
-            try:
-                out[label] = int(f.read_text())
-            except (OSError, ValueError):
-                continue
-        return out
 
     def _nics(self, res: dict) -> list[Nic]:
         cards: dict[str, tuple[int | None, int]] = {}
@@ -423,6 +421,13 @@ class LxdProvider:
             )
         except ValueError as e:
             raise ProviderError(str(e)) from e
+        if a.hugepages is not None:
+            default = self._default_hugepage_size(self._get("/resources").get("memory", {}))
+            if a.hugepages.size != default:
+                raise ProviderError(
+                    f"LXD backs VM memory with the host's default hugepage size ({default or 'none'}), "
+                    f"so {a.hugepages.size} pages cannot be used; ask for hugepage_size={default or 'none'}"
+                )
         self._ensure_project()
         vm_path = f"/instances/{quote(a.name, safe='')}"
         if self._exists(vm_path, project=self.project):
@@ -572,9 +577,6 @@ class LxdProvider:
                 )
                 removed.append(f"{pool}/{vol['name']}")
         return removed
-
-    def allocation(self, name: str) -> Allocation:
-        return self._info(name).allocation
 
 
 def _random_mac() -> str:
