@@ -11,7 +11,7 @@ PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-util
       libvirt-dev pkg-config genisoimage dnsmasq-base bridge-utils iproute2 iptables ovmf)
 ((want_lxd)) && PKGS+=(lxd)
 missing=()
-for p in "${PKGS[@]}"; do dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p"); done
+for p in "${PKGS[@]}"; do [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"ok installed"* ]] || missing+=("$p"); done
 if ((${#missing[@]})); then
   echo "host-setup: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -48,7 +48,7 @@ if ! virsh -q pool-info default >/dev/null 2>&1; then
   virsh -q pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
 fi
 virsh -q pool-autostart default >/dev/null 2>&1 || true
-virsh -q pool-info default | grep -q running || virsh -q pool-start default >/dev/null
+[[ $(virsh -q pool-info default) == *"State:"*running* ]] || virsh -q pool-start default >/dev/null
 # A bridge for test VMs to attach to (no uplink: nothing leaves this machine).
 if ! ip link show vmhostbr0 >/dev/null 2>&1; then
   ip link add vmhostbr0 type bridge
@@ -58,4 +58,4 @@ fi
 if ((want_lxd)); then
   "$here/scripts/lxd-test-daemon.sh"
 fi
-echo "host-setup: ready (libvirt $(virsh -c qemu:///system version 2>/dev/null | awk '/library/ {print $NF}'), $(grep HugePages_Free /proc/meminfo))"
+echo "host-setup: ready (libvirt $(virsh -c qemu:///system version 2>/dev/null | awk '/library/ {print $NF; exit}'), $(grep HugePages_Free /proc/meminfo))"
