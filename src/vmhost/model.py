@@ -7,6 +7,8 @@ charm all speak one language. Sizes are bytes, hugepages are page counts keyed b
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
@@ -229,7 +231,7 @@ class VmRequest:
     @classmethod
     def from_dict(cls, d: dict) -> VmRequest:
         cores = d.get("cores", 1)
-        if isinstance(cores, str) and cores.strip().isdigit():
+        if isinstance(cores, str) and re.fullmatch(r"[0-9]{1,6}", cores.strip()):
             cores = int(cores)
         if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
             raise ParseError(f"cores {cores!r} must be a whole number of 1 or more")
@@ -300,9 +302,17 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict) -> Policy:
         reserved = d.get("reserved_cores") or ()
+        ratios = {}
+        for key in ("cpu_overcommit_ratio", "memory_overcommit_ratio"):
+            raw = d.get(key, 1.0)
+            try:
+                ratios[key] = float(raw)
+            except (TypeError, ValueError):
+                ratios[key] = math.nan
+            if not (0 < ratios[key] <= 1000):
+                raise ParseError(f"{key} {raw!r} must be a number above 0 (1.0 means no overcommit)")
         return cls(
-            cpu_overcommit_ratio=float(d.get("cpu_overcommit_ratio", 1.0)),
-            memory_overcommit_ratio=float(d.get("memory_overcommit_ratio", 1.0)),
+            **ratios,
             reserved_cores=parse_cpuset(reserved) if reserved else (),
             reserved_memory=parse_size(d.get("reserved_memory", 0) or 0),
             default_storage_pool=d.get("default_storage_pool") or None,

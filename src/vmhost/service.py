@@ -8,6 +8,7 @@ be handed the same threads or pages. Every call recomputes usage from what the h
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import secrets
 from collections.abc import Iterator
@@ -16,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo
+from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo, confine_floating
+
+log = logging.getLogger(__name__)
 
 DEFAULT_LOCK = "/run/lock/vmhost.lock"
 BOOT_MODES = ("network", "image")
@@ -88,8 +91,28 @@ class VmHost:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
         with host_lock(self.lock_path):
             allocation = self.plan(request)
-            plan = ComposePlan(allocation=allocation, start=start, boot=boot, image=image, cloud_init=cloud_init)
-            return self.provider.compose(plan)
+            shared = self._shared_threads()
+            plan = ComposePlan(
+                allocation=allocation,
+                start=start,
+                boot=boot,
+                image=image,
+                cloud_init=cloud_init,
+                shared_threads=shared if allocation.pinned is None else None,
+            )
+            if allocation.pinned is None:
+                return self.provider.compose(plan)
+            # Rule 1: floating VMs leave the new VM's threads before it can start on them, and get them
+            # back if the compose fails (placement already left the shared capacity they need).
+            try:
+                confine_floating(self.provider, self._shared_threads(allocation))
+                return self.provider.compose(plan)
+            except BaseException:
+                try:
+                    confine_floating(self.provider, shared)
+                except Exception as e:
+                    log.warning("could not give floating VMs back threads %s: %s", shared, e)
+                raise
 
     def find(self, name: str) -> VmInfo:
         for vm in self.provider.list_vms():
@@ -99,8 +122,25 @@ class VmHost:
 
     def decompose(self, name: str) -> None:
         with host_lock(self.lock_path):
-            self.find(name)
+            vm = self.find(name)
             self.provider.decompose(name)
+            if vm.allocation.pinned is None:
+                return
+            # The VM is gone whatever happens next; failing to widen the floating VMs only wastes its threads
+            # until the next pinned compose or decompose confines them again, so it is not an error here.
+            shared = self._shared_threads()
+            try:
+                confine_floating(self.provider, shared)
+            except Exception as e:
+                log.warning("could not give floating VMs the threads of %s (%s): %s", name, shared, e)
+
+    def _shared_threads(self, adding: Allocation | None = None) -> tuple[int, ...]:
+        """Online threads neither reserved nor pinned (with `adding` placed): where floating VMs may run."""
+        from vmhost.placement import compute_usage
+
+        allocations = self.allocations() + ([adding] if adding is not None else [])
+        usage = compute_usage(self.provider.discover(), allocations, self.policy)
+        return tuple(sorted(t for node in usage.nodes for t in node.free_threads))
 
     def start(self, name: str) -> None:
         self.provider.start(name)

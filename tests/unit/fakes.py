@@ -45,6 +45,8 @@ class FakeProvider:
         self.decomposed: list[str] = []
         self.orphans: list[str] = []
         self.fail_compose: Exception | None = None
+        self.confined: list[tuple[int, ...]] = []  # every confine_floating call, in order
+        self.fail_confine: Exception | None = None
         self.closed = 0
         self.uri = uri
         self.options = options
@@ -94,3 +96,8 @@ class FakeProvider:
 
     def close(self) -> None:
         self.closed += 1
+
+    def confine_floating(self, threads: tuple[int, ...]) -> None:
+        self.confined.append(tuple(threads))
+        if self.fail_confine:
+            raise self.fail_confine

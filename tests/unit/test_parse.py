@@ -15,6 +15,7 @@ from vmhost.model import (
     HugepageAllocation,
     Nic,
     NicAllocation,
+    Policy,
     StoragePool,
     VmRequest,
 )
@@ -484,3 +485,25 @@ def test_allocation_to_dict_has_the_design_keys():
     d = a.to_dict()
     assert {"name", "vcpus", "pinned", "numa_nodes", "memory", "hugepages", "disks", "nics"} <= set(d)
     assert d["hugepages"] == {"size": "2M", "per_node": {"0": 256}}
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"cpu_overcommit_ratio": 0}, "cpu_overcommit_ratio 0 must be a number above 0"),
+        ({"cpu_overcommit_ratio": float("nan")}, "cpu_overcommit_ratio nan"),
+        ({"memory_overcommit_ratio": "lots"}, "memory_overcommit_ratio 'lots'"),
+        ({"reserved_cores": "0-x"}, "'0-x'"),
+        ({"reserved_memory": "8Q"}, "'8Q'"),
+    ],
+)
+def test_policy_bad_fields_are_named(fields, needle):
+    with pytest.raises(ParseError) as err:
+        Policy.from_dict(fields)
+    assert needle in str(err.value)
+
+
+def test_vm_request_cores_must_be_ascii_digits():
+    with pytest.raises(ParseError, match="cores '²'"):
+        VmRequest.from_dict({"cores": "²"})
+    assert VmRequest.from_dict({"cores": " 4 "}).cores == 4

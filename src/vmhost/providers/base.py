@@ -59,6 +59,8 @@ class ComposePlan:
     boot: str = "network"  # network (PXE first, as MAAS did) | image
     image: str | None = None
     cloud_init: CloudInit | None = None
+    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
+    shared_threads: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,11 @@ class VmInfo:
 
 @runtime_checkable
 class Provider(Protocol):
-    """A hypervisor backend. Found through the `vmhost.providers` entry-point group."""
+    """A hypervisor backend. Found through the `vmhost.providers` entry-point group.
+
+    Optional (not required by isinstance, so older plugins still qualify): `confine_floating(threads)`,
+    see `FloatingConfinement`; callers go through `confine_floating()`, which skips providers without it.
+    """
 
     name: str
 
@@ -104,6 +110,25 @@ class Provider(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class FloatingConfinement(Protocol):
+    """A provider that can keep floating VMs off the threads pinned VMs own (DESIGN.md §4 rule 1)."""
+
+    def confine_floating(self, threads: tuple[int, ...]) -> None:
+        """Give every floating VM that vm-host manages exactly these host threads (vCPUs and emulator),
+        now and across restarts. Idempotent; VMs made by others are left alone."""
+        ...
+
+
+def confine_floating(provider: object, threads: tuple[int, ...]) -> bool:
+    """Call `provider.confine_floating(threads)`; False (a no-op) for a provider without it, whose
+    backend offers no per-VM affinity that leaves the vCPU count alone (the kernel then floats them)."""
+    if not isinstance(provider, FloatingConfinement):
+        return False
+    provider.confine_floating(tuple(threads))
+    return True
 
 
 @dataclass

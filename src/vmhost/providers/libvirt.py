@@ -26,7 +26,7 @@ import tenacity
 
 from vmhost.cloudinit import seed_documents, write_seed_iso
 from vmhost.model import Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES, parse_cpuset
+from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
     ComposeError,
@@ -504,6 +504,58 @@ class LibvirtProvider:
         with self._errors(f"stop VM {name!r}"):
             if dom.isActive():
                 self._call(dom.destroy if force else dom.shutdown)
+
+    # -- floating affinity ----------------------------------------------------------------------
+
+    def confine_floating(self, threads: tuple[int, ...]) -> None:
+        """Pin every vCPU and the emulator of each floating VM we made to `threads`, live and in its config.
+
+        Otherwise the kernel runs floating vCPUs on threads that pinned VMs own (DESIGN.md §4 rule 1). Only
+        pins that differ are set, so repeating it is cheap; domains made by others are not ours to change.
+        """
+        wanted = frozenset(threads)
+        where = format_cpuset(wanted) or "no threads"
+        with self._errors(f"confine floating VMs to {where}"):
+            ncpus = self._call(self.conn.getCPUMap, 0)[0]
+            outside = sorted(t for t in wanted if not 0 <= t < ncpus)
+            if outside:
+                raise ProviderError(
+                    f"threads {format_cpuset(outside)} are not CPUs of this host; it has CPUs 0-{ncpus - 1}"
+                )
+            cpumap = tuple(i in wanted for i in range(ncpus))
+            for dom in self._call(self.conn.listAllDomains, 0):
+                try:
+                    meta = read_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                    if meta is None or meta[0].pinned is not None:
+                        continue
+                    if not wanted:
+                        raise ProviderError(
+                            f"no host thread is left for floating VM {dom.name()!r}: every thread is reserved or "
+                            "pinned; free a thread or remove the floating VM"
+                        )
+                    self._pin_floating(dom, cpumap)
+                except libvirt.libvirtError as e:
+                    if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # removed meanwhile: nothing to confine
+                        raise
+
+    def _pin_floating(self, dom, cpumap: tuple[bool, ...]) -> None:
+        """Set each vCPU's and the emulator's affinity to `cpumap` in the config, and live when running."""
+        scopes = [libvirt.VIR_DOMAIN_AFFECT_CONFIG]
+        if dom.isActive():
+            scopes.append(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        for flags in scopes:
+            try:
+                for vcpu, current in enumerate(self._call(dom.vcpuPinInfo, flags)):
+                    if tuple(current) != cpumap:
+                        self._call(dom.pinVcpuFlags, vcpu, cpumap, flags)
+                if tuple(self._call(dom.emulatorPinInfo, flags)) != cpumap:
+                    self._call(dom.pinEmulator, cpumap, flags)
+            except libvirt.libvirtError as e:
+                # Stopped between isActive() and the live pin: the config pin already covers its next start.
+                if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and _code(e) == libvirt.VIR_ERR_OPERATION_INVALID:
+                    if not dom.isActive():
+                        continue
+                raise
 
     def gc(self) -> list[str]:
         """Remove domains whose compose never finished and NAME_PREFIX volumes no domain owns."""

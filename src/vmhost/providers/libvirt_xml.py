@@ -82,6 +82,18 @@ def _topology(a: Allocation) -> tuple[int, int, int]:
     return sockets, a.vcpus // (sockets * threads), threads
 
 
+def _shared_threads(plan: ComposePlan) -> str | None:
+    """The cpuset a floating VM is confined to, or None (pinned VMs, or no set given)."""
+    if plan.allocation.pinned or plan.shared_threads is None:
+        return None
+    if not plan.shared_threads:
+        raise ValueError(
+            f"VM {plan.allocation.name!r} floats but shared_threads is empty; give at least one host thread, "
+            "or None to leave it unconfined"
+        )
+    return format_cpuset(plan.shared_threads)
+
+
 def _pci_address(parent: ET.Element, address: str) -> None:
     """`0000:41:00.2` -> <address type='pci' domain bus slot function>."""
     dom, bus, rest = address.split(":")
@@ -138,14 +150,19 @@ def build_domain(
         _sub(pages, "page", **attrs)
 
     vcpu_attrs = {"placement": "static"}
+    shared = _shared_threads(plan)
     if a.pinned:
         vcpu_attrs["cpuset"] = format_cpuset(a.pinned)
+    elif shared:
+        vcpu_attrs["cpuset"] = shared  # floating: every vCPU may run on any thread no VM pins, and only there
     _sub(dom, "vcpu", str(a.vcpus), **vcpu_attrs)
     if a.pinned:
         tune = _sub(dom, "cputune")
         for vcpu, thread in enumerate(a.pinned):
             _sub(tune, "vcpupin", vcpu=str(vcpu), cpuset=str(thread))
         _sub(tune, "emulatorpin", cpuset=format_cpuset(a.pinned))
+    elif shared:
+        _sub(_sub(dom, "cputune"), "emulatorpin", cpuset=shared)
     if a.numa_nodes:
         numatune = _sub(dom, "numatune")
         _sub(numatune, "memory", mode="strict", nodeset=format_cpuset(a.numa_nodes))
