@@ -16,6 +16,7 @@ from contextlib import contextmanager
 import ops
 import pydantic
 
+from allocation_relation import AllocationRelation
 from vmhost import host as hostmod
 from vmhost.charm_models import (
     AddTrustedClientParams,
@@ -30,12 +31,8 @@ from vmhost.charm_models import (
 )
 from vmhost.model import VmRequest
 from vmhost.providers.base import CloudInit, ProviderError, get_provider
+from vmhost.resources_view import render_view, summary_line, vm_line
 from vmhost.service import VmHost
-
-try:  # the relation glue (src/allocation_relation.py); without it the charm still serves actions
-    from allocation_relation import AllocationRelation
-except ImportError:  # pragma: no cover - only while the relation module is absent
-    AllocationRelation = None
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +54,8 @@ class VmHostCharm(ops.CharmBase):
         super().__init__(framework)
         self.host = make_host()
         self._problem: ops.StatusBase | None = None  # found by this dispatch's reconcile, shown by collect-status
-        self.vm_allocation = (
-            AllocationRelation(self, relation_name="vm-allocation", peer_name="vm-host-peers")
-            if AllocationRelation is not None
-            else None
-        )
+        # Constructed before the peer-departed observer below: a leaving unit must release its VMs first.
+        self.vm_allocation = AllocationRelation(self, relation_name="vm-allocation", peer_name="vm-host-peers")
         on = self.on
         for event in (
             on.install,
@@ -133,8 +127,7 @@ class VmHostCharm(ops.CharmBase):
                 removed = vmhost.gc()
                 if removed:
                     logger.info("removed orphans of crashed composes: %s", ", ".join(removed))
-                if self.vm_allocation is not None:
-                    self.vm_allocation.reconcile(vmhost, config)
+                self.vm_allocation.reconcile(vmhost, config)
         except ProviderError as e:
             self._problem = ops.WaitingStatus(f"{config.backend} not reachable: {e}")
             return []
@@ -204,8 +197,6 @@ class VmHostCharm(ops.CharmBase):
                 return ops.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
             with self._session(config) as vmhost:
                 res = vmhost.resources()
-            from vmhost.resources_view import summary_line
-
             return ops.ActiveStatus(summary_line(res))
         except Exception as e:  # status must never crash the hook; say what went wrong instead
             logger.warning("cannot read %s resources: %s", config.backend, e)
@@ -220,12 +211,16 @@ class VmHostCharm(ops.CharmBase):
         except pydantic.ValidationError as e:
             event.fail(error_message(e, "parameter"))
             return None, None
+        config = self._action_config(event)
+        return (params, config) if config is not None else (None, None)
+
+    def _action_config(self, event: ops.ActionEvent) -> CharmConfig | None:
+        """Typed config, or None after failing the action naming the bad option."""
         try:
-            config = self.load_config(CharmConfig)
+            return self.load_config(CharmConfig)
         except pydantic.ValidationError as e:
             event.fail(f"fix the charm config first: {error_message(e, 'config')}")
-            return None, None
-        return params, config
+            return None
 
     def _on_compose(self, event: ops.ActionEvent) -> None:
         params, config = self._load(event, ComposeParams)
@@ -269,8 +264,6 @@ class VmHostCharm(ops.CharmBase):
         except REQUEST_ERRORS as e:
             event.fail(str(e))
             return
-        from vmhost.resources_view import vm_line
-
         event.set_results(
             {
                 "count": str(len(vms)),
@@ -280,10 +273,8 @@ class VmHostCharm(ops.CharmBase):
         )
 
     def _on_resources(self, event: ops.ActionEvent) -> None:
-        try:
-            config = self.load_config(CharmConfig)
-        except pydantic.ValidationError as e:
-            event.fail(f"fix the charm config first: {error_message(e, 'config')}")
+        config = self._action_config(event)
+        if config is None:
             return
         try:
             with self._session(config) as vmhost:
@@ -291,8 +282,6 @@ class VmHostCharm(ops.CharmBase):
         except REQUEST_ERRORS as e:
             event.fail(str(e))
             return
-        from vmhost.resources_view import render_view
-
         event.set_results({"view": render_view(res), "json": json.dumps(res, sort_keys=True)})
 
     def _on_start_vm(self, event: ops.ActionEvent) -> None:
@@ -322,10 +311,8 @@ class VmHostCharm(ops.CharmBase):
         event.set_results({"name": name, "state": state})
 
     def _on_refresh(self, event: ops.ActionEvent) -> None:
-        try:
-            config = self.load_config(CharmConfig)
-        except pydantic.ValidationError as e:
-            event.fail(f"fix the charm config first: {error_message(e, 'config')}")
+        config = self._action_config(event)
+        if config is None:
             return
         removed = self._reconcile()
         if isinstance(self._problem, ops.BlockedStatus | ops.WaitingStatus):
