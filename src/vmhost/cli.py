@@ -23,6 +23,7 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--uri", default=os.environ.get("VMHOST_URI"), help="qemu+ssh://... or https://host:8443")
     p.add_argument("--cert", help="LXD client certificate (PEM) for a remote https URI")
     p.add_argument("--key", help="LXD client key (PEM) for a remote https URI")
+    p.add_argument("--server-cert", help="LXD server certificate (PEM) to trust for a remote https URI")
     p.add_argument("--project", help="LXD project (default: vmhost)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--cpu-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_CPU_OVERCOMMIT", 1.0)))
@@ -84,6 +85,8 @@ def _host(args: argparse.Namespace) -> VmHost:
             options["cert"] = (args.cert, args.key)
         if args.project:
             options["project"] = args.project
+        if args.server_cert:
+            options["verify"] = args.server_cert
     return VmHost(get_provider(args.backend, uri=args.uri, **options), _policy(args))
 
 

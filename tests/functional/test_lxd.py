@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -380,6 +381,15 @@ def test_trusted_client_certificate_drives_the_provider_over_https(client_cert, 
         remote = LxdProvider(uri="https://127.0.0.1:8443", cert=client_cert, verify="/var/lib/lxd/server.crt")
         assert remote.discover().threads == LxdProvider().discover().threads
         remote.close()
+        # The same from the command line, as an operator would: vmhost --uri https://... with the cert.
+        cli = subprocess.run(
+            [sys.executable, "-m", "vmhost.cli", "resources", "--backend", "lxd", "--uri", "https://127.0.0.1:8443",
+             "--cert", client_cert[0], "--key", client_cert[1], "--server-cert", "/var/lib/lxd/server.crt", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stderr
+        threads = sum(n["threads"]["total"] for n in json.loads(cli.stdout)["nodes"])
+        assert threads == len(LxdProvider().discover().threads)
     finally:
         lxc("config", "trust", "remove", fingerprint, check=False)
     with pytest.raises(ProviderError, match="does not trust this client"):

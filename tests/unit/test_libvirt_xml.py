@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -78,10 +79,23 @@ CASES = {
     ),
 }
 
+# A floating VM on the same host while core {2,6} (node 1) and thread 4 are pinned by other VMs.
+FLOATING = Allocation(
+    name="vm-float",
+    vcpus=2,
+    memory=2 * G,
+    disks=(DiskAllocation("root", 10 * 10**9, "default"),),
+    nics=(NicAllocation("eth0", "bridge", "br0", mac="52:54:00:00:00:06"),),
+)
+FLOATING_CASES = {
+    "floating_shared_cpuset": (ComposePlan(FLOATING, start=True, shared_threads=(0, 1, 3, 5, 7)), {}),
+}
+GOLDEN_CASES = {**CASES, **FLOATING_CASES}
 
-@pytest.mark.parametrize("case", sorted(CASES))
+
+@pytest.mark.parametrize("case", sorted(GOLDEN_CASES))
 def test_domain_xml_matches_golden(case):
-    plan, kwargs = CASES[case]
+    plan, kwargs = GOLDEN_CASES[case]
     got = domain_xml(plan, **kwargs)
     path = GOLDEN / f"{case}.xml"
     if os.environ.get("UPDATE_GOLDEN") == "1":
@@ -192,3 +206,24 @@ def test_foreign_unbound_hugepages_are_spread_over_host_nodes_and_ranges_are_not
     a = allocation_from_foreign_xml(xml, host_nodes=(0, 1))
     assert a.pinned is None
     assert a.hugepages.per_node == {0: 256, 1: 256}
+
+
+def test_floating_vm_is_confined_to_the_shared_threads():
+    """vCPUs and emulator may run on the threads no VM pins, and nowhere else; nothing is pinned per vCPU."""
+    plan, kwargs = FLOATING_CASES["floating_shared_cpuset"]
+    dom = ET.fromstring(domain_xml(plan, **kwargs))
+    vcpu = dom.find("vcpu")
+    assert vcpu.text == "2" and vcpu.get("placement") == "static"
+    assert parse_cpuset(vcpu.get("cpuset")) == plan.shared_threads
+    assert parse_cpuset(dom.find("cputune/emulatorpin").get("cpuset")) == plan.shared_threads
+    assert dom.findall("cputune/vcpupin") == []
+    assert not {2, 4, 6} & set(parse_cpuset(vcpu.get("cpuset")))
+    assert dom.find("numatune") is None and dom.find("cpu/numa") is None
+    assert read_metadata(dom) == (FLOATING, STATE_COMPOSING)
+
+
+def test_shared_threads_do_not_change_a_pinned_vm_and_empty_is_refused():
+    pinned = ComposePlan(ONE_NODE, start=True, boot="network")
+    assert domain_xml(replace(pinned, shared_threads=(0, 1, 3))) == domain_xml(pinned)
+    with pytest.raises(ValueError, match="'vm-float' floats but shared_threads is empty"):
+        build_domain(ComposePlan(FLOATING, shared_threads=()))

@@ -180,3 +180,79 @@ def test_cli_list_start_stop_gc(fake, capsys):
     assert json.loads(capsys.readouterr().out) == {"removed": ["vmhost-vm-dead-root"]}
     assert cli.main(["resources"]) == 0
     assert "fake: 2 VMs" in capsys.readouterr().out
+
+
+# -- rule 1 for floating VMs: they run only on threads no VM pins -----------------------------------------
+
+ALL_THREADS = tuple(range(16))  # TWO_NODE_HOST
+
+
+@pytest.fixture
+def reserved_host(tmp_path):
+    """Threads 0 and 8 (core 0 of node 0) are the host's own."""
+    return VmHost(FakeProvider(), Policy(reserved_cores=(0, 8)), lock_path=str(tmp_path / "lock"))
+
+
+def _without(*gone: int) -> tuple[int, ...]:
+    return tuple(t for t in ALL_THREADS if t not in gone)
+
+
+def test_floating_compose_gets_the_shared_threads_and_confines_nothing(reserved_host):
+    fake = reserved_host.provider
+    vm = reserved_host.compose(req(name="float"))
+    assert fake.plans["float"].shared_threads == _without(0, 8)
+    assert vm.allocation.pinned is None and fake.confined == []
+
+
+def test_pinned_compose_and_decompose_confine_floating_vms_to_the_shared_threads(reserved_host):
+    fake = reserved_host.provider
+    reserved_host.compose(req(name="float"))
+    pinned = reserved_host.compose(req(cores=2, pinned_cores=[3, 11], name="pinned"))
+    assert fake.plans["pinned"].shared_threads is None
+    assert fake.confined == [_without(0, 8, 3, 11)]
+    later = reserved_host.compose(req(name="float2"))
+    assert fake.plans[later.name].shared_threads == _without(0, 8, 3, 11)
+    reserved_host.decompose(pinned.name)
+    assert fake.confined == [_without(0, 8, 3, 11), _without(0, 8)]
+    reserved_host.decompose("float")  # a floating VM frees no thread: nothing to widen
+    assert len(fake.confined) == 2
+
+
+def test_failed_pinned_compose_gives_floating_vms_their_threads_back(reserved_host):
+    fake = reserved_host.provider
+    fake.fail_compose = RuntimeError("backend fell over")
+    with pytest.raises(RuntimeError, match="fell over"):
+        reserved_host.compose(req(cores=1, pinned_cores=[5], name="pinned"))
+    assert fake.confined == [_without(0, 8, 5), _without(0, 8)]
+    assert reserved_host.vms() == []
+
+
+def test_pinned_compose_is_refused_when_floating_vms_cannot_be_confined(reserved_host):
+    from vmhost.providers.base import ProviderError
+
+    fake = reserved_host.provider
+    fake.fail_confine = ProviderError("libvirt could not confine floating VMs")
+    with pytest.raises(ProviderError, match="confine"):
+        reserved_host.compose(req(cores=1, pinned_cores=[5], name="pinned"))
+    assert fake.composed == [] and reserved_host.vms() == []
+
+
+def test_decompose_succeeds_even_if_floating_vms_cannot_be_widened(reserved_host):
+    from vmhost.providers.base import ProviderError
+
+    fake = reserved_host.provider
+    reserved_host.compose(req(cores=1, pinned_cores=[5], name="pinned"))
+    fake.fail_confine = ProviderError("libvirt could not confine floating VMs")
+    reserved_host.decompose("pinned")
+    assert fake.decomposed == ["pinned"] and fake.confined[-1] == _without(0, 8)
+
+
+def test_confine_floating_helper_skips_providers_without_it():
+    from vmhost.providers.base import confine_floating
+
+    class Bare:
+        pass
+
+    assert confine_floating(Bare(), (1, 2)) is False
+    fake = FakeProvider()
+    assert confine_floating(fake, [2, 1]) is True and fake.confined == [(2, 1)]
