@@ -128,11 +128,10 @@ class VmHost:
                 return
             # The VM is gone whatever happens next; failing to widen the floating VMs only wastes its threads
             # until the next pinned compose or decompose confines them again, so it is not an error here.
-            shared = self._shared_threads()
             try:
-                confine_floating(self.provider, shared)
+                confine_floating(self.provider, self._shared_threads())
             except Exception as e:
-                log.warning("could not give floating VMs the threads of %s (%s): %s", name, shared, e)
+                log.warning("could not give floating VMs the threads of %s back: %s", name, e)
 
     def _shared_threads(self, adding: Allocation | None = None) -> tuple[int, ...]:
         """Online threads neither reserved nor pinned (with `adding` placed): where floating VMs may run."""

@@ -552,9 +552,9 @@ class LibvirtProvider:
                     self._call(dom.pinEmulator, cpumap, flags)
             except libvirt.libvirtError as e:
                 # Stopped between isActive() and the live pin: the config pin already covers its next start.
-                if flags == libvirt.VIR_DOMAIN_AFFECT_LIVE and _code(e) == libvirt.VIR_ERR_OPERATION_INVALID:
-                    if not dom.isActive():
-                        continue
+                live = flags == libvirt.VIR_DOMAIN_AFFECT_LIVE
+                if live and _code(e) == libvirt.VIR_ERR_OPERATION_INVALID and not dom.isActive():
+                    continue
                 raise
 
     def gc(self) -> list[str]:

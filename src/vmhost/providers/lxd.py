@@ -578,6 +578,9 @@ class LxdProvider:
                 removed.append(f"{pool}/{vol['name']}")
         return removed
 
+    def confine_floating(self, threads: tuple[int, ...]) -> None:
+        """No-op: LXD 5.0 balances containers only, and a VM's limits.cpu set pins one vCPU per CPU (no shared set)."""
+
 
 def _random_mac() -> str:
     """A MAC in LXD's own OUI (00:16:3e), as LXD would pick."""
