@@ -206,6 +206,11 @@ class HostTopology:
     def threads(self) -> tuple[int, ...]:
         return tuple(sorted(self.thread_node))
 
+    @cached_property
+    def node_threads(self) -> dict[int, tuple[int, ...]]:
+        """NUMA node id -> its online threads, sorted (computed once per topology)."""
+        return {n.id: tuple(sorted(n.threads)) for n in self.nodes}
+
     def node(self, node_id: int) -> NumaNode:
         for n in self.nodes:
             if n.id == node_id:

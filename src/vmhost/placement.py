@@ -16,6 +16,7 @@ import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import filterfalse
 from types import MappingProxyType
 from typing import Any
 
@@ -170,6 +171,13 @@ class _Totals:
         for a in allocations:
             count += 1
             hp = a.hugepages
+            if a.pinned is None and hp is None and not a.numa_nodes and not a.cells:
+                # Floating VMs are most of a busy host: shared vCPUs and general memory only.
+                shared += a.vcpus
+                memory += a.memory
+                if a.nics or a.disks:
+                    self._devices(a, sign)
+                continue
             if a.pinned is None:
                 shared += a.vcpus
             elif sign > 0:
@@ -203,16 +211,18 @@ class _Totals:
                         node_vms[n] = [a.name]
                     else:
                         vms.append(a.name)
-            if a.nics:
-                for nic in a.nics:
-                    if nic.type == "sriov":
-                        self.vfs[nic.parent] = self.vfs.get(nic.parent, 0) + sign
-            if a.disks:
-                for d in a.disks:
-                    self.disks[d.pool] = self.disks.get(d.pool, 0) + sign * d.size
+            if a.nics or a.disks:
+                self._devices(a, sign)
         self.shared += sign * shared
         self.memory += sign * memory
         self.count += sign * count
+
+    def _devices(self, a: Allocation, sign: int) -> None:
+        for nic in a.nics:
+            if nic.type == "sriov":
+                self.vfs[nic.parent] = self.vfs.get(nic.parent, 0) + sign
+        for d in a.disks:
+            self.disks[d.pool] = self.disks.get(d.pool, 0) + sign * d.size
 
 
 class _State:
@@ -279,6 +289,9 @@ def _state(host: HostTopology, allocations: Sequence[Allocation], policy: Policy
     totals = None
     for prev in reversed(_STATES):
         if prev.host is host and prev.policy == policy:
+            old = prev.allocations
+            if not (allocs and old and (allocs[0] is old[0] or allocs[-1] is old[-1])):
+                break  # fresh objects (re-read from the hypervisor): nothing to derive from
             by_id = dict(zip(map(id, allocs), allocs, strict=True))
             totals = prev.derive(allocs, by_id)
             break
@@ -306,21 +319,28 @@ def compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy:
 def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
     reserved = set(policy.reserved_cores)
     thread_node = host.thread_node
+    node_threads = host.node_threads
     node_names: dict[int, set[str]] = {n: set(v) for n, v in t.node_vms.items() if v}
+    node_pinned: dict[int, dict[int, str]] = {}  # one pass over pinned threads, not over every thread
     for th, name in t.pinned.items():
         n = thread_node.get(th)
         if n is not None:
             node_names.setdefault(n, set()).add(name)
+            node_pinned.setdefault(n, {})[th] = name
     n_nodes = max(1, len(host.nodes))
     reserved_share = _even(policy.reserved_memory, n_nodes)
     mem_ratio = policy.memory_overcommit_ratio
     nodes = []
     free_total = 0
     for i, node in enumerate(host.nodes):
-        threads = tuple(sorted(node.threads))
-        res = tuple(th for th in threads if th in reserved)
-        pinned = {th: t.pinned[th] for th in threads if th in t.pinned}
-        free = tuple(th for th in threads if th not in reserved and th not in pinned)
+        threads = node_threads[node.id]
+        pinned = dict(sorted(node_pinned.get(node.id, {}).items()))
+        if reserved:
+            res = tuple(th for th in threads if th in reserved)
+            blocked = reserved | pinned.keys()
+        else:
+            res, blocked = (), pinned.keys()
+        free = tuple(filterfalse(blocked.__contains__, threads)) if blocked else threads
         free_total += len(free)
         sizes = sorted(set(node.hugepages) | {s for s, n in t.pages if n == node.id}, key=HUGEPAGE_SIZES.get)
         hp = {s: (node.hugepages.get(s, 0), t.pages.get((s, node.id), 0)) for s in sizes}
@@ -646,13 +666,15 @@ def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> li
         whole: list[tuple[int, ...]] = []
         lone: list[int] = []
         if need.pin:
-            free = set(nu.free_threads)
-            for core in node.cores:
-                ft = tuple(t for t in core.threads if t in free)
-                if len(ft) == len(core.threads):
-                    whole.append(ft)
-                else:
-                    lone.extend(ft)
+            if len(nu.free_threads) == len(nu.threads):
+                whole = [core.threads for core in node.cores]
+            else:
+                free = set(nu.free_threads)
+                for core in node.cores:
+                    if free.issuperset(core.threads):
+                        whole.append(core.threads)
+                    else:
+                        lone.extend(t for t in core.threads if t in free)
             whole.sort()
             lone.sort()
         amount = nu.hugepages_free(need.size) if need.size else nu.memory_free
