@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(PY) -m compileall -q src lib >/dev/null
 	touch $(STAMP)
 
 venv: host $(STAMP)           ## libvirt-python builds against libvirt-dev, so host comes first

@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import Protocol, runtime_checkable
 
 from vmhost.model import Allocation, HostTopology, Nic, StoragePool
@@ -170,6 +169,8 @@ BUILTIN_PROVIDERS = {
 def available_providers() -> dict[str, str]:
     """Provider "module:Class" paths by name: built-ins plus the entry-point group (third parties add theirs)."""
     found = dict(BUILTIN_PROVIDERS)
+    from importlib.metadata import entry_points  # only when asked: scanning installed packages is slow
+
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         found[ep.name] = ep.value
     return found
@@ -177,7 +178,7 @@ def available_providers() -> dict[str, str]:
 
 def get_provider(name: str, uri: str | None = None, **options) -> Provider:
     """Instantiate the provider plugin `name` (e.g. "libvirt", "lxd") for `uri`."""
-    eps = available_providers()
+    eps = BUILTIN_PROVIDERS if name in BUILTIN_PROVIDERS else available_providers()
     if name not in eps:
         allowed = ", ".join(sorted(eps)) or "none installed"
         raise ProviderError(f"backend {name!r} is not available; installed: {allowed}")

@@ -24,7 +24,6 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from vmhost.cloudinit import seed_documents, write_seed_iso
 from vmhost.model import Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
 from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
 from vmhost.providers.base import (
@@ -51,6 +50,10 @@ from vmhost.providers.libvirt_xml import (
 
 try:
     import libvirt
+
+    # libvirt prints every error to stderr by default, even ones we handle (a lookup that finds nothing);
+    # ours are raised as ProviderError with one sentence instead.
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
 except ImportError:  # importable without the binding (unit tests of the XML); connect() says what is missing
     libvirt = None  # type: ignore[assignment]
 
@@ -404,8 +407,11 @@ class LibvirtProvider:
             raise
 
     def _create_seed(self, tx: Transaction, plan: ComposePlan) -> VolumeRef:
+        from vmhost.cloudinit import seed_documents, write_seed_iso  # yaml and email load only when seeding
+
         a = plan.allocation
-        pool_name = a.disks[0].pool if a.disks else (a.pool or self._default_pool())
+        # a.pool is the operator's resource pool (a VM grouping), never a storage pool.
+        pool_name = a.disks[0].pool if a.disks else self._default_pool()
         docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=self._prefixes(a.nics))
         with tempfile.TemporaryDirectory(prefix="vmhost-seed-") as tmp:
             iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
