@@ -64,16 +64,20 @@ class VmHost:
     def allocations(self) -> list[Allocation]:
         return [v.allocation for v in self.provider.list_vms()]
 
-    def plan(self, request: VmRequest) -> Allocation:
+    def _snapshot(self) -> tuple[HostTopology, list[VmInfo]]:
+        """What the hypervisor reports now: read once per use case, so every decision in it agrees."""
+        return self.provider.discover(), self.provider.list_vms()
+
+    def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
         from vmhost.placement import place
 
-        vms = self.provider.list_vms()
+        host, vms = snapshot or self._snapshot()
         if request.name is None:
             request = replace(request, name=new_vm_name({v.name for v in vms}))
         elif any(v.name == request.name for v in vms):
             raise ValueError(f"a VM named {request.name!r} already exists on this host; choose another name")
-        return place(self.provider.discover(), [v.allocation for v in vms], request, self.policy)
+        return place(host, [v.allocation for v in vms], request, self.policy)
 
     def compose(
         self,
@@ -90,8 +94,10 @@ class VmHost:
         if boot == "image" and not image:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
         with host_lock(self.lock_path):
-            allocation = self.plan(request)
-            shared = self._shared_threads()
+            host, vms = self._snapshot()
+            allocation = self.plan(request, (host, vms))
+            allocations = [v.allocation for v in vms]
+            shared = self._shared_threads(host, allocations)
             plan = ComposePlan(
                 allocation=allocation,
                 start=start,
@@ -105,7 +111,7 @@ class VmHost:
             # Rule 1: floating VMs leave the new VM's threads before it can start on them, and get them
             # back if the compose fails (placement already left the shared capacity they need).
             try:
-                confine_floating(self.provider, self._shared_threads(allocation))
+                confine_floating(self.provider, self._shared_threads(host, [*allocations, allocation]))
                 return self.provider.compose(plan)
             except BaseException:
                 try:
@@ -122,23 +128,31 @@ class VmHost:
 
     def decompose(self, name: str) -> None:
         with host_lock(self.lock_path):
-            vm = self.find(name)
+            host, vms = self._snapshot()
+            vm = next((v for v in vms if v.name == name), None)
+            if vm is None:
+                raise NotFound(f"no VM named {name!r} on this host")
             self.provider.decompose(name)
             if vm.allocation.pinned is None:
                 return
             # The VM is gone whatever happens next; failing to widen the floating VMs only wastes its threads
             # until the next pinned compose or decompose confines them again, so it is not an error here.
             try:
-                confine_floating(self.provider, self._shared_threads())
+                rest = [v.allocation for v in vms if v.name != name]
+                confine_floating(self.provider, self._shared_threads(host, rest))
             except Exception as e:
                 log.warning("could not give floating VMs the threads of %s back: %s", name, e)
 
-    def _shared_threads(self, adding: Allocation | None = None) -> tuple[int, ...]:
-        """Online threads neither reserved nor pinned (with `adding` placed): where floating VMs may run."""
+    def shared_threads(self) -> tuple[int, ...]:
+        """Where floating VMs may run now: online threads neither reserved nor pinned."""
+        host, vms = self._snapshot()
+        return self._shared_threads(host, [v.allocation for v in vms])
+
+    def _shared_threads(self, host: HostTopology, allocations: list[Allocation]) -> tuple[int, ...]:
+        """Online threads neither reserved nor pinned: where floating VMs may run."""
         from vmhost.placement import compute_usage
 
-        allocations = self.allocations() + ([adding] if adding is not None else [])
-        usage = compute_usage(self.provider.discover(), allocations, self.policy)
+        usage = compute_usage(host, allocations, self.policy)
         return tuple(sorted(t for node in usage.nodes for t in node.free_threads))
 
     def start(self, name: str) -> None:

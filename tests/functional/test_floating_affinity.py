@@ -86,7 +86,7 @@ def test_pinned_vm_takes_its_thread_away_from_floating_vms_and_gives_it_back(vmh
         idle = vmhost.compose(VmRequest.from_dict({"cores": 2, "memory": "64M", "name": vm_names("fs")}))
         made.append(idle.name)
         assert floating.allocation.pinned is None and floating.state == "running" and idle.state == "stopped"
-        shared = set(vmhost._shared_threads())
+        shared = set(vmhost.shared_threads())
         if len(shared) < 2:
             pytest.skip(f"other VMs pin all but {sorted(shared)} of this host's threads; need two unpinned threads")
         _assert_confined(floating.name, shared, all_threads)
@@ -138,7 +138,7 @@ def test_confine_floating_is_idempotent_refuses_bad_sets_and_leaves_foreign_doma
         "<os><type arch='x86_64'>hvm</type></os></domain>"
     )
     try:
-        shared = vmhost._shared_threads()
+        shared = vmhost.shared_threads()
         provider.confine_floating(shared)
         before = _virsh("dumpxml", "--inactive", floating.name)
         provider.confine_floating(shared)

@@ -125,6 +125,7 @@ class LibvirtProvider:
         self.uri = uri or DEFAULT_URI
         self.options = options
         self._conn = None
+        self._caps: ET.Element | None = None
         parts = urlsplit(self.uri)
         # sysfs describes this machine only; a remote host is read through libvirt alone.
         self.local = parts.hostname in (None, "", "localhost") and "+" not in parts.scheme
@@ -173,8 +174,11 @@ class LibvirtProvider:
     # -- discovery ----------------------------------------------------------------------------
 
     def _capabilities(self) -> ET.Element:
-        with self._errors("read the host capabilities"):
-            return ET.fromstring(self._call(self.conn.getCapabilities))
+        """The host's CPU and NUMA layout; read once per provider (it cannot change while we run)."""
+        if self._caps is None:
+            with self._errors("read the host capabilities"):
+                self._caps = ET.fromstring(self._call(self.conn.getCapabilities))
+        return self._caps
 
     def discover(self) -> HostTopology:
         caps = self._capabilities()
