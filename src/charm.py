@@ -30,7 +30,7 @@ from vmhost.charm_models import (
     vm_results,
 )
 from vmhost.model import VmRequest
-from vmhost.providers.base import CloudInit, ProviderError, get_provider
+from vmhost.providers.base import ProviderError, get_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
 from vmhost.service import VmHost
 
@@ -234,7 +234,6 @@ class VmHostCharm(ops.CharmBase):
                     start=params.start,
                     boot=params.boot,
                     image=params.image,
-                    cloud_init=CloudInit(hostname=request.name) if request.name else None,
                 )
         except REQUEST_ERRORS as e:
             event.fail(str(e))

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
-from vmhost.providers.base import CloudInit, ProviderError, get_provider
+from vmhost.providers.base import ProviderError, get_provider
 from vmhost.service import BOOT_MODES, VmHost
 
 _HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -131,7 +131,6 @@ def run(args: argparse.Namespace) -> int:
                 start=args.start,
                 boot=args.boot,
                 image=args.image,
-                cloud_init=CloudInit(hostname=request.name) if request.name else None,
             )
             _emit(args, vm.to_dict(), f"composed {vm_line(vm.to_dict())}")
         elif args.command == "decompose":

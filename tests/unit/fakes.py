@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
 
 from vmhost.model import HostTopology, Nic, StoragePool
@@ -101,3 +102,20 @@ class FakeProvider:
         self.confined.append(tuple(threads))
         if self.fail_confine:
             raise self.fail_confine
+
+
+class CommandRecorder:
+    """A command runner for vmhost.host.Host: records every command; dpkg-query knows `installed` packages."""
+
+    def __init__(self, installed=()):
+        self.calls: list[list[str]] = []
+        self.installed = set(installed)
+
+    def __call__(self, cmd):
+        cmd = list(cmd)
+        self.calls.append(cmd)
+        if cmd[0] == "dpkg-query":
+            if cmd[-1] not in self.installed:
+                raise subprocess.CalledProcessError(1, cmd)
+            return subprocess.CompletedProcess(cmd, 0, "install ok installed", "")
+        return subprocess.CompletedProcess(cmd, 0, "", "")

@@ -7,7 +7,6 @@ The hypervisor is an in-memory fake Provider (placement is real); the machine is
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,7 +17,7 @@ from ops import testing
 import charm
 import vmhost
 from charm import NO_KVM, VmHostCharm
-from tests.unit.fakes import FakeProvider
+from tests.unit.fakes import CommandRecorder, FakeProvider
 from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.model import NicAllocation
 from vmhost.providers.base import ProviderError
@@ -35,21 +34,6 @@ TOPOLOGY = {
     "nics": [{"name": "br0", "kind": "bridge", "addresses": ["10.0.0.1/24"]}],
     "storage_pools": [{"name": "default", "driver": "dir", "total": 100 * 10**9, "used": 0}],
 }
-
-
-class Runner:
-    def __init__(self, installed=()):
-        self.calls: list[list[str]] = []
-        self.installed = set(installed)
-
-    def __call__(self, cmd):
-        cmd = list(cmd)
-        self.calls.append(cmd)
-        if cmd[0] == "dpkg-query":
-            if cmd[-1] not in self.installed:
-                raise subprocess.CalledProcessError(1, cmd)
-            return subprocess.CompletedProcess(cmd, 0, "install ok installed", "")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
 
 
 class FakeApt:
@@ -92,7 +76,7 @@ class Machine:
         if lxd:
             (root / "snap/bin").mkdir(parents=True)
             (root / "snap/bin/lxc").touch()
-        self.runner = Runner(installed=libvirt_packages() if libvirt else ())
+        self.runner = CommandRecorder(installed=libvirt_packages() if libvirt else ())
         self.apt = FakeApt()
         self.snap = FakeSnap()
         self.cap_1g = cap_1g
@@ -401,7 +385,7 @@ def test_compose_pinned_hugepage_vm(fake, machine):
     assert json.loads(results["macs"]) == ["52:54:00:00:01:00"]
     plan = fake.composed[0]
     assert plan.start is True and plan.boot == "network"
-    assert plan.cloud_init.hostname == "web-1"
+    assert plan.cloud_init is None  # network (PXE) boot: the installer names the machine, no seed needed
     assert fake.vms["web-1"].allocation.pool == "tenant-a"
 
 

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
+from tests.unit.fakes import CommandRecorder
 from vmhost.charm_models import HugepageSetting, parse_hugepages_setting
 from vmhost.host import GRUB_DROPIN, Host, HostSetupError, SpaceMappedProvider, libvirt_packages
 from vmhost.model import HostTopology
@@ -29,22 +29,6 @@ def make_root(root: Path, nodes=(0,), cmdline="BOOT_IMAGE=/vmlinuz root=/dev/sda
     return root
 
 
-class Recorder:
-    def __init__(self, installed=()):
-        self.calls: list[list[str]] = []
-        self.installed = set(installed)
-
-    def __call__(self, cmd):
-        cmd = list(cmd)
-        self.calls.append(cmd)
-        if cmd[0] == "dpkg-query":
-            out = "install ok installed" if cmd[-1] in self.installed else ""
-            if not out:
-                raise subprocess.CalledProcessError(1, cmd)
-            return subprocess.CompletedProcess(cmd, 0, out, "")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-
 class CappedHost(Host):
     """A kernel that cannot give more than `cap[size]` pages per node at runtime (fragmented memory)."""
 
@@ -61,7 +45,7 @@ def nr(root: Path, node: int, size: str) -> int:
 
 def test_runtime_hugepages_split_evenly_over_nodes(tmp_path):
     root = make_root(tmp_path, nodes=(0, 1))
-    run = Recorder()
+    run = CommandRecorder()
     host = Host(root=root, run=run)
     report = host.apply_hugepages(parse_hugepages_setting("2M:1025"))
     assert (nr(root, 0, "2M"), nr(root, 1, "2M")) == (513, 512)
@@ -73,14 +57,14 @@ def test_runtime_hugepages_split_evenly_over_nodes(tmp_path):
 
 def test_per_node_hugepages_only_touch_named_nodes(tmp_path):
     root = make_root(tmp_path, nodes=(0, 1))
-    Host(root=root, run=Recorder()).apply_hugepages(parse_hugepages_setting("1:1G:4"))
+    Host(root=root, run=CommandRecorder()).apply_hugepages(parse_hugepages_setting("1:1G:4"))
     assert nr(root, 1, "1G") == 4
     assert nr(root, 0, "1G") == 0
 
 
 def test_1g_short_at_runtime_writes_cmdline_dropin_and_needs_reboot(tmp_path):
     root = make_root(tmp_path, nodes=(0, 1))
-    run = Recorder()
+    run = CommandRecorder()
     host = CappedHost(root=root, run=run)
     host.cap = {"1G": 2}
     report = host.apply_hugepages(parse_hugepages_setting("0:1G:8,1:1G:8,2M:64"))
@@ -98,7 +82,7 @@ def test_1g_short_at_runtime_writes_cmdline_dropin_and_needs_reboot(tmp_path):
 
 def test_reboot_no_longer_required_once_booted_with_the_args(tmp_path):
     root = make_root(tmp_path)
-    host = CappedHost(root=root, run=Recorder())
+    host = CappedHost(root=root, run=CommandRecorder())
     host.cap = {"1G": 0}
     host.apply_hugepages([HugepageSetting("1G", 4)])
     assert host.pending_reboot_sizes() == ["1G"]
@@ -108,7 +92,7 @@ def test_reboot_no_longer_required_once_booted_with_the_args(tmp_path):
 
 def test_dropin_removed_when_runtime_suffices_again(tmp_path):
     root = make_root(tmp_path)
-    run = Recorder()
+    run = CommandRecorder()
     host = CappedHost(root=root, run=run)
     host.cap = {"1G": 0}
     host.apply_hugepages([HugepageSetting("1G", 4)])
@@ -122,7 +106,7 @@ def test_dropin_removed_when_runtime_suffices_again(tmp_path):
 
 def test_unknown_node_and_unsupported_size_are_refused(tmp_path):
     root = make_root(tmp_path, nodes=(0,))
-    host = Host(root=root, run=Recorder())
+    host = Host(root=root, run=CommandRecorder())
     with pytest.raises(HostSetupError, match="node 3 but this host has nodes 0"):
         host.apply_hugepages(parse_hugepages_setting("3:2M:8"))
     (root / "sys/kernel/mm/hugepages/hugepages-1048576kB").rmdir()
@@ -133,21 +117,21 @@ def test_unknown_node_and_unsupported_size_are_refused(tmp_path):
 
 def test_hugetlbfs_mounted_once_and_per_extra_size(tmp_path):
     root = make_root(tmp_path, mounts="hugetlbfs /dev/hugepages hugetlbfs rw,pagesize=2M 0 0\n")
-    run = Recorder()
+    run = CommandRecorder()
     host = Host(root=root, run=run)
     made = host.ensure_hugetlbfs({"2M", "1G"})
     assert made == ["/dev/hugepages-1G"]
     assert run.calls == [["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "hugetlbfs", "/dev/hugepages-1G"]]
     assert (root / "dev/hugepages-1G").is_dir()
 
-    run2 = Recorder()
+    run2 = CommandRecorder()
     bare = Host(root=make_root(tmp_path / "other"), run=run2)
     assert bare.ensure_hugetlbfs() == ["/dev/hugepages"]
     assert run2.calls == [["mount", "-t", "hugetlbfs", "hugetlbfs", "/dev/hugepages"]]
 
 
 def test_kvm_detection(tmp_path):
-    host = Host(root=tmp_path, run=Recorder())
+    host = Host(root=tmp_path, run=CommandRecorder())
     assert not host.kvm_available()
     (tmp_path / "dev").mkdir()
     (tmp_path / "dev/kvm").touch()
@@ -170,17 +154,17 @@ def test_libvirt_packages_only_missing_ones_installed(tmp_path):
     assert {"qemu-system-x86", "libvirt-daemon-system", "genisoimage", "ovmf"} <= set(x86)
     assert "qemu-system-arm" in libvirt_packages("aarch64")
     apt = FakeApt()
-    host = Host(root=tmp_path, run=Recorder(installed=set(libvirt_packages()) - {"genisoimage"}), apt=apt)
+    host = Host(root=tmp_path, run=CommandRecorder(installed=set(libvirt_packages()) - {"genisoimage"}), apt=apt)
     assert host.ensure_libvirt() == ["genisoimage"]
     assert apt.added == [["genisoimage"]]
 
-    everything = Host(root=tmp_path, run=Recorder(installed=set(libvirt_packages())), apt=FakeApt())
+    everything = Host(root=tmp_path, run=CommandRecorder(installed=set(libvirt_packages())), apt=FakeApt())
     assert everything.ensure_libvirt() == []
     assert everything.apt.added == []
 
 
 def test_package_failure_is_one_clear_error(tmp_path):
-    host = Host(root=tmp_path, run=Recorder(), apt=FakeApt(fail=True))
+    host = Host(root=tmp_path, run=CommandRecorder(), apt=FakeApt(fail=True))
     with pytest.raises(HostSetupError, match=r"installing .*libvirt-daemon-system.* failed: E: Unable to locate"):
         host.ensure_libvirt()
 

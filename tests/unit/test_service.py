@@ -66,6 +66,14 @@ def test_boot_mode_is_checked_before_anything_is_made(host):
     assert host.vms() == []
 
 
+def test_image_boot_gets_a_hostname_seed_and_network_boot_none(host):
+    host.compose(req(name="web-1"), boot="image", image="jammy")
+    host.compose(req(name="pxe-1"))
+    plans = host.provider.plans
+    assert plans["web-1"].cloud_init.hostname == "web-1"
+    assert plans["pxe-1"].cloud_init is None
+
+
 def test_pool_filter_and_decompose(host):
     host.compose(req(name="a", pool="prod"))
     host.compose(req(name="b", pool="dev"))
