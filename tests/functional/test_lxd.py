@@ -289,6 +289,39 @@ def test_compose_failing_at_a_later_volume_undoes_the_earlier_ones(provider, pro
     assert not {v for v in volume_names(project) if v.startswith(name)}
 
 
+def test_compose_and_decompose_never_repeat_a_request_on_the_real_daemon(provider, project, names, tmp_path):
+    """Through the service, as the CLI runs them: one snapshot, then only writes and what they need."""
+    from vmhost.model import Policy, VmRequest
+    from vmhost.service import VmHost
+
+    sent: list[tuple[str, str, tuple]] = []
+    session = provider._connection().session
+    request = session.request
+
+    def recording(method, url, **kw):
+        sent.append((method, url.split("/1.0", 1)[1], tuple(sorted((kw.get("params") or {}).items()))))
+        return request(method, url, **kw)
+
+    session.request = recording
+    host = VmHost(provider, Policy(), lock_path=str(tmp_path / "lock"))
+    name = names()
+    vm = host.compose(VmRequest.from_dict({"name": name, "cores": 1, "memory": "256M", "storage": "root:5,data:1"}))
+    assert vm.managed and vm.name == name
+    inst = ("GET", f"/instances/{name}", (("project", project),))
+    assert sent.count(inst) == 2  # the name is free (404), then the MACs LXD assigned
+    repeated = {c for c in sent if sent.count(c) > 1 and c != inst}
+    assert repeated == set()
+    assert sum(1 for c in sent if c[1] == "/resources") == 1
+    sent.clear()
+    host.decompose(name)
+    assert len(sent) == len(set(sent))
+    assert [c[:2] for c in sent if c[0] == "DELETE"] == [
+        ("DELETE", f"/instances/{name}"),
+        ("DELETE", f"/storage-pools/default/volumes/custom/{name}-data"),
+    ]
+    assert name not in instance_names(project) and f"{name}-data" not in volume_names(project)
+
+
 # ---------------------------------------------------------------------------------------------
 # Counting, gc, discovery
 

@@ -240,23 +240,11 @@ class _FlakySession:
         return _Response(200, {"type": "sync", "metadata": {"ok": True}})
 
 
-class _FakeApi:
-    _api_endpoint = "http+unix://fake/1.0"
-
-    def __init__(self, session):
-        self.session = session
-
-
-class _FakeClient:
-    def __init__(self, session):
-        self.api = _FakeApi(session)
-
-
 def _provider_with(session):
-    from vmhost.providers.lxd import LxdProvider
+    from vmhost.providers.lxd import LxdProvider, _Connection
 
     p = LxdProvider()
-    p._client = _FakeClient(session)
+    p._conn = _Connection(session, "http://lxd/1.0", {"auth": "trusted", "api_extensions": []})
     return p
 
 

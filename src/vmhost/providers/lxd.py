@@ -1,8 +1,14 @@
-"""The LXD provider: VM records, custom volumes and devices over the LXD REST API (pylxd's session).
+"""The LXD provider: VM records, custom volumes and devices over the LXD REST API.
 
 Our VMs live in a project of our own (sharing the default project's profiles and images); each carries
 its allocation in `user.vmhost.allocation`, each extra volume its owner VM in `user.vmhost.owner`, so
 the daemon is the only database (DESIGN.md §3). VMs made by others are counted from their own limits.
+
+Transport: pylxd's client and session, for the local unix socket and for a remote daemon (https, client
+certificate, pinned server certificate) alike; the provider speaks the REST API through that session
+because pylxd's object layer has no call for several things it needs (pool resources, volume config).
+Facts that cannot change within one provider instance (one CLI call, one charm hook) are read once: the
+server's extensions, host resources, network kinds, pools, profile, project.
 """
 
 from __future__ import annotations
@@ -12,12 +18,10 @@ import logging
 import os
 import random
 import re
-from dataclasses import replace
+import time
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
-
-import requests
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
 from vmhost.parse import HUGEPAGE_SIZES
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PROJECT = "vmhost"
 PREFERRED_PROFILE = "vmhost"
 OPERATION_TIMEOUT = 120
+ATTEMPTS = 5  # per API call, transient failures included
 _NIC_KINDS = ("physical", "bridge", "vlan", "bond")
 
 
@@ -40,19 +45,51 @@ class LxdApiError(ProviderError):
         self.status = status
 
 
+def _transport_error(e: BaseException) -> bool:
+    """The daemon could not be reached or the connection broke (not an answer from LXD)."""
+    import requests
+
+    return isinstance(e, (OSError, requests.ConnectionError, requests.Timeout))
+
+
 def _transient(e: BaseException) -> bool:
     if isinstance(e, LxdApiError):
         return e.status == 503
-    return isinstance(e, (requests.ConnectionError, requests.Timeout))
+    return _transport_error(e)
 
 
-def _retrying() -> Retrying:
-    return Retrying(
+def _with_retries(fn):
+    """fn(), retried while the failure is transient, bounded (ATTEMPTS in all, waits 0.2 s doubling to 2 s).
+
+    The first attempt runs bare: tenacity is imported only once something failed, as almost nothing does.
+    """
+    try:
+        return fn()
+    except Exception as e:
+        if not _transient(e):
+            raise
+        log.debug("LXD call failed (%s); retrying", e)
+    time.sleep(0.2)
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+    for attempt in Retrying(
         retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(5),
-        wait=wait_exponential(multiplier=0.2, max=2),
+        stop=stop_after_attempt(ATTEMPTS - 1),
+        wait=wait_exponential(multiplier=0.4, max=2),
         reraise=True,
-    )
+    ):
+        with attempt:
+            return fn()
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _Connection:
+    """A trusted connection: a requests-like session, the API root URL and the server's /1.0 answer."""
+
+    session: Any
+    endpoint: str
+    server: dict
 
 
 class LxdProvider:
@@ -84,45 +121,69 @@ class LxdProvider:
         self.verify = verify
         self.timeout = float(options.pop("timeout", 30))
         self.options = options
-        self._client = None
+        self._conn: _Connection | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        """Drop what was read once per provider instance (see the module docstring)."""
+        self._resources_cache: dict | None = None
+        self._facts: tuple[dict, tuple[int, str, dict[int, int]]] | None = None
+        self._network_kinds: dict[str, str] | None = None
+        self._nics_cache: list[Nic] | None = None
+        self._pool_names: list[str] | None = None
+        self._profile_name: str | None = None
+        self._project_known = False
 
     # -- transport ---------------------------------------------------------------------------------
 
     @property
-    def client(self):
-        """The pylxd client, connected on first use (the charm builds providers before LXD is installed)."""
-        if self._client is None:
-            import pylxd
-            from pylxd import exceptions as pe
+    def _where(self) -> str:
+        return self.uri or "the local unix socket"
 
-            where = self.uri or "the local unix socket"
+    def _connection(self) -> _Connection:
+        """Connected on first use (the charm builds providers before LXD is installed)."""
+        if self._conn is None:
             try:
-                for attempt in _retrying():
-                    with attempt:
-                        try:
-                            client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
-                        except pe.ClientConnectionFailed as e:
-                            raise requests.ConnectionError(str(e) or "connection failed") from e
-            except requests.RequestException as e:
-                raise ProviderError(f"cannot reach LXD at {where}: {e}") from e
-            if client.host_info.get("auth") != "trusted":
-                client.api.session.close()
+                conn = _with_retries(self._connect)
+            except Exception as e:
+                if _transport_error(e):
+                    raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
+                raise
+            if conn.server.get("auth") != "trusted":
+                conn.session.close()
                 raise ProviderError(
-                    f"LXD at {where} does not trust this client; add its certificate (add-trusted-client) or use a join token"
+                    f"LXD at {self._where} does not trust this client; add its certificate (add-trusted-client) or use a join token"
                 )
-            self._client = client
-        return self._client
+            self._conn = conn
+        return self._conn
+
+    @property
+    def _remote(self) -> bool:
+        return self.uri is not None and self.uri.startswith("https://")
+
+    def _connect(self) -> _Connection:
+        import pylxd
+        from pylxd import exceptions as pe
+        from requests import ConnectionError as RequestsConnectionError
+
+        if self.uri and not self._remote and not os.path.exists(self.uri):
+            raise FileNotFoundError(f"no LXD socket at {self.uri}")  # pylxd would take the path for a URL
+        try:
+            client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
+        except pe.ClientConnectionFailed as e:
+            raise RequestsConnectionError(str(e) or "connection failed") from e
+        return _Connection(client.api.session, client.api._api_endpoint, client.host_info)
 
     def _session(self):
-        """pylxd's session, except that an explicit `verify` wins over REQUESTS_CA_BUNDLE.
+        """None (pylxd's own) for the local socket; for https, pylxd's session where an explicit `verify` wins.
 
-        requests lets that variable override a session's verify setting, which would make a pinned
+        requests lets REQUESTS_CA_BUNDLE override a session's verify setting, which would make a pinned
         server certificate (or verify=False) silently ignored, so the environment is not consulted then.
         """
+        if not self._remote:
+            return None
         from pylxd.client import CERTS_PATH, get_session_for_url
 
-        if self.uri is None or self.uri.startswith("/"):
-            return None
         verify = self.verify
         if verify is True:
             # Like pylxd and lxc: a server certificate accepted earlier (`lxc remote add`) pins the server.
@@ -134,8 +195,24 @@ class LxdProvider:
             session.trust_env = False
         return session
 
-    def _url(self, path: str) -> str:
-        return self.client.api._api_endpoint + path
+    def has_extension(self, name: str) -> bool:
+        return name in (self._connection().server.get("api_extensions") or ())
+
+    @staticmethod
+    def _body(r: Any) -> Any:
+        """The metadata of a sync answer; LxdApiError for an error answer."""
+        try:
+            body = r.json()
+        except ValueError:
+            body = {}
+        if not isinstance(body, dict):
+            body = {}
+        if r.status_code >= 400 or body.get("type") == "error":
+            raise LxdApiError(
+                r.status_code if r.status_code >= 400 else int(body.get("error_code") or 500),
+                body.get("error") or r.text.strip(),
+            )
+        return body
 
     def _call(
         self, method: str, path: str, *, project: str | None = None, json: Any = None, params: dict | None = None
@@ -144,37 +221,32 @@ class LxdProvider:
         params = dict(params or {})
         if project is not None:
             params["project"] = project
+        conn = self._connection()
 
         def once() -> Any:
-            r = self.client.api.session.request(method, self._url(path), json=json, params=params, timeout=self.timeout)
-            try:
-                body = r.json()
-            except ValueError:
-                body = {}
-            if r.status_code >= 400 or body.get("type") == "error":
-                raise LxdApiError(
-                    r.status_code if r.status_code >= 400 else int(body.get("error_code") or 500),
-                    body.get("error") or r.text.strip(),
-                )
+            r = conn.session.request(method, conn.endpoint + path, json=json, params=params, timeout=self.timeout)
+            body = self._body(r)
             if body.get("type") == "async":
                 return self._wait(body["metadata"]["id"])
             return body.get("metadata")
 
-        for attempt in _retrying():
-            with attempt:
-                return once()
-        raise AssertionError("unreachable")
+        try:
+            return _with_retries(once)
+        except Exception as e:
+            if _transport_error(e):
+                raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
+            raise
 
     def _wait(self, op_id: str) -> Any:
-        r = self.client.api.session.get(
-            self._url(f"/operations/{op_id}/wait"),
+        conn = self._connection()
+        r = conn.session.request(
+            "GET",
+            conn.endpoint + f"/operations/{op_id}/wait",
+            json=None,
             params={"timeout": OPERATION_TIMEOUT},
             timeout=OPERATION_TIMEOUT + 10,
         )
-        body = r.json()
-        meta = body.get("metadata") or {}
-        if r.status_code >= 400:
-            raise LxdApiError(r.status_code, body.get("error") or r.text.strip())
+        meta = self._body(r).get("metadata") or {}
         if meta.get("status") != "Success":
             raise LxdApiError(int(meta.get("status_code") or 500), meta.get("err") or f"operation {meta.get('status')}")
         return meta.get("metadata")
@@ -192,22 +264,29 @@ class LxdProvider:
             raise
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.api.session.close()
-            self._client = None
+        if self._conn is not None:
+            self._conn.session.close()
+            self._conn = None
+        self._forget()
 
     # -- discovery -----------------------------------------------------------------------------
 
+    def _resources(self, fresh: bool = False) -> dict:
+        """GET /resources, read once per provider instance unless `fresh` (discover re-reads: pages change)."""
+        if fresh or self._resources_cache is None:
+            self._resources_cache = self._get("/resources") or {}
+        return self._resources_cache
+
     def discover(self) -> HostTopology:
-        res = self._get("/resources")
+        res = self._resources(fresh=True)
         return HostTopology(
             nodes=self._nodes(res), nics=tuple(self._nics(res)), storage_pools=tuple(self.storage_pools())
         )
 
     def _nodes(self, res: dict) -> tuple[NumaNode, ...]:
         cores: dict[int, list[Core]] = {}
-        for socket in res.get("cpu", {}).get("sockets") or []:
-            for core in socket.get("cores") or []:
+        for sock in res.get("cpu", {}).get("sockets") or []:
+            for core in sock.get("cores") or []:
                 by_node: dict[int, list[int]] = {}
                 for t in core.get("threads") or []:
                     if t.get("online", True):
@@ -252,6 +331,7 @@ class LxdProvider:
                 cards[port["id"]] = (numa, vfs)
         nics = []
         nets = self._get("/networks", recursion=1) or []
+        self._network_kinds = {n["name"]: n.get("type") for n in nets}
         states: dict[str, dict] = {}
         for net in nets:
             if net.get("type") in _NIC_KINDS:
@@ -284,11 +364,14 @@ class LxdProvider:
                     kind=kind,
                 )
             )
+        self._nics_cache = nics
         return nics
 
     def storage_pools(self) -> list[StoragePool]:
         pools = []
-        for p in self._get("/storage-pools", recursion=1) or []:
+        listed = self._get("/storage-pools", recursion=1) or []
+        self._pool_names = [p["name"] for p in listed]
+        for p in listed:
             space = (self._get(f"/storage-pools/{quote(p['name'], safe='')}/resources") or {}).get("space") or {}
             pools.append(
                 StoragePool(
@@ -301,12 +384,14 @@ class LxdProvider:
         return pools
 
     def networks(self) -> list[Nic]:
-        return self._nics(self._get("/resources"))
+        return self._nics(self._resources())
 
     # -- VMs -----------------------------------------------------------------------------------
 
     def _project_exists(self) -> bool:
-        return self._exists(f"/projects/{quote(self.project, safe='')}")
+        if not self._project_known:
+            self._project_known = self._exists(f"/projects/{quote(self.project, safe='')}")
+        return self._project_known
 
     def _ensure_project(self) -> None:
         if self.project == "default" or self._project_exists():
@@ -329,12 +414,15 @@ class LxdProvider:
         except LxdApiError as e:
             if e.status != 409:
                 raise ProviderError(f"cannot create LXD project {self.project!r}: {e}") from e
+        self._project_known = True
 
     def _instances(self) -> list[tuple[str, dict]]:
         """(project, instance) for every VM this host runs that we can see."""
-        if self.client.has_api_extension("instance_all_projects"):
+        if self.has_extension("instance_all_projects"):
             items = self._get("/instances", recursion=1, **{"all-projects": "true"}) or []
-            return [(i.get("project") or "default", i) for i in items]
+            found = [(i.get("project") or "default", i) for i in items]
+            self._project_known = self._project_known or any(p == self.project for p, _ in found)
+            return found
         out = []
         for project in dict.fromkeys(["default", self.project]):
             if project != "default" and not self._project_exists():
@@ -343,65 +431,75 @@ class LxdProvider:
         return out
 
     def list_vms(self) -> list[VmInfo]:
-        res = self._get("/resources")
-        mem = res.get("memory", {})
-        hp_size = self._default_hugepage_size(mem) or "2M"
-        thread_node = {
-            int(t["id"]): int(t.get("numa_node") or 0)
-            for s in res.get("cpu", {}).get("sockets") or []
-            for c in s.get("cores") or []
-            for t in c.get("threads") or []
-        }
-        vms = []
-        for project, inst in self._instances():
-            if inst.get("type") != "virtual-machine":
-                continue
-            ours = project == self.project and cfg.ALLOCATION_KEY in (inst.get("config") or {})
-            name = inst["name"] if project in (self.project, "default") else f"{project}/{inst['name']}"
-            config = inst.get("config") if ours else inst.get("expanded_config") or inst.get("config") or {}
-            devices = inst.get("expanded_devices") or inst.get("devices") or {}
-            try:
-                alloc = cfg.allocation_from_config(
-                    name,
-                    config,
-                    devices,
-                    host_memory=int(mem.get("total") or 0),
-                    thread_node=thread_node,
-                    hugepage_size=hp_size,
-                )
-            except (ValueError, KeyError) as e:
-                log.warning("VM %s has an unreadable allocation (%s); counting it from its limits", name, e)
-                config = {k: v for k, v in config.items() if k != cfg.ALLOCATION_KEY}
-                alloc = cfg.allocation_from_config(name, config, devices, host_memory=int(mem.get("total") or 0))
-                ours = False
-            macs = tuple(
-                inst.get("config", {}).get(f"volatile.{label}.hwaddr") or dev.get("hwaddr", "")
-                for label, dev in sorted(devices.items())
-                if dev.get("type") == "nic"
+        return [
+            self._vm_info(project, inst) for project, inst in self._instances() if inst.get("type") == "virtual-machine"
+        ]
+
+    def _host_facts(self) -> tuple[int, str, dict[int, int]]:
+        """(memory, default hugepage size, thread -> NUMA node): what reading a VM's limits needs, once per read."""
+        res = self._resources()
+        if self._facts is None or self._facts[0] is not res:
+            mem = res.get("memory", {})
+            thread_node = {
+                int(t["id"]): int(t.get("numa_node") or 0)
+                for s in res.get("cpu", {}).get("sockets") or []
+                for c in s.get("cores") or []
+                for t in c.get("threads") or []
+            }
+            self._facts = (res, (int(mem.get("total") or 0), self._default_hugepage_size(mem) or "2M", thread_node))
+        return self._facts[1]
+
+    def _vm_info(self, project: str, inst: dict) -> VmInfo:
+        """One VM as vm-host sees it: ours from its record, anyone else's from its expanded limits."""
+        host_memory, hp_size, thread_node = self._host_facts()
+        ours = project == self.project and cfg.ALLOCATION_KEY in (inst.get("config") or {})
+        name = inst["name"] if project in (self.project, "default") else f"{project}/{inst['name']}"
+        config = inst.get("config") if ours else inst.get("expanded_config") or inst.get("config") or {}
+        devices = inst.get("expanded_devices") or inst.get("devices") or {}
+        try:
+            alloc = cfg.allocation_from_config(
+                name,
+                config,
+                devices,
+                host_memory=host_memory,
+                thread_node=thread_node,
+                hugepage_size=hp_size,
             )
-            if ours:
-                alloc = cfg.with_macs(
-                    alloc, {n.label: inst["config"].get(f"volatile.{n.label}.hwaddr", "") for n in alloc.nics}
-                )
-            vms.append(
-                VmInfo(
-                    name=name,
-                    state=str(inst.get("status") or "unknown").lower(),
-                    allocation=alloc,
-                    managed=ours,
-                    macs=tuple(m for m in macs if m),
-                )
+        except (ValueError, KeyError) as e:
+            log.warning("VM %s has an unreadable allocation (%s); counting it from its limits", name, e)
+            config = {k: v for k, v in config.items() if k != cfg.ALLOCATION_KEY}
+            alloc = cfg.allocation_from_config(name, config, devices, host_memory=host_memory)
+            ours = False
+        macs = tuple(
+            inst.get("config", {}).get(f"volatile.{label}.hwaddr") or dev.get("hwaddr", "")
+            for label, dev in sorted(devices.items())
+            if dev.get("type") == "nic"
+        )
+        if ours:
+            alloc = cfg.with_macs(
+                alloc, {n.label: inst["config"].get(f"volatile.{n.label}.hwaddr", "") for n in alloc.nics}
             )
-        return vms
+        return VmInfo(
+            name=name,
+            state=str(inst.get("status") or "unknown").lower(),
+            allocation=alloc,
+            managed=ours,
+            macs=tuple(m for m in macs if m),
+        )
 
     def _choose_profile(self) -> str:
-        if self.profile:
-            if not self._exists(f"/profiles/{quote(self.profile, safe='')}", project="default"):
-                raise ProviderError(f"LXD profile {self.profile!r} does not exist; create it or leave profile unset")
-            return self.profile
-        if self._exists(f"/profiles/{PREFERRED_PROFILE}", project="default"):
-            return PREFERRED_PROFILE
-        return "default"
+        if self._profile_name is None:
+            if self.profile:
+                if not self._exists(f"/profiles/{quote(self.profile, safe='')}", project="default"):
+                    raise ProviderError(
+                        f"LXD profile {self.profile!r} does not exist; create it or leave profile unset"
+                    )
+                self._profile_name = self.profile
+            elif self._exists(f"/profiles/{PREFERRED_PROFILE}", project="default"):
+                self._profile_name = PREFERRED_PROFILE
+            else:
+                self._profile_name = "default"
+        return self._profile_name
 
     def compose(self, plan: ComposePlan) -> VmInfo:
         a = plan.allocation
@@ -415,14 +513,14 @@ class LxdProvider:
             body = cfg.instance_body(
                 plan,
                 profile=self._choose_profile(),
-                numa_placement=self.client.has_api_extension("numa_cpu_placement"),
-                cloud_init_keys=self.client.has_api_extension("cloud_init"),
+                numa_placement=self.has_extension("numa_cpu_placement"),
+                cloud_init_keys=self.has_extension("cloud_init"),
                 prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
             )
         except ValueError as e:
             raise ProviderError(str(e)) from e
         if a.hugepages is not None:
-            default = self._default_hugepage_size(self._get("/resources").get("memory", {}))
+            default = self._default_hugepage_size(self._resources().get("memory", {}))
             if a.hugepages.size != default:
                 raise ProviderError(
                     f"LXD backs VM memory with the host's default hugepage size ({default or 'none'}), "
@@ -455,14 +553,14 @@ class LxdProvider:
         if plan.start:
             with tx.step(f"start VM {a.name}"):
                 self._state(a.name, "start")
-        return self._info(a.name)
+        return self._vm_info(self.project, self._instance(a.name))
 
     def _prefixes(self, a: Allocation) -> dict[str, int]:
         """Prefix length of each static ip given bare, from the host address on its parent that contains it."""
         need = [n for n in a.nics if n.ip and "/" not in n.ip]
         if not need:
             return {}
-        host = {n.name: n.addresses for n in self.networks()}
+        host = {n.name: n.addresses for n in (self._nics_cache if self._nics_cache is not None else self.networks())}
         out = {}
         for nic in need:
             ip = ipaddress.ip_address(nic.ip)
@@ -474,7 +572,11 @@ class LxdProvider:
         return out
 
     def _check_nic_parents(self, a: Allocation) -> None:
-        kinds = {n["name"]: n.get("type") for n in self._get("/networks", recursion=1) or []}
+        if not a.nics:
+            return
+        if self._network_kinds is None:
+            self._network_kinds = {n["name"]: n.get("type") for n in self._get("/networks", recursion=1) or []}
+        kinds = self._network_kinds
         for nic in a.nics:
             kind = kinds.get(nic.parent)
             if kind is None:
@@ -493,12 +595,6 @@ class LxdProvider:
             if e.status != 404:
                 raise
 
-    def _info(self, name: str) -> VmInfo:
-        for vm in self.list_vms():
-            if vm.name == name and vm.managed:
-                return vm
-        raise NotFound(f"no VM named {name!r} in LXD project {self.project!r}")
-
     def _instance(self, name: str) -> dict:
         try:
             return self._get(f"/instances/{quote(name, safe='')}", project=self.project)
@@ -508,9 +604,7 @@ class LxdProvider:
             raise
 
     def decompose(self, name: str) -> None:
-        if not self._project_exists():
-            raise NotFound(f"no VM named {name!r} in LXD project {self.project!r}")
-        inst = self._instance(name)
+        inst = self._instance(name)  # 404 also when our project does not exist (yet)
         if cfg.ALLOCATION_KEY not in (inst.get("config") or {}):
             raise ProviderError(f"VM {name!r} was not made by vm-host; remove it with lxc, not vmhost")
         self._remove(name, inst)
@@ -530,8 +624,9 @@ class LxdProvider:
 
     def _our_volumes(self) -> list[tuple[str, dict]]:
         out = []
-        for p in self._get("/storage-pools") or []:
-            pool = p.rsplit("/", 1)[-1]
+        if self._pool_names is None:
+            self._pool_names = [p.rsplit("/", 1)[-1] for p in self._get("/storage-pools") or []]
+        for pool in self._pool_names:
             for vol in (
                 self._get(f"/storage-pools/{quote(pool, safe='')}/volumes/custom", project=self.project, recursion=1)
                 or []

@@ -1,0 +1,294 @@
+"""How many LXD API round-trips each use case costs, pinned against a recording in-memory LXD.
+
+Every request the provider sends (pylxd's connecting GET /1.0 included) is recorded, so a change that
+re-reads what one CLI call or charm hook already knows, or that re-reads what it just wrote, fails
+here with the whole call list in the diff. The functional tests check the same paths on the real daemon.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from vmhost.model import Policy, VmRequest
+from vmhost.providers import lxd as lxdmod
+from vmhost.providers import lxd_config as cfg
+from vmhost.providers.base import ComposeError
+from vmhost.service import VmHost
+
+GIB = 1024**3
+
+# What every compose and decompose first reads through the service: /1.0 when connecting, then
+# discover (resources, networks and each NIC's state, pools and each pool's space) and the VM listing.
+SNAPSHOT = [
+    ("GET", "/1.0"),
+    ("GET", "/1.0/resources"),
+    ("GET", "/1.0/networks"),
+    ("GET", "/1.0/networks/lxdbr0/state"),
+    ("GET", "/1.0/networks/eth0/state"),
+    ("GET", "/1.0/storage-pools"),
+    ("GET", "/1.0/storage-pools/default/resources"),
+    ("GET", "/1.0/instances"),
+]
+
+
+class _Response:
+    def __init__(self, status: int, body: dict):
+        self.status_code, self._body, self.text = status, body, json.dumps(body)
+
+    def json(self) -> dict:
+        return self._body
+
+
+def _sync(metadata=None, status: int = 200) -> _Response:
+    return _Response(status, {"type": "sync", "status_code": status, "metadata": metadata})
+
+
+def _error(status: int, message: str) -> _Response:
+    return _Response(status, {"type": "error", "error_code": status, "error": message})
+
+
+class FakeLxd:
+    """Enough of LXD 5.0's REST API for compose/decompose, recording each request's method and path.
+
+    `config_at_create` keeps each instance's config as it was when the record appeared, which is what
+    gc would see if vmhost crashed right then. `fail` maps (method, path) to an error status.
+    """
+
+    def __init__(self, projects=("default",)):
+        self.calls: list[tuple[str, str]] = []
+        self.projects = set(projects)
+        self.instances: dict[tuple[str, str], dict] = {}
+        self.volumes: dict[tuple[str, str, str], dict] = {}
+        self.config_at_create: dict[str, dict] = {}
+        self.fail: dict[tuple[str, str], int] = {}
+        self.ops = 0
+
+    def close(self) -> None:
+        pass
+
+    def _op(self) -> _Response:
+        self.ops += 1
+        return _Response(202, {"type": "async", "metadata": {"id": f"op-{self.ops}"}})
+
+    def get(self, url, **kw) -> _Response:  # pylxd's client asks for /1.0 this way when it connects
+        return self.request("GET", url, **kw)
+
+    def request(self, method, url, *, json=None, params=None, timeout=None) -> _Response:
+        path = unquote(urlsplit(url).path)
+        self.calls.append((method, path))
+        params = params or {}
+        project = params.get("project", "default")
+        if (method, path) in self.fail:
+            return _error(self.fail[(method, path)], f"injected failure of {method} {path}")
+        parts = path.split("/")[2:]
+        if method == "GET" and path == "/1.0":
+            return _sync({"auth": "trusted", "api_extensions": ["instance_all_projects", "cloud_init"]})
+        if method == "GET" and path == "/1.0/resources":
+            return _sync(
+                {
+                    "cpu": {
+                        "sockets": [{"cores": [{"threads": [{"id": 0, "numa_node": 0}, {"id": 1, "numa_node": 0}]}]}]
+                    },
+                    "memory": {"total": 8 * GIB, "hugepages_size": 2 * 1024**2, "hugepages_total": 1 * GIB},
+                    "network": {"cards": []},
+                }
+            )
+        if method == "GET" and path == "/1.0/networks":
+            return _sync(
+                [
+                    {"name": "lxdbr0", "type": "bridge"},
+                    {"name": "eth0", "type": "physical"},
+                    {"name": "lo", "type": "loopback"},
+                ]
+            )
+        if method == "GET" and parts[:1] == ["networks"] and parts[-1] == "state":
+            return _sync({"addresses": [{"address": "10.0.0.1", "netmask": "24", "scope": "global"}]})
+        if method == "GET" and path == "/1.0/storage-pools":
+            return _sync(
+                [{"name": "default", "driver": "dir"}] if params.get("recursion") else ["/1.0/storage-pools/default"]
+            )
+        if method == "GET" and parts[:1] == ["storage-pools"] and parts[-1] == "resources":
+            return _sync({"space": {"total": 100 * 10**9, "used": 10**9}})
+        if method == "GET" and path == "/1.0/instances":
+            return _sync([{**i, "project": p} for (p, _), i in self.instances.items()])
+        if parts[:1] == ["profiles"]:
+            return _error(404, "Profile not found")
+        if method == "GET" and parts[:1] == ["projects"]:
+            return _sync({"name": parts[1]}) if parts[1] in self.projects else _error(404, "Project not found")
+        if method == "POST" and path == "/1.0/projects":
+            self.projects.add(json["name"])
+            return _sync(None, 201)
+        if method == "POST" and path == "/1.0/instances":
+            name = json["name"]
+            self.instances[(project, name)] = {
+                "name": name,
+                "type": json["type"],
+                "status": "Stopped",
+                "config": {**json["config"], "volatile.uuid": "u"},
+                "devices": json["devices"],
+                "expanded_devices": json["devices"],
+            }
+            self.config_at_create[name] = dict(json["config"])
+            return self._op()
+        if method == "GET" and parts[:1] == ["operations"]:
+            return _sync({"status": "Success", "status_code": 200, "metadata": None})
+        if parts[:1] == ["instances"] and len(parts) >= 2:
+            key = (project, parts[1])
+            if key not in self.instances:
+                return _error(404, "Instance not found")
+            inst = self.instances[key]
+            if method == "GET":
+                return _sync(inst)
+            if method == "PATCH":
+                inst["config"].update(json.get("config") or {})
+                return _sync(None)
+            if method == "PUT" and parts[-1] == "state":
+                inst["status"] = "Running" if json["action"] == "start" else "Stopped"
+                return self._op()
+            if method == "DELETE":
+                del self.instances[key]
+                return self._op()
+        if parts[:1] == ["storage-pools"] and parts[2:4] == ["volumes", "custom"]:
+            pool = parts[1]
+            if method == "POST":
+                self.volumes[(project, pool, json["name"])] = json
+                return _sync(None, 201)
+            if method == "GET" and len(parts) == 4:
+                return _sync([v for (p, pl, _), v in self.volumes.items() if p == project and pl == pool])
+            if method == "DELETE":
+                if self.volumes.pop((project, pool, parts[4]), None) is None:
+                    return _error(404, "Storage volume not found")
+                return _sync(None)
+        raise AssertionError(f"the fake LXD does not know {method} {path} {params}")
+
+
+@pytest.fixture
+def lxd(monkeypatch):
+    fake = FakeLxd(projects=("default", "vmhost"))
+    monkeypatch.setattr(lxdmod.LxdProvider, "_session", lambda self: fake)
+    return fake
+
+
+def host(tmp_path) -> VmHost:
+    return VmHost(lxdmod.LxdProvider(), Policy(), lock_path=str(tmp_path / "lock"))
+
+
+def request(**kw) -> VmRequest:
+    return VmRequest.from_dict({"cores": 1, "memory": "256M", **kw})
+
+
+def test_compose_costs_the_snapshot_three_checks_create_mark_and_one_read_back(lxd, tmp_path):
+    vm = host(tmp_path).compose(request(name="vm-a"))
+    assert lxd.calls == [
+        *SNAPSHOT,
+        ("GET", "/1.0/profiles/vmhost"),  # which profile: vmhost when there is one, else default
+        ("GET", "/1.0/projects/vmhost"),  # our project exists (else it is created)
+        ("GET", "/1.0/instances/vm-a"),  # no VM of that name: a failed create must never undo someone's VM
+        ("POST", "/1.0/instances"),
+        ("GET", "/1.0/operations/op-1/wait"),
+        ("PATCH", "/1.0/instances/vm-a"),  # composing -> ready, the only write after the create
+        ("GET", "/1.0/instances/vm-a"),  # the MACs LXD gave the NICs (profile NICs included)
+    ]
+    assert vm.name == "vm-a" and vm.managed and vm.state == "stopped"
+    # Crash safety: the record appeared marked unfinished (gc removes it), and ends ready.
+    assert lxd.config_at_create["vm-a"][cfg.STATE_KEY] == cfg.STATE_COMPOSING
+    assert lxd.instances[("vmhost", "vm-a")]["config"][cfg.STATE_KEY] == cfg.STATE_READY
+
+
+def test_decompose_costs_the_snapshot_one_read_the_delete_and_one_volume_listing_per_pool(lxd, tmp_path):
+    host(tmp_path).compose(request(name="vm-a", storage="root:10,data:2"))
+    lxd.calls.clear()
+    host(tmp_path).decompose("vm-a")
+    assert lxd.calls == [
+        *SNAPSHOT,
+        ("GET", "/1.0/instances/vm-a"),  # is it ours, is it running
+        ("DELETE", "/1.0/instances/vm-a"),
+        ("GET", "/1.0/operations/op-2/wait"),
+        ("GET", "/1.0/storage-pools/default/volumes/custom"),  # pool names known from discover
+        ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-a-data"),
+    ]
+    assert lxd.instances == {} and lxd.volumes == {}
+
+
+def test_compose_with_a_volume_and_start_adds_exactly_those_writes(lxd, tmp_path):
+    vm = host(tmp_path).compose(request(name="vm-b", storage="root:10,data:2"), start=True)
+    writes = [c for c in lxd.calls if c[0] != "GET"]
+    assert writes == [
+        ("POST", "/1.0/storage-pools/default/volumes/custom"),
+        ("POST", "/1.0/instances"),
+        ("PATCH", "/1.0/instances/vm-b"),
+        ("PUT", "/1.0/instances/vm-b/state"),
+    ]
+    # The plain compose (3 checks, create + wait, mark, read back), plus the volume and start + its wait.
+    assert len(lxd.calls) == len(SNAPSHOT) + 3 + 4 + 1 + 2
+    assert vm.state == "running"
+
+
+def test_a_second_compose_in_the_same_hook_does_not_reread_server_profile_or_project(lxd, tmp_path):
+    h = host(tmp_path)
+    h.compose(request(name="vm-a"))
+    lxd.calls.clear()
+    h.compose(request(name="vm-b"))
+    assert ("GET", "/1.0") not in lxd.calls
+    assert ("GET", "/1.0/profiles/vmhost") not in lxd.calls
+    assert ("GET", "/1.0/projects/vmhost") not in lxd.calls
+    assert len(lxd.calls) == len(SNAPSHOT) - 1 + 1 + 4  # the name check, create + wait, mark, read back
+
+
+def test_first_compose_creates_the_project_once(monkeypatch, tmp_path):
+    fake = FakeLxd(projects=("default",))
+    monkeypatch.setattr(lxdmod.LxdProvider, "_session", lambda self: fake)
+    h = host(tmp_path)
+    h.compose(request(name="vm-a"))
+    h.compose(request(name="vm-b"))
+    assert fake.calls.count(("POST", "/1.0/projects")) == 1
+    assert fake.calls.count(("GET", "/1.0/projects/vmhost")) == 1
+    assert {n for _, n in fake.instances} == {"vm-a", "vm-b"}
+
+
+def test_list_vms_is_the_connection_resources_and_one_listing(lxd, tmp_path):
+    host(tmp_path).compose(request(name="vm-a"))
+    lxd.calls.clear()
+    assert [v.name for v in lxdmod.LxdProvider().list_vms()] == ["vm-a"]
+    assert lxd.calls == [("GET", "/1.0"), ("GET", "/1.0/instances"), ("GET", "/1.0/resources")]
+
+
+def test_failed_create_undoes_the_volumes_with_one_delete_each(lxd, tmp_path):
+    lxd.fail[("POST", "/1.0/instances")] = 400
+    with pytest.raises(ComposeError) as err:
+        host(tmp_path).compose(request(name="vm-c", storage="root:10,data:2,logs:1"))
+    assert err.value.step == "create VM vm-c"
+    assert lxd.instances == {} and lxd.volumes == {}
+    after_create = lxd.calls[lxd.calls.index(("POST", "/1.0/instances")) + 1 :]
+    assert after_create == [
+        ("DELETE", "/1.0/instances/vm-c"),  # a failed create may leave a half-made record: 404 here
+        ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-c-logs"),
+        ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-c-data"),
+    ]
+
+
+def test_failed_start_removes_the_vm_and_its_volume(lxd, tmp_path):
+    lxd.fail[("PUT", "/1.0/instances/vm-d/state")] = 400
+    with pytest.raises(ComposeError) as err:
+        host(tmp_path).compose(request(name="vm-d", storage="root:10,data:2"), start=True)
+    assert err.value.step == "start VM vm-d"
+    assert lxd.instances == {} and lxd.volumes == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The standard-library transport to the local socket (what the fake above stands in for)
+
+
+def test_no_daemon_on_the_socket_is_one_clear_error_after_bounded_retries(tmp_path, monkeypatch):
+    from vmhost.providers.base import ProviderError
+
+    slept: list[float] = []
+    monkeypatch.setattr("time.sleep", slept.append)  # ours and tenacity's waits
+    p = lxdmod.LxdProvider(uri=str(tmp_path / "missing.socket"))
+    with pytest.raises(ProviderError, match=r"cannot reach LXD at .*missing\.socket"):
+        p.list_vms()
+    assert len(slept) == lxdmod.ATTEMPTS - 1  # five attempts, four waits
+    assert slept == sorted(slept) and max(slept) <= 2
