@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from typing import Any
 
 import ops
@@ -78,6 +79,24 @@ class AllocationRelation(ops.Object):
             )
         return out
 
+    def _binding(self) -> broker.Binding:
+        """The host interfaces and subnets Juju bound this endpoint to (`--bind vm-allocation=SPACE`).
+
+        Each unit reads its own, so every host resolves requests onto its own interface names.
+        """
+        try:
+            network = self.model.get_binding(self.relation_name).network
+        except ops.ModelError as e:
+            logger.warning(
+                "no network info for the %s binding (%s); requests that name no network are placed without it",
+                self.relation_name,
+                e,
+            )
+            return broker.Binding()
+        names = dict.fromkeys(i.name for i in network.interfaces if i.name)
+        subnets = dict.fromkeys(str(i.subnet) for i in network.interfaces if i.subnet is not None)
+        return broker.Binding(tuple(names), tuple(subnets))
+
     def _capacity(self, host: Any) -> broker.Capacity:
         from vmhost.placement import compute_usage
 
@@ -86,7 +105,7 @@ class AllocationRelation(ops.Object):
     def reconcile(self, host: Any, config: Any) -> None:
         """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
         try:
-            settings = broker.Settings.from_config(config)
+            settings = replace(broker.Settings.from_config(config), binding=self._binding())
         except ValueError as e:
             logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
             return

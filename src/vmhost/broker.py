@@ -23,6 +23,7 @@ from vmhost.providers.base import CloudInit
 
 __all__ = [
     "Accepted",
+    "Binding",
     "Capacity",
     "Decision",
     "Incoming",
@@ -66,12 +67,46 @@ def vm_name(owner: str) -> str:
 
 
 @dataclass(frozen=True)
+class Binding:
+    """The host interfaces and subnets carrying the `vm-allocation` endpoint's Juju binding.
+
+    Juju never tells a charm the NAME of the space an endpoint is bound to, only which interfaces
+    and subnets carry it, so `juju deploy vm-host --bind vm-allocation=public` is how the operator
+    says where VMs go when a request names no network. `interfaces` lists the interface holding the
+    bind address first (Juju's order).
+    """
+
+    interfaces: tuple[str, ...] = ()
+    subnets: tuple[str, ...] = ()
+
+    def spec(self, label: str) -> InterfaceSpec | None:
+        """The interface a request that names no network gets; None when Juju said nothing usable.
+
+        By name (placement attaches through the bridge when that interface is a bridge port); else
+        by subnet, ignoring single-address "subnets" (Juju leaves the CIDR out sometimes, LP #1864102).
+        """
+        if self.interfaces:
+            return InterfaceSpec(label, name=self.interfaces[0])
+        subnets = []
+        for s in self.subnets:
+            try:
+                net = ipaddress.ip_network(s, strict=False)
+            except ValueError:
+                continue
+            if net.num_addresses > 1:
+                subnets.append(str(net))
+        return InterfaceSpec(label, subnet=tuple(subnets)) if subnets else None
+
+
+@dataclass(frozen=True)
 class Settings:
-    """The operator's relation policy: per-app quota, networks VMs may join, space -> bridge."""
+    """The operator's relation policy: per-app quota, networks VMs may join, space -> bridge, and
+    the vm-allocation binding (where requests that name no network go)."""
 
     quota: Quota = field(default_factory=Quota)
     allowed_networks: tuple[str, ...] = ()
     space_bridges: Mapping[str, str] = field(default_factory=dict)
+    binding: Binding = field(default_factory=Binding)
 
     @classmethod
     def from_config(cls, config: Any) -> Settings:
@@ -185,9 +220,22 @@ class Rejected(ValueError):
 
 
 def _map_interface(s: InterfaceSpec, settings: Settings) -> InterfaceSpec:
-    """space=X onto the bridge space-bridges names for X (several spaces: they must agree)."""
+    """space=X onto the bridge space-bridges names for X (several spaces: they must agree).
+
+    The hypervisor knows no Juju spaces and Juju never tells a charm its binding's space name, so
+    space-bridges is the only place a space name can resolve; any other is refused here, before
+    placement would fail on it with a vaguer message.
+    """
     bridges = {settings.space_bridges[sp] for sp in s.space if sp in settings.space_bridges}
     if not bridges:
+        if s.space:
+            known = ", ".join(sorted(settings.space_bridges)) or "none"
+            asked = ", ".join(s.space)
+            raise Rejected(
+                f"interfaces: {s.label} asks for space {asked}, which this host does not know "
+                f"(spaces in its space-bridges: {known}); leave space out to get the network "
+                f"the vm-allocation endpoint is bound to"
+            )
         return s
     if len(bridges) > 1:
         raise Rejected(f"interfaces: {s.label} asks for spaces on different bridges ({', '.join(sorted(bridges))})")
@@ -213,8 +261,15 @@ def build_request(spec: Mapping[str, Any], owner: str, settings: Settings) -> Ac
         specs = parse_interfaces(spec.get("interfaces"))
     except ParseError as e:
         raise Rejected(f"interfaces: {e}") from None
+    if not specs and settings.binding.spec("eth0") is not None:
+        specs = (InterfaceSpec("eth0"),)  # a VM without a NIC is of no use to a remote model
     interfaces = []
     for s in specs:
+        if s == InterfaceSpec(s.label) and (bound := settings.binding.spec(s.label)) is not None:
+            # allowed-networks is checked once placed (nic_policy_error): only then is it known
+            # whether a bound port attaches through its bridge, and which addresses that carries.
+            interfaces.append(bound)
+            continue
         mapped = _map_interface(s, settings)
         if settings.allowed_networks and mapped.name is not None and not _allowed_by_name(mapped.name, settings):
             raise Rejected(

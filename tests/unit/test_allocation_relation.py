@@ -23,7 +23,7 @@ MODEL_B = "bbbbbbbb-2222-4222-8222-000000000002"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
 
 
-def make_provider(host_cores: int = 4, memory: int = 16 * GiB) -> FakeProvider:
+def make_provider(host_cores: int = 4, memory: int = 16 * GiB, extra_nics: tuple[Nic, ...] = ()) -> FakeProvider:
     """One node, SMT2, two bridges (br0 in space public), one pool."""
     return FakeProvider(
         synthetic_host(
@@ -35,6 +35,7 @@ def make_provider(host_cores: int = 4, memory: int = 16 * GiB) -> FakeProvider:
             nics=(
                 Nic(name="br0", kind="bridge", addresses=("10.20.0.1/24",), space="public"),
                 Nic(name="br1", kind="bridge", addresses=("10.30.0.1/24",)),
+                *extra_nics,
             ),
             storage_pools=(StoragePool(name="default", total=500 * 10**9),),
         )
@@ -403,3 +404,79 @@ def test_unit_releases_a_duplicate_that_another_unit_serves(provider):
     out = run(r, leader=False, peers=[peers])
     assert provider.decomposed == ["vm-stray"]
     assert json.loads(out.get_relation(peers.id).local_unit_data["results"]) == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The vm-allocation binding (`juju deploy vm-host --bind vm-allocation=SPACE`)
+
+
+def bound(interface: str, address: str = "10.20.0.1", cidr: str = "10.20.0.0/24") -> testing.Network:
+    """What Juju's network-get reports for the vm-allocation endpoint: which host interface, which subnet."""
+    addr = testing.Address(address, cidr=cidr)
+    return testing.Network("vm-allocation", bind_addresses=[testing.BindAddress([addr], interface_name=interface)])
+
+
+@pytest.fixture
+def ported(provider, tmp_path):
+    """The same host plus enp1s0, a port of bridge br1."""
+    p = make_provider(extra_nics=(Nic(name="enp1s0", kind="physical", bridge="br1"),))
+    ENV["host"] = VmHost(provider=p, policy=Policy(), lock_path=str(tmp_path / "lock2"))
+    return p
+
+
+def run_bound(relation: testing.Relation, network: testing.Network) -> testing.State:
+    state = testing.State(leader=True, relations=[relation], networks={network})
+    return ctx().run(ctx().on.relation_changed(relation), state)
+
+
+@pytest.mark.parametrize(
+    "interface, parent",
+    [("br0", "br0"), ("enp1s0", "br1")],  # a bound bridge is used; a bound bridge port attaches through its bridge
+)
+def test_request_naming_no_network_gets_one_nic_on_the_bound_bridge(ported, interface, parent):
+    r = rel([req("none"), req("bare", interfaces="eth0:"), req("subnet", interfaces="eth0:subnet=10.30.0.0/24")])
+    out = run_bound(r, bound(interface))
+    st = statuses(out, r)
+    assert {k: v["status"] for k, v in st.items()} == {"none": "ready", "bare": "ready", "subnet": "ready"}
+    nics = {
+        v.allocation.owner.rsplit("/", 1)[1]: [(n.label, n.type, n.parent) for n in v.allocation.nics]
+        for v in ported.vms.values()
+    }
+    assert nics["none"] == [("eth0", "bridge", parent)]
+    assert nics["bare"] == [("eth0", "bridge", parent)]
+    assert nics["subnet"] == [("eth0", "bridge", "br1")]  # a constrained interface ignores the binding
+
+
+def test_without_binding_information_a_request_naming_no_network_gets_no_nic(provider):
+    # ops.testing's default network names no interface and gives a single address: nothing to go on
+    r = rel([req("none")])
+    out = run(r)
+    assert statuses(out, r)["none"]["status"] == "ready"
+    (vm,) = provider.vms.values()
+    assert vm.allocation.nics == ()
+
+
+def test_request_naming_an_unknown_space_is_rejected_with_the_known_spaces(provider):
+    r = rel([req("dmz", interfaces="eth0:space=dmz"), req("ok", interfaces="eth0:space=public")])
+    out = run_bound(r, bound("br1"))
+    st = statuses(out, r)
+    assert st["ok"]["status"] == "ready"
+    assert st["dmz"]["status"] == "rejected"
+    msg = st["dmz"]["message"]
+    assert "space dmz" in msg and "public, storage" in msg and "vm-allocation endpoint is bound to" in msg
+    assert [v.allocation.owner.rsplit("/", 1)[1] for v in provider.vms.values()] == ["ok"]
+
+
+def test_allowed_networks_still_refuses_a_bound_network_that_is_not_allowed(ported):
+    ENV["config"].allowed_networks = "storage"  # space storage = br1 (space-bridges); br0 is not allowed
+    r = rel([req("a")])
+    out = run_bound(r, bound("br0"))
+    st = statuses(out, r)["a"]
+    assert st["status"] == "rejected"
+    assert "allowed-networks" in st["message"] and "br0" in st["message"]
+    assert ported.vms == {} and ported.composed == []
+    # bound to a port of the allowed bridge br1: the NIC lands on br1, which is allowed
+    out = run_bound(r, bound("enp1s0", "10.30.0.1", "10.30.0.0/24"))
+    assert statuses(out, r)["a"]["status"] == "ready"
+    (vm,) = ported.vms.values()
+    assert vm.allocation.nics[0].parent == "br1"

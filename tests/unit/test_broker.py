@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -243,3 +244,75 @@ def test_results_and_merged_statuses():
     assert st["b"]["status"] == "failed" and "step" in st["b"]["message"]
     assert st["bad"]["status"] == "rejected"
     assert (st["c"]["status"], st["c"]["unit"]) == ("pending", "h/1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The vm-allocation binding: where requests that name no network go
+
+
+def test_binding_spec_by_interface_name_else_real_subnets_else_nothing():
+    from vmhost.parse import InterfaceSpec
+
+    assert broker.Binding(("br0", "br9"), ("10.20.0.0/24",)).spec("eth1") == InterfaceSpec("eth1", name="br0")
+    by_subnet = broker.Binding((), ("10.20.0.7/32", "10.20.0.0/24", "fd00::/64")).spec("eth0")
+    assert by_subnet == InterfaceSpec("eth0", subnet=("10.20.0.0/24", "fd00::/64"))  # single addresses say nothing
+    assert broker.Binding((), ("192.0.2.0/32",)).spec("eth0") is None
+    assert broker.Binding().spec("eth0") is None
+
+
+def test_request_naming_no_network_gets_one_nic_on_the_binding():
+    s = Settings(space_bridges={"public": "br0"}, binding=broker.Binding(("br5",), ("10.50.0.0/24",)))
+    ds = broker.evaluate(
+        [
+            rel(
+                spec("none"),  # no interfaces at all: one NIC on the binding
+                spec("bare", interfaces="eth0:;eth1:space=public"),  # eth0 has no constraints
+                spec("subnet", interfaces="eth0:subnet=10.30.0.0/24"),  # constrained: left to placement
+                spec("ip", interfaces="eth0:ip=10.30.0.9"),
+            )
+        ],
+        s,
+        {},
+    )
+    got = {d.id: [(i.label, i.name, i.subnet, i.ip) for i in d.accepted.request.interfaces] for d in ds}
+    assert got == {
+        "none": [("eth0", "br5", (), None)],
+        "bare": [("eth0", "br5", (), None), ("eth1", "br0", (), None)],
+        "subnet": [("eth0", None, ("10.30.0.0/24",), None)],
+        "ip": [("eth0", None, (), "10.30.0.9")],
+    }
+    # without binding information, behaviour is as before: no NIC asked for, none given
+    (d,) = broker.evaluate([rel(spec("none"))], Settings(), {})
+    assert d.accepted.request.interfaces == ()
+
+
+def test_binding_nics_meet_allowed_networks_once_placed():
+    # A bound port attaches through its bridge, which only placement knows: evaluate accepts, and
+    # nic_policy_error then judges the bridge the NIC really lands on.
+    s = Settings(allowed_networks=("br1",), binding=broker.Binding(("enp1s0",)))
+    (d,) = broker.evaluate([rel(spec("a"))], s, {})
+    assert d.accepted is not None and d.accepted.request.interfaces[0].name == "enp1s0"
+    nics = (Nic("enp1s0", kind="physical", bridge="br1"), Nic("br1", kind="bridge"), Nic("br0", kind="bridge"))
+
+    def placed(parent):
+        return Allocation("x", 1, GiB, nics=(NicAllocation("eth0", "bridge", parent),))
+
+    assert broker.nic_policy_error(placed("br1"), nics, s) is None
+    err = broker.nic_policy_error(placed("br0"), nics, replace(s, binding=broker.Binding(("br0",))))
+    assert "br0" in err and "allowed-networks" in err
+
+
+@pytest.mark.parametrize(
+    "bridges, known",
+    [({"public": "br0", "storage": "br1"}, "public, storage"), ({}, "none")],
+)
+def test_space_not_in_space_bridges_is_rejected_naming_the_known_spaces(bridges, known):
+    s = Settings(space_bridges=bridges, binding=broker.Binding(("br0",)))
+    (d,) = broker.evaluate([rel(spec("a", interfaces="eth0:space=dmz"))], s, {})
+    assert d.accepted is None
+    assert "space dmz" in d.rejected and f"space-bridges: {known}" in d.rejected
+    assert "vm-allocation endpoint is bound to" in d.rejected
+    # one known space among several still resolves (as before)
+    if bridges:
+        (d,) = broker.evaluate([rel(spec("a", interfaces="eth0:space=dmz,space=public"))], s, {})
+        assert d.accepted.request.interfaces[0].name == "br0"
