@@ -4,8 +4,9 @@ Pure and deterministic (no I/O; ties broken by node id, thread id, name). Usage 
 recomputed from the allocations the hypervisor reports (DESIGN.md §3), and placement uses the
 very same `compute_usage` that the resources view shows, so the two can never disagree.
 
-Cost (rule 6): nodes are never permuted. For k = 1, 2, ... nodes, each node is checked against
-an even share of the VM (O(nodes) per k), and the k best-fitting nodes are taken. Per-allocation
+Cost (rule 6): nodes are never permuted. For k = 1, 2, ... nodes, counting the nodes that can
+take the low and the high even shares decides exactly whether some k nodes hold the VM, and the
+best-fitting such k are taken in one sorted pass (O(nodes log nodes) per k; see `_choose`). Per-allocation
 contributions are cached by object identity, and the sums over a list of allocations by the
 identities of its members, so 2,000 resident VMs cost a few tuple operations per request.
 """
@@ -682,62 +683,117 @@ def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> li
     return out
 
 
+def _klass(n: _NodeFree, r_c: int, hi_c: int, r_a: int, hi_a: int) -> int:
+    """2 * (can take the high vCPU share) + (can take the high amount share); always can when none is asked."""
+    return ((not r_c or n.threads >= hi_c) << 1) | (not r_a or n.amount >= hi_a)
+
+
+def _completes(counts: list[int], k: int, c: int, a: int) -> bool:
+    """Whether `k` nodes can be taken from a pool with `counts` per class so that at least `c` of them
+    take the high vCPU share and at least `a` the high amount share.
+
+    Classes (index = 2 * vCPU-high + amount-high): 0 low only, 1 amount high, 2 vCPU high, 3 both.
+    Nodes of class 3 count for both, so `c + a - k` of them are needed when c + a exceeds k.
+    """
+    c, a = max(c, 0), max(a, 0)
+    both = counts[3]
+    return (
+        c <= k and a <= k and sum(counts) >= k and both + counts[2] >= c and both + counts[1] >= a and c + a - k <= both
+    )
+
+
+def _take(cls: list[int], k: int, r_c: int, r_a: int, first: int | None) -> list[int]:
+    """Positions of the best-scoring k nodes that hold the split, given the class of each candidate
+    in score order: each is taken unless the rest could then no longer complete the split (exact, by
+    counting). `first` (a position) is taken before any other; [] when no split contains it.
+    """
+    counts = [0, 0, 0, 0]
+    for x in cls:
+        counts[x] += 1
+    picked: list[int] = []
+    if first is not None:
+        counts[cls[first]] -= 1
+        if not _completes(counts, k - 1, r_c - (cls[first] >> 1), r_a - (cls[first] & 1)):
+            return []
+        picked.append(first)
+        k, r_c, r_a = k - 1, r_c - (cls[first] >> 1), r_a - (cls[first] & 1)
+    for i, x in enumerate(cls):
+        if not k:
+            break
+        if i == first:
+            continue
+        counts[x] -= 1
+        if _completes(counts, k - 1, r_c - (x >> 1), r_a - (x & 1)):
+            picked.append(i)
+            k, r_c, r_a = k - 1, r_c - (x >> 1), r_a - (x & 1)
+    return picked
+
+
 def _choose(
     free: list[_NodeFree], need: _Need, ifaces: Sequence[_Iface], vfs_used: dict[str, int]
-) -> tuple[list[_NodeFree], list[int], list[int]] | None:
-    """Fewest nodes, split evenly, best fit. Returns (nodes by id, vCPU shares, amount shares)."""
+) -> tuple[list[_NodeFree], dict[int, int], dict[int, int]] | None:
+    """Fewest nodes, split evenly, best fit. Returns (nodes by id, vCPUs by node, amount by node).
+
+    Over k nodes the even split gives each node the low or the high share of vCPUs and, on its own,
+    the low or the high share of the amount; `r_c` nodes take the high vCPU share and `r_a` the high
+    amount share, and which ones is free in each dimension. So k nodes fit exactly when every one
+    holds both low shares, r_c of them can hold the high vCPU share and r_a the high amount share:
+    counting nodes per class decides it, and best fit takes nodes in score order while the count
+    says the rest can still complete the split (O(nodes log nodes) per k, no subsets tried).
+    SR-IOV: when the best set has no local VF for every interface, each node in turn is forced
+    into the set (best first); exact for one interface, and for several that one node can serve.
+    """
     sriov = [f for f in ifaces if f.type == "sriov"]
-    for k in range(1, min(len(free), need.vcpus) + 1):
+    # Every guest cell needs at least one vCPU and one unit of memory (a page): never a cell with nothing in it.
+    for k in range(1, min(len(free), need.vcpus, need.amount // need.unit) + 1):
         cpu = _even(need.vcpus, k)
         amt = _even(need.amount, k, need.unit)
         lo_c, hi_c = cpu[-1], cpu[0]
         lo_a, hi_a = amt[-1], amt[0]
+        r_c = cpu.count(hi_c) if need.pin and hi_c > lo_c else 0
+        r_a = amt.count(hi_a) if hi_a > lo_a else 0
         cand = [n for n in free if n.amount >= lo_a and (not need.pin or n.threads >= lo_c)]
         if len(cand) < k:
             continue
+        counts = [0, 0, 0, 0]
+        for n in cand:
+            counts[_klass(n, r_c, hi_c, r_a, hi_a)] += 1
+        if not _completes(counts, k, r_c, r_a):
+            continue
 
-        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a) -> tuple:
+        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a, lo: int = lo_c) -> tuple:
             local = -sum(1 for f in sriov if any(x.numa_node in (None, n.id) for x in f.nics))
-            thr = (n.breaks(c), n.threads - c) if need.pin else (0, 0)
+            thr = (n.breaks(c if n.threads >= c else lo), n.threads - c) if need.pin else (0, 0)
             return (local, *thr, n.amount - a, n.id)
 
-        if k == 1:
-            chosen = sorted(cand, key=score)
-            for n in chosen:
-                if sriov and _assign_vfs(ifaces, {n.id}, vfs_used) is None:
-                    continue
-                return [n], cpu, amt
-            continue
-        strong = [n for n in cand if n.amount >= hi_a and (not need.pin or n.threads >= hi_c)]
-        r = max(
-            sum(1 for x in cpu if x == hi_c) if hi_c > lo_c else 0,
-            sum(1 for x in amt if x == hi_a) if hi_a > lo_a else 0,
-        )
-        strong.sort(key=score)
-        picked = strong[:r]
-        ids = {n.id for n in picked}
-        rest = sorted((n for n in cand if n.id not in ids), key=score)
-        picked += rest[: k - len(picked)]
-        if not _shares_fit(picked, cpu, amt, need):
-            if len(strong) < k:
-                continue
-            picked = strong[:k]
+        cand.sort(key=score)
+        cls = [_klass(n, r_c, hi_c, r_a, hi_a) for n in cand]
+        picked = [cand[i] for i in _take(cls, k, r_c, r_a, None)]
         if sriov and _assign_vfs(ifaces, {n.id for n in picked}, vfs_used) is None:
-            continue
-        return sorted(picked, key=lambda n: n.id), cpu, amt
+            picked = []
+            for first in range(len(cand)):
+                got = [cand[i] for i in _take(cls, k, r_c, r_a, first)]
+                if got and _assign_vfs(ifaces, {n.id for n in got}, vfs_used) is not None:
+                    picked = got
+                    break
+            if not picked:
+                continue
+        picked.sort(key=lambda n: n.id)
+        # High shares to the nodes that hold them with least left over (best fit); unpinned vCPUs
+        # are bound by no node resource and go by node id.
+        by_cpu = (lambda n, c=hi_c: (n.threads < c, n.breaks(c), n.threads, n.id)) if need.pin else None
+        return (
+            picked,
+            _assign_shares(picked, cpu, by_cpu),
+            _assign_shares(picked, amt, lambda n, a=hi_a: (n.amount < a, n.amount, n.id)),
+        )
     return None
 
 
-def _shares_fit(nodes: list[_NodeFree], cpu: list[int], amt: list[int], need: _Need) -> bool:
-    if need.pin and any(c > t for c, t in zip(cpu, sorted((n.threads for n in nodes), reverse=True), strict=False)):
-        return False
-    return all(a <= p for a, p in zip(amt, sorted((n.amount for n in nodes), reverse=True), strict=False))
-
-
 def _assign_shares(nodes: list[_NodeFree], shares: list[int], key) -> dict[int, int]:
-    """Larger shares to the roomier nodes (ties by node id)."""
-    order = sorted(nodes, key=lambda n: (-key(n), n.id))
-    return {n.id: s for n, s in zip(order, shares, strict=False)}
+    """`shares` (larger first) to `nodes` in `key` order (node id order when key is None)."""
+    order = sorted(nodes, key=key) if key is not None else nodes
+    return {n.id: s for n, s in zip(order, shares, strict=True)}
 
 
 def _splits_fit(have: list[int], total: int, k_max: int, unit: int = 1) -> bool:
@@ -868,9 +924,7 @@ def _place_bound(
     if got is None:
         sriov = any(f.type == "sriov" for f in ifaces)
         raise PlacementError(_shortage(free, need, sriov))
-    nodes, cpu_shares, amt_shares = got
-    cpu_by = _assign_shares(nodes, cpu_shares, lambda n: n.threads if pin else 0)
-    amt_by = _assign_shares(nodes, amt_shares, lambda n: n.amount)
+    nodes, cpu_by, amt_by = got
     ids = [n.id for n in nodes]
     groups: dict[int, list[int]] = {}
     whole = True
@@ -909,7 +963,7 @@ def _place_explicit(
     groups = {i: sorted(t for t in cpus if thread_node[t] == i) for i in ids}
     shares = _even(need.amount, len(ids), need.unit)
     free = {nu.node: nu for nu in usage.nodes}
-    # Larger shares to the roomier nodes, as for automatic placement.
+    # Larger shares to the roomier nodes: with the nodes fixed by the cpus, the surest fit.
     have = {i: (free[i].hugepages_free(need.size) if need.size else free[i].memory_free) for i in ids}
     order = sorted(ids, key=lambda i: (-have[i], i))
     amt = {i: s for i, s in zip(order, shares, strict=False)}
