@@ -333,7 +333,7 @@ class Policy:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HugepageAllocation:
     size: str
     per_node: dict[int, int] = field(hash=False)
@@ -350,7 +350,7 @@ class HugepageAllocation:
         return cls(size=parse_hugepage_size(d["size"]), per_node={int(k): int(v) for k, v in d["per_node"].items()})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Cell:
     """A guest NUMA cell mirroring a host node: guest vCPU ids and memory placed on `node`."""
 
@@ -366,7 +366,7 @@ class Cell:
         return cls(node=int(d["node"]), vcpus=tuple(int(v) for v in d["vcpus"]), memory=int(d["memory"]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DiskAllocation:
     label: str
     size: int
@@ -381,7 +381,7 @@ class DiskAllocation:
         return cls(label=str(d["label"]), size=int(d["size"]), pool=str(d["pool"]), tags=tuple(d.get("tags") or ()))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NicAllocation:
     """A guest NIC and what it attaches to on the host.
 
@@ -421,7 +421,7 @@ class NicAllocation:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Allocation:
     """What a VM was given. Stored in the VM's hypervisor metadata; usage is recomputed from these.
 
