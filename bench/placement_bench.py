@@ -12,7 +12,6 @@ hypervisor. "warm" (the same objects again, usage cached) is reported too, for r
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import random
@@ -132,9 +131,9 @@ def run(path: Path, out: Path, reps: int, budget: float) -> None:
     for case in data["cases"]:
         host = HostTopology.from_dict(case["host"])
         policy = Policy.from_dict(case["policy"])
-        allocs = [Allocation.from_dict(a) for a in case["residents"]]
-        # 5 distinct copies of the resident list: more than placement's state cache (4), so every call is cold.
-        copies = [[copy.copy(a) for a in allocs] for _ in range(5)]
+        # 5 distinct copies of the resident list, each parsed afresh as the providers parse hypervisor metadata:
+        # more than placement's state cache (4), so every call is cold.
+        copies = [[Allocation.from_dict(a) for a in case["residents"]] for _ in range(5)]
         for r in case["requests"]:
             req = VmRequest.from_dict({k: v for k, v in r.items() if k not in ("span", "feasible")} | {"name": "new"})
             cold: list[int] = []
