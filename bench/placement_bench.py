@@ -121,7 +121,7 @@ def timed(fn) -> tuple[object, int, int]:
     try:
         got = fn()
     except PlacementError as e:
-        got = e
+        got = e.with_traceback(None)  # keep the reason, not a frame cycle of the harness's own making
     return got, time.perf_counter_ns() - w0, time.thread_time_ns() - c0
 
 

@@ -1043,7 +1043,10 @@ def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequ
             nics=_nic_allocations(ifaces_used, vfs),
         )
     assert error is not None
-    raise error
+    try:
+        raise error
+    finally:
+        error = None  # no frame <-> traceback cycle left for the garbage collector to find
 
 
 def _place_bound_with_fallback(st, request, policy, size, ifaces):
