@@ -29,7 +29,11 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--cpu-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_CPU_OVERCOMMIT", 1.0)))
     p.add_argument("--memory-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_MEM_OVERCOMMIT", 1.0)))
     p.add_argument("--reserved-cores", default=os.environ.get("VMHOST_RESERVED_CORES", ""), help="e.g. 0-1")
-    p.add_argument("--reserved-memory", default=os.environ.get("VMHOST_RESERVED_MEMORY", "0"), help="e.g. 2G")
+    p.add_argument(
+        "--reserved-memory",
+        default=os.environ.get("VMHOST_RESERVED_MEMORY", "0"),
+        help="e.g. 2G (a bare number is MiB)",
+    )
     p.add_argument("--default-storage-pool", default=os.environ.get("VMHOST_DEFAULT_POOL"))
     return p
 

@@ -173,8 +173,9 @@ class Host:
 
     def _cmdline_args(self, wanted: dict[tuple[int, str], int], sizes: Sequence[str]) -> str:
         nodes = self.numa_nodes()
-        default = "2M" if "2M" in sizes else sizes[0]
-        args = [f"default_hugepagesz={default}"]
+        # Keep the running kernel's default size: LXD backs VMs with the default size only, so changing it
+        # would move every existing LXD hugepage VM to other pages after the reboot.
+        args = [f"default_hugepagesz={self.default_hugepage_size()}"]
         for size in sizes:
             per_node = [wanted.get((n, size), 0) for n in nodes]
             count = (

@@ -307,6 +307,7 @@ class Policy:
     @classmethod
     def from_dict(cls, d: dict) -> Policy:
         reserved = d.get("reserved_cores") or ()
+        reserved_mem = d.get("reserved_memory", 0) or 0
         ratios = {}
         for key in ("cpu_overcommit_ratio", "memory_overcommit_ratio"):
             raw = d.get(key, 1.0)
@@ -319,7 +320,8 @@ class Policy:
         return cls(
             **ratios,
             reserved_cores=parse_cpuset(reserved) if reserved else (),
-            reserved_memory=parse_size(d.get("reserved_memory", 0) or 0),
+            # A bare number in a string is MiB, as for VM memory and the charm option (MAAS habit); ints are bytes.
+            reserved_memory=parse_size(reserved_mem, default_unit="M" if isinstance(reserved_mem, str) else ""),
             default_storage_pool=d.get("default_storage_pool") or None,
         )
 

@@ -399,7 +399,7 @@ def _per_node(values: Sequence[tuple[int, str]]) -> str:
 @dataclass
 class _Iface:
     spec: InterfaceSpec
-    type: str  # bridge | macvlan | sriov
+    type: str  # bridge | network | macvlan | sriov
     nics: list[Nic]  # candidates, best first (bridge/macvlan use the first)
     fallback: list[Nic]  # macvlan candidates when SR-IOV was only preferred, not forced
 
@@ -468,6 +468,8 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
                 if _matches(parent, replace(s, name=None)):
                     bridges.setdefault(n.bridge, parent)
         bridge = sorted(bridges.values(), key=lambda n: n.name)
+        # Hypervisor-managed networks (libvirt's "default" NAT network, say) attach like a bridge.
+        networks = sorted((n for n in matched if n.kind == "network"), key=lambda n: n.name)
         sriov = sorted(
             (n for n in matched if n.sriov_max_vfs > 0),
             key=lambda n: (vfs_used.get(n.name, 0) - n.sriov_max_vfs, n.name),
@@ -477,10 +479,13 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
             bridge = [n for n in bridge if _contains_ip(n, s.ip)] or bridge
         free_sriov = [n for n in sriov if vfs_used.get(n.name, 0) < n.sriov_max_vfs]
         names = ", ".join(sorted(n.name for n in matched))
-        if s.type == "bridge" or (s.type is None and bridge):
-            if not bridge:
+        if s.type == "bridge" or (s.type is None and (bridge or networks)):
+            if bridge:
+                out.append(_Iface(s, "bridge", bridge, []))
+            elif networks:
+                out.append(_Iface(s, "network", networks, []))
+            else:
                 raise PlacementError(f"interface {s.label}: no bridge matches {_describe(s)}; matching: {names}")
-            out.append(_Iface(s, "bridge", bridge, []))
         elif s.type == "sriov" or (s.type is None and free_sriov):
             if not free_sriov:
                 full = ", ".join(f"{n.name} {vfs_used.get(n.name, 0)}/{n.sriov_max_vfs}" for n in sriov)
@@ -1022,7 +1027,12 @@ def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequ
     if not request.numa_bound:
         _check_shared(usage, request.cores, policy)
         _check_memory(usage, request.memory, policy)
-        vfs = _assign_vfs(ifaces, None, usage.vfs_used) or {}
+        vfs = _assign_vfs(ifaces, None, usage.vfs_used)
+        if vfs is None:  # not every SR-IOV interface can have a VF at once: soft ones fall back to macvlan
+            ifaces = _without_soft_sriov(ifaces)
+            vfs = _assign_vfs(ifaces, None, usage.vfs_used)
+            if vfs is None:
+                raise PlacementError(_vf_shortage(ifaces, usage.vfs_used))
         return Allocation(**common, nics=_nic_allocations(ifaces, vfs))
     sizes = _hugepage_sizes(request) if request.hugepages_backed else [None]
     error: PlacementError | None = None
@@ -1054,10 +1064,20 @@ def _place_bound_with_fallback(st, request, policy, size, ifaces):
     try:
         return (*_place_bound(st, request, policy, size, ifaces), ifaces)
     except PlacementError:
-        soft = [f for f in ifaces if f.type == "sriov" and f.fallback]
-        if not soft:
+        downgraded = _without_soft_sriov(ifaces)
+        if downgraded == ifaces:
             raise
-        downgraded = [
-            _Iface(f.spec, "macvlan", f.fallback, []) if f.type == "sriov" and f.fallback else f for f in ifaces
-        ]
         return (*_place_bound(st, request, policy, size, downgraded), downgraded)
+
+
+def _without_soft_sriov(ifaces: list[_Iface]) -> list[_Iface]:
+    """SR-IOV that was only preferred (no `type=sriov`) becomes macvlan on its fallback NICs."""
+    return [_Iface(f.spec, "macvlan", f.fallback, []) if f.type == "sriov" and f.fallback else f for f in ifaces]
+
+
+def _vf_shortage(ifaces: Sequence[_Iface], vfs_used: Mapping[str, int]) -> str:
+    """Rule 7 for VFs: how many are needed and what each candidate NIC has free."""
+    need = [f for f in ifaces if f.type == "sriov"]
+    nics = sorted({n.name: n for f in need for n in f.nics}.values(), key=lambda n: n.name)
+    have = ", ".join(f"{n.name} has {max(0, n.sriov_max_vfs - vfs_used.get(n.name, 0))} free" for n in nics)
+    return f"sriov: need {len(need)} VFs at once, {have}"

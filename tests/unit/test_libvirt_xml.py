@@ -208,6 +208,16 @@ def test_foreign_unbound_hugepages_are_spread_over_host_nodes_and_ranges_are_not
     assert a.hugepages.per_node == {0: 256, 1: 256}
 
 
+def test_foreign_guest_cells_without_numatune_spread_pages_over_host_nodes_not_node_0():
+    """Guest NUMA cells tied to no host node say nothing about where the kernel took the pages."""
+    xml = """<domain><name>cells</name><memory unit='GiB'>4</memory><vcpu>2</vcpu>
+      <memoryBacking><hugepages><page size='2048' unit='KiB'/></hugepages></memoryBacking>
+      <cpu><numa><cell id='0' cpus='0' memory='2' unit='GiB'/><cell id='1' cpus='1' memory='2' unit='GiB'/></numa></cpu>
+      </domain>"""
+    a = allocation_from_foreign_xml(xml, host_nodes=(0, 1))
+    assert a.hugepages.per_node == {0: 1024, 1: 1024}
+
+
 def test_floating_vm_is_confined_to_the_shared_threads():
     """vCPUs and emulator may run on the threads no VM pins, and nowhere else; nothing is pinned per vCPU."""
     plan, kwargs = FLOATING_CASES["floating_shared_cpuset"]

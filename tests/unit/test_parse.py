@@ -507,3 +507,9 @@ def test_vm_request_cores_must_be_ascii_digits():
     with pytest.raises(ParseError, match="cores '²'"):
         VmRequest.from_dict({"cores": "²"})
     assert VmRequest.from_dict({"cores": " 4 "}).cores == 4
+
+
+def test_policy_reserved_memory_bare_number_is_mib_like_the_charm_option():
+    assert Policy.from_dict({"reserved_memory": "2048"}).reserved_memory == 2048 * 1024**2
+    assert Policy.from_dict({"reserved_memory": "2G"}).reserved_memory == 2 * 1024**3
+    assert Policy.from_dict({"reserved_memory": 4096}).reserved_memory == 4096  # ints are bytes (the API)

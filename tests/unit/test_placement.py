@@ -8,6 +8,7 @@ import pytest
 
 from tests.unit.hosts import GiB, MiB, synthetic_host
 from vmhost.model import Allocation, Nic, Policy, StoragePool, VmRequest
+from vmhost.parse import ParseError
 from vmhost.placement import HostUsage, PlacementError, compute_usage, place
 
 
@@ -458,3 +459,98 @@ def test_hugepage_memory_is_split_evenly_in_pages():
     a = place(host, [], req(cores=2, memory=f"{1500 * 2}M", hugepage_size="2M"), Policy())
     assert sorted(a.hugepages.per_node.values()) == [750, 750]
     assert [c.memory for c in a.cells] == [750 * 2 * MiB] * 2
+
+
+# ---- review findings: VFs for several interfaces at once, hypervisor networks, totality with NICs
+
+
+def _vf_host(vfs: int = 1):
+    nics = [
+        Nic(name="enp65s0f0", numa_node=1, sriov_max_vfs=vfs),
+        Nic(name="eno1", kind="physical", numa_node=0),
+    ]
+    return synthetic_host(2, 4, 2, nics=nics)
+
+
+def test_two_forced_sriov_interfaces_on_one_vf_are_refused_with_the_vf_count():
+    req = VmRequest.from_dict({"cores": 1, "memory": "1G", "interfaces": "eth0:type=sriov;eth1:type=sriov"})
+    with pytest.raises(PlacementError) as err:
+        place(_vf_host(1), [], req, Policy())
+    assert str(err.value) == "sriov: need 2 VFs at once, enp65s0f0 has 1 free"
+
+
+def test_preferred_sriov_beyond_the_free_vfs_falls_back_to_macvlan():
+    req = VmRequest.from_dict({"cores": 1, "memory": "1G", "interfaces": "eth0:name=enp65s0f0;eth1:name=enp65s0f0"})
+    got = place(_vf_host(1), [], req, Policy())
+    assert sorted(n.type for n in got.nics) == ["macvlan", "macvlan"] or sorted(n.type for n in got.nics) == [
+        "macvlan",
+        "sriov",
+    ]
+    assert sum(1 for n in got.nics if n.type == "sriov") <= 1
+
+
+def test_a_hypervisor_network_is_attached_when_no_bridge_matches():
+    host = synthetic_host(1, 2, 1, nics=[Nic(name="default", kind="network", addresses=("192.168.122.1/24",))])
+    got = place(
+        host, [], VmRequest.from_dict({"cores": 1, "memory": "1G", "interfaces": "eth0:name=default"}), Policy()
+    )
+    assert [(n.type, n.parent) for n in got.nics] == [("network", "default")]
+    got = place(
+        host,
+        [],
+        VmRequest.from_dict({"cores": 1, "memory": "1G", "interfaces": "eth0:subnet=192.168.122.0/24"}),
+        Policy(),
+    )
+    assert [(n.type, n.parent) for n in got.nics] == [("network", "default")]
+
+
+_IFACE_TOKENS = [
+    "type=sriov",
+    "type=bridge",
+    "type=macvlan",
+    "name=enp65s0f0",
+    "name=eno1",
+    "name=br0",
+    "space=public",
+    "vlan=10",
+    "subnet=10.20.0.0/24",
+    "ip=10.20.0.7",
+]
+
+
+def test_place_is_total_over_interface_constraints():
+    """Any interface mix on a host with a bridge, a VLAN, a physical NIC and SR-IOV: an Allocation or a PlacementError."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    nics = [
+        Nic(name="br0", kind="bridge", addresses=("10.20.0.1/24",), space="public"),
+        Nic(name="eno1", kind="physical", numa_node=0, bridge="br0"),
+        Nic(name="eno2.10", kind="vlan", vlan=10, numa_node=0),
+        Nic(name="enp65s0f0", kind="physical", numa_node=1, sriov_max_vfs=2),
+    ]
+    host = synthetic_host(2, 2, 2, hugepages={"2M": 1024}, nics=nics)
+    iface = st.lists(st.sampled_from(_IFACE_TOKENS), min_size=0, max_size=3, unique=True).map(",".join)
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(iface, min_size=1, max_size=4), st.sampled_from([None, "auto"]), st.booleans())
+    def check(specs, pinned, huge):
+        text = ";".join(f"eth{i}:{s}" for i, s in enumerate(specs))
+        try:
+            req = VmRequest.from_dict(
+                {"cores": 2, "memory": "1G", "interfaces": text, "pinned_cores": pinned, "hugepages_backed": huge}
+            )
+        except ParseError:
+            return  # a malformed spec (two types, say) is the parser's to refuse, tested there
+        try:
+            got = place(host, [], req, Policy())
+        except PlacementError:
+            return
+        assert len(got.nics) == len(specs)
+        used = {}
+        for n in got.nics:
+            if n.type == "sriov":
+                used[n.parent] = used.get(n.parent, 0) + 1
+        assert all(v <= 2 for v in used.values())
+
+    check()

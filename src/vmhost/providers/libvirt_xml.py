@@ -292,9 +292,9 @@ def allocation_from_foreign_xml(
     cells = []
     for c in root.findall("cpu/numa/cell"):
         cid = int(c.get("id", len(cells)))
-        host_nodes = memnodes.get(cid) or numa_nodes
-        if len(host_nodes) == 1:
-            cells.append(Cell(host_nodes[0], parse_cpuset(c.get("cpus")), _bytes(c)))
+        bound = memnodes.get(cid) or numa_nodes  # the host node(s) this guest cell's memory is tied to
+        if len(bound) == 1:
+            cells.append(Cell(bound[0], parse_cpuset(c.get("cpus")), _bytes(c)))
     if len(cells) != len(root.findall("cpu/numa/cell")):
         cells = []
 
