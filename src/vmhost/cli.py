@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 
@@ -13,8 +12,6 @@ from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.providers.base import ProviderError, get_provider
 from vmhost.service import BOOT_MODES, VmHost
-
-_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -95,8 +92,6 @@ def _host(args: argparse.Namespace) -> VmHost:
 
 
 def _request(args: argparse.Namespace) -> VmRequest:
-    if args.hostname and not _HOSTNAME_RE.match(args.hostname):
-        raise ParseError(f"hostname {args.hostname!r} is not valid; use lower-case letters, digits and '-' (max 63)")
     return VmRequest.from_dict(
         {
             "cores": args.cores,

@@ -23,6 +23,7 @@ from vmhost.parse import (
     parse_interfaces,
     parse_size,
     parse_storage,
+    parse_vm_name,
 )
 
 __all__ = [
@@ -269,7 +270,7 @@ class VmRequest:
             interfaces=d["interfaces"]
             if isinstance(d.get("interfaces"), tuple)
             else parse_interfaces(d.get("interfaces")),
-            name=d.get("name") or None,
+            name=parse_vm_name(d["name"]) if d.get("name") else None,
             pool=d.get("pool") or None,
             owner=d.get("owner") or None,
         )

@@ -22,6 +22,7 @@ __all__ = [
     "parse_interfaces",
     "parse_size",
     "parse_storage",
+    "parse_vm_name",
 ]
 
 
@@ -81,6 +82,16 @@ def format_size(n: int) -> str:
         if n and n % mult == 0:
             return f"{n // mult}{suffix}"
     return str(n)
+
+
+_VM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def parse_vm_name(value: str) -> str:
+    """A VM name that is also a valid host name, domain name, LXD instance name and volume name prefix."""
+    if not isinstance(value, str) or not _VM_NAME_RE.fullmatch(value):
+        raise ParseError(f"hostname {value!r} is not valid; use lower-case letters, digits and '-' (at most 63)")
+    return value
 
 
 def parse_hugepage_size(value: str) -> str:

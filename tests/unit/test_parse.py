@@ -30,6 +30,7 @@ from vmhost.parse import (
     parse_interfaces,
     parse_size,
     parse_storage,
+    parse_vm_name,
 )
 
 TiB = 1024**4
@@ -513,3 +514,17 @@ def test_policy_reserved_memory_bare_number_is_mib_like_the_charm_option():
     assert Policy.from_dict({"reserved_memory": "2048"}).reserved_memory == 2048 * 1024**2
     assert Policy.from_dict({"reserved_memory": "2G"}).reserved_memory == 2 * 1024**3
     assert Policy.from_dict({"reserved_memory": 4096}).reserved_memory == 4096  # ints are bytes (the API)
+
+
+@pytest.mark.parametrize("name", ["Bad_Name", "-lead", "trail-", "a" * 64, "a.b", "", "vm 1", "ümlaut"])
+def test_vm_names_are_host_names_or_refused_naming_them(name):
+    with pytest.raises(ParseError) as err:
+        parse_vm_name(name)
+    assert repr(name) in str(err.value)
+
+
+def test_vm_request_name_is_checked_in_the_workload_package():
+    assert VmRequest.from_dict({"name": "db-1"}).name == "db-1"
+    assert parse_vm_name("a" * 63) == "a" * 63
+    with pytest.raises(ParseError, match=r"'x/\.\./y'"):
+        VmRequest.from_dict({"name": "x/../y"})
