@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import logging
+import traceback
 from dataclasses import replace
 from typing import Any
 
 import ops
+from pydantic import ValidationError
 
-from charms.vm_host.v0.vm_allocation import VmAllocationProvider, VmStatus
+from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, VmAllocationProvider, VmStatus
 from vmhost import broker
 from vmhost.providers.base import ProviderError
 
@@ -26,6 +28,7 @@ logger = logging.getLogger(__name__)
 ASSIGNMENTS_KEY = "assignments"
 CAPACITY_KEY = "capacity"
 RESULTS_KEY = "results"
+INTERNAL_ERROR = "the host hit an internal error serving this request; its operator can find the cause in the unit log"
 
 
 def _json(data: Any, key: str, default: Any) -> Any:
@@ -35,6 +38,31 @@ def _json(data: Any, key: str, default: Any) -> Any:
     except (ValueError, TypeError):
         return default
     return value if isinstance(value, type(default)) else default
+
+
+def bounded(message: str | None, limit: int = MAX_MESSAGE) -> str | None:
+    """`message` cut to the library's bound: remote text can make a message any length, and a status
+    the library refuses would fail the hook for every request (every publish path goes through here)."""
+    if message is None or len(message) <= limit:
+        return message
+    return message[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
+
+
+def _status(entry: dict[str, Any]) -> VmStatus:
+    """One published status; an entry the library still refuses is reported failed, not raised."""
+    try:
+        return VmStatus.model_validate({**entry, "message": bounded(entry.get("message"))})
+    except ValidationError as e:
+        logger.error("status for request %s is unpublishable (%s)", entry.get("id"), _where(e))
+        return VmStatus(id=str(entry.get("id"))[:128], status="failed", message=INTERNAL_ERROR)
+
+
+def _where(e: BaseException) -> str:
+    """Exception type and the innermost frame: enough to find a bug, never the message (it may echo
+    a remote request's keys or user data)."""
+    frames = traceback.extract_tb(e.__traceback__)
+    at = f" at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else ""
+    return f"{type(e).__name__}{at}"
 
 
 def _own_results(peer: ops.Relation | None, unit: ops.Unit) -> dict[str, broker.Result]:
@@ -172,7 +200,9 @@ class AllocationRelation(ops.Object):
             results = {}
         if peer is not None:
             mine = peer.data[unit]
-            mine[RESULTS_KEY] = json.dumps({o: r.to_dict() for o, r in sorted(results.items())})
+            mine[RESULTS_KEY] = json.dumps(
+                {o: replace(r, message=bounded(r.message)).to_dict() for o, r in sorted(results.items())}
+            )
             mine[CAPACITY_KEY] = json.dumps(self._capacity(host).to_dict())
 
         if leader:
@@ -181,8 +211,8 @@ class AllocationRelation(ops.Object):
             errors = {i.relation_id: i.error for i in inputs}
             for rel in self.provider.relations:
                 if rel.id in merged:
-                    statuses = [VmStatus.model_validate(e) for e in merged[rel.id]]
-                    self.provider.publish(rel, statuses, error=errors.get(rel.id))
+                    statuses = [_status(e) for e in merged[rel.id]]
+                    self.provider.publish(rel, statuses, error=bounded(errors.get(rel.id)))
 
     def _execute(
         self,
@@ -200,6 +230,8 @@ class AllocationRelation(ops.Object):
                 logger.info("released relation VM %s", name)
             except ProviderError as e:
                 logger.warning("could not release relation VM %s: %s", name, e)
+            except Exception as e:  # one bad release must not stop the other requests being served
+                logger.error("could not release relation VM %s: unexpected %s", name, _where(e))
         outcomes: dict[str, tuple[str, str]] = {}
         for acc in compose:
             try:
@@ -211,6 +243,9 @@ class AllocationRelation(ops.Object):
                 vm = host.compose(acc.request, start=True, boot=acc.boot, image=acc.image, cloud_init=acc.cloud_init)
                 logger.info("composed %s for %s", vm.name, acc.owner)
             except (PlacementError, ProviderError, ValueError, RuntimeError, OSError) as e:
-                outcomes[acc.owner] = ("failed", str(e))
+                outcomes[acc.owner] = ("failed", bounded(str(e)))
                 logger.warning("compose for %s failed: %s", acc.owner, e)
+            except Exception as e:  # a bug hit by one request must not stop the others being served
+                outcomes[acc.owner] = ("failed", INTERNAL_ERROR)
+                logger.error("compose for %s failed: unexpected %s", acc.owner, _where(e))
         return outcomes

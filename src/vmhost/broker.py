@@ -32,6 +32,7 @@ __all__ = [
     "Settings",
     "assign",
     "evaluate",
+    "first_few",
     "merge_statuses",
     "nic_policy_error",
     "owner_key",
@@ -43,6 +44,11 @@ __all__ = [
 
 DEFAULT_CORES = 1
 DEFAULT_MEMORY = 1024**3
+FEW = 3  # how many items of a list a message names before "and N more"
+IMAGE_REJECTION = (
+    "image must be a name of an image in the host's image directory "
+    "(letters, digits, '.', '_', ':', '-'; no '/' and no '..')"
+)
 _OWNER_RE = re.compile(r"^(?P<model>[A-Za-z0-9-]{1,64})/(?P<app>[a-z][a-z0-9-]{0,62})/(?P<id>[a-z0-9][a-z0-9-]{0,62})$")
 
 
@@ -59,6 +65,14 @@ def split_owner(owner: str | None) -> tuple[str, str, str] | None:
     """(model uuid, app, request id) of a relation owner key; None for VMs made any other way."""
     m = _OWNER_RE.match(owner or "")
     return (m["model"], m["app"], m["id"]) if m else None
+
+
+def first_few(items: Sequence[str], few: int = FEW) -> str:
+    """A list as "a, b, c and 17 more": remote lists are unbounded, and a status message has a size limit."""
+    items = list(items)
+    if len(items) <= few:
+        return ", ".join(items)
+    return f"{', '.join(items[:few])} and {len(items) - few} more"
 
 
 def vm_name(owner: str) -> str:
@@ -229,8 +243,8 @@ def _map_interface(s: InterfaceSpec, settings: Settings) -> InterfaceSpec:
     bridges = {settings.space_bridges[sp] for sp in s.space if sp in settings.space_bridges}
     if not bridges:
         if s.space:
-            known = ", ".join(sorted(settings.space_bridges)) or "none"
-            asked = ", ".join(s.space)
+            known = first_few(sorted(settings.space_bridges)) or "none"
+            asked = first_few(s.space)
             raise Rejected(
                 f"interfaces: {s.label} asks for space {asked}, which this host does not know "
                 f"(spaces in its space-bridges: {known}); leave space out to get the network "
@@ -238,7 +252,7 @@ def _map_interface(s: InterfaceSpec, settings: Settings) -> InterfaceSpec:
             )
         return s
     if len(bridges) > 1:
-        raise Rejected(f"interfaces: {s.label} asks for spaces on different bridges ({', '.join(sorted(bridges))})")
+        raise Rejected(f"interfaces: {s.label} asks for spaces on different bridges ({first_few(sorted(bridges))})")
     bridge = bridges.pop()
     if s.name is not None and s.name != bridge:
         raise Rejected(f"interfaces: {s.label} names host interface {s.name} but its space is on bridge {bridge}")
@@ -253,6 +267,9 @@ def _allowed_by_name(name: str, settings: Settings) -> bool:
 
 def build_request(spec: Mapping[str, Any], owner: str, settings: Settings) -> Accepted:
     """The VmRequest and cloud-init for one shape-checked spec; raises Rejected naming the field."""
+    image = spec.get("image")
+    if image is not None and not _bare_name(image):
+        raise Rejected(IMAGE_REJECTION)
     try:
         storage = parse_storage(spec.get("storage"))
     except ParseError as e:
@@ -274,7 +291,7 @@ def build_request(spec: Mapping[str, Any], owner: str, settings: Settings) -> Ac
         if settings.allowed_networks and mapped.name is not None and not _allowed_by_name(mapped.name, settings):
             raise Rejected(
                 f"interfaces: {s.label} would attach to {mapped.name}, which is not in allowed-networks "
-                f"({', '.join(settings.allowed_networks)})"
+                f"({first_few(settings.allowed_networks)})"
             )
         interfaces.append(mapped)
     name = vm_name(owner)
@@ -299,7 +316,13 @@ def build_request(spec: Mapping[str, Any], owner: str, settings: Settings) -> Ac
         ssh_authorized_keys=tuple(spec.get("ssh_authorized_keys") or ()),
         user_data=spec.get("user_data"),
     )
-    return Accepted(owner=owner, request=request, cloud_init=ci, image=spec.get("image"))
+    return Accepted(owner=owner, request=request, cloud_init=ci, image=image)
+
+
+def _bare_name(image: Any) -> bool:
+    """A name the host looks up in its own image directory, never a path (DESIGN.md §7: no raw
+    hypervisor input passes through; on libvirt a path would upload a host file as the root disk)."""
+    return isinstance(image, str) and bool(image) and "/" not in image and "\\" not in image and ".." not in image
 
 
 def nic_policy_error(allocation: Allocation, host_nics: Sequence[Nic], settings: Settings) -> str | None:
@@ -333,7 +356,7 @@ def nic_policy_error(allocation: Allocation, host_nics: Sequence[Nic], settings:
             continue
         return (
             f"interfaces: {nic.label} would attach to {nic.parent}, which is not in allowed-networks "
-            f"({', '.join(settings.allowed_networks)})"
+            f"({first_few(settings.allowed_networks)})"
         )
     return None
 

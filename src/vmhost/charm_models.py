@@ -127,6 +127,7 @@ class CharmConfig(BaseModel):
     allowed_networks: tuple[str, ...] = ()
     relation_quota: Quota = Quota()
     libvirt_uri: str = "qemu:///system"
+    libvirt_image_dir: str = "/var/lib/vmhost/images"
 
     @field_validator("lxd_snap_channel")
     @classmethod
@@ -140,6 +141,14 @@ class CharmConfig(BaseModel):
     def _uri(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", v):
             raise ValueError(f"{v!r} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://virsh@host/system")
+        return v
+
+    @field_validator("libvirt_image_dir")
+    @classmethod
+    def _image_dir(cls, v: str) -> str:
+        v = v.strip()
+        if not v.startswith("/") or "\n" in v:
+            raise ValueError(f"{v!r} is not an absolute directory path; use e.g. /var/lib/vmhost/images")
         return v
 
     @field_validator("reserved_cores", mode="before")

@@ -263,32 +263,64 @@ def test_cloud_init_seed_is_attached_with_the_static_address_and_removed_on_deco
 
 
 @pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img (qemu-utils package) is not installed")
-def test_image_boot_uploads_the_image_into_the_root_volume_and_grows_it(
-    libvirt_provider, libvirt_conn, vm_names, tmp_path
+def test_image_boot_uploads_the_named_image_from_the_image_dir_and_grows_it(
+    libvirt_uri, libvirt_provider, libvirt_conn, vm_names, tmp_path
 ):
     import json
     import xml.etree.ElementTree as ET
 
-    raw = tmp_path / "marker.raw"
+    from vmhost.providers.libvirt import LibvirtProvider
+
+    images = tmp_path / "images"
+    images.mkdir()
+    raw = images / "marker.raw"
     raw.write_bytes(b"VMHOST-IMAGE-MARKER" + b"\0" * (M - 19))
-    qcow = tmp_path / "tiny.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(qcow), "4M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(images / "tiny.qcow2"), "4M"], check=True)
+    provider = LibvirtProvider(uri=libvirt_uri, image_dir=str(images))
     pool = libvirt_conn.storagePoolLookupByName("default")
-    for image, fmt in ((raw, "raw"), (qcow, "qcow2")):
-        name = vm_names("img")
-        alloc = Allocation(name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", 16 * M, "default"),))
-        libvirt_provider.compose(ComposePlan(alloc, boot="image", image=str(image)))
-        path = pool.storageVolLookupByName(volume_name(name, "root")).path()
-        info = json.loads(
-            subprocess.run(
-                ["qemu-img", "info", "--output=json", path], capture_output=True, text=True, check=True
-            ).stdout
-        )
-        assert (info["format"], info["virtual-size"]) == (fmt, 16 * M)
-        if fmt == "raw":
-            assert Path(path).read_bytes()[:19] == b"VMHOST-IMAGE-MARKER"
-        dom = ET.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0))
-        assert dom.find("devices/disk[@device='disk']/driver").get("type") == fmt
-        assert [b.get("dev") for b in dom.findall("os/boot")] == ["hd", "network"]
-        libvirt_provider.decompose(name)
-        assert _our_volumes(libvirt_conn, name) == []
+    # By name (as the relation gives it), resolved in the image dir; and by absolute path (the operator).
+    cases = ((provider, "marker", "raw"), (provider, "tiny", "qcow2"), (libvirt_provider, str(raw), "raw"))
+    try:
+        for p, image, fmt in cases:
+            name = vm_names("img")
+            alloc = Allocation(name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", 16 * M, "default"),))
+            p.compose(ComposePlan(alloc, boot="image", image=image))
+            path = pool.storageVolLookupByName(volume_name(name, "root")).path()
+            info = json.loads(
+                subprocess.run(
+                    ["qemu-img", "info", "--output=json", path], capture_output=True, text=True, check=True
+                ).stdout
+            )
+            assert (info["format"], info["virtual-size"]) == (fmt, 16 * M)
+            if fmt == "raw":
+                assert Path(path).read_bytes()[:19] == b"VMHOST-IMAGE-MARKER"
+            dom = ET.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0))
+            assert dom.find("devices/disk[@device='disk']/driver").get("type") == fmt
+            assert [b.get("dev") for b in dom.findall("os/boot")] == ["hd", "network"]
+            p.decompose(name)
+            assert _our_volumes(libvirt_conn, name) == []
+    finally:
+        provider.close()
+
+
+def test_image_name_outside_the_image_dir_is_refused_and_nothing_is_made(
+    libvirt_uri, libvirt_conn, vm_names, tmp_path, monkeypatch
+):
+    from vmhost.providers.libvirt import LibvirtProvider
+
+    images = tmp_path / "images"
+    images.mkdir()
+    monkeypatch.chdir(tmp_path)
+    Path("metadata.yaml").write_text("name: vm-host\n")  # a file in the working directory, as in a hook
+    provider = LibvirtProvider(uri=libvirt_uri, image_dir=str(images))
+    name = vm_names("img")
+    alloc = Allocation(name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", 16 * M, "default"),))
+    before = _domains(libvirt_conn)
+    try:
+        for image, why in (("metadata.yaml", "no image named"), ("./metadata.yaml", "neither an absolute path")):
+            with pytest.raises(ProviderError, match=why):
+                provider.compose(ComposePlan(alloc, boot="image", image=image))
+    finally:
+        provider.close()
+    assert _domains(libvirt_conn) == before
+    assert _our_volumes(libvirt_conn, name) == []

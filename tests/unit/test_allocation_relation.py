@@ -15,7 +15,7 @@ from allocation_relation import AllocationRelation
 from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
 from vmhost.model import Allocation, Nic, Policy, StoragePool
-from vmhost.providers.base import VmInfo
+from vmhost.providers.base import ProviderError, VmInfo
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
@@ -480,3 +480,57 @@ def test_allowed_networks_still_refuses_a_bound_network_that_is_not_allowed(port
     assert statuses(out, r)["a"]["status"] == "ready"
     (vm,) = ported.vms.values()
     assert vm.allocation.nics[0].parent == "br1"
+
+
+# ---------------------------------------------------------------------------------------------
+# One bad request never takes the hook down
+
+
+def test_over_long_rejection_is_rejected_with_a_bounded_message_and_the_hook_survives(provider):
+    from charms.vm_host.v0.vm_allocation import MAX_MESSAGE
+
+    # The reviewer's repro: 20 long unknown spaces; echoing them all overflowed VmStatus.message.
+    ifaces = "eth0:" + ",".join(f"space={i:02d}" + "x" * 40 for i in range(20))
+    r = rel([req("many", interfaces=ifaces), req("ok")])
+    out = run(r)  # raised pydantic.ValidationError before the fix
+    st = statuses(out, r)
+    assert st["many"]["status"] == "rejected"
+    assert len(st["many"]["message"]) <= MAX_MESSAGE
+    assert "00" + "x" * 40 in st["many"]["message"] and "and 17 more" in st["many"]["message"]
+    assert "19" + "x" * 40 not in st["many"]["message"]
+    assert st["ok"]["status"] == "ready"
+
+
+def test_every_published_message_is_cut_to_the_librarys_bound(provider):
+    from charms.vm_host.v0.vm_allocation import MAX_MESSAGE
+
+    class LongFailure(type(provider)):
+        def compose(self, plan):
+            raise ProviderError("disk trouble: " + "y" * 5000)
+
+    provider.__class__ = LongFailure
+    r = rel([req("a")])
+    out = run(r)
+    st = statuses(out, r)["a"]
+    assert st["status"] == "failed"
+    assert st["message"].startswith("disk trouble: y") and len(st["message"]) == MAX_MESSAGE
+
+
+def test_a_provider_bug_fails_only_its_own_request(provider, caplog):
+    secret_key = KEY
+
+    class BuggyOnTwoCores(type(provider)):
+        def compose(self, plan):
+            if plan.allocation.vcpus == 2:
+                raise KeyError(f"internal {secret_key}")
+            return super().compose(plan)
+
+    provider.__class__ = BuggyOnTwoCores
+    r = rel([req("bad", cores=2, ssh_authorized_keys=[KEY]), req("good", cores=1)])
+    out = run(r)  # the KeyError escaped the hook before the fix
+    st = statuses(out, r)
+    assert st["bad"]["status"] == "failed" and st["bad"]["message"]
+    assert "AAAAC3" not in st["bad"]["message"]
+    assert st["good"]["status"] == "ready"
+    assert {v.allocation.owner for v in provider.vms.values()} == {f"{MODEL_A}/client/good"}
+    assert "AAAAC3" not in caplog.text and "KeyError" in caplog.text

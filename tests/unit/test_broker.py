@@ -316,3 +316,36 @@ def test_space_not_in_space_bridges_is_rejected_naming_the_known_spaces(bridges,
     if bridges:
         (d,) = broker.evaluate([rel(spec("a", interfaces="eth0:space=dmz,space=public"))], s, {})
         assert d.accepted.request.interfaces[0].name == "br0"
+
+
+def test_rejections_name_only_the_first_few_remote_spaces():
+    spaces = [f"space={i:02d}" + "x" * 40 for i in range(20)]
+    s = Settings(space_bridges={"public": "br0"})
+    (d,) = broker.evaluate([rel(spec("a", interfaces="eth0:" + ",".join(spaces)))], s, {})
+    assert d.accepted is None
+    assert "00" + "x" * 40 in d.rejected and "02" + "x" * 40 in d.rejected
+    assert "03" + "x" * 40 not in d.rejected and "and 17 more" in d.rejected
+    assert len(d.rejected) < 400
+    # a short list is named in full, without a count
+    (d,) = broker.evaluate([rel(spec("a", interfaces="eth0:space=dmz,space=lab"))], s, {})
+    assert "space dmz, lab," in d.rejected and "more" not in d.rejected
+
+
+def test_names_in_full_or_first_few_and_a_count():
+    assert broker.first_few(["a", "b"]) == "a, b"
+    assert broker.first_few(["a", "b", "c"]) == "a, b, c"
+    assert broker.first_few(["a", "b", "c", "d", "e"]) == "a, b, c and 2 more"
+    assert broker.first_few([]) == ""
+
+
+@pytest.mark.parametrize("image", ["../etc/passwd", "a/b", "noble..img", "..", "/var/lib/vmhost/images/noble"])
+def test_image_that_is_not_a_bare_name_is_rejected(image):
+    (d,) = broker.evaluate([rel(spec("a", image=image))], Settings(), {})
+    assert d.accepted is None
+    assert "image must be a name of an image in the host's image directory" in d.rejected
+
+
+@pytest.mark.parametrize("image", ["noble", "metadata.yaml", "jammy-22.04.qcow2", "ubuntu:noble"])
+def test_image_names_pass_as_names(image):
+    (d,) = broker.evaluate([rel(spec("a", image=image))], Settings(), {})
+    assert d.accepted is not None and d.accepted.image == image

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
@@ -61,6 +62,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEFAULT_URI = "qemu:///system"
+# Where images named by a bare name are looked up (the charm's libvirt-image-dir option).
+DEFAULT_IMAGE_DIR = "/var/lib/vmhost/images"
+IMAGE_SUFFIXES = ("", ".qcow2", ".img", ".raw")
+# VM names become domain and volume names and the guest's host name: one DNS label.
+VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Pools whose volumes are files: qcow2 there (thin, snapshot-able); raw everywhere else (LVM, disk, RBD, iSCSI).
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 _SYSFS_NET = Path("/sys/class/net")
@@ -121,8 +127,9 @@ class LibvirtProvider:
 
     name = "libvirt"
 
-    def __init__(self, uri: str | None = None, **options: Any):
+    def __init__(self, uri: str | None = None, image_dir: str | None = None, **options: Any):
         self.uri = uri or DEFAULT_URI
+        self.image_dir = image_dir or DEFAULT_IMAGE_DIR
         self.options = options
         self._conn = None
         self._caps: ET.Element | None = None
@@ -269,10 +276,15 @@ class LibvirtProvider:
 
     def compose(self, plan: ComposePlan) -> VmInfo:
         a = plan.allocation
+        if not VM_NAME_RE.match(a.name or ""):
+            raise ProviderError(
+                f"VM name {(a.name or '')[:80]!r} is not allowed; use lower-case letters, digits and '-', starting with "
+                "a letter or digit, at most 63 characters ([a-z0-9][a-z0-9-]{0,62})"
+            )
         if plan.boot == "image" and not (plan.image and a.disks):
             raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
-        if plan.image and not Path(plan.image).is_file():
-            raise ProviderError(f"image {plan.image!r} is not a readable file on this machine")
+        if plan.image:
+            plan = replace(plan, image=resolve_image(plan.image, self.image_dir))
         with contextlib.suppress(NotFound):
             self._domain(a.name)
             raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
@@ -383,11 +395,7 @@ class LibvirtProvider:
                     "convert it with qemu-img convert -O raw"
                 )
             fmt, capacity = img_fmt, (virtual if img_fmt == "qcow2" else max(size, virtual))
-        vol_xml = (
-            f"<volume><name>{name}</name><capacity unit='bytes'>{capacity}</capacity>"
-            f"<target><format type='{fmt}'/></target></volume>"
-        )
-        vol = self._call(pool.createXML, vol_xml, 0)
+        vol = self._call(pool.createXML, _volume_xml(name, capacity, fmt), 0)
         tx.on_undo(f"delete volume {name}", vol.delete)
         if image:
             self._upload(vol, image)
@@ -421,11 +429,7 @@ class LibvirtProvider:
             iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
             pool = self._pool(pool_name)
             name = volume_name(a.name, SEED_LABEL)
-            vol_xml = (
-                f"<volume><name>{name}</name><capacity unit='bytes'>{iso.stat().st_size}</capacity>"
-                "<target><format type='raw'/></target></volume>"
-            )
-            vol = self._call(pool.createXML, vol_xml, 0)
+            vol = self._call(pool.createXML, _volume_xml(name, iso.stat().st_size, "raw"), 0)
             tx.on_undo(f"delete volume {name}", vol.delete)
             self._upload(vol, str(iso))
         return VolumeRef(pool_name, name, "raw")
@@ -693,6 +697,40 @@ def _pci_str(addr: ET.Element) -> str:
     )
 
 
+def resolve_image(image: str, image_dir: str | Path) -> str:
+    """The file an image stands for: an absolute path as given, a bare name looked up in `image_dir`.
+
+    Only the operator (CLI, compose action) can give an absolute path: the relation passes bare names
+    only (vmhost.broker refuses anything else), so a remote model can never point at a host file. A
+    name is tried as is, then with .qcow2, .img and .raw; relative paths and '..' are refused, as they
+    would depend on the working directory of whatever process composes.
+    """
+    if os.path.isabs(image):
+        if not Path(image).is_file():
+            raise ProviderError(f"image {image!r} is not a readable file on this machine")
+        return image
+    if not image or "/" in image or ".." in image:
+        raise ProviderError(
+            f"image {image[:80]!r} is neither an absolute path nor the name of an image in {image_dir} "
+            "(a name has no '/' and no '..')"
+        )
+    for suffix in IMAGE_SUFFIXES:
+        path = Path(image_dir) / f"{image}{suffix}"
+        if path.is_file():
+            return str(path)
+    tried = ", ".join(f"{image}{s}" for s in IMAGE_SUFFIXES)
+    raise ProviderError(f"no image named {image!r} in {image_dir} (looked for {tried}); put the image there")
+
+
+def _volume_xml(name: str, capacity: int, fmt: str) -> str:
+    """A storage volume definition; ElementTree escapes what the name carries."""
+    vol = ET.Element("volume")
+    ET.SubElement(vol, "name").text = name
+    ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
+    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
+    return ET.tostring(vol, encoding="unicode")
+
+
 def _image_format(path: str) -> tuple[str, int]:
     """("qcow2", virtual size) from the qcow2 header, else ("raw", file size)."""
     with open(path, "rb") as fh:
@@ -729,4 +767,4 @@ def _undefine(dom) -> None:
     dom.undefineFlags(flags)
 
 
-__all__ = ["DEFAULT_URI", "ComposeError", "LibvirtProvider"]
+__all__ = ["DEFAULT_IMAGE_DIR", "DEFAULT_URI", "ComposeError", "LibvirtProvider", "resolve_image"]
