@@ -44,9 +44,10 @@ fi
 virsh -c qemu:///system version >/dev/null
 # A "default" dir storage pool for volumes.
 if ! virsh -q pool-info default >/dev/null 2>&1; then
-  mkdir -p /var/lib/libvirt/images
+  mkdir -p /var/lib/libvirt/images /var/lib/vmhost/images
   virsh -q pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
 fi
+mkdir -p /var/lib/vmhost/images  # libvirt-image-dir: where image=NAME is looked up
 virsh -q pool-autostart default >/dev/null 2>&1 || true
 [[ $(virsh -q pool-info default) == *"State:"*running* ]] || virsh -q pool-start default >/dev/null
 # A bridge for test VMs to attach to (no uplink: nothing leaves this machine).

@@ -125,11 +125,14 @@ def run(args: argparse.Namespace) -> int:
                 alloc = host.plan(request)
                 _emit(args, alloc.to_dict(), f"would compose {alloc.name}: {json.dumps(alloc.to_dict())}")
                 return 0
+            # A path typed at the shell is the operator's own: make it absolute; bare names are looked up
+            # in the image directory by the provider.
+            image = os.path.abspath(args.image) if args.image and "/" in args.image else args.image
             vm = host.compose(
                 request,
                 start=args.start,
                 boot=args.boot,
-                image=args.image,
+                image=image,
             )
             _emit(args, vm.to_dict(), f"composed {vm_line(vm.to_dict())}")
         elif args.command == "decompose":

@@ -264,3 +264,11 @@ def test_confine_floating_helper_skips_providers_without_it():
     assert confine_floating(Bare(), (1, 2)) is False
     fake = FakeProvider()
     assert confine_floating(fake, [2, 1]) is True and fake.confined == [(2, 1)]
+
+
+def test_cli_image_paths_typed_at_the_shell_become_absolute_and_names_stay_names(fake, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compose", "--hostname", "a", "--boot", "image", "--image", "imgs/jammy.qcow2"]) == 0
+    assert cli.main(["compose", "--hostname", "b", "--boot", "image", "--image", "jammy"]) == 0
+    assert fake.plans["a"].image == str(tmp_path / "imgs/jammy.qcow2")
+    assert fake.plans["b"].image == "jammy"
