@@ -44,7 +44,7 @@ fi
 virsh -c qemu:///system version >/dev/null
 # A "default" dir storage pool for volumes.
 if ! virsh -q pool-info default >/dev/null 2>&1; then
-  mkdir -p /var/lib/libvirt/images /var/lib/vmhost/images
+  mkdir -p /var/lib/libvirt/images
   virsh -q pool-define-as default dir --target /var/lib/libvirt/images >/dev/null
 fi
 mkdir -p /var/lib/vmhost/images  # libvirt-image-dir: where image=NAME is looked up

@@ -93,7 +93,8 @@ class VmHostCharm(ops.CharmBase):
     def _vmhost(self, config: CharmConfig) -> VmHost:
         """The one place a VmHost is built: provider from config, policy from config."""
         uri = config.libvirt_uri if config.backend == "libvirt" else None
-        provider = get_provider(config.backend, uri=uri)
+        options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
+        provider = get_provider(config.backend, uri=uri, **options)
         if config.space_bridges:
             provider = hostmod.SpaceMappedProvider(provider, config.space_bridges)
         return VmHost(provider, config.policy())
@@ -164,10 +165,14 @@ class VmHostCharm(ops.CharmBase):
             storage_pool=config.default_storage_pool or "default",
         )
         try:
-            lxd_setup.apply_preseed(lxd_setup.build_preseed(cfg))
+            report = lxd_setup.ensure_host(cfg)
         except Exception as e:  # LXD's own words are the most useful message for the operator
-            logger.exception("lxd init --preseed failed")
+            logger.exception("LXD set-up failed")
             raise hostmod.HostSetupError(f"LXD set-up failed: {e}") from e
+        if report.applied:
+            logger.info("LXD set-up created what was missing: %s", ", ".join(sorted(report.applied)))
+        if report.notes:  # the host serves VMs as it is; the operator should put the option back
+            self._problem = ops.BlockedStatus(report.notes[0])
 
     # --- status ---------------------------------------------------------------------------------
 

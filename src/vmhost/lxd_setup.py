@@ -1,4 +1,4 @@
-"""LXD host set-up the charm drives: preseed from config, and trust by client certificate or join token.
+"""LXD host set-up the charm drives: what is missing, by preseed from config; trust by certificate or join token.
 
 No ops import (the CLI and tests use it too). Trust is never by password: LXD 6.1 removed
 `core.trust_password`, and a shared secret in charm config would leak through `juju config`.
@@ -12,7 +12,7 @@ import ipaddress
 import json
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
@@ -56,8 +56,25 @@ def _https_address(value: str) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
-def build_preseed(cfg: LxdHostConfig) -> dict[str, Any]:
-    """The `lxd init --preseed` document for this host (no clustering, never a trust password)."""
+@dataclass(frozen=True)
+class LxdHostState:
+    """What the daemon already has, as far as set-up is concerned (read by `read_state`)."""
+
+    pools: dict[str, str] = field(default_factory=dict)  # storage pool -> driver
+    networks: frozenset[str] = frozenset()  # managed networks
+    profile_devices: dict[str, dict] = field(default_factory=dict)  # devices of the default profile
+    https_address: str = ""  # core.https_address
+
+
+@dataclass(frozen=True)
+class SetupReport:
+    """What one set-up run did: the preseed applied ({} when nothing was missing), and config it could not honour."""
+
+    applied: dict[str, Any]
+    notes: tuple[str, ...] = ()
+
+
+def _check(cfg: LxdHostConfig) -> None:
     if cfg.storage_driver not in STORAGE_DRIVERS:
         raise LxdSetupError(
             f"lxd-storage-driver {cfg.storage_driver!r} is not supported; allowed: {', '.join(STORAGE_DRIVERS)}"
@@ -67,33 +84,91 @@ def build_preseed(cfg: LxdHostConfig) -> dict[str, Any]:
             raise LxdSetupError(
                 f"{what} name {name!r} is not valid; use up to 15 letters, digits, '-', '_' or '.', starting with a letter or digit"
             )
-    preseed: dict[str, Any] = {
-        "storage_pools": [{"name": cfg.storage_pool, "driver": cfg.storage_driver, "config": {}}],
-    }
+
+
+def build_preseed(cfg: LxdHostConfig, existing: LxdHostState | None = None) -> dict[str, Any]:
+    """The `lxd init --preseed` document for what this host lacks (no clustering, never a trust password).
+
+    `existing` (None: a fresh daemon) is left out: LXD's preseed MERGES into existing objects, so a
+    managed bridge given `ipv4.address: auto` again gets a new random subnet, and profile devices are
+    overwritten. Only absent objects are created, and absent profile devices added.
+    """
+    _check(cfg)
+    have = existing or LxdHostState()
+    preseed: dict[str, Any] = {}
+    if cfg.storage_pool not in have.pools:
+        preseed["storage_pools"] = [{"name": cfg.storage_pool, "driver": cfg.storage_driver, "config": {}}]
     if cfg.bridge:
         eth0 = {"name": "eth0", "type": "nic", "nictype": "bridged", "parent": cfg.bridge}
     else:
-        preseed["networks"] = [
-            {
-                "name": cfg.network_name,
-                "type": "bridge",
-                "config": {"ipv4.address": "auto", "ipv6.address": "none"},
-            }
-        ]
+        if cfg.network_name not in have.networks:
+            preseed["networks"] = [
+                {
+                    "name": cfg.network_name,
+                    "type": "bridge",
+                    "config": {"ipv4.address": "auto", "ipv6.address": "none"},
+                }
+            ]
         eth0 = {"name": "eth0", "type": "nic", "network": cfg.network_name}
-    preseed["profiles"] = [
-        {
-            "name": "default",
-            "devices": {"root": {"path": "/", "pool": cfg.storage_pool, "type": "disk"}, "eth0": eth0},
-        }
-    ]
+    devices: dict[str, dict] = {}
+    present = have.profile_devices.values()
+    # Matched by kind, not name: an operator's renamed root disk or NIC must not get a second one beside it.
+    if not any(d.get("type") == "disk" and d.get("path") == "/" for d in present):
+        devices["root"] = {"path": "/", "pool": cfg.storage_pool, "type": "disk"}
+    if not any(d.get("type") == "nic" for d in present):
+        devices["eth0"] = eth0
+    if devices:
+        preseed["profiles"] = [{"name": "default", "devices": devices}]
     if cfg.listen_address:
-        preseed["config"] = {"core.https_address": _https_address(cfg.listen_address)}
+        address = _https_address(cfg.listen_address)
+        if address != have.https_address:
+            preseed["config"] = {"core.https_address": address}
     return preseed
 
 
+def read_state(client=None) -> LxdHostState:
+    """The pools, managed networks, default profile devices and HTTPS address the daemon has now."""
+    from pylxd import exceptions as pe
+
+    try:
+        c = _client(client)
+        pools = c.api["storage-pools"].get(params={"recursion": 1}).json()["metadata"] or []
+        nets = c.api.networks.get(params={"recursion": 1}).json()["metadata"] or []
+        profile = c.api.profiles["default"].get().json()["metadata"] or {}
+        server = c.api.get().json()["metadata"] or {}
+    except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
+        raise LxdSetupError(f"cannot read LXD's pools, networks and default profile: {e}") from e
+    return LxdHostState(
+        pools={p["name"]: p.get("driver") or "" for p in pools},
+        networks=frozenset(n["name"] for n in nets if n.get("managed")),
+        profile_devices=dict(profile.get("devices") or {}),
+        https_address=str((server.get("config") or {}).get("core.https_address") or ""),
+    )
+
+
+def ensure_host(cfg: LxdHostConfig, client=None) -> SetupReport:
+    """Create what the host lacks, never touching what it has; safe to run on every hook.
+
+    A pool that exists with another driver is kept (its volumes live there): the report says so
+    instead, since lxd-storage-driver only applies when the pool is first made.
+    """
+    _check(cfg)
+    state = read_state(client)
+    preseed = build_preseed(cfg, state)
+    if preseed:
+        apply_preseed(preseed)
+    notes = []
+    driver = state.pools.get(cfg.storage_pool)
+    if driver and driver != cfg.storage_driver:
+        notes.append(
+            f"storage pool {cfg.storage_pool} exists with driver {driver}; "
+            f"lxd-storage-driver={cfg.storage_driver} only applies at first set-up"
+        )
+    return SetupReport(applied=preseed, notes=tuple(notes))
+
+
 def apply_preseed(preseed: dict) -> None:
-    """Apply a preseed with `lxd init --preseed` (re-applying the same document is harmless)."""
+    """Apply a preseed with `lxd init --preseed` (LXD merges it into objects that exist: see build_preseed)."""
     try:
         proc = subprocess.run(
             ["lxd", "init", "--preseed"],

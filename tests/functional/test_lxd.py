@@ -491,3 +491,48 @@ def test_apply_preseed_creates_what_it_describes_and_reports_lxd_refusals(lxd_da
     with pytest.raises(LxdSetupError, match="lxd init --preseed failed"):
         apply_preseed({"storage_pools": [{"name": bad, "driver": "no-such-driver", "config": {}}]})
     assert lxc("storage", "show", bad, check=False).returncode != 0
+
+
+def _lxc_yaml(*args: str) -> dict:
+    return yaml.safe_load(lxc(*args).stdout)
+
+
+def test_lxd_set_up_twice_changes_nothing_on_a_set_up_daemon(lxd_daemon):
+    """The charm runs it every hook: lxdbr0 keeps its subnet, the default profile its devices."""
+    from vmhost.lxd_setup import LxdHostConfig, ensure_host
+
+    network, profile = _lxc_yaml("network", "show", "lxdbr0"), _lxc_yaml("profile", "show", "default")
+    for _ in range(2):
+        report = ensure_host(LxdHostConfig())
+        assert report.applied == {} and report.notes == ()
+    assert _lxc_yaml("network", "show", "lxdbr0")["config"] == network["config"]
+    assert _lxc_yaml("network", "show", "lxdbr0")["config"]["ipv4.address"] == "10.197.42.1/24"
+    assert _lxc_yaml("profile", "show", "default")["devices"] == profile["devices"]
+
+
+def test_lxd_set_up_creates_a_missing_pool_once(lxd_daemon):
+    from vmhost.lxd_setup import LxdHostConfig, ensure_host
+
+    pool = f"ft-{uuid.uuid4().hex[:6]}"
+    cfg = LxdHostConfig(storage_pool=pool, bridge=TEST_BRIDGE)
+    profile = _lxc_yaml("profile", "show", "default")
+    try:
+        first = ensure_host(cfg)
+        assert first.applied == {"storage_pools": [{"name": pool, "driver": "dir", "config": {}}]}
+        assert _lxc_yaml("storage", "show", pool)["driver"] == "dir"
+        assert ensure_host(cfg).applied == {}
+        # The default profile already has a root disk and a NIC: the operator's, left as they are.
+        assert _lxc_yaml("profile", "show", "default")["devices"] == profile["devices"]
+    finally:
+        lxc("storage", "delete", pool, check=False)
+
+
+def test_changed_storage_driver_is_reported_not_applied(lxd_daemon):
+    from vmhost.lxd_setup import LxdHostConfig, ensure_host
+
+    report = ensure_host(LxdHostConfig(storage_driver="btrfs"))
+    assert report.applied == {}
+    assert report.notes == (
+        "storage pool default exists with driver dir; lxd-storage-driver=btrfs only applies at first set-up",
+    )
+    assert _lxc_yaml("storage", "show", "default")["driver"] == "dir"

@@ -7,18 +7,17 @@ The hypervisor is an in-memory fake Provider (placement is real); the machine is
 from __future__ import annotations
 
 import json
-import sys
-import types
 from pathlib import Path
 
 import pytest
 from ops import testing
 
 import charm
-import vmhost
 from charm import NO_KVM, VmHostCharm
 from tests.unit.fakes import CommandRecorder, FakeProvider
+from vmhost import lxd_setup as lxd_setup_mod
 from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
+from vmhost.lxd_setup import LxdHostState
 from vmhost.model import NicAllocation
 from vmhost.providers.base import ProviderError
 
@@ -96,36 +95,35 @@ class Machine:
         return int((self.root / f"sys/devices/system/node/node0/hugepages/hugepages-{kb}/nr_hugepages").read_text())
 
 
-class FakeLxdSetup(types.ModuleType):
-    """Stands in for vmhost.lxd_setup (owned by the LXD helper)."""
+class FakeLxdDaemon:
+    """The LXD daemon as vmhost.lxd_setup sees it: its state, and preseeds merged into it as LXD merges them.
 
-    def __init__(self):
-        super().__init__("vmhost.lxd_setup")
+    Only the daemon is faked: what to create is decided by the real vmhost.lxd_setup.ensure_host.
+    """
+
+    def __init__(self, state: LxdHostState | None = None):
+        self.state = state or LxdHostState()  # a fresh daemon: no pool, no network, an empty default profile
         self.applied: list[dict] = []
         self.trusted: list[tuple[str, str]] = []
         self.fail_preseed: Exception | None = None
 
-        class LxdHostConfig:
-            def __init__(
-                self,
-                storage_driver="dir",
-                bridge=None,
-                listen_address=None,
-                storage_pool="default",
-                network_name="lxdbr0",
-            ):
-                self.__dict__.update(locals())
-                del self.__dict__["self"]
+    def read_state(self, client=None) -> LxdHostState:
+        return self.state
 
-        self.LxdHostConfig = LxdHostConfig
-
-    def build_preseed(self, cfg) -> dict:
-        return {"cfg": dict(cfg.__dict__)}
-
-    def apply_preseed(self, preseed) -> None:
+    def apply_preseed(self, preseed: dict) -> None:
         if self.fail_preseed:
             raise self.fail_preseed
         self.applied.append(preseed)
+        s = self.state
+        devices = dict(s.profile_devices)
+        for profile in preseed.get("profiles", []):
+            devices.update(profile["devices"])
+        self.state = LxdHostState(
+            pools={**s.pools, **{p["name"]: p["driver"] for p in preseed.get("storage_pools", [])}},
+            networks=s.networks | {n["name"] for n in preseed.get("networks", [])},
+            profile_devices=devices,
+            https_address=preseed.get("config", {}).get("core.https_address", s.https_address),
+        )
 
     def add_trusted_client(self, cert_pem, name, client=None) -> str:
         self.trusted.append((cert_pem, name))
@@ -158,11 +156,11 @@ def machine(monkeypatch, tmp_path) -> Machine:
 
 
 @pytest.fixture
-def lxd_setup(monkeypatch) -> FakeLxdSetup:
-    mod = FakeLxdSetup()
-    monkeypatch.setitem(sys.modules, "vmhost.lxd_setup", mod)
-    monkeypatch.setattr(vmhost, "lxd_setup", mod, raising=False)
-    return mod
+def lxd_setup(monkeypatch) -> FakeLxdDaemon:
+    daemon = FakeLxdDaemon()
+    for name in ("read_state", "apply_preseed", "add_trusted_client", "create_join_token"):
+        monkeypatch.setattr(lxd_setup_mod, name, getattr(daemon, name))
+    return daemon
 
 
 LIBVIRT = {"backend": "libvirt"}
@@ -221,13 +219,17 @@ def test_lxd_install_uses_snap_channel_and_preseed_from_config(fake, machine, lx
     assert machine.snap.ensured == [("lxd", "6/stable")]
     assert lxd_setup.applied == [
         {
-            "cfg": {
-                "storage_driver": "zfs",
-                "bridge": "br0",
-                "listen_address": "10.0.0.5:8443",
-                "storage_pool": "fast",
-                "network_name": "lxdbr0",
-            }
+            "storage_pools": [{"name": "fast", "driver": "zfs", "config": {}}],
+            "profiles": [
+                {
+                    "name": "default",
+                    "devices": {
+                        "root": {"path": "/", "pool": "fast", "type": "disk"},
+                        "eth0": {"name": "eth0", "type": "nic", "nictype": "bridged", "parent": "br0"},
+                    },
+                }
+            ],
+            "config": {"core.https_address": "10.0.0.5:8443"},
         }
     ]
     assert out.unit_status.name == "active"
@@ -239,6 +241,50 @@ def test_lxd_preseed_failure_blocks_with_lxds_words(fake, machine, lxd_setup):
     c = ctx()
     out = c.run(c.on.install(), testing.State())
     assert out.unit_status == testing.BlockedStatus("LXD set-up failed: storage driver zfs is not available")
+
+
+def test_lxd_set_up_happens_once_and_later_hooks_apply_nothing(fake, machine, lxd_setup):
+    """update-status every 5 min must not re-apply the preseed: `ipv4.address: auto` would renumber lxdbr0."""
+    c = ctx()
+    state = c.run(c.on.install(), testing.State())
+    assert [sorted(p) for p in lxd_setup.applied] == [["networks", "profiles", "storage_pools"]]
+    made = lxd_setup.state
+    for _ in range(2):
+        state = c.run(c.on.update_status(), state)
+    assert len(lxd_setup.applied) == 1
+    assert lxd_setup.state == made
+    assert state.unit_status.name == "active"
+
+
+def test_lxd_set_up_adds_only_what_an_existing_host_lacks(fake, machine, lxd_setup):
+    lxd_setup.state = LxdHostState(
+        pools={"default": "dir"},
+        networks=frozenset({"lxdbr0"}),
+        profile_devices={"eth0": {"type": "nic", "network": "lxdbr0", "name": "eth0"}},
+    )
+    c = ctx()
+    c.run(c.on.config_changed(), testing.State())
+    assert lxd_setup.applied == [
+        {"profiles": [{"name": "default", "devices": {"root": {"path": "/", "pool": "default", "type": "disk"}}}]}
+    ]
+
+
+def test_changed_storage_driver_is_not_applied_and_status_says_why(fake, machine, lxd_setup):
+    lxd_setup.state = LxdHostState(
+        pools={"default": "dir"},
+        networks=frozenset({"lxdbr0"}),
+        profile_devices={"root": {"type": "disk", "path": "/", "pool": "default"}, "eth0": {"type": "nic"}},
+    )
+    fake.orphans = ["vmhost-x"]
+    c = ctx()
+    out = c.run(c.on.config_changed(), testing.State(config={"lxd-storage-driver": "zfs"}))
+    assert lxd_setup.applied == []
+    assert out.unit_status == testing.BlockedStatus(
+        "storage pool default exists with driver dir; lxd-storage-driver=zfs only applies at first set-up"
+    )
+    assert fake.orphans == []  # the host still serves: gc and the relation ran
+    out = c.run(c.on.config_changed(), testing.State(config={"lxd-storage-driver": "dir"}))
+    assert out.unit_status.name == "active"
 
 
 def test_lxd_without_vm_support_is_blocked(fake, machine, lxd_setup, monkeypatch):

@@ -1,4 +1,4 @@
-"""Preseed shapes from charm config, and refusal of bad drivers, names, addresses and certificates."""
+"""Preseed shapes from charm config (only what the daemon lacks), and refusal of bad drivers, names, addresses, certs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import datetime
 
 import pytest
 
-from vmhost.lxd_setup import LxdHostConfig, LxdSetupError, build_preseed, cert_fingerprint
+from vmhost import lxd_setup
+from vmhost.lxd_setup import LxdHostConfig, LxdHostState, LxdSetupError, build_preseed, cert_fingerprint
 
 
 def test_default_preseed_is_a_dir_pool_and_a_managed_bridge():
@@ -71,6 +72,97 @@ def test_bad_listen_address_and_bridge_name_are_refused():
         build_preseed(LxdHostConfig(listen_address="10.0.0.5:99999"))
     with pytest.raises(LxdSetupError, match="bridge name"):
         build_preseed(LxdHostConfig(bridge="br0; rm -rf /"))
+
+
+# --- only what is missing: LXD merges a preseed into objects that exist ------------------------------
+
+SET_UP = LxdHostState(
+    pools={"default": "dir"},
+    networks=frozenset({"lxdbr0"}),
+    profile_devices={
+        "root": {"path": "/", "pool": "default", "type": "disk"},
+        "eth0": {"name": "eth0", "type": "nic", "network": "lxdbr0"},
+    },
+    https_address="10.0.0.5:8443",
+)
+
+
+def test_a_set_up_host_gets_an_empty_preseed():
+    assert build_preseed(LxdHostConfig(listen_address="10.0.0.5"), SET_UP) == {}
+
+
+def test_existing_pool_is_not_in_the_preseed_even_with_another_driver():
+    p = build_preseed(LxdHostConfig(storage_driver="zfs"), LxdHostState(pools={"default": "dir"}))
+    assert "storage_pools" not in p
+    assert p["networks"][0]["name"] == "lxdbr0"  # what is missing still is
+
+
+def test_existing_network_is_not_in_the_preseed_so_its_subnet_is_kept():
+    p = build_preseed(LxdHostConfig(), LxdHostState(networks=frozenset({"lxdbr0"})))
+    assert "networks" not in p
+    assert p["storage_pools"] == [{"name": "default", "driver": "dir", "config": {}}]
+
+
+def test_an_unmanaged_interface_of_that_name_does_not_count_as_the_network():
+    # read_state lists managed networks only; a missing managed lxdbr0 is created (LXD refuses a clash itself).
+    assert build_preseed(LxdHostConfig(), LxdHostState(networks=frozenset({"eth0"})))["networks"][0]["name"] == "lxdbr0"
+
+
+def test_profile_devices_are_added_only_when_absent_whatever_the_operator_named_them():
+    renamed = LxdHostState(
+        pools={"default": "dir"},
+        networks=frozenset({"lxdbr0"}),
+        profile_devices={"disk0": {"type": "disk", "path": "/", "pool": "default"}, "net0": {"type": "nic"}},
+    )
+    assert build_preseed(LxdHostConfig(), renamed) == {}
+    no_nic = LxdHostState(
+        pools={"default": "dir"},
+        networks=frozenset({"lxdbr0"}),
+        profile_devices={"root": SET_UP.profile_devices["root"]},
+    )
+    assert build_preseed(LxdHostConfig(), no_nic) == {
+        "profiles": [{"name": "default", "devices": {"eth0": {"name": "eth0", "type": "nic", "network": "lxdbr0"}}}]
+    }
+
+
+def test_listen_address_is_applied_only_when_it_differs():
+    assert build_preseed(LxdHostConfig(listen_address="10.0.0.5:8443"), SET_UP) == {}
+    assert build_preseed(LxdHostConfig(listen_address="10.0.0.6"), SET_UP) == {
+        "config": {"core.https_address": "10.0.0.6:8443"}
+    }
+    assert build_preseed(LxdHostConfig(), SET_UP) == {}  # unset: the daemon's own address is left alone
+
+
+@pytest.fixture
+def daemon(monkeypatch):
+    """read_state/apply_preseed of a daemon that has SET_UP; `applied` records what ensure_host sent."""
+    applied: list[dict] = []
+    monkeypatch.setattr(lxd_setup, "read_state", lambda client=None: SET_UP)
+    monkeypatch.setattr(lxd_setup, "apply_preseed", applied.append)
+    return applied
+
+
+def test_ensure_host_on_a_set_up_host_applies_nothing(daemon):
+    report = lxd_setup.ensure_host(LxdHostConfig(listen_address="10.0.0.5"))
+    assert report.applied == {} and report.notes == ()
+    assert daemon == []
+
+
+def test_ensure_host_keeps_a_pool_of_another_driver_and_says_so_in_one_sentence(daemon):
+    report = lxd_setup.ensure_host(LxdHostConfig(storage_driver="zfs"))
+    assert daemon == []
+    assert report.notes == (
+        "storage pool default exists with driver dir; lxd-storage-driver=zfs only applies at first set-up",
+    )
+
+
+def test_ensure_host_refuses_bad_config_before_reading_the_daemon(monkeypatch):
+    def unreachable(client=None):
+        raise AssertionError("read the daemon for a config it must refuse")
+
+    monkeypatch.setattr(lxd_setup, "read_state", unreachable)
+    with pytest.raises(LxdSetupError, match="lxd-storage-driver 'ceph'"):
+        lxd_setup.ensure_host(LxdHostConfig(storage_driver="ceph"))
 
 
 def _self_signed_pem() -> str:

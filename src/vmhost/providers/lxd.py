@@ -132,6 +132,7 @@ class LxdProvider:
         self._nics_cache: list[Nic] | None = None
         self._pool_names: list[str] | None = None
         self._profile_name: str | None = None
+        self._profile_devices: dict[str, dict] | None = None
         self._project_known = False
 
     # -- transport ---------------------------------------------------------------------------------
@@ -487,19 +488,31 @@ class LxdProvider:
             macs=tuple(m for m in macs if m),
         )
 
+    def _read_profile(self, name: str) -> dict | None:
+        try:
+            return self._get(f"/profiles/{quote(name, safe='')}", project="default") or {}
+        except LxdApiError as e:
+            if e.status == 404:
+                return None
+            raise
+
     def _choose_profile(self) -> str:
         if self._profile_name is None:
-            if self.profile:
-                if not self._exists(f"/profiles/{quote(self.profile, safe='')}", project="default"):
-                    raise ProviderError(
-                        f"LXD profile {self.profile!r} does not exist; create it or leave profile unset"
-                    )
-                self._profile_name = self.profile
-            elif self._exists(f"/profiles/{PREFERRED_PROFILE}", project="default"):
-                self._profile_name = PREFERRED_PROFILE
-            else:
-                self._profile_name = "default"
+            wanted = self.profile or PREFERRED_PROFILE
+            found = self._read_profile(wanted)
+            if found is None and self.profile:
+                raise ProviderError(f"LXD profile {self.profile!r} does not exist; create it or leave profile unset")
+            self._profile_name = wanted if found is not None else "default"
+            if found is not None:
+                self._profile_devices = found.get("devices") or {}
         return self._profile_name
+
+    def _chosen_profile_devices(self) -> dict[str, dict]:
+        """The chosen profile's devices (the NICs a VM would inherit), read at most once."""
+        name = self._choose_profile()
+        if self._profile_devices is None:
+            self._profile_devices = (self._read_profile(name) or {}).get("devices") or {}
+        return self._profile_devices
 
     def compose(self, plan: ComposePlan) -> VmInfo:
         a = plan.allocation
@@ -516,6 +529,7 @@ class LxdProvider:
                 numa_placement=self.has_extension("numa_cpu_placement"),
                 cloud_init_keys=self.has_extension("cloud_init"),
                 prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
+                profile_devices=None if cfg.keeps_profile_nics(a) else self._chosen_profile_devices(),
             )
         except ValueError as e:
             raise ProviderError(str(e)) from e

@@ -125,8 +125,24 @@ def nic_device(nic: NicAllocation, boot_priority: str | None = None) -> dict[str
     return dev
 
 
-def instance_devices(plan: ComposePlan) -> dict[str, dict[str, str]]:
-    """Root disk in its pool with its size, extra disks as attached volumes, NICs by label."""
+def keeps_profile_nics(a: Allocation) -> bool:
+    """Whether the VM keeps its profile's NICs: only an operator's VM with no NICs asked for.
+
+    That is what an LXD operator expects of `vmhost compose` with no `interfaces`. Every other VM gets
+    exactly the NICs of its allocation, so none escapes allowed-networks or goes unreported; a relation
+    VM (it carries its owner key) never inherits one, even when no network applied to it.
+    """
+    return not a.nics and a.owner is None
+
+
+def instance_devices(
+    plan: ComposePlan, profile_devices: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, dict[str, str]]:
+    """Root disk in its pool with its size, extra disks as attached volumes, NICs by label.
+
+    profile_devices: the devices of the VM's profile; each NIC among them that the allocation does not
+    replace is masked with `type: none` (see keeps_profile_nics).
+    """
     a = plan.allocation
     devices: dict[str, dict[str, str]] = {}
     root = root_disk(a)
@@ -141,6 +157,10 @@ def instance_devices(plan: ComposePlan) -> dict[str, dict[str, str]]:
         if nic.label in devices:
             raise ValueError(f"NIC label {nic.label!r} is also a disk label; give each device its own label")
         devices[nic.label] = nic_device(nic, NETWORK_BOOT_PRIORITY if network_boot and i == 0 else None)
+    if not keeps_profile_nics(a):
+        for label, dev in sorted((profile_devices or {}).items()):
+            if dev.get("type") == "nic" and label not in devices:
+                devices[label] = {"type": "none"}
     return devices
 
 
@@ -195,6 +215,7 @@ def instance_body(
     numa_placement: bool = False,
     cloud_init_keys: bool = True,
     prefixes: Mapping[str, int] | None = None,
+    profile_devices: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The POST /1.0/instances body: an empty VM for network boot, else one from the image alias."""
     if plan.boot == "network":
@@ -210,7 +231,7 @@ def instance_body(
         "config": instance_config(
             plan, numa_placement=numa_placement, cloud_init_keys=cloud_init_keys, prefixes=prefixes
         ),
-        "devices": instance_devices(plan),
+        "devices": instance_devices(plan, profile_devices),
         "source": source,
     }
 
