@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vmhost.model import Policy
-from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size
+from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size, parse_vm_name
 
 __all__ = [
     "AddTrustedClientParams",
@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 @dataclass(frozen=True)
@@ -275,9 +274,7 @@ class ComposeParams(BaseModel):
     @field_validator("hostname")
     @classmethod
     def _hostname(cls, v: str | None) -> str | None:
-        if v and not _HOSTNAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a host name; use lower-case letters, digits and '-' (at most 63)")
-        return v or None
+        return parse_vm_name(v) if v else None
 
     @field_validator("pool")
     @classmethod

@@ -90,7 +90,7 @@ _VM_NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 def parse_vm_name(value: str) -> str:
     """A VM name that is also a valid host name, domain name, LXD instance name and volume name prefix."""
     if not isinstance(value, str) or not _VM_NAME_RE.fullmatch(value):
-        raise ParseError(f"hostname {value!r} is not valid; use lower-case letters, digits and '-' (at most 63)")
+        raise ParseError(f"{value!r} is not a valid host name; use lower-case letters, digits and '-' (at most 63)")
     return value
 
 

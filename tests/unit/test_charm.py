@@ -452,7 +452,7 @@ def test_compose_policy_from_config_reserved_cores_never_pinned(fake, machine):
         ({"storage": "root:-1"}, "storage size '-1' in 'root:-1' is not a size"),
         ({"storage": "root:1000"}, "disk root: need"),  # more than the pool holds
         ({"interfaces": "eth0:colour=red"}, "interface constraint key 'colour'"),
-        ({"hostname": "Bad_Name"}, "parameter hostname: 'Bad_Name' is not a host name"),
+        ({"hostname": "Bad_Name"}, "parameter hostname: 'Bad_Name' is not a valid host name"),
         ({"boot": "image"}, "boot=image needs an image"),
         ({"hugepage_size": "1G", "memory": "1G"}, "hugepages 1G: need 1, node 0 has 0 free"),
         ({"cores": 64}, "shared vCPUs: need 64, the host has 4 free"),

@@ -114,7 +114,7 @@ def test_compose_params_refuse_bad_hostname_and_cores():
     with pytest.raises(pydantic.ValidationError) as exc:
         ComposeParams(hostname="Web_1")
     assert error_message(exc.value, "parameter") == (
-        "parameter hostname: 'Web_1' is not a host name; use lower-case letters, digits and '-' (at most 63)"
+        "parameter hostname: 'Web_1' is not a valid host name; use lower-case letters, digits and '-' (at most 63)"
     )
     with pytest.raises(pydantic.ValidationError):
         ComposeParams(cores=0)

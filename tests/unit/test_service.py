@@ -160,7 +160,7 @@ def test_cli_dry_run_creates_nothing(fake, capsys):
     [
         (["compose", "--memory", "8Q"], "'8Q'"),
         (["compose", "--pinned-cores", "0-1", "--cores", "3"], "lists 2 CPUs but cores is 3"),
-        (["compose", "--hostname", "Bad_Name"], "hostname 'Bad_Name' is not valid"),
+        (["compose", "--hostname", "Bad_Name"], "'Bad_Name' is not a valid host name"),
         (["compose", "--cores", "64", "--pinned-cores", "auto"], "need 64"),
         (["decompose", "ghost"], "no VM named 'ghost'"),
     ],
