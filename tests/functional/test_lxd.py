@@ -241,6 +241,33 @@ def test_configured_profile_is_used_and_a_missing_one_is_refused(project, names)
         lxc("profile", "delete", profile, check=False)
 
 
+def _expanded_nics(name: str, project: str) -> dict:
+    devices = yaml.safe_load(lxc("config", "show", name, "--expanded", "--project", project).stdout)["devices"]
+    return {k: v for k, v in devices.items() if v.get("type") == "nic"}
+
+
+def test_vm_gets_exactly_its_allocations_nics_not_also_the_profiles(provider, project, names):
+    """The default profile's eth0 (on lxdbr0) must not ride along with a VM asking for net0."""
+    name = names()
+    alloc = planned(name, nics=(NicAllocation("net0", "bridge", TEST_BRIDGE),), owner="m-uuid/app/req-0")
+    provider.compose(ComposePlan(alloc))
+    assert _expanded_nics(name, project) == {
+        "net0": {"type": "nic", "nictype": "bridged", "parent": TEST_BRIDGE, "boot.priority": "10"}
+    }
+    vm = {v.name: v for v in provider.list_vms()}[name]
+    mac = yaml.safe_load(lxc("config", "show", name, "--project", project).stdout)["config"]["volatile.net0.hwaddr"]
+    assert vm.macs == (mac,)
+    assert [(n.label, n.mac) for n in vm.allocation.nics] == [("net0", mac)]
+
+
+def test_relation_vm_without_nics_gets_none_and_operator_vm_keeps_the_profiles(provider, project, names):
+    relation_vm, operator_vm = names(), names()
+    provider.compose(ComposePlan(planned(relation_vm, nics=(), owner="m-uuid/app/req-1")))
+    provider.compose(ComposePlan(planned(operator_vm, nics=())))
+    assert _expanded_nics(relation_vm, project) == {}
+    assert _expanded_nics(operator_vm, project) == {"eth0": {"type": "nic", "network": "lxdbr0", "name": "eth0"}}
+
+
 def test_decompose_leaves_no_instance_and_no_volume(provider, project, names):
     name = names()
     provider.compose(ComposePlan(planned(name)))

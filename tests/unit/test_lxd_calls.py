@@ -34,6 +34,12 @@ SNAPSHOT = [
 ]
 
 
+DEFAULT_PROFILE_DEVICES = {
+    "root": {"type": "disk", "path": "/", "pool": "default"},
+    "eth0": {"type": "nic", "network": "lxdbr0", "name": "eth0"},
+}
+
+
 class _Response:
     def __init__(self, status: int, body: dict):
         self.status_code, self._body, self.text = status, body, json.dumps(body)
@@ -55,6 +61,8 @@ class FakeLxd:
 
     `config_at_create` keeps each instance's config as it was when the record appeared, which is what
     gc would see if vmhost crashed right then. `fail` maps (method, path) to an error status.
+    `running` maps an operation id to how many more waits find it still Running (a slow image
+    download); each wait moves `clock` on by its timeout, as the real daemon would have waited.
     """
 
     def __init__(self, projects=("default",)):
@@ -65,6 +73,11 @@ class FakeLxd:
         self.config_at_create: dict[str, dict] = {}
         self.fail: dict[tuple[str, str], int] = {}
         self.ops = 0
+        self.running: dict[str, float] = {}
+        self.clock = 0.0
+        self.profiles = {"default": {"name": "default", "devices": DEFAULT_PROFILE_DEVICES}}
+        self.wait_timeout_is_an_error = False
+        self.wait_timeouts: dict[str, list[int]] = {}  # operation id -> the timeout of each wait for it
 
     def close(self) -> None:
         pass
@@ -115,7 +128,7 @@ class FakeLxd:
         if method == "GET" and path == "/1.0/instances":
             return _sync([{**i, "project": p} for (p, _), i in self.instances.items()])
         if parts[:1] == ["profiles"]:
-            return _error(404, "Profile not found")
+            return _sync(self.profiles[parts[1]]) if parts[1] in self.profiles else _error(404, "Profile not found")
         if method == "GET" and parts[:1] == ["projects"]:
             return _sync({"name": parts[1]}) if parts[1] in self.projects else _error(404, "Project not found")
         if method == "POST" and path == "/1.0/projects":
@@ -133,7 +146,21 @@ class FakeLxd:
             }
             self.config_at_create[name] = dict(json["config"])
             return self._op()
-        if method == "GET" and parts[:1] == ["operations"]:
+        if parts[:1] == ["operations"]:
+            op = parts[1]
+            if method == "DELETE":
+                self.running[op] = 0
+                return _sync(None)
+            running = self.running.get(op, 0) > 0
+            if parts[-1] == "wait":
+                self.wait_timeouts.setdefault(op, []).append(int(params["timeout"]))
+                self.clock += int(params["timeout"])
+                if running:
+                    self.running[op] -= 1
+                    if self.wait_timeout_is_an_error:  # newer LXD: the wait's own deadline is an error answer
+                        return _error(500, "context deadline exceeded")
+            if running:
+                return _sync({"id": op, "status": "Running", "status_code": 103, "description": "Creating instance"})
             return _sync({"status": "Success", "status_code": 200, "metadata": None})
         if parts[:1] == ["instances"] and len(parts) >= 2:
             key = (project, parts[1])
@@ -276,6 +303,70 @@ def test_failed_start_removes_the_vm_and_its_volume(lxd, tmp_path):
         host(tmp_path).compose(request(name="vm-d", storage="root:10,data:2"), start=True)
     assert err.value.step == "start VM vm-d"
     assert lxd.instances == {} and lxd.volumes == {}
+
+
+def test_a_vm_with_interfaces_gets_exactly_them_the_profiles_nic_masked_for_one_more_read(lxd, tmp_path):
+    vm = host(tmp_path).compose(request(name="vm-n", interfaces="net0:name=lxdbr0"))
+    profile_reads = [c for c in lxd.calls if c[1].startswith("/1.0/profiles/")]
+    assert profile_reads == [("GET", "/1.0/profiles/vmhost"), ("GET", "/1.0/profiles/default")]
+    devices = lxd.instances[("vmhost", "vm-n")]["devices"]
+    assert {k: v for k, v in devices.items() if v["type"] != "disk"} == {
+        "net0": {"type": "nic", "nictype": "bridged", "parent": "lxdbr0", "boot.priority": "10"},
+        "eth0": {"type": "none"},
+    }
+    assert [n.label for n in vm.allocation.nics] == ["net0"]
+
+
+def test_the_vmhost_profile_is_read_once_for_its_name_and_its_nics(lxd, tmp_path):
+    lxd.profiles["vmhost"] = {
+        "name": "vmhost",
+        "devices": {"lan": {"type": "nic", "nictype": "bridged", "parent": "br0"}},
+    }
+    host(tmp_path).compose(request(name="vm-p", interfaces="net0:name=lxdbr0"))
+    assert [c for c in lxd.calls if c[1].startswith("/1.0/profiles/")] == [("GET", "/1.0/profiles/vmhost")]
+    assert lxd.instances[("vmhost", "vm-p")]["devices"]["lan"] == {"type": "none"}
+    assert "eth0" not in lxd.instances[("vmhost", "vm-p")]["devices"]  # default's NIC: not this VM's profile
+
+
+def test_image_compose_keeps_waiting_while_lxd_is_still_creating(lxd, tmp_path):
+    """A slow image download: the first two waits time out with the operation Running; the compose still succeeds."""
+    lxd.running["op-1"] = 2
+    vm = host(tmp_path).compose(request(name="vm-i"), boot="image", image="noble")
+    assert vm.name == "vm-i" and vm.managed
+    assert lxd.calls.count(("GET", "/1.0/operations/op-1/wait")) == 3
+    assert not [c for c in lxd.calls if c[0] == "DELETE"]
+    assert lxd.instances[("vmhost", "vm-i")]["config"][cfg.STATE_KEY] == cfg.STATE_READY
+
+
+def test_a_wait_that_times_out_with_an_error_answer_reads_the_operation_and_keeps_waiting(lxd, tmp_path):
+    lxd.running["op-1"] = 2
+    lxd.wait_timeout_is_an_error = True
+    vm = host(tmp_path).compose(request(name="vm-j"), boot="image", image="noble")
+    assert vm.name == "vm-j"
+    assert ("GET", "/1.0/operations/op-1") in lxd.calls
+    assert not [c for c in lxd.calls if c[0] == "DELETE"]
+
+
+@pytest.mark.parametrize(
+    ("boot", "bound"), [("image", lxdmod.IMAGE_CREATE_TIMEOUT), ("network", lxdmod.OPERATION_TIMEOUT)]
+)
+def test_an_operation_past_its_bound_is_cancelled_before_the_vm_is_undone(lxd, tmp_path, monkeypatch, boot, bound):
+    monkeypatch.setattr(lxdmod, "_clock", lambda: lxd.clock)
+    lxd.running["op-1"] = float("inf")
+    with pytest.raises(ComposeError) as err:
+        host(tmp_path).compose(request(name="vm-s"), boot=boot, image="noble" if boot == "image" else None)
+    assert err.value.step == "create VM vm-s"
+    assert f"did not finish 'Creating instance' within {bound} s; cancelled it" in str(err.value)
+    waits = lxd.wait_timeouts["op-1"]
+    assert sum(waits) == bound and max(waits) <= lxdmod.OPERATION_TIMEOUT
+    after_create = lxd.calls[lxd.calls.index(("POST", "/1.0/instances")) + 1 :]
+    assert after_create == [
+        *[("GET", "/1.0/operations/op-1/wait")] * len(waits),
+        ("DELETE", "/1.0/operations/op-1"),  # cancel first, so LXD stops making what is undone next
+        ("DELETE", "/1.0/instances/vm-s"),
+        ("GET", "/1.0/operations/op-2/wait"),
+    ]
+    assert lxd.instances == {}
 
 
 # ---------------------------------------------------------------------------------------------

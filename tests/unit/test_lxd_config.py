@@ -116,6 +116,45 @@ def test_extra_disks_become_owned_custom_block_volumes_and_root_does_not():
     ]
 
 
+PROFILE = {
+    "root": {"type": "disk", "path": "/", "pool": "default"},
+    "eth0": {"type": "nic", "network": "lxdbr0", "name": "eth0"},
+    "mgmt": {"type": "nic", "nictype": "bridged", "parent": "br-mgmt"},
+}
+OWNER = "model-uuid/app/req-1"  # a relation VM's owner key
+
+
+def test_profile_nics_the_allocation_does_not_name_are_masked():
+    """A relation request for net0 gets net0 only, not also the profile's eth0 on lxdbr0 (unchecked, unreported)."""
+    a = alloc(nics=(NicAllocation("net0", "bridge", "br-allowed"),), owner=OWNER)
+    devices = cfg.instance_devices(ComposePlan(a), PROFILE)
+    assert {k: v for k, v in devices.items() if v.get("type") != "disk"} == {
+        "net0": {"type": "nic", "nictype": "bridged", "parent": "br-allowed", "boot.priority": "10"},
+        "eth0": {"type": "none"},
+        "mgmt": {"type": "none"},
+    }
+
+
+def test_an_allocation_nic_of_the_profiles_name_replaces_it_and_an_operator_vm_is_masked_too():
+    a = alloc(nics=(NicAllocation("eth0", "macvlan", "enp1s0"),))
+    devices = cfg.instance_devices(ComposePlan(a, boot="image", image="x"), PROFILE)
+    assert devices["eth0"] == {"type": "nic", "nictype": "macvlan", "parent": "enp1s0"}
+    assert devices["mgmt"] == {"type": "none"}
+    assert "root" not in devices  # no disk in the allocation: the profile's root disk stays
+
+
+def test_a_relation_vm_with_no_nics_gets_none_of_the_profiles():
+    devices = cfg.instance_devices(ComposePlan(alloc(owner=OWNER)), PROFILE)
+    assert devices == {"eth0": {"type": "none"}, "mgmt": {"type": "none"}}
+
+
+def test_an_operator_vm_with_no_interfaces_keeps_the_profiles_nics():
+    a = alloc()
+    assert cfg.keeps_profile_nics(a)
+    assert cfg.instance_devices(ComposePlan(a), PROFILE) == {}
+    assert cfg.instance_body(ComposePlan(a), profile="default", profile_devices=PROFILE)["devices"] == {}
+
+
 def test_root_is_the_first_disk_when_none_is_labelled_root():
     a = alloc(disks=(DiskAllocation("boot", 10 * 10**9, "default"), DiskAllocation("data", 10**9, "default")))
     devices = cfg.instance_devices(ComposePlan(a))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import random
 import re
@@ -32,7 +33,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "vmhost"
 PREFERRED_PROFILE = "vmhost"
-OPERATION_TIMEOUT = 120
+OPERATION_TIMEOUT = 120  # s: bound on an operation, and on each wait request for a longer one
+IMAGE_CREATE_TIMEOUT = 1800  # s: creating a VM from an image may first download the image
+_FINAL = ("Success", "Failure", "Cancelled")
+_clock = time.monotonic  # what bounds waits (tests drive it with the fake daemon's own clock)
 ATTEMPTS = 5  # per API call, transient failures included
 _NIC_KINDS = ("physical", "bridge", "vlan", "bond")
 
@@ -216,41 +220,77 @@ class LxdProvider:
         return body
 
     def _call(
-        self, method: str, path: str, *, project: str | None = None, json: Any = None, params: dict | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        project: str | None = None,
+        json: Any = None,
+        params: dict | None = None,
+        bound: float = OPERATION_TIMEOUT,
     ) -> Any:
-        """One API call (path below /1.0), retried while transient; async operations are waited for."""
+        """One API call (path below /1.0), retried while transient; an async operation is waited for, `bound` s at most."""
         params = dict(params or {})
         if project is not None:
             params["project"] = project
-        conn = self._connection()
-
-        def once() -> Any:
-            r = conn.session.request(method, conn.endpoint + path, json=json, params=params, timeout=self.timeout)
-            body = self._body(r)
-            if body.get("type") == "async":
-                return self._wait(body["metadata"]["id"])
-            return body.get("metadata")
-
         try:
-            return _with_retries(once)
+            body = self._request(method, path, json=json, params=params)
+            if body.get("type") == "async":
+                return self._wait(body["metadata"]["id"], bound)
+            return body.get("metadata")
         except Exception as e:
             if _transport_error(e):
                 raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
             raise
 
-    def _wait(self, op_id: str) -> Any:
+    def _request(
+        self, method: str, path: str, *, json: Any = None, params: dict | None = None, timeout: float | None = None
+    ) -> dict:
+        """One request's answer body, retried while transient (waiting for an operation is not part of it)."""
         conn = self._connection()
-        r = conn.session.request(
-            "GET",
-            conn.endpoint + f"/operations/{op_id}/wait",
-            json=None,
-            params={"timeout": OPERATION_TIMEOUT},
-            timeout=OPERATION_TIMEOUT + 10,
-        )
-        meta = self._body(r).get("metadata") or {}
-        if meta.get("status") != "Success":
-            raise LxdApiError(int(meta.get("status_code") or 500), meta.get("err") or f"operation {meta.get('status')}")
-        return meta.get("metadata")
+
+        def once() -> dict:
+            r = conn.session.request(
+                method, conn.endpoint + path, json=json, params=params, timeout=timeout or self.timeout
+            )
+            return self._body(r)
+
+        return _with_retries(once)
+
+    def _wait(self, op_id: str, bound: float = OPERATION_TIMEOUT) -> Any:
+        """The operation's result once it is final, waiting OPERATION_TIMEOUT s at a time, `bound` s in all.
+
+        A wait whose timeout passed answers with the operation still Running (newer LXD with an error):
+        giving up there would undo a VM LXD goes on making. Past `bound` the operation is cancelled before
+        the caller undoes; LXD cannot cancel every kind (not an image download), and a VM it makes later
+        still carries user.vmhost.state=composing, so gc removes it.
+        """
+        path = f"/operations/{quote(op_id, safe='')}"
+        deadline = _clock() + bound
+        while True:
+            step = max(1, min(OPERATION_TIMEOUT, math.ceil(deadline - _clock())))
+            try:
+                op = self._request("GET", path + "/wait", params={"timeout": step}, timeout=step + 10)
+            except LxdApiError as e:
+                if e.status == 404:
+                    raise
+                op = self._request("GET", path)
+            meta = op.get("metadata") or {}
+            status = meta.get("status")
+            if status == "Success":
+                return meta.get("metadata")
+            if status in _FINAL:
+                raise LxdApiError(int(meta.get("status_code") or 500), meta.get("err") or f"operation {status}")
+            if _clock() >= deadline:
+                break
+        what = meta.get("description") or f"operation {op_id}"
+        try:
+            self._request("DELETE", path)
+            outcome = "cancelled it"
+        except Exception as e:  # best effort: the caller undoes either way
+            log.warning("could not cancel LXD operation %s (%s): %s", op_id, what, e)
+            outcome = "LXD could not cancel it"
+        raise LxdApiError(504, f"LXD did not finish {what!r} within {bound:g} s; {outcome}")
 
     def _get(self, path: str, *, project: str | None = None, **params: Any) -> Any:
         return self._call("GET", path, project=project, params=params)
@@ -561,7 +601,8 @@ class LxdProvider:
             # LXD checks NIC parents only at start (which may be much later); check them now.
             self._check_nic_parents(a)
             tx.on_undo(f"delete VM {a.name}", lambda: self._delete_if_exists(vm_path))
-            self._call("POST", "/instances", project=self.project, json=body)
+            bound = IMAGE_CREATE_TIMEOUT if body["source"]["type"] == "image" else OPERATION_TIMEOUT
+            self._call("POST", "/instances", project=self.project, json=body, bound=bound)
         with tx.step(f"mark VM {a.name} ready"):
             self._call("PATCH", vm_path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_READY}})
         if plan.start:
