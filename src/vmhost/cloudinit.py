@@ -18,7 +18,7 @@ import yaml
 from vmhost.model import NicAllocation
 from vmhost.providers.base import CloudInit
 
-__all__ = ["seed_documents", "write_seed_iso"]
+__all__ = ["seed_documents", "static_prefixes", "write_seed_iso"]
 
 
 def _address(ip: str, prefix: int | None) -> str:
@@ -27,6 +27,21 @@ def _address(ip: str, prefix: int | None) -> str:
         return ip
     addr = ipaddress.ip_address(ip)
     return f"{addr}/{prefix if prefix is not None else (24 if addr.version == 4 else 64)}"
+
+
+def static_prefixes(nics: Sequence[NicAllocation], host_addresses: Mapping[str, Sequence[str]]) -> dict[str, int]:
+    """NIC label -> prefix length of its bare static ip, from the first host address on its parent containing it."""
+    out = {}
+    for nic in nics:
+        if not nic.ip or "/" in nic.ip:
+            continue  # none, or it carries its own prefix
+        ip = ipaddress.ip_address(nic.ip)
+        for addr in host_addresses.get(nic.parent, ()):
+            iface = ipaddress.ip_interface(addr)
+            if iface.version == ip.version and ip in iface.network:
+                out[nic.label] = iface.network.prefixlen
+                break
+    return out
 
 
 def network_config(nics: Sequence[NicAllocation], prefixes: Mapping[str, int] | None = None) -> dict:

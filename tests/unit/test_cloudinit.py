@@ -59,3 +59,21 @@ def test_iso_is_a_cidata_volume_with_the_three_files(tmp_path):
     for name, text in docs.items():
         got = subprocess.run(["isoinfo", "-J", "-i", str(iso), "-x", f"/{name}"], capture_output=True, text=True)
         assert got.stdout == text
+
+
+def test_static_prefixes_come_from_the_first_host_address_containing_the_ip():
+    from vmhost.cloudinit import static_prefixes
+    from vmhost.model import NicAllocation
+
+    nics = [
+        NicAllocation("eth0", "bridge", "br0", ip="10.20.0.7"),
+        NicAllocation("eth1", "bridge", "br1", ip="10.30.0.7/28"),  # carries its own prefix
+        NicAllocation("eth2", "bridge", "br2", ip="2001:db8::7"),
+        NicAllocation("eth3", "bridge", "br0"),  # DHCP
+    ]
+    host = {
+        "br0": ["fe80::1/64", "10.20.0.1/23", "10.20.0.1/24"],
+        "br1": ["10.30.0.1/24"],
+        "br2": ["10.0.0.1/8", "2001:db8::1/48"],
+    }
+    assert static_prefixes(nics, host) == {"eth0": 23, "eth2": 48}

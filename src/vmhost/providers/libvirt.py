@@ -8,7 +8,6 @@ crashed compose are found by `gc`. The XML itself comes from the pure builder in
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import os
@@ -419,12 +418,13 @@ class LibvirtProvider:
             raise
 
     def _create_seed(self, tx: Transaction, plan: ComposePlan) -> VolumeRef:
-        from vmhost.cloudinit import seed_documents, write_seed_iso  # yaml and email load only when seeding
+        from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso  # yaml loads only when seeding
 
         a = plan.allocation
         # a.pool is the operator's resource pool (a VM grouping), never a storage pool.
         pool_name = a.disks[0].pool if a.disks else self._default_pool()
-        docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=self._prefixes(a.nics))
+        host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
+        docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=static_prefixes(a.nics, host))
         with tempfile.TemporaryDirectory(prefix="vmhost-seed-") as tmp:
             iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
             pool = self._pool(pool_name)
@@ -439,19 +439,6 @@ class LibvirtProvider:
         if not names:
             raise ProviderError("no active storage pool on this host for the cloud-init seed")
         return "default" if "default" in names else names[0]
-
-    def _prefixes(self, nics: tuple[NicAllocation, ...]) -> dict[str, int]:
-        """Prefix length of each static ip, from the host address on the same subnet of its parent."""
-        host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
-        out = {}
-        for nic in nics:
-            if not nic.ip:
-                continue
-            for addr in host.get(nic.parent, ()):
-                net = ipaddress.ip_interface(addr).network
-                if ipaddress.ip_address(nic.ip) in net:
-                    out[nic.label] = net.prefixlen
-        return out
 
     def _free_vfs(self, nics: list[NicAllocation]) -> dict[str, str]:
         """NIC label -> PCI address of a VF of its parent that no domain uses (via libvirt node devices)."""

@@ -13,7 +13,6 @@ server's extensions, host resources, network kinds, pools, profile, project.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import math
 import os
@@ -611,20 +610,12 @@ class LxdProvider:
         return self._vm_info(self.project, self._instance(a.name))
 
     def _prefixes(self, a: Allocation) -> dict[str, int]:
-        """Prefix length of each static ip given bare, from the host address on its parent that contains it."""
-        need = [n for n in a.nics if n.ip and "/" not in n.ip]
-        if not need:
+        from vmhost.cloudinit import static_prefixes
+
+        if not any(n.ip and "/" not in n.ip for n in a.nics):
             return {}
-        host = {n.name: n.addresses for n in (self._nics_cache if self._nics_cache is not None else self.networks())}
-        out = {}
-        for nic in need:
-            ip = ipaddress.ip_address(nic.ip)
-            for addr in host.get(nic.parent, ()):
-                iface = ipaddress.ip_interface(addr)
-                if iface.version == ip.version and ip in iface.network:
-                    out[nic.label] = iface.network.prefixlen
-                    break
-        return out
+        nics = self._nics_cache if self._nics_cache is not None else self.networks()
+        return static_prefixes(a.nics, {n.name: n.addresses for n in nics})
 
     def _check_nic_parents(self, a: Allocation) -> None:
         if not a.nics:
