@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, VmAllocationProvider, VmStatus
 from vmhost import broker
 from vmhost.providers.base import ProviderError
+from vmhost.service import Refused
 
 logger = logging.getLogger(__name__)
 
@@ -235,13 +236,18 @@ class AllocationRelation(ops.Object):
         outcomes: dict[str, tuple[str, str]] = {}
         for acc in compose:
             try:
-                planned = host.plan(acc.request)
-                why = broker.nic_policy_error(planned, host.topology().nics, settings)
-                if why:
-                    outcomes[acc.owner] = ("rejected", why)
-                    continue
-                vm = host.compose(acc.request, start=True, boot=acc.boot, image=acc.image, cloud_init=acc.cloud_init)
+                vm = host.compose(
+                    acc.request,
+                    start=True,
+                    boot=acc.boot,
+                    image=acc.image,
+                    cloud_init=acc.cloud_init,
+                    # checked on the very plan that is created, under the host lock
+                    accept=lambda planned, topo: broker.nic_policy_error(planned, topo.nics, settings),
+                )
                 logger.info("composed %s for %s", vm.name, acc.owner)
+            except Refused as e:
+                outcomes[acc.owner] = ("rejected", bounded(str(e)))
             except (PlacementError, ProviderError, ValueError, RuntimeError, OSError) as e:
                 outcomes[acc.owner] = ("failed", bounded(str(e)))
                 logger.warning("compose for %s failed: %s", acc.owner, e)

@@ -11,7 +11,7 @@ import fcntl
 import logging
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +36,10 @@ def host_lock(path: str | None = None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class Refused(ValueError):
+    """A caller's own check refused the planned VM (the relation's network policy, say); nothing was made."""
 
 
 def new_vm_name(taken: set[str]) -> str:
@@ -87,8 +91,13 @@ class VmHost:
         boot: str = "network",
         image: str | None = None,
         cloud_init: CloudInit | None = None,
+        accept: Callable[[Allocation, HostTopology], str | None] | None = None,
     ) -> VmInfo:
-        """Place and create a VM atomically with respect to other vmhost processes."""
+        """Place and create a VM atomically with respect to other vmhost processes.
+
+        `accept`, when given, sees the planned allocation under the same lock and returns a reason to
+        refuse it (raised as Refused) or None: what it checked is exactly what gets created.
+        """
         if boot not in BOOT_MODES:
             raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
         if boot == "image" and not image:
@@ -98,6 +107,8 @@ class VmHost:
         with host_lock(self.lock_path):
             host, vms = self._snapshot()
             allocation = self.plan(request, (host, vms))
+            if accept is not None and (reason := accept(allocation, host)):
+                raise Refused(reason)
             allocations = [v.allocation for v in vms]
             shared = self._shared_threads(host, allocations)
             plan = ComposePlan(

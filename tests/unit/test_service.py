@@ -13,7 +13,7 @@ from vmhost.model import Policy, VmRequest
 from vmhost.placement import PlacementError
 from vmhost.providers.base import NotFound, Provider
 from vmhost.resources_view import render_view, summary_line
-from vmhost.service import VmHost, host_lock, new_vm_name
+from vmhost.service import Refused, VmHost, host_lock, new_vm_name
 
 
 @pytest.fixture
@@ -272,3 +272,18 @@ def test_cli_image_paths_typed_at_the_shell_become_absolute_and_names_stay_names
     assert cli.main(["compose", "--hostname", "b", "--boot", "image", "--image", "jammy"]) == 0
     assert fake.plans["a"].image == str(tmp_path / "imgs/jammy.qcow2")
     assert fake.plans["b"].image == "jammy"
+
+
+def test_accept_sees_the_plan_under_the_lock_and_a_refusal_creates_nothing(host):
+    seen = []
+
+    def accept(planned, topo):
+        seen.append((planned.name, len(planned.pinned), len(topo.nodes)))
+        return "eth0 lands on br9, which allowed-networks does not list"
+
+    with pytest.raises(Refused, match="br9"):
+        host.compose(req(name="x", pinned_cores="auto"), accept=accept)
+    assert seen == [("x", 2, 2)]
+    assert host.vms() == []
+    vm = host.compose(req(name="y"), accept=lambda planned, topo: None)
+    assert vm.name == "y"
