@@ -2,30 +2,46 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+CACHE  ?= /var/cache/vmhost
+CHARM  := vm-host_amd64.charm
 PYTEST_ARGS ?=
+# charmcraft and uv from PyPI, in a venv cached outside the repository (scripts/tools-venv.sh).
+TOOLS   = $(shell VMHOST_CACHE=$(CACHE) bash scripts/tools-venv.sh)
+UV      = $(TOOLS)/bin/uv
 
-.PHONY: host venv run test unit functional integration lint format bench clean
+.PHONY: host tools venv lock charm run test unit functional package integration lint format bench clean
 
 host:                         ## system packages, hugepages, hugetlbfs, libvirtd, test LXD daemon
 	bash scripts/host-setup.sh --lxd
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+tools:
+	@echo $(TOOLS)
+
+# uv.lock is the one pinned set of versions: the packed charm (charmcraft's uv plugin), this venv and CI.
+$(STAMP): pyproject.toml uv.lock
+	UV_PROJECT_ENVIRONMENT=$(VENV) UV_PYTHON=/usr/bin/python3 $(UV) sync --frozen --extra charm --group dev
 	$(PY) -m compileall -q src lib >/dev/null
 	touch $(STAMP)
 
 venv: host $(STAMP)           ## libvirt-python builds against libvirt-dev, so host comes first
 
+lock:                         ## re-resolve uv.lock after changing pyproject.toml's dependencies
+	$(UV) lock
+
+charm:                        ## vm-host_amd64.charm with charmcraft's own pack (scripts/pack-charm.py)
+	$(TOOLS)/bin/python scripts/pack-charm.py . $(CACHE)/charm-build/vm-host .
+
 run: venv                     ## compose a pinned hugepage VM, show resources, decompose it
 	bash scripts/demo.sh
 
-test: venv lint               ## unit + functional (real libvirtd and LXD) + integration (skips without juju)
-	$(VENV)/bin/pytest $(PYTEST_ARGS) tests
+test: venv lint charm         ## unit + package + functional (real libvirtd and LXD) + integration (skips without juju)
+	CHARM_PATH=$(CURDIR)/$(CHARM) $(VENV)/bin/pytest $(PYTEST_ARGS) tests
 
 unit: $(STAMP)
 	$(VENV)/bin/pytest tests/unit
+
+package: $(STAMP) charm
+	CHARM_PATH=$(CURDIR)/$(CHARM) $(VENV)/bin/pytest tests/package
 
 functional: venv
 	$(VENV)/bin/pytest tests/functional
@@ -45,4 +61,4 @@ bench: venv                   ## medians and ratios: placement vs Nova, compose 
 	bash bench/run.sh
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache $(CHARM)

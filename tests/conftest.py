@@ -1,27 +1,36 @@
-"""Suite-wide guard: where /dev/kvm works, the functional tier must really run (CI sets the env var)."""
+"""Suite-wide guard: a tier whose prerequisites CI provides must really run, never skip.
+
+.ci/run names those tiers in VMHOST_REQUIRE_TIERS (comma-separated directory names under tests/:
+`package` always, `functional` where /dev/kvm works); a skipped test in one of them fails the run.
+"""
 
 import os
 
 import pytest
 
-_skipped_functional: list[str] = []
+_skipped: dict[str, list[str]] = {}
+
+
+def _required() -> set[str]:
+    return {t.strip() for t in os.environ.get("VMHOST_REQUIRE_TIERS", "").split(",") if t.strip()}
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped and report.nodeid.startswith("tests/functional"):
-        _skipped_functional.append(report.nodeid)
+    parts = report.nodeid.split("/")
+    if report.skipped and len(parts) > 2 and parts[0] == "tests" and parts[1] in _required():
+        _skipped.setdefault(parts[1], []).append(report.nodeid)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if os.environ.get("VMHOST_REQUIRE_FUNCTIONAL") == "1" and _skipped_functional:
+    if _skipped:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    if os.environ.get("VMHOST_REQUIRE_FUNCTIONAL") == "1" and _skipped_functional:
+    for tier, nodeids in sorted(_skipped.items()):
         terminalreporter.write_line(
-            f"FAILED: /dev/kvm is usable but {len(_skipped_functional)} functional test(s) skipped: "
-            + ", ".join(_skipped_functional[:5]),
+            f"FAILED: the {tier} tier must run here (VMHOST_REQUIRE_TIERS) but {len(nodeids)} test(s) skipped: "
+            + ", ".join(nodeids[:5]),
             red=True,
         )
 

@@ -24,12 +24,12 @@ async def _action(unit, name: str, **params) -> dict:
 
 
 @pytest.mark.abort_on_fail
-async def test_deploy_becomes_active(ops_test, charm):
+async def test_deploy_becomes_active(ops_test, charm, kvm_placement):
     await ops_test.model.deploy(
         charm,
         application_name=APP,
         config={"backend": BACKEND, "hugepages": "2M:256"},
-        constraints={"virt-type": "virtual-machine"} if os.environ.get("VMHOST_TEST_IN_VM") else None,
+        **kvm_placement,
     )
     await ops_test.model.wait_for_idle(apps=[APP], status="active", timeout=40 * 60)
     unit = ops_test.model.applications[APP].units[0]

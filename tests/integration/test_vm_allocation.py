@@ -56,12 +56,11 @@ def requirer_source(tmp_path_factory) -> Path:
 
 
 @pytest.mark.abort_on_fail
-async def test_offer_consume_request_and_release(ops_test, requirer_source):
-    host_charm = await ops_test.build_charm(ROOT)
+async def test_offer_consume_request_and_release(ops_test, charm, requirer_source, kvm_placement):
     client_charm = await ops_test.build_charm(requirer_source)
 
     host_model = ops_test.model
-    await host_model.deploy(host_charm, application_name=HOST_APP, config={"backend": "lxd"})
+    await host_model.deploy(charm, application_name=HOST_APP, config={"backend": "lxd"}, **kvm_placement)
     await host_model.wait_for_idle(apps=[HOST_APP], status="active", timeout=1800)
     await ops_test.juju("offer", f"{HOST_APP}:vm-allocation", "vm-allocation", check=True)
     offer_url = f"admin/{host_model.info.name}.vm-allocation"
