@@ -13,8 +13,9 @@ import pytest
 from ops import testing
 
 import charm
-from charm import NO_KVM, VmHostCharm
+from charm import NO_KVM
 from tests.unit.fakes import CommandRecorder, FakeProvider
+from tests.unit.juju_cli import charm_context, juju_run_params
 from vmhost import lxd_setup as lxd_setup_mod
 from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.lxd_setup import LxdHostState
@@ -167,7 +168,7 @@ LIBVIRT = {"backend": "libvirt"}
 
 
 def ctx() -> testing.Context:
-    return testing.Context(VmHostCharm)
+    return charm_context()
 
 
 def run_action(name: str, params=None, config=None):
@@ -552,3 +553,16 @@ def test_space_bridges_reach_placement(fake, machine):
     )
     assert json.loads(results["nics"])[0]["parent"] == "br0"
     assert isinstance(fake.vms[results["name"]].allocation.nics[0], NicAllocation)
+
+
+def test_numbers_typed_on_juju_run_reach_compose_as_strings(fake, machine, monkeypatch):
+    """`juju run vm-host/0 compose memory=2048 pinned_cores=3 hostname=123` without --string-args."""
+    params = juju_run_params("compose", "memory=2048", "pinned_cores=3", "hostname=123", "storage=10")
+    monkeypatch.setenv("SCENARIO_SKIP_CONSISTENCY_CHECKS", "1")  # ops.testing cannot express [string, integer]
+    results, _ = run_action("compose", params)
+    assert results["name"] == "123"
+    assert results["memory"] == str(2048 * 1024**2)
+    assert json.loads(results["pinned"]) == [3]
+    assert json.loads(results["disks"])[0]["size"] == 10 * 10**9
+    results, _ = run_action("decompose", juju_run_params("decompose", "name=123"))
+    assert results == {"name": "123", "decomposed": "true"}
