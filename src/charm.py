@@ -113,15 +113,23 @@ class VmHostCharm(ops.CharmBase):
         Returns the names of orphans removed (for the refresh action).
         """
         config = self._config()
-        if config is None:
-            return []
+        if config is None or not self.host.kvm_available():
+            return []  # collect-status names the bad option, or the missing /dev/kvm: nothing is installed
         try:
             self._prepare_host(config)
         except hostmod.HostSetupError as e:
+            # Transient causes (a held dpkg lock, an unreachable archive or snap store) were already tried
+            # again in the hook, a few times with short waits, as the ops docs' "Handle errors" asks. What
+            # still fails is not raised: the Charm Tech machine-tinyproxy example lets apt errors put the
+            # unit in error so Juju retries, but the same docs warn Juju's retries can be switched off and
+            # charms must not rely on them. Here the unit says Waiting with the cause, and the next hook
+            # (update-status at the latest, every one of which reconciles) tries again; no defer() needed.
             logger.error("host set-up: %s", e)
-            self._problem = ops.BlockedStatus(str(e))
+            self._problem = ops.WaitingStatus(str(e)) if e.transient else ops.BlockedStatus(str(e))
             return []
-        if not self.host.kvm_available():
+        except Exception as e:  # never out of a hook: say what happened, the log has the traceback
+            logger.exception("host set-up failed")
+            self._problem = ops.BlockedStatus(f"host set-up failed: {e}; see juju debug-log, then run refresh")
             return []
         try:
             with self._session(config) as vmhost:
@@ -151,7 +159,13 @@ class VmHostCharm(ops.CharmBase):
             report = self.host.apply_hugepages(config.hugepages)
             if report.reboot_required:
                 logger.warning("%s", report.message())
-        made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
+        try:
+            made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
+        except hostmod.HostSetupError as e:
+            if config.hugepages:
+                raise
+            logger.warning("%s (no hugepages configured: VMs without hugepages are served)", e)
+            made = []
         if made and config.backend == "libvirt":
             self.host.restart_libvirtd()
 
@@ -186,7 +200,7 @@ class VmHostCharm(ops.CharmBase):
         if not self.host.kvm_available():
             statuses.append(ops.BlockedStatus(NO_KVM))
         installed = self.host.libvirt_installed() if config.backend == "libvirt" else self.host.lxd_installed()
-        if not installed:
+        if not installed and not self._problem:  # Maintenance would outrank a Waiting that says why not
             statuses.append(ops.MaintenanceStatus(f"installing {config.backend}"))
         sizes = self.host.pending_reboot_sizes()
         if sizes:
@@ -317,6 +331,9 @@ class VmHostCharm(ops.CharmBase):
     def _on_refresh(self, event: ops.ActionEvent) -> None:
         config = self._action_config(event)
         if config is None:
+            return
+        if not self.host.kvm_available():
+            event.fail(NO_KVM)
             return
         removed = self._reconcile()
         if isinstance(self._problem, ops.BlockedStatus | ops.WaitingStatus):

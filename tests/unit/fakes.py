@@ -110,12 +110,99 @@ class CommandRecorder:
     def __init__(self, installed=()):
         self.calls: list[list[str]] = []
         self.installed = set(installed)
+        self.failures: dict[str, Exception] = {}  # command name -> what running it raises
 
     def __call__(self, cmd):
         cmd = list(cmd)
         self.calls.append(cmd)
+        if cmd[0] in self.failures:
+            raise self.failures[cmd[0]]
         if cmd[0] == "dpkg-query":
             if cmd[-1] not in self.installed:
                 raise subprocess.CalledProcessError(1, cmd)
             return subprocess.CompletedProcess(cmd, 0, "install ok installed", "")
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def apt_lock_error(step: str = "install") -> Exception:
+    """What charmlibs-apt raises while another apt/dpkg run holds the lock (apt's own stderr)."""
+    stderr = (
+        "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (unattended-upgr)\n"
+        "E: Unable to acquire the dpkg frontend lock (/var/lib/dpkg/lock-frontend), is another process using it?\n"
+    )
+    if step == "update":
+        return subprocess.CalledProcessError(100, ["apt-get", "update", "--error-on=any"], b"", stderr.encode())
+    from charmlibs.apt import PackageError
+
+    return PackageError(f"Could not install package(s) ['genisoimage']: {stderr}")
+
+
+def apt_update_error() -> Exception:
+    """apt-get update with the archive unreachable (charmlibs-apt re-raises the CalledProcessError)."""
+    stderr = (
+        b"W: Failed to fetch http://archive.ubuntu.com/ubuntu/dists/noble/InRelease  "
+        b"Temporary failure resolving 'archive.ubuntu.com'\n"
+        b"E: Some index files failed to download. They have been ignored, or old ones used instead.\n"
+    )
+    return subprocess.CalledProcessError(100, ["apt-get", "update", "--error-on=any"], b"", stderr)
+
+
+def snap_store_error() -> Exception:
+    """snapd cannot reach the store (charmlibs-snap raises an APIError with snapd's message)."""
+    from charmlibs.snap import APIError
+
+    return APIError(
+        'cannot install "lxd": Post "https://api.snapcraft.io/v2/snaps/refresh": dial tcp: '
+        "lookup api.snapcraft.io: Temporary failure in name resolution",
+        kind="",
+        value="lxd",
+        status_code=400,
+    )
+
+
+class FakeApt:
+    """charmlibs.apt as vmhost.host uses it: update(), then add_package(); queued failures are raised in order."""
+
+    def __init__(self):
+        self.added: list[list[str]] = []
+        self.updates = 0
+        self.update_failures: list[Exception] = []
+        self.add_failures: list[Exception] = []
+
+    def update(self):
+        self.updates += 1
+        if self.update_failures:
+            raise self.update_failures.pop(0)
+
+    def add_package(self, names, update_cache=False):
+        if self.add_failures:
+            raise self.add_failures.pop(0)
+        self.added.append(list(names))
+
+
+class FakeSnap:
+    """charmlibs.snap as vmhost.host uses it: list_one() and ensure_installed() on snapd's state `tracking`."""
+
+    def __init__(self, tracking: str | None = None):
+        self.tracking = tracking  # the channel an installed LXD snap tracks; None: not installed
+        self.ensured: list[tuple[str, str | None]] = []
+        self.update_flags: list[bool] = []
+        self.failures: list[Exception] = []
+
+    def list_one(self, name):
+        from types import SimpleNamespace
+
+        from charmlibs.snap import NotInstalledError
+
+        if self.tracking is None:
+            raise NotInstalledError("snap not installed", kind="snap-not-found", value=name)
+        return SimpleNamespace(name=name, tracking=self.tracking)
+
+    def ensure_installed(self, name, channel=None, update=True):
+        if self.failures:
+            raise self.failures.pop(0)
+        self.ensured.append((name, channel))
+        self.update_flags.append(update)
+        changed = self.tracking != channel
+        self.tracking = channel
+        return changed or update

@@ -7,6 +7,7 @@ The hypervisor is an in-memory fake Provider (placement is real); the machine is
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,15 @@ from ops import testing
 
 import charm
 from charm import NO_KVM
-from tests.unit.fakes import CommandRecorder, FakeProvider
+from tests.unit.fakes import (
+    CommandRecorder,
+    FakeApt,
+    FakeProvider,
+    FakeSnap,
+    apt_lock_error,
+    apt_update_error,
+    snap_store_error,
+)
 from tests.unit.juju_cli import charm_context, juju_run_params
 from vmhost import lxd_setup as lxd_setup_mod
 from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
@@ -34,23 +43,6 @@ TOPOLOGY = {
     "nics": [{"name": "br0", "kind": "bridge", "addresses": ["10.0.0.1/24"]}],
     "storage_pools": [{"name": "default", "driver": "dir", "total": 100 * 10**9, "used": 0}],
 }
-
-
-class FakeApt:
-    def __init__(self):
-        self.added: list[list[str]] = []
-
-    def add_package(self, names, update_cache=False):
-        self.added.append(list(names))
-
-
-class FakeSnap:
-    def __init__(self):
-        self.ensured: list[tuple] = []
-
-    def ensure_installed(self, name, channel=None, update=True):
-        self.ensured.append((name, channel))
-        return True
 
 
 class Machine:
@@ -79,6 +71,7 @@ class Machine:
         self.runner = CommandRecorder(installed=libvirt_packages() if libvirt else ())
         self.apt = FakeApt()
         self.snap = FakeSnap()
+        self.waits: list[float] = []  # in-hook retry waits, recorded instead of slept
         self.cap_1g = cap_1g
 
     def host(self) -> Host:
@@ -90,7 +83,7 @@ class Machine:
                     value = min(value, cap)
                 path.write_text(f"{value}\n")
 
-        return _Host(root=self.root, run=self.runner, apt=self.apt, snap=self.snap)
+        return _Host(root=self.root, run=self.runner, apt=self.apt, snap=self.snap, sleep=self.waits.append)
 
     def nr(self, kb: str) -> int:
         return int((self.root / f"sys/devices/system/node/node0/hugepages/hugepages-{kb}/nr_hugepages").read_text())
@@ -566,3 +559,126 @@ def test_numbers_typed_on_juju_run_reach_compose_as_strings(fake, machine, monke
     assert json.loads(results["disks"])[0]["size"] == 10 * 10**9
     results, _ = run_action("decompose", juju_run_params("decompose", "name=123"))
     assert results == {"name": "123", "decomposed": "true"}
+
+
+# --- install and set-up never raise out of a hook ------------------------------------------------
+
+
+def mount_denied() -> subprocess.CalledProcessError:
+    """`mount` in an unprivileged container."""
+    return subprocess.CalledProcessError(32, ["mount"], "", "mount: /dev/hugepages: permission denied.\n")
+
+
+@pytest.mark.parametrize("config", [LIBVIRT, {}])
+def test_no_kvm_is_checked_before_anything_is_installed(fake, lxd_setup, monkeypatch, tmp_path, config):
+    m = Machine(tmp_path, kvm=False, libvirt=False, lxd=False)
+    m.runner.installed.clear()
+    monkeypatch.setattr(charm, "make_host", m.host)
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config={**config, "hugepages": "2M:16"}))
+    assert out.unit_status == testing.BlockedStatus(NO_KVM)
+    assert (m.apt.updates, m.apt.added, m.snap.ensured, lxd_setup.applied) == (0, [], [], [])
+    assert m.runner.calls == [] and m.nr("2048kB") == 0  # no package query, mount or hugepage either
+    assert fail_action("refresh", config=config) == NO_KVM
+
+
+def test_failed_hugetlbfs_mount_blocks_with_the_cause_and_the_fix(fake, machine):
+    (machine.root / "proc/mounts").write_text("")
+    machine.runner.failures["mount"] = mount_denied()
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config={**LIBVIRT, "hugepages": "2M:16"}))
+    assert out.unit_status.name == "blocked"
+    assert out.unit_status.message.startswith(
+        "cannot mount hugetlbfs at /dev/hugepages (mount: /dev/hugepages: permission denied.); in a container, "
+        "mount it on the host and pass it in, or make the container privileged"
+    )
+
+
+def test_failed_hugetlbfs_mount_without_hugepages_configured_still_serves(fake, machine):
+    (machine.root / "proc/mounts").write_text("")
+    machine.runner.failures["mount"] = mount_denied()
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    assert out.unit_status.name == "active"
+
+
+def test_held_dpkg_lock_is_tried_again_in_the_hook_then_waits_for_the_next_hook(fake, machine):
+    machine.runner.installed -= {"genisoimage"}
+    machine.apt.add_failures = [apt_lock_error()] * 3
+    c = ctx()
+    state = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    assert state.unit_status == testing.WaitingStatus(
+        "the dpkg lock is held by process 4242 (unattended-upgr); vm-host tries again on the next hook "
+        "(wait for that apt run, e.g. unattended-upgrades, to finish)"
+    )
+    assert machine.waits == [5.0, 15.0]  # bounded: three attempts in all
+    assert machine.apt.added == []
+    state = c.run(c.on.update_status(), state)  # the lock is free now: the next hook installs
+    assert machine.apt.added == [["genisoimage"]]
+    assert state.unit_status.name == "active"
+
+
+def test_dpkg_lock_freed_during_the_hook_installs_in_the_same_hook(fake, machine):
+    machine.runner.installed -= {"genisoimage"}
+    machine.apt.add_failures = [apt_lock_error()]
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    assert machine.waits == [5.0]
+    assert machine.apt.added == [["genisoimage"]]
+    assert out.unit_status.name == "active"
+
+
+def test_failed_apt_update_waits_with_the_cause_and_installs_nothing(fake, machine):
+    machine.runner.installed -= {"genisoimage"}
+    machine.apt.update_failures = [apt_update_error()] * 3
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    assert out.unit_status == testing.WaitingStatus(
+        "apt update failed (E: Some index files failed to download. They have been ignored, or old ones used "
+        "instead.); check the machine's network and apt proxy (juju model-config apt-http-proxy); "
+        "vm-host tries again on the next hook"
+    )
+    assert machine.apt.added == []
+
+
+def test_unreachable_snap_store_waits_and_sets_nothing_up(fake, machine, lxd_setup):
+    (machine.root / "snap/bin/lxc").unlink()
+    machine.snap.failures = [snap_store_error()] * 3
+    c = ctx()
+    out = c.run(c.on.install(), testing.State())
+    assert out.unit_status.name == "waiting"
+    assert out.unit_status.message.startswith(
+        'the snap store is unreachable (cannot install "lxd": Post "https://api.snapcraft.io/v2/snaps/refresh"'
+    )
+    assert "snap-https-proxy" in out.unit_status.message
+    assert lxd_setup.applied == []
+
+
+def test_lxd_snap_on_a_newer_channel_is_never_moved_back(fake, machine, lxd_setup, caplog):
+    machine.snap.tracking = "6/stable"
+    c = ctx()
+    out = c.run(c.on.config_changed(), testing.State(config={"lxd-snap-channel": "5.21/stable"}))
+    assert machine.snap.ensured == []
+    assert machine.snap.tracking == "6/stable"
+    assert "the LXD snap tracks 6/stable, newer than lxd-snap-channel=5.21/stable" in caplog.text
+    assert out.unit_status.name == "active"
+
+
+def test_lxd_snap_on_an_older_channel_is_moved_forward(fake, machine, lxd_setup):
+    machine.snap.tracking = "5.0/stable"
+    c = ctx()
+    c.run(c.on.config_changed(), testing.State(config={"lxd-snap-channel": "5.21/stable"}))
+    assert machine.snap.ensured == [("lxd", "5.21/stable")]
+    assert machine.snap.update_flags == [False]  # never a refresh on every hook
+
+
+def test_an_unexpected_set_up_failure_never_escapes_the_hook(fake, machine, monkeypatch):
+    def broken(self, settings):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Host, "wanted_hugepages", broken)
+    c = ctx()
+    out = c.run(c.on.config_changed(), testing.State(config={**LIBVIRT, "hugepages": "2M:16"}))
+    assert out.unit_status == testing.BlockedStatus(
+        "host set-up failed: division by zero; see juju debug-log, then run refresh"
+    )
