@@ -8,6 +8,7 @@ StoredState: the hypervisor is the only database (DESIGN.md §3).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from collections.abc import Iterator
@@ -81,6 +82,7 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(on.refresh_action, self._on_refresh)
         framework.observe(on.add_trusted_client_action, self._on_add_trusted_client)
         framework.observe(on.get_client_token_action, self._on_get_client_token)
+        framework.observe(on.secret_expired, self._on_secret_expired)  # only join-token secrets are ours
 
     # --- the workload ---------------------------------------------------------------------------
 
@@ -348,6 +350,14 @@ class VmHostCharm(ops.CharmBase):
             return False
         return True
 
+    def _trust_projects(self, config: CharmConfig, admin: bool) -> tuple[str, ...] | None:
+        """vm-host's own LXD project (made if it is not there yet), or None: full access, only when asked."""
+        if admin:
+            return None
+        with self._session(config) as vmhost:
+            vmhost.provider.ensure_project()
+            return (vmhost.provider.project,)
+
     def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
         params, config = self._load(event, AddTrustedClientParams)
         if params is None or not self._lxd_only(event, config, "add-trusted-client"):
@@ -355,11 +365,14 @@ class VmHostCharm(ops.CharmBase):
         from vmhost import lxd_setup
 
         try:
-            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name)
-        except Exception as e:  # LXD refused (bad cert, already trusted): its message, one line
+            projects = self._trust_projects(config, params.admin)
+            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name, projects=projects)
+        except Exception as e:  # LXD refused (bad cert, trusted under another name): its message, one line
             event.fail(f"LXD did not trust the certificate: {e}")
             return
-        event.set_results({"name": params.name, "fingerprint": fingerprint})
+        event.set_results(
+            {"name": params.name, "fingerprint": fingerprint, "access": lxd_setup.describe_access(projects)}
+        )
 
     def _on_get_client_token(self, event: ops.ActionEvent) -> None:
         params, config = self._load(event, ClientTokenParams)
@@ -368,11 +381,28 @@ class VmHostCharm(ops.CharmBase):
         from vmhost import lxd_setup
 
         try:
-            token = lxd_setup.create_join_token(params.name)
+            projects = self._trust_projects(config, params.admin)
+            token = lxd_setup.create_join_token(params.name, expiry_s=params.expiry_seconds, projects=projects)
         except Exception as e:
             event.fail(f"LXD did not issue a token: {e}")
             return
-        event.set_results({"name": params.name, "token": token})
+        access = lxd_setup.describe_access(projects)
+        # A secret owned by this unit, never action output (which `juju show-operation` keeps for anyone
+        # who can read the model); the operator reads it with `juju show-secret <id> --reveal`.
+        try:
+            secret = self.unit.add_secret(
+                {"token": token.token},
+                description=f"LXD join token for {params.name} ({access}), expires {token.expires_at}",
+                expire=datetime.timedelta(seconds=params.expiry_seconds),
+            )
+        except ops.ModelError as e:
+            event.fail(f"could not store the token as a Juju secret, so it was not handed out: {e}")
+            return
+        event.set_results({"name": params.name, "secret-id": secret.id, "expires": token.expires_at, "access": access})
+
+    def _on_secret_expired(self, event: ops.SecretExpiredEvent) -> None:
+        """A join token's secret outlived its token (LXD refuses it now): nothing worth keeping."""
+        event.secret.remove_all_revisions()
 
 
 if __name__ == "__main__":  # pragma: nocover

@@ -36,6 +36,7 @@ class FakeProvider:
     """Keeps VMs in a dict; `fail_compose` makes the next compose raise, like a backend failing mid-way."""
 
     name = "fake"
+    project = "vmhost"
 
     def __init__(self, topology: dict | HostTopology | None = None, uri: str | None = None, **options):
         if not isinstance(topology, HostTopology):
@@ -51,6 +52,10 @@ class FakeProvider:
         self.closed = 0
         self.uri = uri
         self.options = options
+        self.projects_made = 0
+
+    def ensure_project(self) -> None:
+        self.projects_made += 1
 
     def discover(self) -> HostTopology:
         return self.topology
@@ -206,3 +211,120 @@ class FakeSnap:
         changed = self.tracking != channel
         self.tracking = channel
         return changed or update
+
+
+def self_signed_pem(cn: str = "vmhost-test") -> str:
+    """A fresh client certificate, PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class _Response:
+    def __init__(self, body: dict, status: int = 200):
+        self._body, self.status_code = body, status
+
+    def json(self) -> dict:
+        return self._body
+
+
+class FakeLxdTrust:
+    """The LXD daemon's trust store as pylxd's raw API nodes (client.api...) show it to vmhost.lxd_setup.
+
+    Certificates by fingerprint, join tokens, and the server config; a token gets its expiry from
+    core.remote_token_expiry when it is made, as LXD does (remote_token_expiry extension).
+    """
+
+    def __init__(self, extensions=("certificate_token", "remote_token_expiry")):
+        self.certs: dict[str, dict] = {}
+        self.tokens: list[dict] = []  # the request, plus the expiry LXD stamped
+        self.config: dict[str, str] = {}
+        self.extensions = list(extensions)
+        self.cancelled: list[str] = []
+        self.now = 1_800_000_000.0
+
+    @property
+    def api(self) -> _Node:
+        return _Node(self, ())
+
+
+class _Node:
+    def __init__(self, lxd: FakeLxdTrust, path: tuple[str, ...]):
+        self._lxd, self._path = lxd, path
+
+    def __getattr__(self, name: str) -> _Node:
+        return _Node(self._lxd, (*self._path, name))
+
+    def __getitem__(self, name: str) -> _Node:
+        return _Node(self._lxd, (*self._path, name))
+
+    def get(self, **_kw) -> _Response:
+        lxd = self._lxd
+        if self._path == ():
+            return _Response({"metadata": {"api_extensions": lxd.extensions, "config": dict(lxd.config)}})
+        if self._path[0] == "certificates" and len(self._path) == 2:
+            if self._path[1] not in lxd.certs:
+                from pylxd import exceptions as pe
+
+                raise pe.NotFound(_Response({"error": "Certificate not found"}, 404))
+            return _Response({"metadata": lxd.certs[self._path[1]]})
+        raise AssertionError(f"unexpected GET {self._path}")
+
+    def patch(self, json: dict) -> _Response:
+        assert self._path == ()
+        for key, value in json["config"].items():
+            if value == "":
+                self._lxd.config.pop(key, None)
+            else:
+                self._lxd.config[key] = value
+        return _Response({})
+
+    def post(self, json: dict) -> _Response:
+        import base64
+        import hashlib
+        import re
+        from datetime import datetime, timedelta, timezone
+
+        lxd = self._lxd
+        assert self._path == ("certificates",)
+        if json.get("token"):
+            expiry = lxd.config.get("core.remote_token_expiry", "")
+            meta = {"secret": "5ecret", "fingerprint": "5e7ver", "addresses": ["10.0.0.5:8443"], "request": json}
+            if expiry:
+                n, unit = re.fullmatch(r"(\d+)([SMHd])", expiry).groups()
+                seconds = int(n) * {"S": 1, "M": 60, "H": 3600, "d": 86400}[unit]
+                at = datetime.fromtimestamp(lxd.now, timezone.utc) + timedelta(seconds=seconds)
+                meta["expiresAt"] = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            lxd.tokens.append(meta)
+            return _Response({"operation": f"/1.0/operations/op-{len(lxd.tokens)}", "metadata": {"metadata": meta}})
+        fp = hashlib.sha256(base64.b64decode(json["certificate"])).hexdigest()
+        lxd.certs[fp] = {
+            "name": json["name"],
+            "fingerprint": fp,
+            "restricted": bool(json.get("restricted")),
+            "projects": list(json.get("projects") or []),
+        }
+        return _Response({})
+
+    def delete(self) -> _Response:
+        assert self._path[0] == "operations"
+        self._lxd.cancelled.append(self._path[1])
+        return _Response({})

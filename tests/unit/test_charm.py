@@ -6,6 +6,8 @@ The hypervisor is an in-memory fake Provider (placement is real); the machine is
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 import subprocess
 from pathlib import Path
@@ -18,10 +20,12 @@ from charm import NO_KVM
 from tests.unit.fakes import (
     CommandRecorder,
     FakeApt,
+    FakeLxdTrust,
     FakeProvider,
     FakeSnap,
     apt_lock_error,
     apt_update_error,
+    self_signed_pem,
     snap_store_error,
 )
 from tests.unit.juju_cli import charm_context, juju_run_params
@@ -98,7 +102,6 @@ class FakeLxdDaemon:
     def __init__(self, state: LxdHostState | None = None):
         self.state = state or LxdHostState()  # a fresh daemon: no pool, no network, an empty default profile
         self.applied: list[dict] = []
-        self.trusted: list[tuple[str, str]] = []
         self.fail_preseed: Exception | None = None
 
     def read_state(self, client=None) -> LxdHostState:
@@ -118,13 +121,6 @@ class FakeLxdDaemon:
             profile_devices=devices,
             https_address=preseed.get("config", {}).get("core.https_address", s.https_address),
         )
-
-    def add_trusted_client(self, cert_pem, name, client=None) -> str:
-        self.trusted.append((cert_pem, name))
-        return "f00dfeed"
-
-    def create_join_token(self, name, client=None) -> str:
-        return f"token-for-{name}"
 
 
 @pytest.fixture
@@ -152,8 +148,10 @@ def machine(monkeypatch, tmp_path) -> Machine:
 @pytest.fixture
 def lxd_setup(monkeypatch) -> FakeLxdDaemon:
     daemon = FakeLxdDaemon()
-    for name in ("read_state", "apply_preseed", "add_trusted_client", "create_join_token"):
+    for name in ("read_state", "apply_preseed"):
         monkeypatch.setattr(lxd_setup_mod, name, getattr(daemon, name))
+    daemon.trust = FakeLxdTrust()  # certificates and tokens go through the real lxd_setup to this
+    monkeypatch.setattr(lxd_setup_mod, "_client", lambda client=None: daemon.trust)
     return daemon
 
 
@@ -522,13 +520,76 @@ def test_actions_refuse_while_config_is_bad(fake, machine):
     assert fake.composed == []
 
 
-def test_trust_actions_for_lxd(fake, machine, lxd_setup):
-    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+def test_add_trusted_client_restricts_to_the_vmhost_project_by_default(fake, machine, lxd_setup):
+    pem = self_signed_pem()
     results, _ = run_action("add-trusted-client", {"cert": pem, "name": "maas"}, config={})
-    assert results == {"name": "maas", "fingerprint": "f00dfeed"}
-    assert lxd_setup.trusted == [(pem, "maas")]
-    results, _ = run_action("get-client-token", {"name": "laptop"}, config={})
-    assert results == {"name": "laptop", "token": "token-for-laptop"}
+    fp = results["fingerprint"]
+    assert results == {"name": "maas", "fingerprint": fp, "access": "access to project vmhost only"}
+    assert lxd_setup.trust.certs[fp] == {"name": "maas", "fingerprint": fp, "restricted": True, "projects": ["vmhost"]}
+    assert fake.projects_made == 1  # LXD refuses a restriction to a project that does not exist yet
+
+
+def test_add_trusted_client_gives_full_access_only_with_admin(fake, machine, lxd_setup):
+    results, _ = run_action("add-trusted-client", {"cert": self_signed_pem(), "name": "ops", "admin": True}, config={})
+    assert results["access"] == "full access"
+    assert lxd_setup.trust.certs[results["fingerprint"]]["restricted"] is False
+    assert fake.projects_made == 0
+
+
+def test_re_adding_a_certificate_under_another_name_is_reported(fake, machine, lxd_setup):
+    pem = self_signed_pem()
+    results, _ = run_action("add-trusted-client", {"cert": pem, "name": "maas"}, config={})
+    fp = results["fingerprint"]
+    message = fail_action("add-trusted-client", {"cert": pem, "name": "maas-2"}, config={})
+    assert message == (
+        f"LXD did not trust the certificate: this certificate ({fp[:12]}) is already trusted as 'maas' with "
+        f"access to project vmhost only; nothing changed: to trust it as 'maas-2' with access to project vmhost "
+        f"only, remove it first (lxc config trust remove {fp[:12]})"
+    )
+    assert [c["name"] for c in lxd_setup.trust.certs.values()] == ["maas"]
+    again, _ = run_action("add-trusted-client", {"cert": pem, "name": "maas"}, config={})  # same name: idempotent
+    assert again["fingerprint"] == fp
+
+
+def test_client_token_reaches_the_operator_as_a_unit_secret_that_expires(fake, machine, lxd_setup):
+    c = ctx()
+    out = c.run(c.on.action("get-client-token", params={"name": "laptop", "expiry": "30m"}), testing.State(config={}))
+    results = c.action_results
+    assert set(results) == {"name", "secret-id", "expires", "access"}
+    assert results["access"] == "access to project vmhost only"
+    assert results["expires"] == "2027-01-15T08:30:00Z"
+    made = lxd_setup.trust.tokens[0]
+    assert made["request"]["projects"] == ["vmhost"] and made["expiresAt"] == results["expires"]
+    assert made["secret"] not in json.dumps(results)  # the token is not in the action output
+    (secret,) = out.secrets
+    assert secret.id == results["secret-id"] and secret.owner == "unit"
+    token = json.loads(base64.b64decode(secret.tracked_content["token"]))
+    assert token["secret"] == made["secret"] and token["expires_at"] == "2027-01-15T08:30:00Z"
+    assert secret.expire is not None
+    assert "laptop" in secret.description and "2027-01-15T08:30:00Z" in secret.description
+
+
+def test_client_token_default_expiry_is_one_hour_and_admin_is_unrestricted(fake, machine, lxd_setup):
+    results, _ = run_action("get-client-token", {"name": "laptop", "admin": True}, config={})
+    assert results["expires"] == "2027-01-15T09:00:00Z"
+    assert results["access"] == "full access"
+    assert lxd_setup.trust.tokens[0]["request"]["restricted"] is False
+
+
+@pytest.mark.parametrize("expiry", ["0m", "8d", "soon"])
+def test_client_token_expiry_is_bounded(fake, machine, lxd_setup, expiry):
+    message = fail_action("get-client-token", {"name": "laptop", "expiry": expiry}, config={})
+    assert message == (
+        f"parameter expiry: {expiry!r} is not an expiry from 1m to 7d; give minutes, hours or days, e.g. 30m, 1h or 2d"
+    )
+    assert lxd_setup.trust.tokens == []
+
+
+def test_expired_token_secret_is_removed(fake, machine, lxd_setup):
+    secret = testing.Secret({"token": "t"}, owner="unit", expire=datetime.datetime(2027, 1, 1))
+    c = ctx()
+    out = c.run(c.on.secret_expired(secret, revision=1), testing.State(secrets={secret}))
+    assert not out.secrets
 
 
 def test_trust_actions_refused_on_libvirt_and_for_bad_cert(fake, machine, lxd_setup):
@@ -537,7 +598,7 @@ def test_trust_actions_refused_on_libvirt_and_for_bad_cert(fake, machine, lxd_se
     )
     message = fail_action("add-trusted-client", {"cert": "not a cert"}, config={})
     assert message.startswith("parameter cert:") and "PEM" in message
-    assert lxd_setup.trusted == []
+    assert lxd_setup.trust.certs == {}
 
 
 def test_space_bridges_reach_placement(fake, machine):
