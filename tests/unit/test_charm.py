@@ -663,11 +663,17 @@ def test_failed_hugetlbfs_mount_without_hugepages_configured_still_serves(fake, 
     assert out.unit_status.name == "active"
 
 
-def test_held_dpkg_lock_is_tried_again_in_the_hook_then_waits_for_the_next_hook(fake, machine):
+def install_libvirt(machine, **apt_failures) -> tuple[testing.Context, testing.State]:
+    """The install hook on a machine that lacks genisoimage, with FakeApt's failure queues set as given."""
     machine.runner.installed -= {"genisoimage"}
-    machine.apt.add_failures = [apt_lock_error()] * 3
+    for queue, errors in apt_failures.items():
+        setattr(machine.apt, queue, errors)
     c = ctx()
-    state = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    return c, c.run(c.on.install(), testing.State(config=LIBVIRT))
+
+
+def test_held_dpkg_lock_is_tried_again_in_the_hook_then_waits_for_the_next_hook(fake, machine):
+    c, state = install_libvirt(machine, add_failures=[apt_lock_error()] * 3)
     assert state.unit_status == testing.WaitingStatus(
         "the dpkg lock is held by process 4242 (unattended-upgr); vm-host tries again on the next hook "
         "(wait for that apt run, e.g. unattended-upgrades, to finish)"
@@ -680,20 +686,14 @@ def test_held_dpkg_lock_is_tried_again_in_the_hook_then_waits_for_the_next_hook(
 
 
 def test_dpkg_lock_freed_during_the_hook_installs_in_the_same_hook(fake, machine):
-    machine.runner.installed -= {"genisoimage"}
-    machine.apt.add_failures = [apt_lock_error()]
-    c = ctx()
-    out = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    _, out = install_libvirt(machine, add_failures=[apt_lock_error()])
     assert machine.waits == [5.0]
     assert machine.apt.added == [["genisoimage"]]
     assert out.unit_status.name == "active"
 
 
 def test_failed_apt_update_waits_with_the_cause_and_installs_nothing(fake, machine):
-    machine.runner.installed -= {"genisoimage"}
-    machine.apt.update_failures = [apt_update_error()] * 3
-    c = ctx()
-    out = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    _, out = install_libvirt(machine, update_failures=[apt_update_error()] * 3)
     assert out.unit_status == testing.WaitingStatus(
         "apt update failed (E: Some index files failed to download. They have been ignored, or old ones used "
         "instead.); check the machine's network and apt proxy (juju model-config apt-http-proxy); "
