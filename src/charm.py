@@ -120,12 +120,12 @@ class VmHostCharm(ops.CharmBase):
         try:
             self._prepare_host(config)
         except hostmod.HostSetupError as e:
-            # Transient causes (a held dpkg lock, an unreachable archive or snap store) were already tried
-            # again in the hook, a few times with short waits, as the ops docs' "Handle errors" asks. What
-            # still fails is not raised: the Charm Tech machine-tinyproxy example lets apt errors put the
-            # unit in error so Juju retries, but the same docs warn Juju's retries can be switched off and
-            # charms must not rely on them. Here the unit says Waiting with the cause, and the next hook
-            # (update-status at the latest, every one of which reconciles) tries again; no defer() needed.
+            # Transient causes (held dpkg lock, unreachable archive or snap store) were already tried again
+            # in the hook, a few times with short waits (ops docs, "Handle errors"). Charm Tech's
+            # examples/machine-tinyproxy (canonical/operator) lets an apt error put the unit in error so
+            # Juju retries the hook; the same docs say Juju's retries can be switched off and must not be
+            # relied on. So nothing is raised: Waiting names the cause, and the next hook retries
+            # (update-status at the latest: every event reconciles, so no defer() is needed).
             logger.error("host set-up: %s", e)
             self._problem = ops.WaitingStatus(str(e)) if e.transient else ops.BlockedStatus(str(e))
             return []
