@@ -8,6 +8,7 @@ StoredState: the hypervisor is the only database (DESIGN.md §3).
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 from collections.abc import Iterator
@@ -81,6 +82,7 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(on.refresh_action, self._on_refresh)
         framework.observe(on.add_trusted_client_action, self._on_add_trusted_client)
         framework.observe(on.get_client_token_action, self._on_get_client_token)
+        framework.observe(on.secret_expired, self._on_secret_expired)  # only join-token secrets are ours
 
     # --- the workload ---------------------------------------------------------------------------
 
@@ -113,15 +115,23 @@ class VmHostCharm(ops.CharmBase):
         Returns the names of orphans removed (for the refresh action).
         """
         config = self._config()
-        if config is None:
-            return []
+        if config is None or not self.host.kvm_available():
+            return []  # collect-status names the bad option, or the missing /dev/kvm: nothing is installed
         try:
             self._prepare_host(config)
         except hostmod.HostSetupError as e:
+            # Transient causes (held dpkg lock, unreachable archive or snap store) were already tried again
+            # in the hook, a few times with short waits (ops docs, "Handle errors"). Charm Tech's
+            # examples/machine-tinyproxy (canonical/operator) lets an apt error put the unit in error so
+            # Juju retries the hook; the same docs say Juju's retries can be switched off and must not be
+            # relied on. So nothing is raised: Waiting names the cause, and the next hook retries
+            # (update-status at the latest: every event reconciles, so no defer() is needed).
             logger.error("host set-up: %s", e)
-            self._problem = ops.BlockedStatus(str(e))
+            self._problem = ops.WaitingStatus(str(e)) if e.transient else ops.BlockedStatus(str(e))
             return []
-        if not self.host.kvm_available():
+        except Exception as e:  # never out of a hook: say what happened, the log has the traceback
+            logger.exception("host set-up failed")
+            self._problem = ops.BlockedStatus(f"host set-up failed: {e}; see juju debug-log, then run refresh")
             return []
         try:
             with self._session(config) as vmhost:
@@ -151,7 +161,13 @@ class VmHostCharm(ops.CharmBase):
             report = self.host.apply_hugepages(config.hugepages)
             if report.reboot_required:
                 logger.warning("%s", report.message())
-        made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
+        try:
+            made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
+        except hostmod.HostSetupError as e:
+            if config.hugepages:
+                raise
+            logger.warning("%s (no hugepages configured: VMs without hugepages are served)", e)
+            made = []
         if made and config.backend == "libvirt":
             self.host.restart_libvirtd()
 
@@ -186,7 +202,7 @@ class VmHostCharm(ops.CharmBase):
         if not self.host.kvm_available():
             statuses.append(ops.BlockedStatus(NO_KVM))
         installed = self.host.libvirt_installed() if config.backend == "libvirt" else self.host.lxd_installed()
-        if not installed:
+        if not installed and not self._problem:  # Maintenance would outrank a Waiting that says why not
             statuses.append(ops.MaintenanceStatus(f"installing {config.backend}"))
         sizes = self.host.pending_reboot_sizes()
         if sizes:
@@ -318,6 +334,9 @@ class VmHostCharm(ops.CharmBase):
         config = self._action_config(event)
         if config is None:
             return
+        if not self.host.kvm_available():
+            event.fail(NO_KVM)
+            return
         removed = self._reconcile()
         if isinstance(self._problem, ops.BlockedStatus | ops.WaitingStatus):
             event.fail(self._problem.message)
@@ -331,6 +350,14 @@ class VmHostCharm(ops.CharmBase):
             return False
         return True
 
+    def _trust_projects(self, config: CharmConfig, admin: bool) -> tuple[str, ...] | None:
+        """vm-host's own LXD project (made if it is not there yet), or None: full access, only when asked."""
+        if admin:
+            return None
+        with self._session(config) as vmhost:
+            vmhost.provider.ensure_project()
+            return (vmhost.provider.project,)
+
     def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
         params, config = self._load(event, AddTrustedClientParams)
         if params is None or not self._lxd_only(event, config, "add-trusted-client"):
@@ -338,11 +365,14 @@ class VmHostCharm(ops.CharmBase):
         from vmhost import lxd_setup
 
         try:
-            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name)
-        except Exception as e:  # LXD refused (bad cert, already trusted): its message, one line
+            projects = self._trust_projects(config, params.admin)
+            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name, projects=projects)
+        except Exception as e:  # LXD refused (bad cert, trusted under another name): its message, one line
             event.fail(f"LXD did not trust the certificate: {e}")
             return
-        event.set_results({"name": params.name, "fingerprint": fingerprint})
+        event.set_results(
+            {"name": params.name, "fingerprint": fingerprint, "access": lxd_setup.describe_access(projects)}
+        )
 
     def _on_get_client_token(self, event: ops.ActionEvent) -> None:
         params, config = self._load(event, ClientTokenParams)
@@ -351,11 +381,28 @@ class VmHostCharm(ops.CharmBase):
         from vmhost import lxd_setup
 
         try:
-            token = lxd_setup.create_join_token(params.name)
+            projects = self._trust_projects(config, params.admin)
+            token = lxd_setup.create_join_token(params.name, expiry_s=params.expiry_seconds, projects=projects)
         except Exception as e:
             event.fail(f"LXD did not issue a token: {e}")
             return
-        event.set_results({"name": params.name, "token": token})
+        access = lxd_setup.describe_access(projects)
+        # A secret owned by this unit, never action output (which `juju show-operation` keeps for anyone
+        # who can read the model); the operator reads it with `juju show-secret <id> --reveal`.
+        try:
+            secret = self.unit.add_secret(
+                {"token": token.token},
+                description=f"LXD join token for {params.name} ({access}), expires {token.expires_at}",
+                expire=datetime.timedelta(seconds=params.expiry_seconds),
+            )
+        except ops.ModelError as e:
+            event.fail(f"could not store the token as a Juju secret, so it was not handed out: {e}")
+            return
+        event.set_results({"name": params.name, "secret-id": secret.id, "expires": token.expires_at, "access": access})
+
+    def _on_secret_expired(self, event: ops.SecretExpiredEvent) -> None:
+        """A join token's secret outlived its token (LXD refuses it now): nothing worth keeping."""
+        event.secret.remove_all_revisions()
 
 
 if __name__ == "__main__":  # pragma: nocover

@@ -12,9 +12,9 @@ import ipaddress
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from vmhost.model import Policy
 from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size, parse_vm_name
@@ -35,6 +35,15 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+def _digits_as_text(v: Any) -> Any:
+    """`juju run` reads key=value as YAML, so memory=2048 or name=123 arrive as integers: take them as text."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+# An action parameter people may type as a number (actions.yaml declares it `type: [string, integer]`).
+Text = Annotated[str, BeforeValidator(_digits_as_text), Field(max_length=4096)]
 
 
 @dataclass(frozen=True)
@@ -259,17 +268,17 @@ class ComposeParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     cores: int = Field(1, ge=1)
-    memory: str = "2048M"
-    pinned_cores: str | None = None
+    memory: Text = "2048M"
+    pinned_cores: Text | None = None
     hugepages_backed: bool = False
     hugepage_size: str | None = None
-    storage: str | None = None
-    interfaces: str | None = None
-    hostname: str | None = None
-    pool: str | None = None
+    storage: Text | None = None
+    interfaces: Text | None = None
+    hostname: Text | None = None
+    pool: Text | None = None
     start: bool = False
     boot: Literal["network", "image"] = "network"
-    image: str | None = None
+    image: Text | None = None
 
     @field_validator("hostname")
     @classmethod
@@ -303,7 +312,7 @@ class NameParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(min_length=1)
+    name: Text = Field(min_length=1)
 
 
 class StopVmParams(NameParams):
@@ -313,14 +322,22 @@ class StopVmParams(NameParams):
 class ListVmsParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    pool: str | None = None
+    pool: Text | None = None
+
+
+_CLIENT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$"
+_EXPIRY_UNITS = {"m": 60, "h": 3600, "d": 86400}
+TOKEN_EXPIRY_MIN, TOKEN_EXPIRY_MAX = 60, 7 * 86400  # s
 
 
 class AddTrustedClientParams(BaseModel):
+    """Trust a client certificate; restricted to vm-host's LXD project unless admin=true."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    cert: str = Field(min_length=1)
-    name: str = Field("vm-host-client", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+    cert: str = Field(min_length=1, max_length=16384)
+    name: Text = Field("vm-host-client", pattern=_CLIENT_NAME)
+    admin: bool = False
 
     @field_validator("cert")
     @classmethod
@@ -333,9 +350,26 @@ class AddTrustedClientParams(BaseModel):
 
 
 class ClientTokenParams(BaseModel):
+    """A join token that expires (`expiry`: 30m, 1h, 2d; a bare number is minutes), restricted unless admin=true."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+    name: Text = Field(pattern=_CLIENT_NAME)
+    expiry: Text = "1h"
+    admin: bool = False
+
+    @field_validator("expiry")
+    @classmethod
+    def _expiry(cls, v: str) -> str:
+        m = re.fullmatch(r"\s*(\d{1,6})\s*([mhd]?)\s*", v.lower())
+        seconds = int(m.group(1)) * _EXPIRY_UNITS[m.group(2) or "m"] if m else None
+        if seconds is None or not TOKEN_EXPIRY_MIN <= seconds <= TOKEN_EXPIRY_MAX:
+            raise ValueError(f"{v!r} is not an expiry from 1m to 7d; give minutes, hours or days, e.g. 30m, 1h or 2d")
+        return f"{m.group(1)}{m.group(2) or 'm'}"
+
+    @property
+    def expiry_seconds(self) -> int:
+        return int(self.expiry[:-1]) * _EXPIRY_UNITS[self.expiry[-1]]
 
 
 def error_message(e: ValidationError, kind: str = "config") -> str:
@@ -346,7 +380,14 @@ def error_message(e: ValidationError, kind: str = "config") -> str:
         msg = err.get("msg", "invalid")
         msg = msg.removeprefix("Value error, ")
         given = err.get("input")
-        if err.get("type") in ("literal_error", "greater_than", "string_pattern_mismatch", "missing", "int_parsing"):
+        if err.get("type") in (
+            "literal_error",
+            "greater_than",
+            "string_pattern_mismatch",
+            "missing",
+            "int_parsing",
+            "string_type",
+        ):
             msg = (
                 f"{given!r} is not allowed: {msg[0].lower()}{msg[1:]}"
                 if err.get("type") != "missing"

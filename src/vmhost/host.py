@@ -13,10 +13,11 @@ import logging
 import platform
 import re
 import subprocess
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vmhost.charm_models import HugepageSetting
 from vmhost.model import HostTopology, Nic
@@ -31,19 +32,137 @@ __all__ = [
     "HugepageReport",
     "SpaceMappedProvider",
     "libvirt_packages",
+    "older_channel",
 ]
 
 GRUB_DROPIN = "etc/default/grub.d/60-vmhost-hugepages.cfg"
 _KB = {"2M": "2048kB", "1G": "1048576kB"}
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
+T = TypeVar("T")
+RUN_TIMEOUT = 300  # s, for any one host command (mount, update-grub, systemctl, dpkg-query)
+# Waits between in-hook attempts at a step that failed transiently (a held dpkg lock, an unreachable
+# archive or snap store): "retry a small number of times, with short delays" (ops docs, Handle errors).
+RETRY_WAITS = (5.0, 15.0)
 
 
 class HostSetupError(Exception):
-    """The host cannot be prepared; the message says what to fix."""
+    """The host cannot be prepared; the message says what is wrong and how to fix it.
+
+    `transient`: the cause may clear by itself (a held dpkg lock, an unreachable archive or snap store).
+    The charm shows Waiting and the next hook tries again; otherwise it is Blocked until the operator acts.
+    """
+
+    def __init__(self, message: str, *, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
 
 
 def _run(cmd: Sequence[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(list(cmd), check=True, capture_output=True, text=True)
+    try:
+        return subprocess.run(list(cmd), check=True, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as e:  # callers handle a failed command; a hung one is one too
+        raise subprocess.CalledProcessError(-9, e.cmd, e.output, f"timed out after {RUN_TIMEOUT} s") from None
+
+
+def _detail(e: BaseException) -> str:
+    """The last non-empty line of what a failed command or library said (apt and snapd put the cause there)."""
+    text = getattr(e, "stderr", None) or getattr(e, "message", None) or str(e)
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+_DPKG_LOCK = re.compile(r"Could not get lock|Unable to acquire the dpkg|Unable to lock|is another process using it")
+_HELD_BY = re.compile(r"held by process \d+ \([^)]*\)")
+
+
+def _apt_failure(e: Exception, step: str, packages: Sequence[str]) -> HostSetupError:
+    """What a failed `apt-get update` or install means for the operator (charmlibs-apt raises CalledProcessError
+    from update() and PackageError from add_package(), both carrying apt's stderr)."""
+    text = str(getattr(e, "stderr", None) or e)
+    if isinstance(getattr(e, "stderr", None), bytes):
+        text = e.stderr.decode(errors="replace")
+    if _DPKG_LOCK.search(text):
+        holder = _HELD_BY.search(text)
+        return HostSetupError(
+            f"the dpkg lock is {holder.group(0) if holder else 'held by another process'}; "
+            "vm-host tries again on the next hook (wait for that apt run, e.g. unattended-upgrades, to finish)",
+            transient=True,
+        )
+    if isinstance(e, OSError):
+        return HostSetupError(f"apt-get cannot run here ({e}); backend=libvirt needs a Debian or Ubuntu machine")
+    if step == "update":
+        return HostSetupError(
+            f"apt update failed ({_detail(e)}); check the machine's network and apt proxy "
+            "(juju model-config apt-http-proxy); vm-host tries again on the next hook",
+            transient=True,
+        )
+    return HostSetupError(
+        f"installing {', '.join(packages)} failed: {_detail(e)}; fix apt on the machine, then run the refresh action"
+    )
+
+
+_STORE_DOWN = re.compile(
+    r"api\.snapcraft\.io|dial tcp|name resolution|no such host|i/o timeout|connection refused|TLS handshake|"
+    r"network is unreachable|persistent network error|unable to contact snap store",
+    re.I,
+)
+
+
+def _snap_failure(e: Exception, channel: str) -> HostSetupError:
+    """What a failed LXD snap install or refresh means for the operator (charmlibs-snap errors)."""
+    from charmlibs import snap
+
+    detail = _detail(e)
+    if isinstance(e, snap.SocketNotFoundError):
+        return HostSetupError("snapd is not running here (no /run/snapd.socket): install snapd, or use backend=libvirt")
+    if isinstance(e, snap.TimeoutError | snap.ConnectionError) or _STORE_DOWN.search(str(e)):
+        return HostSetupError(
+            f"the snap store is unreachable ({detail}); check the machine's network and snap proxy "
+            "(juju model-config snap-https-proxy); vm-host tries again on the next hook",
+            transient=True,
+        )
+    if isinstance(e, snap.ChannelNotAvailableError | snap.NotInStoreError):
+        return HostSetupError(
+            f"the LXD snap has no channel {channel} ({detail}); set lxd-snap-channel to one it has, e.g. 5.21/stable"
+        )
+    return HostSetupError(f"installing the LXD snap from {channel} failed: {detail}")
+
+
+_RISKS = ("stable", "candidate", "beta", "edge")
+
+
+def _channel_key(channel: str, default_track: str = "latest") -> tuple[tuple[float, ...], int] | None:
+    """(track as numbers, risk rank) of a snap channel, for ordering; None when the track is not a version.
+
+    "latest" is newer than any numbered track; a channel without a track ("stable") is on `default_track`.
+    """
+    parts = channel.split("/")
+    if parts[0] in _RISKS:
+        parts = [default_track, *parts]
+    track, risk = parts[0], parts[1] if len(parts) > 1 else "stable"
+    if risk not in _RISKS:
+        return None
+    if track == "latest":
+        return (float("inf"),), _RISKS.index(risk)
+    if not re.fullmatch(r"\d+(\.\d+)*", track):
+        return None
+    return tuple(float(x) for x in track.split(".")), _RISKS.index(risk)
+
+
+def older_channel(wanted: str, installed: str) -> bool:
+    """Whether moving from `installed` to `wanted` could go back in LXD versions (an older track, or a
+    less risky one on the same track: its revision may be older). LXD's database only migrates forward,
+    so a downgrade can leave the daemon unable to start. Tracks that are not versions: treated as older.
+    """
+    have = _channel_key(installed)
+    if have is None:
+        return True
+    want = _channel_key(wanted, default_track=installed.split("/")[0])
+    if want is None:
+        return True
+    return want[0] < have[0] or (want[0] == have[0] and want[1] < have[1])
 
 
 def libvirt_packages(arch: str | None = None) -> list[str]:
@@ -89,12 +208,27 @@ class Host:
     run: Runner = _run
     apt: Any = None  # charmlibs.apt unless a test gives a fake
     snap: Any = None  # charmlibs.snap unless a test gives a fake
+    retry_waits: Sequence[float] = RETRY_WAITS
+    sleep: Callable[[float], None] = time.sleep
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
 
     def _p(self, rel: str) -> Path:
         return self.root / rel.lstrip("/")
+
+    def _retrying(self, step: Callable[[], T], failure: Callable[[Exception], HostSetupError]) -> T:
+        """step(), tried again after each of `retry_waits` while its failure is transient; else the failure."""
+        for wait in (*self.retry_waits, None):
+            try:
+                return step()
+            except Exception as e:
+                err = failure(e)
+                if not err.transient or wait is None:
+                    raise err from e
+                log.warning("%s; trying again in %g s", err, wait)
+                self.sleep(wait)
+        raise AssertionError("unreachable")
 
     # --- virtualisation -------------------------------------------------------------------
 
@@ -266,9 +400,17 @@ class Host:
         for target, size in wanted.items():
             if mounts.get(target, ("",))[0] == "hugetlbfs":
                 continue
-            self._p(target).mkdir(parents=True, exist_ok=True)
             opts = ["-o", f"pagesize={size}"] if size else []
-            self.run(["mount", "-t", "hugetlbfs", *opts, "hugetlbfs", target])
+            cmd = ["mount", "-t", "hugetlbfs", *opts, "hugetlbfs", target]
+            try:
+                self._p(target).mkdir(parents=True, exist_ok=True)
+                self.run(cmd)
+            except (OSError, subprocess.CalledProcessError) as e:
+                # Typically an unprivileged container: mounting is not allowed there.
+                raise HostSetupError(
+                    f"cannot mount hugetlbfs at {target} ({_detail(e)}); in a container, mount it on the host "
+                    f"and pass it in, or make the container privileged; elsewhere run: {' '.join(cmd)}"
+                ) from e
             made.append(target)
         return made
 
@@ -289,30 +431,63 @@ class Host:
         return self._p("usr/sbin/libvirtd").exists()
 
     def ensure_libvirt(self) -> list[str]:
-        """Install the libvirt/KVM packages that are missing (charmlibs-apt); returns what was installed."""
+        """Install the libvirt/KVM packages that are missing (charmlibs-apt); returns what was installed.
+
+        The archive index is refreshed first, as a step of its own, so its failure is told apart.
+        """
         missing = self.missing_packages(libvirt_packages())
         if missing:
             apt = self.apt
             if apt is None:
                 from charmlibs import apt
-            try:
-                apt.add_package(missing, update_cache=True)
-            except Exception as e:
-                raise HostSetupError(f"installing {', '.join(missing)} failed: {e}") from e
+            self._retrying(apt.update, lambda e: _apt_failure(e, "update", missing))
+            self._retrying(lambda: apt.add_package(missing), lambda e: _apt_failure(e, "install", missing))
         return missing
 
     def lxd_installed(self) -> bool:
         return self._p("snap/bin/lxc").exists() or self._p("usr/bin/lxc").exists()
 
-    def ensure_lxd(self, channel: str) -> bool:
-        """Install or move the LXD snap to `channel` (charmlibs-snap); True when something changed."""
-        snap = self.snap
-        if snap is None:
-            from charmlibs import snap
+    def _snap(self):
+        if self.snap is not None:
+            return self.snap
+        from charmlibs import snap
+
+        return snap
+
+    def lxd_channel(self) -> str | None:
+        """The channel the LXD snap tracks, or None when it is not installed as a snap."""
+        from charmlibs.snap import NotInstalledError
+
         try:
-            return bool(snap.ensure_installed("lxd", channel=channel, update=False))
+            return self._snap().list_one("lxd").tracking or None
+        except NotInstalledError:
+            return None
         except Exception as e:
-            raise HostSetupError(f"installing the LXD snap from {channel} failed: {e}") from e
+            raise _snap_failure(e, "") from e
+
+    def ensure_lxd(self, channel: str) -> bool:
+        """Install the LXD snap, or move it to `channel` (charmlibs-snap); True when something changed.
+
+        Never to an older channel: an LXD already tracking a newer one is kept, and that is logged.
+        An LXD from distribution packages is used as it is (a snap beside it would be a second daemon).
+        """
+        tracking = self.lxd_channel()
+        if tracking is None and self._p("usr/bin/lxd").exists():
+            log.info("LXD is installed from distribution packages: used as it is, lxd-snap-channel does not apply")
+            return False
+        if tracking and tracking != channel and older_channel(channel, tracking):
+            log.warning(
+                "the LXD snap tracks %s, newer than lxd-snap-channel=%s: kept there (LXD is never moved back)",
+                tracking,
+                channel,
+            )
+            return False
+        return bool(
+            self._retrying(
+                lambda: self._snap().ensure_installed("lxd", channel=channel, update=False),
+                lambda e: _snap_failure(e, channel),
+            )
+        )
 
     def restart_libvirtd(self) -> None:
         """After a new hugetlbfs mount (libvirt only scans mounts at start); best effort."""

@@ -10,12 +10,16 @@ import base64
 import hashlib
 import ipaddress
 import json
+import logging
 import re
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 STORAGE_DRIVERS = ("dir", "zfs", "btrfs", "lvm")
 DEFAULT_HTTPS_PORT = 8443
@@ -188,12 +192,15 @@ def apply_preseed(preseed: dict) -> None:
         raise LxdSetupError(f"lxd init --preseed failed: {detail[-1] if detail else f'exit code {proc.returncode}'}")
 
 
+CLIENT_TIMEOUT = 30  # s, per LXD API request
+
+
 def _client(client):
     if client is not None:
         return client
     import pylxd
 
-    return pylxd.Client()
+    return pylxd.Client(timeout=CLIENT_TIMEOUT)
 
 
 def cert_fingerprint(cert_pem: str) -> tuple[str, str]:
@@ -222,41 +229,120 @@ def _check_name(name: str) -> None:
         raise LxdSetupError(f"client name {name!r} is not valid; use letters, digits, '-', '_', '.' or '@'")
 
 
-def add_trusted_client(cert_pem: str, name: str, client=None) -> str:
-    """Trust a client certificate (remote `vmhost --uri https://...`); returns its fingerprint. Idempotent."""
+def describe_access(projects: Sequence[str] | None) -> str:
+    """What a certificate restricted to `projects` (None: unrestricted) may do, in words."""
+    if projects is None:
+        return "full access"
+    return f"access to project {', '.join(sorted(projects)) or '(none)'} only"
+
+
+def _restriction(projects: Sequence[str] | None) -> dict[str, Any]:
+    """The certificate fields for `projects` (None: unrestricted, which is root on the host)."""
+    return {"restricted": True, "projects": list(projects)} if projects is not None else {"restricted": False}
+
+
+def add_trusted_client(cert_pem: str, name: str, *, projects: Sequence[str] | None = None, client=None) -> str:
+    """Trust a client certificate (remote `vmhost --uri https://...`); returns its fingerprint.
+
+    `projects` restricts it to those LXD projects; None gives full access. Adding the same certificate
+    again under the same name and access changes nothing; under another name or access it is refused
+    with what is trusted now, so a re-add never silently widens, narrows or renames a grant.
+    """
     from pylxd import exceptions as pe
 
     _check_name(name)
     fingerprint, der_b64 = cert_fingerprint(cert_pem)
     c = _client(client)
     try:
-        c.api.certificates.post(json={"type": "client", "name": name, "certificate": der_b64})
-    except pe.Conflict:
-        pass  # already trusted
-    except pe.LXDAPIException as e:
-        if "already exists" not in str(e):
-            raise LxdSetupError(f"LXD refused the client certificate: {e}") from e
+        have = c.api.certificates[fingerprint].get().json()["metadata"] or {}
+    except pe.NotFound:
+        have = None
+    except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
+        raise LxdSetupError(f"cannot read LXD's trusted certificates: {e}") from e
+    want = _restriction(projects)
+    if have is not None:
+        have_access = describe_access(have.get("projects") or () if have.get("restricted") else None)
+        want_access = describe_access(projects)
+        if have.get("name") == name and have_access == want_access:
+            return fingerprint
+        raise LxdSetupError(
+            f"this certificate ({fingerprint[:12]}) is already trusted as {have.get('name')!r} with {have_access}; "
+            f"nothing changed: to trust it as {name!r} with {want_access}, remove it first "
+            f"(lxc config trust remove {fingerprint[:12]})"
+        )
+    try:
+        c.api.certificates.post(json={"type": "client", "name": name, "certificate": der_b64, **want})
+    except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
+        raise LxdSetupError(f"LXD refused the client certificate: {e}") from e
     return fingerprint
 
 
-def create_join_token(name: str, client=None) -> str:
-    """A one-time join token for `name` (as `lxc config trust add` makes); the server must listen on HTTPS."""
+@dataclass(frozen=True)
+class JoinToken:
+    """A join token as `lxc remote add <host> <token>` takes it, and when LXD stops accepting it."""
+
+    token: str
+    expires_at: str  # RFC 3339, as LXD gives it
+
+
+EXPIRY_KEY = "core.remote_token_expiry"
+TOKEN_EXPIRY_MAX = 7 * 86400  # s
+
+
+def create_join_token(
+    name: str, *, expiry_s: int = 3600, projects: Sequence[str] | None = None, client=None
+) -> JoinToken:
+    """A one-time join token for `name` that LXD refuses after `expiry_s` seconds; the server must listen on HTTPS.
+
+    LXD stamps a token's expiry from the server setting core.remote_token_expiry when it makes the token
+    (API extension remote_token_expiry, in LXD 5.0 and later), and refuses the token once it has passed.
+    There is no per-token field, so the setting is ours for the one request and then put back as it was.
+    The certificate the token turns into is restricted to `projects` (None: full access).
+    """
     from pylxd import exceptions as pe
 
     _check_name(name)
+    if not isinstance(expiry_s, int) or not 1 <= expiry_s <= TOKEN_EXPIRY_MAX:
+        raise LxdSetupError(f"token expiry {expiry_s!r} s is not allowed; give 1 s to {TOKEN_EXPIRY_MAX} s (7 days)")
     c = _client(client)
     try:
-        resp = c.api.certificates.post(json={"type": "client", "name": name, "token": True})
-    except pe.LXDAPIException as e:
+        server = c.api.get().json()["metadata"] or {}
+        if "remote_token_expiry" not in (server.get("api_extensions") or ()):
+            raise LxdSetupError(
+                "this LXD cannot make join tokens expire (no remote_token_expiry API extension; LXD 5.0 or later "
+                "has it); no token issued: use add-trusted-client with the client's certificate instead"
+            )
+        before = str((server.get("config") or {}).get(EXPIRY_KEY) or "")
+        c.api.patch(json={"config": {EXPIRY_KEY: f"{expiry_s}S"}})
+        try:
+            resp = c.api.certificates.post(
+                json={"type": "client", "name": name, "token": True, **_restriction(projects)}
+            )
+        finally:
+            c.api.patch(json={"config": {EXPIRY_KEY: before}})  # "" removes the key again
+    except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
         raise LxdSetupError(f"LXD cannot issue a join token: {e}") from e
-    meta = (resp.json().get("metadata") or {}).get("metadata") or {}
-    if not meta.get("secret"):
-        raise LxdSetupError("LXD did not return a join token; it needs the certificate_token API extension")
+    body = resp.json()
+    meta = (body.get("metadata") or {}).get("metadata") or {}
+    expires_at = str(meta.get("expiresAt") or "")
+    if not meta.get("secret") or not expires_at or expires_at.startswith("0001-"):
+        _cancel(c, body.get("operation"))
+        raise LxdSetupError("LXD did not return an expiring join token; none was issued")
     token = {
         "client_name": name,
         "fingerprint": meta.get("fingerprint", ""),
         "addresses": meta.get("addresses") or [],
         "secret": meta["secret"],
-        "expires_at": meta.get("expiresAt") or "0001-01-01T00:00:00Z",
+        "expires_at": expires_at,
     }
-    return base64.b64encode(json.dumps(token, separators=(",", ":")).encode()).decode()
+    return JoinToken(base64.b64encode(json.dumps(token, separators=(",", ":")).encode()).decode(), expires_at)
+
+
+def _cancel(c, operation: str | None) -> None:
+    """Revoke a token LXD made but we will not hand out (its operation is the token)."""
+    if not operation:
+        return
+    try:
+        c.api.operations[operation.rstrip("/").rsplit("/", 1)[-1]].delete()
+    except Exception as e:  # best effort: an unexpiring token we did not hand out is still only in LXD
+        log.warning("could not revoke LXD token operation %s: %s", operation, e)

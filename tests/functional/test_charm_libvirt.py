@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 import pytest
 from ops import testing
 
-from charm import VmHostCharm
+from tests.unit.juju_cli import charm_context
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def charm_config(libvirt_uri) -> dict:
 
 
 def _run(name: str, params: dict, config: dict) -> dict:
-    ctx = testing.Context(VmHostCharm)
+    ctx = charm_context()
     ctx.run(ctx.on.action(name, params=params), testing.State(config=config))
     return ctx.action_results
 
@@ -72,7 +72,7 @@ def test_compose_action_runs_a_pinned_hugepage_vm_and_decompose_removes_it(charm
 def test_compose_action_refused_creates_nothing(charm_config, libvirt_conn, vm_names):
     name = vm_names("charm")
     before = {d.name() for d in libvirt_conn.listAllDomains()}
-    ctx = testing.Context(VmHostCharm)
+    ctx = charm_context()
     with pytest.raises(testing.ActionFailed) as exc:
         ctx.run(
             ctx.on.action("compose", params={"cores": 1, "memory": "64T", "hostname": name}),

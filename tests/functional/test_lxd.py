@@ -8,9 +8,11 @@ project-creation path is exercised and gc can never touch anything outside the t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -465,9 +467,75 @@ def test_join_token_is_the_one_lxd_lists(lxd_daemon):
         listed = dict(
             row.split(",")[:2] for row in lxc("config", "trust", "list-tokens", "-f", "csv").stdout.splitlines()
         )
-        assert listed[name] == token
+        assert listed[name] == token.token
     finally:
         lxc("config", "trust", "revoke-token", name, check=False)
+
+
+def _redeem(token: str, conf_dir: Path) -> subprocess.CompletedProcess:
+    """`lxc remote add` with the token, as the operator's client would, from a client config of its own."""
+    conf_dir.mkdir()
+    return subprocess.run(
+        ["lxc", "remote", "add", "vmhost-ft", token, "--accept-certificate"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "LXD_CONF": str(conf_dir)},
+    )  # fmt: skip
+
+
+def _fingerprint(conf_dir: Path) -> str:
+    from vmhost.lxd_setup import cert_fingerprint
+
+    return cert_fingerprint((conf_dir / "client.crt").read_text())[0]
+
+
+def test_restricted_certificate_and_expiring_join_token(project, client_cert, tmp_path):
+    """LXD 5.0.2: a certificate restricted to our project reaches that project only; a token that has
+    expired is refused, one that has not becomes a certificate restricted the same way."""
+    from vmhost.lxd_setup import LxdSetupError, add_trusted_client, create_join_token
+    from vmhost.providers.lxd import LxdProvider
+
+    LxdProvider(project=project).ensure_project()
+    expiry_before = lxc("config", "get", "core.remote_token_expiry").stdout.strip()
+    name = f"ft-{uuid.uuid4().hex[:6]}"
+    pem = Path(client_cert[0]).read_text()
+    fingerprint = add_trusted_client(pem, name, projects=(project,))
+    made: list[str] = [fingerprint]
+    try:
+        cert = lxc_json(f"/1.0/certificates/{fingerprint}")
+        assert (cert["restricted"], cert["projects"]) == (True, [project])
+        with pytest.raises(LxdSetupError, match=f"already trusted as '{name}' with access to project {project} only"):
+            add_trusted_client(pem, name + "-2", projects=(project,))
+        # What the certificate may do, asked over HTTPS as the client: its project yes, the default one no.
+        import requests
+
+        def get(path: str) -> int:
+            return requests.get(
+                f"https://127.0.0.1:8443/1.0/{path}", cert=client_cert, verify="/var/lib/lxd/server.crt", timeout=30
+            ).status_code
+
+        assert get(f"instances?project={project}") == 200
+        assert get("instances?project=default") == 403
+        assert get("projects/default") in (403, 404)
+
+        expired = create_join_token(name + "-x", expiry_s=2, projects=(project,))
+        fresh = create_join_token(name + "-y", expiry_s=3600, projects=(project,))
+        assert lxc("config", "get", "core.remote_token_expiry").stdout.strip() == expiry_before  # put back
+        lxd_tokens = {t["metadata"]["request"]["name"]: t["metadata"] for t in lxc_json("/1.0/operations?recursion=1")
+                      .get("running", []) if t.get("class") == "token"}  # fmt: skip
+        assert lxd_tokens[name + "-y"]["expiresAt"] == fresh.expires_at
+        assert lxd_tokens[name + "-y"]["request"]["projects"] == [project]
+        time.sleep(4)
+        refused = _redeem(expired.token, tmp_path / "expired")
+        assert refused.returncode != 0 and "Token has expired" in refused.stderr, refused.stderr
+        ok = _redeem(fresh.token, tmp_path / "fresh")
+        assert ok.returncode == 0, ok.stderr
+        made.append(_fingerprint(tmp_path / "fresh"))
+        redeemed = lxc_json(f"/1.0/certificates/{made[-1]}")
+        assert (redeemed["name"], redeemed["restricted"], redeemed["projects"]) == (name + "-y", True, [project])
+    finally:
+        for fp in made:
+            lxc("config", "trust", "remove", fp, check=False)
+        for n in (name + "-x", name + "-y"):
+            lxc("config", "trust", "revoke-token", n, check=False)
 
 
 # ---------------------------------------------------------------------------------------------

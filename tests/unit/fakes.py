@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from dataclasses import replace
+from datetime import UTC
 
 from vmhost.model import HostTopology, Nic, StoragePool
 from vmhost.providers.base import ComposePlan, NotFound, VmInfo
@@ -36,6 +37,7 @@ class FakeProvider:
     """Keeps VMs in a dict; `fail_compose` makes the next compose raise, like a backend failing mid-way."""
 
     name = "fake"
+    project = "vmhost"
 
     def __init__(self, topology: dict | HostTopology | None = None, uri: str | None = None, **options):
         if not isinstance(topology, HostTopology):
@@ -51,6 +53,10 @@ class FakeProvider:
         self.closed = 0
         self.uri = uri
         self.options = options
+        self.projects_made = 0
+
+    def ensure_project(self) -> None:
+        self.projects_made += 1
 
     def discover(self) -> HostTopology:
         return self.topology
@@ -110,12 +116,216 @@ class CommandRecorder:
     def __init__(self, installed=()):
         self.calls: list[list[str]] = []
         self.installed = set(installed)
+        self.failures: dict[str, Exception] = {}  # command name -> what running it raises
 
     def __call__(self, cmd):
         cmd = list(cmd)
         self.calls.append(cmd)
+        if cmd[0] in self.failures:
+            raise self.failures[cmd[0]]
         if cmd[0] == "dpkg-query":
             if cmd[-1] not in self.installed:
                 raise subprocess.CalledProcessError(1, cmd)
             return subprocess.CompletedProcess(cmd, 0, "install ok installed", "")
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
+
+def apt_lock_error(step: str = "install") -> Exception:
+    """What charmlibs-apt raises while another apt/dpkg run holds the lock (apt's own stderr)."""
+    stderr = (
+        "E: Could not get lock /var/lib/dpkg/lock-frontend. It is held by process 4242 (unattended-upgr)\n"
+        "E: Unable to acquire the dpkg frontend lock (/var/lib/dpkg/lock-frontend), is another process using it?\n"
+    )
+    if step == "update":
+        return subprocess.CalledProcessError(100, ["apt-get", "update", "--error-on=any"], b"", stderr.encode())
+    from charmlibs.apt import PackageError
+
+    return PackageError(f"Could not install package(s) ['genisoimage']: {stderr}")
+
+
+def apt_update_error() -> Exception:
+    """apt-get update with the archive unreachable (charmlibs-apt re-raises the CalledProcessError)."""
+    stderr = (
+        b"W: Failed to fetch http://archive.ubuntu.com/ubuntu/dists/noble/InRelease  "
+        b"Temporary failure resolving 'archive.ubuntu.com'\n"
+        b"E: Some index files failed to download. They have been ignored, or old ones used instead.\n"
+    )
+    return subprocess.CalledProcessError(100, ["apt-get", "update", "--error-on=any"], b"", stderr)
+
+
+def snap_store_error() -> Exception:
+    """snapd cannot reach the store (charmlibs-snap raises an APIError with snapd's message)."""
+    from charmlibs.snap import APIError
+
+    return APIError(
+        'cannot install "lxd": Post "https://api.snapcraft.io/v2/snaps/refresh": dial tcp: '
+        "lookup api.snapcraft.io: Temporary failure in name resolution",
+        kind="",
+        value="lxd",
+        status_code=400,
+    )
+
+
+class FakeApt:
+    """charmlibs.apt as vmhost.host uses it: update(), then add_package(); queued failures are raised in order."""
+
+    def __init__(self):
+        self.added: list[list[str]] = []
+        self.updates = 0
+        self.update_failures: list[Exception] = []
+        self.add_failures: list[Exception] = []
+
+    def update(self):
+        self.updates += 1
+        if self.update_failures:
+            raise self.update_failures.pop(0)
+
+    def add_package(self, names, update_cache=False):
+        if self.add_failures:
+            raise self.add_failures.pop(0)
+        self.added.append(list(names))
+
+
+class FakeSnap:
+    """charmlibs.snap as vmhost.host uses it: list_one() and ensure_installed() on snapd's state `tracking`."""
+
+    def __init__(self, tracking: str | None = None):
+        self.tracking = tracking  # the channel an installed LXD snap tracks; None: not installed
+        self.ensured: list[tuple[str, str | None]] = []
+        self.update_flags: list[bool] = []
+        self.failures: list[Exception] = []
+
+    def list_one(self, name):
+        from types import SimpleNamespace
+
+        from charmlibs.snap import NotInstalledError
+
+        if self.tracking is None:
+            raise NotInstalledError("snap not installed", kind="snap-not-found", value=name)
+        return SimpleNamespace(name=name, tracking=self.tracking)
+
+    def ensure_installed(self, name, channel=None, update=True):
+        if self.failures:
+            raise self.failures.pop(0)
+        self.ensured.append((name, channel))
+        self.update_flags.append(update)
+        changed = self.tracking != channel
+        self.tracking = channel
+        return changed or update
+
+
+def self_signed_pem(cn: str = "vmhost-test") -> str:
+    """A fresh client certificate, PEM."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+class _Response:
+    def __init__(self, body: dict, status: int = 200):
+        self._body, self.status_code = body, status
+
+    def json(self) -> dict:
+        return self._body
+
+
+class FakeLxdTrust:
+    """The LXD daemon's trust store as pylxd's raw API nodes (client.api...) show it to vmhost.lxd_setup.
+
+    Certificates by fingerprint, join tokens, and the server config; a token gets its expiry from
+    core.remote_token_expiry when it is made, as LXD does (remote_token_expiry extension).
+    """
+
+    def __init__(self, extensions=("certificate_token", "remote_token_expiry")):
+        self.certs: dict[str, dict] = {}
+        self.tokens: list[dict] = []  # the request, plus the expiry LXD stamped
+        self.config: dict[str, str] = {}
+        self.extensions = list(extensions)
+        self.cancelled: list[str] = []
+        self.now = 1_800_000_000.0
+
+    @property
+    def api(self) -> _Node:
+        return _Node(self, ())
+
+
+class _Node:
+    def __init__(self, lxd: FakeLxdTrust, path: tuple[str, ...]):
+        self._lxd, self._path = lxd, path
+
+    def __getattr__(self, name: str) -> _Node:
+        return _Node(self._lxd, (*self._path, name))
+
+    def __getitem__(self, name: str) -> _Node:
+        return _Node(self._lxd, (*self._path, name))
+
+    def get(self, **_kw) -> _Response:
+        lxd = self._lxd
+        if self._path == ():
+            return _Response({"metadata": {"api_extensions": lxd.extensions, "config": dict(lxd.config)}})
+        if self._path[0] == "certificates" and len(self._path) == 2:
+            if self._path[1] not in lxd.certs:
+                from pylxd import exceptions as pe
+
+                raise pe.NotFound(_Response({"error": "Certificate not found"}, 404))
+            return _Response({"metadata": lxd.certs[self._path[1]]})
+        raise AssertionError(f"unexpected GET {self._path}")
+
+    def patch(self, json: dict) -> _Response:
+        assert self._path == ()
+        for key, value in json["config"].items():
+            if value == "":
+                self._lxd.config.pop(key, None)
+            else:
+                self._lxd.config[key] = value
+        return _Response({})
+
+    def post(self, json: dict) -> _Response:
+        import base64
+        import hashlib
+        import re
+        from datetime import datetime, timedelta
+
+        lxd = self._lxd
+        assert self._path == ("certificates",)
+        if json.get("token"):
+            expiry = lxd.config.get("core.remote_token_expiry", "")
+            meta = {"secret": "5ecret", "fingerprint": "5e7ver", "addresses": ["10.0.0.5:8443"], "request": json}
+            if expiry:
+                n, unit = re.fullmatch(r"(\d+)([SMHd])", expiry).groups()
+                seconds = int(n) * {"S": 1, "M": 60, "H": 3600, "d": 86400}[unit]
+                at = datetime.fromtimestamp(lxd.now, UTC) + timedelta(seconds=seconds)
+                meta["expiresAt"] = at.strftime("%Y-%m-%dT%H:%M:%SZ")
+            lxd.tokens.append(meta)
+            return _Response({"operation": f"/1.0/operations/op-{len(lxd.tokens)}", "metadata": {"metadata": meta}})
+        fp = hashlib.sha256(base64.b64decode(json["certificate"])).hexdigest()
+        lxd.certs[fp] = {
+            "name": json["name"],
+            "fingerprint": fp,
+            "restricted": bool(json.get("restricted")),
+            "projects": list(json.get("projects") or []),
+        }
+        return _Response({})
+
+    def delete(self) -> _Response:
+        assert self._path[0] == "operations"
+        self._lxd.cancelled.append(self._path[1])
+        return _Response({})

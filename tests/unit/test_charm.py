@@ -6,15 +6,29 @@ The hypervisor is an in-memory fake Provider (placement is real); the machine is
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 from ops import testing
 
 import charm
-from charm import NO_KVM, VmHostCharm
-from tests.unit.fakes import CommandRecorder, FakeProvider
+from charm import NO_KVM
+from tests.unit.fakes import (
+    CommandRecorder,
+    FakeApt,
+    FakeLxdTrust,
+    FakeProvider,
+    FakeSnap,
+    apt_lock_error,
+    apt_update_error,
+    self_signed_pem,
+    snap_store_error,
+)
+from tests.unit.juju_cli import charm_context, juju_run_params
 from vmhost import lxd_setup as lxd_setup_mod
 from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.lxd_setup import LxdHostState
@@ -33,23 +47,6 @@ TOPOLOGY = {
     "nics": [{"name": "br0", "kind": "bridge", "addresses": ["10.0.0.1/24"]}],
     "storage_pools": [{"name": "default", "driver": "dir", "total": 100 * 10**9, "used": 0}],
 }
-
-
-class FakeApt:
-    def __init__(self):
-        self.added: list[list[str]] = []
-
-    def add_package(self, names, update_cache=False):
-        self.added.append(list(names))
-
-
-class FakeSnap:
-    def __init__(self):
-        self.ensured: list[tuple] = []
-
-    def ensure_installed(self, name, channel=None, update=True):
-        self.ensured.append((name, channel))
-        return True
 
 
 class Machine:
@@ -78,6 +75,7 @@ class Machine:
         self.runner = CommandRecorder(installed=libvirt_packages() if libvirt else ())
         self.apt = FakeApt()
         self.snap = FakeSnap()
+        self.waits: list[float] = []  # in-hook retry waits, recorded instead of slept
         self.cap_1g = cap_1g
 
     def host(self) -> Host:
@@ -89,7 +87,7 @@ class Machine:
                     value = min(value, cap)
                 path.write_text(f"{value}\n")
 
-        return _Host(root=self.root, run=self.runner, apt=self.apt, snap=self.snap)
+        return _Host(root=self.root, run=self.runner, apt=self.apt, snap=self.snap, sleep=self.waits.append)
 
     def nr(self, kb: str) -> int:
         return int((self.root / f"sys/devices/system/node/node0/hugepages/hugepages-{kb}/nr_hugepages").read_text())
@@ -104,7 +102,6 @@ class FakeLxdDaemon:
     def __init__(self, state: LxdHostState | None = None):
         self.state = state or LxdHostState()  # a fresh daemon: no pool, no network, an empty default profile
         self.applied: list[dict] = []
-        self.trusted: list[tuple[str, str]] = []
         self.fail_preseed: Exception | None = None
 
     def read_state(self, client=None) -> LxdHostState:
@@ -124,13 +121,6 @@ class FakeLxdDaemon:
             profile_devices=devices,
             https_address=preseed.get("config", {}).get("core.https_address", s.https_address),
         )
-
-    def add_trusted_client(self, cert_pem, name, client=None) -> str:
-        self.trusted.append((cert_pem, name))
-        return "f00dfeed"
-
-    def create_join_token(self, name, client=None) -> str:
-        return f"token-for-{name}"
 
 
 @pytest.fixture
@@ -158,8 +148,10 @@ def machine(monkeypatch, tmp_path) -> Machine:
 @pytest.fixture
 def lxd_setup(monkeypatch) -> FakeLxdDaemon:
     daemon = FakeLxdDaemon()
-    for name in ("read_state", "apply_preseed", "add_trusted_client", "create_join_token"):
+    for name in ("read_state", "apply_preseed"):
         monkeypatch.setattr(lxd_setup_mod, name, getattr(daemon, name))
+    daemon.trust = FakeLxdTrust()  # certificates and tokens go through the real lxd_setup to this
+    monkeypatch.setattr(lxd_setup_mod, "_client", lambda client=None: daemon.trust)
     return daemon
 
 
@@ -167,7 +159,7 @@ LIBVIRT = {"backend": "libvirt"}
 
 
 def ctx() -> testing.Context:
-    return testing.Context(VmHostCharm)
+    return charm_context()
 
 
 def run_action(name: str, params=None, config=None):
@@ -528,13 +520,76 @@ def test_actions_refuse_while_config_is_bad(fake, machine):
     assert fake.composed == []
 
 
-def test_trust_actions_for_lxd(fake, machine, lxd_setup):
-    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+def test_add_trusted_client_restricts_to_the_vmhost_project_by_default(fake, machine, lxd_setup):
+    pem = self_signed_pem()
     results, _ = run_action("add-trusted-client", {"cert": pem, "name": "maas"}, config={})
-    assert results == {"name": "maas", "fingerprint": "f00dfeed"}
-    assert lxd_setup.trusted == [(pem, "maas")]
-    results, _ = run_action("get-client-token", {"name": "laptop"}, config={})
-    assert results == {"name": "laptop", "token": "token-for-laptop"}
+    fp = results["fingerprint"]
+    assert results == {"name": "maas", "fingerprint": fp, "access": "access to project vmhost only"}
+    assert lxd_setup.trust.certs[fp] == {"name": "maas", "fingerprint": fp, "restricted": True, "projects": ["vmhost"]}
+    assert fake.projects_made == 1  # LXD refuses a restriction to a project that does not exist yet
+
+
+def test_add_trusted_client_gives_full_access_only_with_admin(fake, machine, lxd_setup):
+    results, _ = run_action("add-trusted-client", {"cert": self_signed_pem(), "name": "ops", "admin": True}, config={})
+    assert results["access"] == "full access"
+    assert lxd_setup.trust.certs[results["fingerprint"]]["restricted"] is False
+    assert fake.projects_made == 0
+
+
+def test_re_adding_a_certificate_under_another_name_is_reported(fake, machine, lxd_setup):
+    pem = self_signed_pem()
+    results, _ = run_action("add-trusted-client", {"cert": pem, "name": "maas"}, config={})
+    fp = results["fingerprint"]
+    message = fail_action("add-trusted-client", {"cert": pem, "name": "maas-2"}, config={})
+    assert message == (
+        f"LXD did not trust the certificate: this certificate ({fp[:12]}) is already trusted as 'maas' with "
+        f"access to project vmhost only; nothing changed: to trust it as 'maas-2' with access to project vmhost "
+        f"only, remove it first (lxc config trust remove {fp[:12]})"
+    )
+    assert [c["name"] for c in lxd_setup.trust.certs.values()] == ["maas"]
+    again, _ = run_action("add-trusted-client", {"cert": pem, "name": "maas"}, config={})  # same name: idempotent
+    assert again["fingerprint"] == fp
+
+
+def test_client_token_reaches_the_operator_as_a_unit_secret_that_expires(fake, machine, lxd_setup):
+    c = ctx()
+    out = c.run(c.on.action("get-client-token", params={"name": "laptop", "expiry": "30m"}), testing.State(config={}))
+    results = c.action_results
+    assert set(results) == {"name", "secret-id", "expires", "access"}
+    assert results["access"] == "access to project vmhost only"
+    assert results["expires"] == "2027-01-15T08:30:00Z"
+    made = lxd_setup.trust.tokens[0]
+    assert made["request"]["projects"] == ["vmhost"] and made["expiresAt"] == results["expires"]
+    assert made["secret"] not in json.dumps(results)  # the token is not in the action output
+    (secret,) = out.secrets
+    assert secret.id == results["secret-id"] and secret.owner == "unit"
+    token = json.loads(base64.b64decode(secret.tracked_content["token"]))
+    assert token["secret"] == made["secret"] and token["expires_at"] == "2027-01-15T08:30:00Z"
+    assert secret.expire is not None
+    assert "laptop" in secret.description and "2027-01-15T08:30:00Z" in secret.description
+
+
+def test_client_token_default_expiry_is_one_hour_and_admin_is_unrestricted(fake, machine, lxd_setup):
+    results, _ = run_action("get-client-token", {"name": "laptop", "admin": True}, config={})
+    assert results["expires"] == "2027-01-15T09:00:00Z"
+    assert results["access"] == "full access"
+    assert lxd_setup.trust.tokens[0]["request"]["restricted"] is False
+
+
+@pytest.mark.parametrize("expiry", ["0m", "8d", "soon"])
+def test_client_token_expiry_is_bounded(fake, machine, lxd_setup, expiry):
+    message = fail_action("get-client-token", {"name": "laptop", "expiry": expiry}, config={})
+    assert message == (
+        f"parameter expiry: {expiry!r} is not an expiry from 1m to 7d; give minutes, hours or days, e.g. 30m, 1h or 2d"
+    )
+    assert lxd_setup.trust.tokens == []
+
+
+def test_expired_token_secret_is_removed(fake, machine, lxd_setup):
+    secret = testing.Secret({"token": "t"}, owner="unit", expire=datetime.datetime(2027, 1, 1))
+    c = ctx()
+    out = c.run(c.on.secret_expired(secret, revision=1), testing.State(secrets={secret}))
+    assert not out.secrets
 
 
 def test_trust_actions_refused_on_libvirt_and_for_bad_cert(fake, machine, lxd_setup):
@@ -543,7 +598,7 @@ def test_trust_actions_refused_on_libvirt_and_for_bad_cert(fake, machine, lxd_se
     )
     message = fail_action("add-trusted-client", {"cert": "not a cert"}, config={})
     assert message.startswith("parameter cert:") and "PEM" in message
-    assert lxd_setup.trusted == []
+    assert lxd_setup.trust.certs == {}
 
 
 def test_space_bridges_reach_placement(fake, machine):
@@ -552,3 +607,139 @@ def test_space_bridges_reach_placement(fake, machine):
     )
     assert json.loads(results["nics"])[0]["parent"] == "br0"
     assert isinstance(fake.vms[results["name"]].allocation.nics[0], NicAllocation)
+
+
+def test_numbers_typed_on_juju_run_reach_compose_as_strings(fake, machine, monkeypatch):
+    """`juju run vm-host/0 compose memory=2048 pinned_cores=3 hostname=123` without --string-args."""
+    params = juju_run_params("compose", "memory=2048", "pinned_cores=3", "hostname=123", "storage=10")
+    monkeypatch.setenv("SCENARIO_SKIP_CONSISTENCY_CHECKS", "1")  # ops.testing cannot express [string, integer]
+    results, _ = run_action("compose", params)
+    assert results["name"] == "123"
+    assert results["memory"] == str(2048 * 1024**2)
+    assert json.loads(results["pinned"]) == [3]
+    assert json.loads(results["disks"])[0]["size"] == 10 * 10**9
+    results, _ = run_action("decompose", juju_run_params("decompose", "name=123"))
+    assert results == {"name": "123", "decomposed": "true"}
+
+
+# --- install and set-up never raise out of a hook ------------------------------------------------
+
+
+def mount_denied() -> subprocess.CalledProcessError:
+    """`mount` in an unprivileged container."""
+    return subprocess.CalledProcessError(32, ["mount"], "", "mount: /dev/hugepages: permission denied.\n")
+
+
+@pytest.mark.parametrize("config", [LIBVIRT, {}])
+def test_no_kvm_is_checked_before_anything_is_installed(fake, lxd_setup, monkeypatch, tmp_path, config):
+    m = Machine(tmp_path, kvm=False, libvirt=False, lxd=False)
+    m.runner.installed.clear()
+    monkeypatch.setattr(charm, "make_host", m.host)
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config={**config, "hugepages": "2M:16"}))
+    assert out.unit_status == testing.BlockedStatus(NO_KVM)
+    assert (m.apt.updates, m.apt.added, m.snap.ensured, lxd_setup.applied) == (0, [], [], [])
+    assert m.runner.calls == [] and m.nr("2048kB") == 0  # no package query, mount or hugepage either
+    assert fail_action("refresh", config=config) == NO_KVM
+
+
+def test_failed_hugetlbfs_mount_blocks_with_the_cause_and_the_fix(fake, machine):
+    (machine.root / "proc/mounts").write_text("")
+    machine.runner.failures["mount"] = mount_denied()
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config={**LIBVIRT, "hugepages": "2M:16"}))
+    assert out.unit_status.name == "blocked"
+    assert out.unit_status.message.startswith(
+        "cannot mount hugetlbfs at /dev/hugepages (mount: /dev/hugepages: permission denied.); in a container, "
+        "mount it on the host and pass it in, or make the container privileged"
+    )
+
+
+def test_failed_hugetlbfs_mount_without_hugepages_configured_still_serves(fake, machine):
+    (machine.root / "proc/mounts").write_text("")
+    machine.runner.failures["mount"] = mount_denied()
+    c = ctx()
+    out = c.run(c.on.install(), testing.State(config=LIBVIRT))
+    assert out.unit_status.name == "active"
+
+
+def install_libvirt(machine, **apt_failures) -> tuple[testing.Context, testing.State]:
+    """The install hook on a machine that lacks genisoimage, with FakeApt's failure queues set as given."""
+    machine.runner.installed -= {"genisoimage"}
+    for queue, errors in apt_failures.items():
+        setattr(machine.apt, queue, errors)
+    c = ctx()
+    return c, c.run(c.on.install(), testing.State(config=LIBVIRT))
+
+
+def test_held_dpkg_lock_is_tried_again_in_the_hook_then_waits_for_the_next_hook(fake, machine):
+    c, state = install_libvirt(machine, add_failures=[apt_lock_error()] * 3)
+    assert state.unit_status == testing.WaitingStatus(
+        "the dpkg lock is held by process 4242 (unattended-upgr); vm-host tries again on the next hook "
+        "(wait for that apt run, e.g. unattended-upgrades, to finish)"
+    )
+    assert machine.waits == [5.0, 15.0]  # bounded: three attempts in all
+    assert machine.apt.added == []
+    state = c.run(c.on.update_status(), state)  # the lock is free now: the next hook installs
+    assert machine.apt.added == [["genisoimage"]]
+    assert state.unit_status.name == "active"
+
+
+def test_dpkg_lock_freed_during_the_hook_installs_in_the_same_hook(fake, machine):
+    _, out = install_libvirt(machine, add_failures=[apt_lock_error()])
+    assert machine.waits == [5.0]
+    assert machine.apt.added == [["genisoimage"]]
+    assert out.unit_status.name == "active"
+
+
+def test_failed_apt_update_waits_with_the_cause_and_installs_nothing(fake, machine):
+    _, out = install_libvirt(machine, update_failures=[apt_update_error()] * 3)
+    assert out.unit_status == testing.WaitingStatus(
+        "apt update failed (E: Some index files failed to download. They have been ignored, or old ones used "
+        "instead.); check the machine's network and apt proxy (juju model-config apt-http-proxy); "
+        "vm-host tries again on the next hook"
+    )
+    assert machine.apt.added == []
+
+
+def test_unreachable_snap_store_waits_and_sets_nothing_up(fake, machine, lxd_setup):
+    (machine.root / "snap/bin/lxc").unlink()
+    machine.snap.failures = [snap_store_error()] * 3
+    c = ctx()
+    out = c.run(c.on.install(), testing.State())
+    assert out.unit_status.name == "waiting"
+    assert out.unit_status.message.startswith(
+        'the snap store is unreachable (cannot install "lxd": Post "https://api.snapcraft.io/v2/snaps/refresh"'
+    )
+    assert "snap-https-proxy" in out.unit_status.message
+    assert lxd_setup.applied == []
+
+
+def test_lxd_snap_on_a_newer_channel_is_never_moved_back(fake, machine, lxd_setup, caplog):
+    machine.snap.tracking = "6/stable"
+    c = ctx()
+    out = c.run(c.on.config_changed(), testing.State(config={"lxd-snap-channel": "5.21/stable"}))
+    assert machine.snap.ensured == []
+    assert machine.snap.tracking == "6/stable"
+    assert "the LXD snap tracks 6/stable, newer than lxd-snap-channel=5.21/stable" in caplog.text
+    assert out.unit_status.name == "active"
+
+
+def test_lxd_snap_on_an_older_channel_is_moved_forward(fake, machine, lxd_setup):
+    machine.snap.tracking = "5.0/stable"
+    c = ctx()
+    c.run(c.on.config_changed(), testing.State(config={"lxd-snap-channel": "5.21/stable"}))
+    assert machine.snap.ensured == [("lxd", "5.21/stable")]
+    assert machine.snap.update_flags == [False]  # never a refresh on every hook
+
+
+def test_an_unexpected_set_up_failure_never_escapes_the_hook(fake, machine, monkeypatch):
+    def broken(self, settings):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(Host, "wanted_hugepages", broken)
+    c = ctx()
+    out = c.run(c.on.config_changed(), testing.State(config={**LIBVIRT, "hugepages": "2M:16"}))
+    assert out.unit_status == testing.BlockedStatus(
+        "host set-up failed: division by zero; see juju debug-log, then run refresh"
+    )

@@ -7,11 +7,15 @@ import json
 import pydantic
 import pytest
 
+from tests.unit.juju_cli import actions_spec, juju_run_params, param_types
 from vmhost.charm_models import (
     AddTrustedClientParams,
     CharmConfig,
+    ClientTokenParams,
     ComposeParams,
     HugepageSetting,
+    ListVmsParams,
+    NameParams,
     Quota,
     error_message,
     parse_hugepages_setting,
@@ -154,3 +158,56 @@ def test_vm_results_are_flat_strings_with_juju_safe_keys():
     assert json.loads(r["macs"]) == ["52:54:00:00:00:01"]
     assert r["threads"] == "2"
     assert "pool" not in r
+
+
+# --- `juju run` typing: what people type as numbers arrives as numbers --------------------------------
+
+# Parameters whose values are often all digits (sizes, CPU lists, names): each must take both.
+TYPED_AS_TEXT = {
+    "compose": ("memory", "pinned_cores", "storage", "interfaces", "hostname", "pool", "image"),
+    "decompose": ("name",),
+    "start-vm": ("name",),
+    "stop-vm": ("name",),
+    "list-vms": ("pool",),
+    "add-trusted-client": ("name",),
+    "get-client-token": ("name", "expiry"),
+}
+
+
+@pytest.mark.parametrize(("action", "param"), [(a, p) for a, ps in TYPED_AS_TEXT.items() for p in ps])
+def test_text_params_accept_numbers_and_strings_in_actions_yaml(action, param):
+    assert set(param_types(action, param)) == {"string", "integer"}
+
+
+def test_every_string_param_is_typed_as_text_or_is_an_enum():
+    """A new string parameter must be listed above (or have an enum), so `--string-args` is never needed."""
+    never_digits = {("add-trusted-client", "cert")}  # PEM text
+    for action, spec in actions_spec().items():
+        for param, schema in (spec.get("params") or {}).items():
+            if schema["type"] == "string" and (action, param) not in never_digits:
+                assert "enum" in schema, f"{action} {param} is string-only: juju run {param}=123 would be refused"
+
+
+def test_compose_reads_numbers_typed_on_the_command_line_as_strings():
+    raw = juju_run_params("compose", "memory=2048", "pinned_cores=3", "hostname=123", "storage=20", "pool=7")
+    assert raw["memory"] == 2048 and raw["pinned_cores"] == 3  # what Juju hands over: integers
+    p = ComposeParams(**raw)
+    assert (p.memory, p.pinned_cores, p.hostname, p.storage, p.pool) == ("2048", "3", "123", "20", "7")
+    req = VmRequest.from_dict(p.request_dict())
+    assert req.memory == 2048 * 1024**2  # a bare number is MiB, as in MAAS
+    assert req.pinned_cores == (3,)
+    assert req.storage[0].size == 20 * 10**9
+
+
+def test_names_typed_as_numbers_are_read_as_strings():
+    assert NameParams(**juju_run_params("decompose", "name=123")).name == "123"
+    assert ListVmsParams(**juju_run_params("list-vms", "pool=42")).pool == "42"
+    assert ClientTokenParams(**juju_run_params("get-client-token", "name=2024")).name == "2024"
+
+
+def test_a_boolean_where_text_is_expected_is_refused_with_one_sentence():
+    with pytest.raises(pydantic.ValidationError) as exc:
+        ComposeParams(hostname=True)
+    assert error_message(exc.value, "parameter") == (
+        "parameter hostname: True is not allowed: input should be a valid string"
+    )

@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.unit.fakes import CommandRecorder
+from tests.unit.fakes import (
+    CommandRecorder,
+    FakeApt,
+    FakeSnap,
+    apt_lock_error,
+    apt_update_error,
+    snap_store_error,
+)
+from vmhost import host as hostmod
 from vmhost.charm_models import HugepageSetting, parse_hugepages_setting
-from vmhost.host import GRUB_DROPIN, Host, HostSetupError, SpaceMappedProvider, libvirt_packages
+from vmhost.host import (
+    GRUB_DROPIN,
+    RETRY_WAITS,
+    Host,
+    HostSetupError,
+    SpaceMappedProvider,
+    libvirt_packages,
+    older_channel,
+)
 from vmhost.model import HostTopology
 
 KB = {"2M": "2048kB", "1G": "1048576kB"}
@@ -139,17 +156,6 @@ def test_kvm_detection(tmp_path):
     assert host.kvm_available()
 
 
-class FakeApt:
-    def __init__(self, fail=False):
-        self.added: list = []
-        self.fail = fail
-
-    def add_package(self, names, update_cache=False):
-        if self.fail:
-            raise RuntimeError("E: Unable to locate package qemu-system-x86")
-        self.added.append(list(names))
-
-
 def test_libvirt_packages_only_missing_ones_installed(tmp_path):
     x86 = libvirt_packages("x86_64")
     assert {"qemu-system-x86", "libvirt-daemon-system", "genisoimage", "ovmf"} <= set(x86)
@@ -157,29 +163,133 @@ def test_libvirt_packages_only_missing_ones_installed(tmp_path):
     apt = FakeApt()
     host = Host(root=tmp_path, run=CommandRecorder(installed=set(libvirt_packages()) - {"genisoimage"}), apt=apt)
     assert host.ensure_libvirt() == ["genisoimage"]
-    assert apt.added == [["genisoimage"]]
+    assert (apt.updates, apt.added) == (1, [["genisoimage"]])
 
     everything = Host(root=tmp_path, run=CommandRecorder(installed=set(libvirt_packages())), apt=FakeApt())
     assert everything.ensure_libvirt() == []
-    assert everything.apt.added == []
+    assert (everything.apt.updates, everything.apt.added) == (0, [])
 
 
-def test_package_failure_is_one_clear_error(tmp_path):
-    host = Host(root=tmp_path, run=CommandRecorder(), apt=FakeApt(fail=True))
-    with pytest.raises(HostSetupError, match=r"installing .*libvirt-daemon-system.* failed: E: Unable to locate"):
+def test_package_failure_is_one_clear_error_for_the_operator(tmp_path):
+    from charmlibs.apt import PackageError
+
+    apt = FakeApt()
+    apt.add_failures = [PackageError("Failed to install packages: qemu-system-x86")]
+    waits = []
+    host = Host(root=tmp_path, run=CommandRecorder(), apt=apt, sleep=waits.append)
+    with pytest.raises(HostSetupError, match=r"installing .*libvirt-daemon-system.* failed: Failed to install") as e:
         host.ensure_libvirt()
+    assert not e.value.transient and waits == []  # not tried again: the operator must act
+    assert str(e.value).endswith("fix apt on the machine, then run the refresh action")
 
 
-def test_lxd_snap_channel_from_config(tmp_path):
-    calls = []
+@pytest.mark.parametrize("step", ["update", "install"])
+def test_held_dpkg_lock_is_transient_and_tried_again_with_bounded_waits(tmp_path, step):
+    apt = FakeApt()
+    failures = [apt_lock_error(step)] * 5
+    if step == "update":
+        apt.update_failures = failures
+    else:
+        apt.add_failures = failures
+    waits = []
+    host = Host(root=tmp_path, run=CommandRecorder(), apt=apt, sleep=waits.append)
+    with pytest.raises(HostSetupError, match=r"^the dpkg lock is held by process 4242 \(unattended-upgr\)") as e:
+        host.ensure_libvirt()
+    assert e.value.transient
+    assert waits == list(RETRY_WAITS)  # three attempts, then the next hook
+    assert apt.added == []
 
-    class Snap:
-        def ensure_installed(self, name, channel=None, update=True):
-            calls.append((name, channel, update))
-            return True
 
-    assert Host(root=tmp_path, snap=Snap()).ensure_lxd("6/stable") is True
-    assert calls == [("lxd", "6/stable", False)]
+def test_apt_update_failure_is_transient_and_names_the_cause(tmp_path):
+    apt = FakeApt()
+    apt.update_failures = [apt_update_error()] * 3
+    host = Host(root=tmp_path, run=CommandRecorder(), apt=apt, sleep=lambda s: None)
+    with pytest.raises(HostSetupError, match=r"^apt update failed \(E: Some index files failed to download") as e:
+        host.ensure_libvirt()
+    assert e.value.transient and "apt-http-proxy" in str(e.value)
+
+
+def test_lxd_snap_installed_from_the_configured_channel_without_refreshing(tmp_path):
+    snap = FakeSnap()
+    assert Host(root=tmp_path, snap=snap).ensure_lxd("6/stable") is True
+    assert snap.ensured == [("lxd", "6/stable")] and snap.update_flags == [False]
+    assert Host(root=tmp_path, snap=snap).ensure_lxd("6/stable") is False  # already there
+
+
+def test_lxd_snap_never_moves_to_an_older_channel(tmp_path):
+    snap = FakeSnap(tracking="6/stable")
+    assert Host(root=tmp_path, snap=snap).ensure_lxd("5.21/stable") is False
+    assert snap.ensured == [] and snap.tracking == "6/stable"
+    assert Host(root=tmp_path, snap=snap).ensure_lxd("latest/stable") is True
+    assert snap.tracking == "latest/stable"
+
+
+def test_distribution_lxd_is_used_as_it_is(tmp_path):
+    (tmp_path / "usr/bin").mkdir(parents=True)
+    (tmp_path / "usr/bin/lxd").touch()
+    snap = FakeSnap()
+    assert Host(root=tmp_path, snap=snap).ensure_lxd("5.21/stable") is False
+    assert snap.ensured == []
+
+
+@pytest.mark.parametrize(
+    ("wanted", "installed", "older"),
+    [
+        ("5.21/stable", "6/stable", True),
+        ("5.0/stable", "5.21/stable", True),
+        ("5.21/stable", "latest/stable", True),
+        ("5.21/stable", "5.21/edge", True),  # the edge revision may be newer than stable's
+        ("stable", "5.21/edge", True),  # a risk alone stays on the installed track
+        ("5.21/edge", "5.21/stable", False),
+        ("6/stable", "5.21/stable", False),
+        ("latest/edge", "6/stable", False),
+        ("5.21/stable", "5.21/stable/hotfix", False),
+        ("6/stable", "custom/stable", True),  # cannot tell: never risk going back
+    ],
+)
+def test_channel_order(wanted, installed, older):
+    assert older_channel(wanted, installed) is older
+
+
+def test_unreachable_snap_store_is_transient(tmp_path):
+    snap = FakeSnap()
+    snap.failures = [snap_store_error()] * 3
+    waits = []
+    with pytest.raises(HostSetupError, match=r"^the snap store is unreachable") as e:
+        Host(root=tmp_path, snap=snap, sleep=waits.append).ensure_lxd("5.21/stable")
+    assert e.value.transient and waits == list(RETRY_WAITS)
+
+
+def test_unavailable_channel_blocks_with_the_fix(tmp_path):
+    from charmlibs.snap import ChannelNotAvailableError
+
+    snap = FakeSnap()
+    snap.failures = [ChannelNotAvailableError("no snap revision on specified channel", kind="", value="lxd")]
+    with pytest.raises(HostSetupError, match=r"^the LXD snap has no channel 9/stable .*set lxd-snap-channel") as e:
+        Host(root=tmp_path, snap=snap, sleep=lambda s: None).ensure_lxd("9/stable")
+    assert not e.value.transient
+
+
+def test_hugetlbfs_mount_refused_says_why_and_what_to_do(tmp_path):
+    root = make_root(tmp_path)
+    run = CommandRecorder()
+    run.failures["mount"] = subprocess.CalledProcessError(
+        32, ["mount"], "", "mount: /dev/hugepages: permission denied."
+    )
+    with pytest.raises(HostSetupError) as e:
+        Host(root=root, run=run).ensure_hugetlbfs()
+    assert str(e.value) == (
+        "cannot mount hugetlbfs at /dev/hugepages (mount: /dev/hugepages: permission denied.); in a container, "
+        "mount it on the host and pass it in, or make the container privileged; elsewhere run: "
+        "mount -t hugetlbfs hugetlbfs /dev/hugepages"
+    )
+
+
+def test_a_hung_host_command_is_a_failed_one(monkeypatch):
+    monkeypatch.setattr(hostmod, "RUN_TIMEOUT", 0.2)
+    with pytest.raises(subprocess.CalledProcessError) as e:
+        hostmod._run(["sleep", "5"])
+    assert "timed out" in e.value.stderr
 
 
 def test_space_mapped_provider_labels_bridges_with_spaces():

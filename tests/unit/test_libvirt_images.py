@@ -12,6 +12,7 @@ from ops import testing
 
 import charm
 from tests.unit.fakes import FakeProvider
+from tests.unit.juju_cli import charm_context
 from vmhost.model import Allocation, DiskAllocation
 from vmhost.providers.base import ComposePlan, ProviderError
 from vmhost.providers.libvirt import DEFAULT_IMAGE_DIR, LibvirtProvider, _volume_xml, resolve_image
@@ -138,7 +139,7 @@ def test_charm_passes_its_image_directory_to_the_libvirt_provider(monkeypatch):
         return FakeProvider()
 
     monkeypatch.setattr(charm, "get_provider", get_provider)
-    ctx = testing.Context(charm.VmHostCharm)
+    ctx = charm_context()
     config = {"backend": "libvirt", "libvirt-image-dir": "/srv/images"}
     ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
     assert made and all(m == ("libvirt", "qemu:///system", {"image_dir": "/srv/images"}) for m in made)

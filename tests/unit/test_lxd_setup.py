@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-import datetime
+import base64
+import json
 
 import pytest
 
+from tests.unit.fakes import FakeLxdTrust, self_signed_pem
 from vmhost import lxd_setup
-from vmhost.lxd_setup import LxdHostConfig, LxdHostState, LxdSetupError, build_preseed, cert_fingerprint
+from vmhost.lxd_setup import (
+    TOKEN_EXPIRY_MAX,
+    LxdHostConfig,
+    LxdHostState,
+    LxdSetupError,
+    build_preseed,
+    cert_fingerprint,
+)
 
 
 def test_default_preseed_is_a_dir_pool_and_a_managed_bridge():
@@ -165,33 +174,11 @@ def test_ensure_host_refuses_bad_config_before_reading_the_daemon(monkeypatch):
         lxd_setup.ensure_host(LxdHostConfig(storage_driver="ceph"))
 
 
-def _self_signed_pem() -> str:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vmhost-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def test_certificate_fingerprint_is_sha256_of_der():
     import base64
     import hashlib
 
-    pem = _self_signed_pem()
+    pem = self_signed_pem()
     fp, der_b64 = cert_fingerprint(pem)
     assert fp == hashlib.sha256(base64.b64decode(der_b64)).hexdigest()
     assert len(fp) == 64
@@ -204,3 +191,98 @@ def test_certificate_fingerprint_is_sha256_of_der():
 def test_bad_certificates_are_refused(bad):
     with pytest.raises(LxdSetupError, match="certificate"):
         cert_fingerprint(bad)
+
+
+# --- trust: restricted certificates, expiring tokens --------------------------------------------------
+
+
+def test_client_certificate_restricted_to_projects_or_full_access_only_when_asked():
+    lxd = FakeLxdTrust()
+    pem, admin_pem = self_signed_pem(), self_signed_pem("admin")
+    fp = lxd_setup.add_trusted_client(pem, "maas", projects=("vmhost",), client=lxd)
+    assert lxd.certs[fp] == {"name": "maas", "fingerprint": fp, "restricted": True, "projects": ["vmhost"]}
+    admin_fp = lxd_setup.add_trusted_client(admin_pem, "ops", projects=None, client=lxd)
+    assert lxd.certs[admin_fp]["restricted"] is False
+    assert lxd_setup.describe_access(("vmhost",)) == "access to project vmhost only"
+    assert lxd_setup.describe_access(None) == "full access"
+
+
+def test_same_certificate_same_name_and_access_is_idempotent():
+    lxd = FakeLxdTrust()
+    pem = self_signed_pem()
+    fp = lxd_setup.add_trusted_client(pem, "maas", projects=("vmhost",), client=lxd)
+    assert lxd_setup.add_trusted_client(pem, "maas", projects=("vmhost",), client=lxd) == fp
+    assert len(lxd.certs) == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "projects", "says"),
+    [
+        ("other", ("vmhost",), "as 'other' with access to project vmhost only"),
+        ("maas", None, "as 'maas' with full access"),
+    ],
+)
+def test_same_certificate_under_another_name_or_access_is_reported_not_changed(name, projects, says):
+    lxd = FakeLxdTrust()
+    pem = self_signed_pem()
+    fp = lxd_setup.add_trusted_client(pem, "maas", projects=("vmhost",), client=lxd)
+    with pytest.raises(LxdSetupError) as e:
+        lxd_setup.add_trusted_client(pem, name, projects=projects, client=lxd)
+    assert str(e.value) == (
+        f"this certificate ({fp[:12]}) is already trusted as 'maas' with access to project vmhost only; "
+        f"nothing changed: to trust it {says}, remove it first (lxc config trust remove {fp[:12]})"
+    )
+    assert lxd.certs[fp]["name"] == "maas" and lxd.certs[fp]["restricted"] is True
+
+
+def test_join_token_expires_and_the_server_setting_is_put_back():
+    lxd = FakeLxdTrust()
+    lxd.config["core.remote_token_expiry"] = "2d"  # the operator's own setting for `lxc config trust add`
+    token = lxd_setup.create_join_token("laptop", expiry_s=1800, projects=("vmhost",), client=lxd)
+    made = lxd.tokens[0]
+    assert made["expiresAt"] == token.expires_at == "2027-01-15T08:30:00Z"  # 30 min after lxd.now
+    assert made["request"] == {
+        "type": "client",
+        "name": "laptop",
+        "token": True,
+        "restricted": True,
+        "projects": ["vmhost"],
+    }
+    assert lxd.config == {"core.remote_token_expiry": "2d"}
+    decoded = json.loads(base64.b64decode(token.token))
+    assert decoded == {
+        "client_name": "laptop",
+        "fingerprint": "5e7ver",
+        "addresses": ["10.0.0.5:8443"],
+        "secret": "5ecret",
+        "expires_at": "2027-01-15T08:30:00Z",
+    }
+
+
+def test_unset_expiry_setting_is_unset_again():
+    lxd = FakeLxdTrust()
+    lxd_setup.create_join_token("laptop", expiry_s=60, client=lxd)
+    assert lxd.config == {}
+    assert lxd.tokens[0]["request"]["restricted"] is False
+
+
+def test_lxd_without_token_expiry_issues_no_token():
+    lxd = FakeLxdTrust(extensions=("certificate_token",))
+    with pytest.raises(LxdSetupError, match=r"cannot make join tokens expire .*no token issued"):
+        lxd_setup.create_join_token("laptop", client=lxd)
+    assert lxd.tokens == []
+
+
+@pytest.mark.parametrize("expiry", [0, TOKEN_EXPIRY_MAX + 1, "1h"])
+def test_token_expiry_is_bounded(expiry):
+    with pytest.raises(LxdSetupError, match="token expiry"):
+        lxd_setup.create_join_token("laptop", expiry_s=expiry, client=FakeLxdTrust())
+
+
+def test_a_token_lxd_made_without_expiry_is_revoked_not_handed_out(monkeypatch):
+    lxd = FakeLxdTrust()
+    real_patch = type(lxd.api).patch
+    monkeypatch.setattr(type(lxd.api), "patch", lambda self, json: real_patch(self, {"config": {}}))  # setting ignored
+    with pytest.raises(LxdSetupError, match="did not return an expiring join token"):
+        lxd_setup.create_join_token("laptop", client=lxd)
+    assert lxd.cancelled == ["op-1"]

@@ -433,7 +433,8 @@ class LxdProvider:
             self._project_known = self._exists(f"/projects/{quote(self.project, safe='')}")
         return self._project_known
 
-    def _ensure_project(self) -> None:
+    def ensure_project(self) -> None:
+        """Our project exists (made on first need: a compose, or a client certificate restricted to it)."""
         if self.project == "default" or self._project_exists():
             return
         try:
@@ -579,7 +580,7 @@ class LxdProvider:
                     f"LXD backs VM memory with the host's default hugepage size ({default or 'none'}), "
                     f"so {a.hugepages.size} pages cannot be used; ask for hugepage_size={default or 'none'}"
                 )
-        self._ensure_project()
+        self.ensure_project()
         vm_path = f"/instances/{quote(a.name, safe='')}"
         if self._exists(vm_path, project=self.project):
             raise ProviderError(
