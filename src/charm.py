@@ -32,7 +32,8 @@ from vmhost.charm_models import (
 from vmhost.model import VmRequest
 from vmhost.providers.base import ProviderError, get_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
-from vmhost.service import VmHost
+from vmhost.service import HostLockError, VmHost
+from vmhost.timeouts import HypervisorTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ class VmHostCharm(ops.CharmBase):
         """The one place a VmHost is built: provider from config, policy from config."""
         uri = config.libvirt_uri if config.backend == "libvirt" else None
         options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
-        provider = get_provider(config.backend, uri=uri, **options)
+        provider = get_provider(config.backend, uri=uri, timeout=config.hypervisor_timeout, **options)
         if config.space_bridges:
             provider = hostmod.SpaceMappedProvider(provider, config.space_bridges)
         return VmHost(provider, config.policy())
@@ -121,6 +122,10 @@ class VmHostCharm(ops.CharmBase):
             logger.error("host set-up: %s", e)
             self._problem = ops.BlockedStatus(str(e))
             return []
+        except HypervisorTimeout as e:  # a hung daemon: wait for it, the set-up itself may be fine
+            logger.error("host set-up: %s", e)
+            self._problem = ops.WaitingStatus(str(e))
+            return []
         if not self.host.kvm_available():
             return []
         try:
@@ -129,6 +134,9 @@ class VmHostCharm(ops.CharmBase):
                 if removed:
                     logger.info("removed orphans of crashed composes: %s", ", ".join(removed))
                 self.vm_allocation.reconcile(vmhost, config)
+        except (HostLockError, HypervisorTimeout) as e:  # their sentences name the lock or the daemon already
+            self._problem = ops.WaitingStatus(str(e))
+            return []
         except ProviderError as e:
             self._problem = ops.WaitingStatus(f"{config.backend} not reachable: {e}")
             return []
@@ -165,7 +173,9 @@ class VmHostCharm(ops.CharmBase):
             storage_pool=config.default_storage_pool or "default",
         )
         try:
-            report = lxd_setup.ensure_host(cfg)
+            report = lxd_setup.ensure_host(cfg, timeout=config.hypervisor_timeout)
+        except HypervisorTimeout:
+            raise
         except Exception as e:  # LXD's own words are the most useful message for the operator
             logger.exception("LXD set-up failed")
             raise hostmod.HostSetupError(f"LXD set-up failed: {e}") from e
@@ -198,7 +208,7 @@ class VmHostCharm(ops.CharmBase):
 
     def _summary(self, config: CharmConfig) -> ops.StatusBase:
         try:
-            if config.backend == "lxd" and not hostmod.lxd_supports_vms():
+            if config.backend == "lxd" and not hostmod.lxd_supports_vms(timeout=config.hypervisor_timeout):
                 return ops.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
             with self._session(config) as vmhost:
                 res = vmhost.resources()
@@ -338,7 +348,7 @@ class VmHostCharm(ops.CharmBase):
         from vmhost import lxd_setup
 
         try:
-            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name)
+            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name, timeout=config.hypervisor_timeout)
         except Exception as e:  # LXD refused (bad cert, already trusted): its message, one line
             event.fail(f"LXD did not trust the certificate: {e}")
             return
@@ -351,7 +361,7 @@ class VmHostCharm(ops.CharmBase):
         from vmhost import lxd_setup
 
         try:
-            token = lxd_setup.create_join_token(params.name)
+            token = lxd_setup.create_join_token(params.name, timeout=config.hypervisor_timeout)
         except Exception as e:
             event.fail(f"LXD did not issue a token: {e}")
             return

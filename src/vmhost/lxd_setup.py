@@ -12,10 +12,14 @@ import ipaddress
 import json
 import re
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, HypervisorTimeout, no_answer
 
 STORAGE_DRIVERS = ("dir", "zfs", "btrfs", "lvm")
 DEFAULT_HTTPS_PORT = 8443
@@ -126,16 +130,17 @@ def build_preseed(cfg: LxdHostConfig, existing: LxdHostState | None = None) -> d
     return preseed
 
 
-def read_state(client=None) -> LxdHostState:
+def read_state(client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> LxdHostState:
     """The pools, managed networks, default profile devices and HTTPS address the daemon has now."""
     from pylxd import exceptions as pe
 
     try:
-        c = _client(client)
-        pools = c.api["storage-pools"].get(params={"recursion": 1}).json()["metadata"] or []
-        nets = c.api.networks.get(params={"recursion": 1}).json()["metadata"] or []
-        profile = c.api.profiles["default"].get().json()["metadata"] or {}
-        server = c.api.get().json()["metadata"] or {}
+        with _answered("reading its set-up", timeout):
+            c = _client(client, timeout)
+            pools = c.api["storage-pools"].get(params={"recursion": 1}).json()["metadata"] or []
+            nets = c.api.networks.get(params={"recursion": 1}).json()["metadata"] or []
+            profile = c.api.profiles["default"].get().json()["metadata"] or {}
+            server = c.api.get().json()["metadata"] or {}
     except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
         raise LxdSetupError(f"cannot read LXD's pools, networks and default profile: {e}") from e
     return LxdHostState(
@@ -146,14 +151,14 @@ def read_state(client=None) -> LxdHostState:
     )
 
 
-def ensure_host(cfg: LxdHostConfig, client=None) -> SetupReport:
+def ensure_host(cfg: LxdHostConfig, client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> SetupReport:
     """Create what the host lacks, never touching what it has; safe to run on every hook.
 
     A pool that exists with another driver is kept (its volumes live there): the report says so
     instead, since lxd-storage-driver only applies when the pool is first made.
     """
     _check(cfg)
-    state = read_state(client)
+    state = read_state(client, timeout)
     preseed = build_preseed(cfg, state)
     if preseed:
         apply_preseed(preseed)
@@ -188,12 +193,24 @@ def apply_preseed(preseed: dict) -> None:
         raise LxdSetupError(f"lxd init --preseed failed: {detail[-1] if detail else f'exit code {proc.returncode}'}")
 
 
-def _client(client):
+def _client(client, timeout: float = DEFAULT_CALL_TIMEOUT):
+    """`client` (tests pass a fake), else a client on the local unix socket whose every request has `timeout`."""
     if client is not None:
         return client
     import pylxd
 
-    return pylxd.Client()
+    return pylxd.Client(timeout=timeout)
+
+
+@contextmanager
+def _answered(what: str, timeout: float) -> Iterator[None]:
+    """LXD's silence past `timeout` (requests' timeout) as one HypervisorTimeout sentence."""
+    import requests
+
+    try:
+        yield
+    except requests.Timeout:
+        raise HypervisorTimeout(no_answer("LXD at the local unix socket", what, timeout)) from None
 
 
 def cert_fingerprint(cert_pem: str) -> tuple[str, str]:
@@ -222,15 +239,17 @@ def _check_name(name: str) -> None:
         raise LxdSetupError(f"client name {name!r} is not valid; use letters, digits, '-', '_', '.' or '@'")
 
 
-def add_trusted_client(cert_pem: str, name: str, client=None) -> str:
+def add_trusted_client(cert_pem: str, name: str, client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> str:
     """Trust a client certificate (remote `vmhost --uri https://...`); returns its fingerprint. Idempotent."""
     from pylxd import exceptions as pe
 
     _check_name(name)
     fingerprint, der_b64 = cert_fingerprint(cert_pem)
-    c = _client(client)
     try:
-        c.api.certificates.post(json={"type": "client", "name": name, "certificate": der_b64})
+        with _answered("adding a trusted client", timeout):
+            _client(client, timeout).api.certificates.post(
+                json={"type": "client", "name": name, "certificate": der_b64}
+            )
     except pe.Conflict:
         pass  # already trusted
     except pe.LXDAPIException as e:
@@ -239,14 +258,14 @@ def add_trusted_client(cert_pem: str, name: str, client=None) -> str:
     return fingerprint
 
 
-def create_join_token(name: str, client=None) -> str:
+def create_join_token(name: str, client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> str:
     """A one-time join token for `name` (as `lxc config trust add` makes); the server must listen on HTTPS."""
     from pylxd import exceptions as pe
 
     _check_name(name)
-    c = _client(client)
     try:
-        resp = c.api.certificates.post(json={"type": "client", "name": name, "token": True})
+        with _answered("issuing a join token", timeout):
+            resp = _client(client, timeout).api.certificates.post(json={"type": "client", "name": name, "token": True})
     except pe.LXDAPIException as e:
         raise LxdSetupError(f"LXD cannot issue a join token: {e}") from e
     meta = (resp.json().get("metadata") or {}).get("metadata") or {}

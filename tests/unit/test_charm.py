@@ -107,7 +107,7 @@ class FakeLxdDaemon:
         self.trusted: list[tuple[str, str]] = []
         self.fail_preseed: Exception | None = None
 
-    def read_state(self, client=None) -> LxdHostState:
+    def read_state(self, client=None, timeout=None) -> LxdHostState:
         return self.state
 
     def apply_preseed(self, preseed: dict) -> None:
@@ -125,11 +125,11 @@ class FakeLxdDaemon:
             https_address=preseed.get("config", {}).get("core.https_address", s.https_address),
         )
 
-    def add_trusted_client(self, cert_pem, name, client=None) -> str:
+    def add_trusted_client(self, cert_pem, name, client=None, timeout=None) -> str:
         self.trusted.append((cert_pem, name))
         return "f00dfeed"
 
-    def create_join_token(self, name, client=None) -> str:
+    def create_join_token(self, name, client=None, timeout=None) -> str:
         return f"token-for-{name}"
 
 
@@ -144,7 +144,7 @@ def fake(monkeypatch) -> FakeProvider:
         return provider
 
     monkeypatch.setattr(charm, "get_provider", get_provider)
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: True)
+    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: True)
     return provider
 
 
@@ -288,7 +288,7 @@ def test_changed_storage_driver_is_not_applied_and_status_says_why(fake, machine
 
 
 def test_lxd_without_vm_support_is_blocked(fake, machine, lxd_setup, monkeypatch):
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: False)
+    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: False)
     c = ctx()
     out = c.run(c.on.update_status(), testing.State())
     assert out.unit_status == testing.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
