@@ -102,9 +102,14 @@ class VmHostCharm(ops.CharmBase):
 
     @contextmanager
     def _session(self, config: CharmConfig) -> Iterator[VmHost]:
+        """A VmHost for one use case. A silent daemon or a busy host lock also sets the unit Waiting with
+        the reason, so collect-status does not ask the daemon again (a second full wait) in this dispatch."""
         vmhost = self._vmhost(config)
         try:
             yield vmhost
+        except (HostLockError, HypervisorTimeout) as e:
+            self._problem = ops.WaitingStatus(str(e))
+            raise
         finally:
             vmhost.provider.close()
 
@@ -134,8 +139,7 @@ class VmHostCharm(ops.CharmBase):
                 if removed:
                     logger.info("removed orphans of crashed composes: %s", ", ".join(removed))
                 self.vm_allocation.reconcile(vmhost, config)
-        except (HostLockError, HypervisorTimeout) as e:  # their sentences name the lock or the daemon already
-            self._problem = ops.WaitingStatus(str(e))
+        except (HostLockError, HypervisorTimeout):  # _session set Waiting with their sentence
             return []
         except ProviderError as e:
             self._problem = ops.WaitingStatus(f"{config.backend} not reachable: {e}")

@@ -100,23 +100,36 @@ def test_a_missing_directory_is_refused_and_not_created(tmp_path, monkeypatch):
     assert not (tmp_path / "nonexistent").exists()
 
 
-@pytest.mark.parametrize("mode", [0o777, 0o1777, 0o770])
-def test_a_directory_others_may_write_is_refused(tmp_path, mode):
+@pytest.mark.parametrize(
+    ("target", "mode", "says"),
+    [
+        ("dir", 0o777, "a directory owned by root and writable by no one else"),
+        ("dir", 0o1777, "a directory owned by root and writable by no one else"),
+        ("dir", 0o770, "a directory owned by root and writable by no one else"),
+        ("file", 0o644, "a file owned by root that only root can open"),
+        ("file", 0o604, "a file owned by root that only root can open"),
+        ("file", 0o660, "a file owned by root that only root can open"),
+    ],
+)
+def test_a_lock_others_may_write_or_open_is_refused(tmp_path, target, mode, says):
     d = tmp_path / "shared"
     d.mkdir()
-    d.chmod(mode)
-    with pytest.raises(HostLockError, match=rf"writable by no one else \(it is uid \d+, mode {mode:04o}\)"):
-        _take(d / "lock")
-    assert not (d / "lock").exists()
-
-
-@pytest.mark.parametrize("mode", [0o644, 0o604, 0o660])
-def test_a_lock_file_others_may_open_is_refused(tmp_path, mode):
-    lock = tmp_path / "lock"
-    lock.touch()
-    lock.chmod(mode)
-    with pytest.raises(HostLockError, match=rf"only root can open \(it is uid \d+, mode {mode:04o}\)"):
+    lock = d / "lock"
+    if target == "file":
+        lock.touch()
+    (d if target == "dir" else lock).chmod(mode)
+    with pytest.raises(HostLockError, match=rf"{says} \(it is uid \d+, mode {mode:04o}\)"):
         _take(lock)
+    assert target == "file" or not lock.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give the directory to another user")
+def test_a_directory_another_user_owns_is_refused(tmp_path):
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(HostLockError, match=r"owned by root .*\(it is uid 65534, mode 0700\)"):
+        _take(d / "lock")
 
 
 def test_a_symlinked_lock_file_is_refused(tmp_path):
