@@ -50,6 +50,14 @@ def test_the_cli_refuses_a_bad_limit_in_one_line(argv, env, says, monkeypatch, c
     assert err.startswith(says) and err.count("\n") == 1
 
 
+def test_a_lock_file_in_a_missing_directory_is_one_line_and_the_directory_is_not_made(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "nonexistent" / "dir" / "lock"))
+    assert cli.main(["gc", "--backend", "libvirt"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"vmhost: error: the host lock directory {tmp_path}/nonexistent/dir does not exist;")
+    assert err.count("\n") == 1 and not (tmp_path / "nonexistent").exists()
+
+
 def test_the_cli_hands_its_limits_to_the_provider_and_the_lock(monkeypatch, tmp_path):
     seen = {}
 
