@@ -22,7 +22,8 @@ from pydantic import ValidationError
 from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, VmAllocationProvider, VmStatus
 from vmhost import broker
 from vmhost.providers.base import ProviderError
-from vmhost.service import Refused
+from vmhost.service import HostLockError, Refused
+from vmhost.timeouts import HypervisorTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ class AllocationRelation(ops.Object):
             try:
                 host.decompose(name)
                 logger.info("released relation VM %s", name)
+            except (HostLockError, HypervisorTimeout):
+                raise  # this unit cannot serve now (see below)
             except ProviderError as e:
                 logger.warning("could not release relation VM %s: %s", name, e)
             except Exception as e:  # one bad release must not stop the other requests being served
@@ -248,6 +251,10 @@ class AllocationRelation(ops.Object):
                 logger.info("composed %s for %s", vm.name, acc.owner)
             except Refused as e:
                 outcomes[acc.owner] = ("rejected", bounded(str(e)))
+            except (HostLockError, HypervisorTimeout):
+                # Not the request's fault: the unit waits (the charm says why) and the next hook serves it.
+                # Never published: the sentence names the lock holder's command line or the daemon's URI.
+                raise
             except (PlacementError, ProviderError, ValueError, RuntimeError, OSError) as e:
                 outcomes[acc.owner] = ("failed", bounded(str(e)))
                 logger.warning("compose for %s failed: %s", acc.owner, e)

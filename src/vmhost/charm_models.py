@@ -18,6 +18,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from vmhost.model import Policy
 from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size, parse_vm_name
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, seconds
 
 __all__ = [
     "AddTrustedClientParams",
@@ -136,6 +137,12 @@ class CharmConfig(BaseModel):
     relation_quota: Quota = Quota()
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
+    hypervisor_timeout: float = DEFAULT_CALL_TIMEOUT
+
+    @field_validator("hypervisor_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        return seconds(v, "value")
 
     @field_validator("lxd_snap_channel")
     @classmethod

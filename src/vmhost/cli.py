@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.providers.base import ProviderError, get_provider
-from vmhost.service import BOOT_MODES, VmHost
+from vmhost.service import BOOT_MODES, HostLockBusy, VmHost
+from vmhost.timeouts import (
+    CALL_TIMEOUT_RANGE,
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_LOCK_TIMEOUT,
+    LOCK_TIMEOUT_RANGE,
+    HypervisorTimeout,
+    seconds,
+)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -32,7 +40,28 @@ def _common() -> argparse.ArgumentParser:
         help="e.g. 2G (a bare number is MiB)",
     )
     p.add_argument("--default-storage-pool", default=os.environ.get("VMHOST_DEFAULT_POOL"))
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        help=f"time limit on each hypervisor call (env VMHOST_TIMEOUT; default {DEFAULT_CALL_TIMEOUT:g}, "
+        f"{CALL_TIMEOUT_RANGE[0]:g}-{CALL_TIMEOUT_RANGE[1]:g})",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        metavar="SECONDS",
+        help=f"how long to wait for another vmhost process to release the host lock (env VMHOST_LOCK_TIMEOUT; "
+        f"default {DEFAULT_LOCK_TIMEOUT:g}, {LOCK_TIMEOUT_RANGE[0]:g}-{LOCK_TIMEOUT_RANGE[1]:g})",
+    )
     return p
+
+
+def _seconds(given: str | None, flag: str, env: str, default: float, limits: tuple[float, float]) -> float:
+    """A time limit from its flag, else its environment variable, else the default; one sentence if bad."""
+    if given is not None:
+        return seconds(given, flag, limits)
+    if os.environ.get(env):
+        return seconds(os.environ[env], env, limits)
+    return default
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,7 +109,12 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def _host(args: argparse.Namespace) -> VmHost:
-    options = {}
+    options = {
+        "timeout": _seconds(args.timeout, "--timeout", "VMHOST_TIMEOUT", DEFAULT_CALL_TIMEOUT, CALL_TIMEOUT_RANGE)
+    }
+    lock_timeout = _seconds(
+        args.lock_timeout, "--lock-timeout", "VMHOST_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_RANGE
+    )
     if args.backend == "lxd":
         if args.cert and args.key:
             options["cert"] = (args.cert, args.key)
@@ -88,7 +122,7 @@ def _host(args: argparse.Namespace) -> VmHost:
             options["project"] = args.project
         if args.server_cert:
             options["verify"] = args.server_cert
-    return VmHost(get_provider(args.backend, uri=args.uri, **options), _policy(args))
+    return VmHost(get_provider(args.backend, uri=args.uri, **options), _policy(args), lock_timeout=lock_timeout)
 
 
 def _request(args: argparse.Namespace) -> VmRequest:
@@ -156,6 +190,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hint(e: BaseException) -> str:
+    """How to wait longer, when what failed was a time limit (possibly inside a failed compose step)."""
+    while e is not None:
+        if isinstance(e, HypervisorTimeout):
+            return "; if it is only slow, raise --timeout (VMHOST_TIMEOUT)"
+        if isinstance(e, HostLockBusy):
+            return "; to wait longer, raise --lock-timeout (VMHOST_LOCK_TIMEOUT)"
+        e = e.__cause__
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vmhost.placement import PlacementError
 
@@ -163,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args)
     except (ParseError, PlacementError, ProviderError, ValueError) as e:
-        print(f"vmhost: error: {e}", file=sys.stderr)
+        print(f"vmhost: error: {e}{_hint(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # a backend library error we did not classify: still one line, no traceback
         print(f"vmhost: error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from vmhost.charm_models import HugepageSetting
 from vmhost.model import HostTopology, Nic
 from vmhost.parse import HUGEPAGE_SIZES
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -497,12 +498,12 @@ class Host:
             log.warning("could not restart libvirtd (%s); restart it to use the new hugetlbfs mounts", e)
 
 
-def lxd_supports_vms(client=None) -> bool:
+def lxd_supports_vms(client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> bool:
     """Whether the LXD server can run virtual machines (it lists "virtual-machine" among instance types)."""
     if client is None:
         import pylxd
 
-        client = pylxd.Client()
+        client = pylxd.Client(timeout=timeout)
     env = client.host_info.get("environment", {})
     return "virtual-machine" in (env.get("instance_types") or ())
 

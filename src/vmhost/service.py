@@ -7,35 +7,30 @@ be handed the same threads or pages. Every call recomputes usage from what the h
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import secrets
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
+from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
 from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo, confine_floating
+from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK = "/run/lock/vmhost.lock"
 BOOT_MODES = ("network", "image")
-
-
-@contextmanager
-def host_lock(path: str | None = None) -> Iterator[None]:
-    """Exclusive lock across processes on this machine (plan + compose must be atomic)."""
-    lock_path = Path(path or os.environ.get("VMHOST_LOCK_FILE") or DEFAULT_LOCK)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+__all__ = [
+    "BOOT_MODES",
+    "DEFAULT_LOCK",
+    "HostLockBusy",
+    "HostLockError",
+    "Refused",
+    "VmHost",
+    "host_lock",
+    "new_vm_name",
+]
 
 
 class Refused(ValueError):
@@ -57,6 +52,20 @@ class VmHost:
     provider: Provider
     policy: Policy = field(default_factory=Policy)
     lock_path: str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    _lock_busy: bool = field(default=False, init=False, repr=False)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The host lock. Once a wait for it ran out, this VmHost does not wait again: the holder is still
+        there, and a hook serving many requests would otherwise wait the full bound for each."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(host_lock(self.lock_path, 0.0 if self._lock_busy else self.lock_timeout))
+            except HostLockBusy:
+                self._lock_busy = True
+                raise
+            yield
 
     def topology(self) -> HostTopology:
         return self.provider.discover()
@@ -104,7 +113,7 @@ class VmHost:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
         if cloud_init is None and boot == "image" and request.name:
             cloud_init = CloudInit(hostname=request.name)  # an image boots with its given name as hostname
-        with host_lock(self.lock_path):
+        with self._locked():
             host, vms = self._snapshot()
             allocation = self.plan(request, (host, vms))
             if accept is not None and (reason := accept(allocation, host)):
@@ -140,7 +149,7 @@ class VmHost:
         raise NotFound(f"no VM named {name!r} on this host")
 
     def decompose(self, name: str) -> None:
-        with host_lock(self.lock_path):
+        with self._locked():
             host, vms = self._snapshot()
             vm = next((v for v in vms if v.name == name), None)
             if vm is None:
@@ -175,7 +184,7 @@ class VmHost:
         self.provider.stop(name, force=force)
 
     def gc(self) -> list[str]:
-        with host_lock(self.lock_path):
+        with self._locked():
             return self.provider.gc()
 
     def resources(self) -> dict:

@@ -534,3 +534,16 @@ def test_a_provider_bug_fails_only_its_own_request(provider, caplog):
     assert st["good"]["status"] == "ready"
     assert {v.allocation.owner for v in provider.vms.values()} == {f"{MODEL_A}/client/good"}
     assert "AAAAC3" not in caplog.text and "KeyError" in caplog.text
+
+
+def test_a_busy_host_lock_stops_the_hook_instead_of_failing_the_request(provider, tmp_path):
+    """Not the request's fault, and its sentence names the lock holder's command: never published."""
+    from vmhost.hostlock import HostLockBusy, host_lock
+
+    ENV["host"].lock_timeout = 0.1
+    r = rel([req("web-0")])
+    with host_lock(ENV["host"].lock_path, timeout=0), pytest.raises(testing.errors.UncaughtCharmError) as e:
+        # (held through another open file description: flock excludes it as it would another process)
+        run(r)
+    assert isinstance(e.value.__cause__, HostLockBusy)
+    assert provider.composed == []

@@ -104,7 +104,7 @@ class FakeLxdDaemon:
         self.applied: list[dict] = []
         self.fail_preseed: Exception | None = None
 
-    def read_state(self, client=None) -> LxdHostState:
+    def read_state(self, client=None, timeout=None) -> LxdHostState:
         return self.state
 
     def apply_preseed(self, preseed: dict) -> None:
@@ -134,7 +134,7 @@ def fake(monkeypatch) -> FakeProvider:
         return provider
 
     monkeypatch.setattr(charm, "get_provider", get_provider)
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: True)
+    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: True)
     return provider
 
 
@@ -151,7 +151,7 @@ def lxd_setup(monkeypatch) -> FakeLxdDaemon:
     for name in ("read_state", "apply_preseed"):
         monkeypatch.setattr(lxd_setup_mod, name, getattr(daemon, name))
     daemon.trust = FakeLxdTrust()  # certificates and tokens go through the real lxd_setup to this
-    monkeypatch.setattr(lxd_setup_mod, "_client", lambda client=None: daemon.trust)
+    monkeypatch.setattr(lxd_setup_mod, "_client", lambda client=None, timeout=None: daemon.trust)
     return daemon
 
 
@@ -280,7 +280,7 @@ def test_changed_storage_driver_is_not_applied_and_status_says_why(fake, machine
 
 
 def test_lxd_without_vm_support_is_blocked(fake, machine, lxd_setup, monkeypatch):
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: False)
+    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: False)
     c = ctx()
     out = c.run(c.on.update_status(), testing.State())
     assert out.unit_status == testing.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")

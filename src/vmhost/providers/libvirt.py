@@ -15,6 +15,7 @@ import random
 import re
 import subprocess
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -47,6 +48,7 @@ from vmhost.providers.libvirt_xml import (
     read_metadata,
     volume_name,
 )
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, OPERATION_TIMEOUT, BoundedRunner, HypervisorTimeout
 
 try:
     import libvirt
@@ -96,13 +98,73 @@ RETRY_ATTEMPTS = 5
 RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # ~3 s in all before giving up
 
 
-def _retrying(pred: Callable[[BaseException], bool]) -> tenacity.Retrying:
+def _retrying(pred: Callable[[BaseException], bool], budget: float) -> tenacity.Retrying:
+    """Retries while `pred` holds: RETRY_ATTEMPTS at most, and none once `budget` s have passed.
+
+    A call that overran its time limit is never retried (HypervisorTimeout is no libvirtError), so a
+    call with its retries takes at most about twice the limit.
+    """
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(pred),
-        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
         wait=RETRY_WAIT,
         reraise=True,
     )
+
+
+# Calls that do real work on the host (start or stop a VM, create, grow, wipe or delete a volume, flush
+# an upload) are allowed OPERATION_TIMEOUT s at least; everything else gets the call limit.
+_SLOW_CALLS = frozenset(
+    {
+        "create",
+        "createWithFlags",
+        "destroy",
+        "destroyFlags",
+        "createXML",
+        "delete",
+        "resize",
+        "wipe",
+        "refresh",
+        "finish",
+    }
+)
+# Answered by the binding itself, no round trip to the daemon.
+_LOCAL_CALLS = frozenset({"name", "UUIDString", "UUID"})
+UPLOAD_CHUNK = 256 * 1024
+
+
+class _Bounded:
+    """A libvirt object whose calls run on the connection's worker with a time limit (see vmhost.timeouts).
+
+    Objects the calls return (domains, pools, volumes, streams, lists of them) come back wrapped the same
+    way, so no call on the connection can block its caller past the limit.
+    """
+
+    __slots__ = ("_obj", "_provider")
+
+    def __init__(self, obj: Any, provider: LibvirtProvider):
+        self._obj = obj
+        self._provider = provider
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if name.startswith("_") or name in _LOCAL_CALLS or not callable(attr):
+            return attr
+        p = self._provider
+        bound = max(p.timeout, OPERATION_TIMEOUT) if name in _SLOW_CALLS else p.timeout
+
+        def call(*args: Any) -> Any:
+            return _bounded(p._runner.call(attr, *args, bound=bound, what=name), p)
+
+        return call
+
+
+def _bounded(value: Any, provider: LibvirtProvider) -> Any:
+    if isinstance(value, list):
+        return [_bounded(v, provider) for v in value]
+    if type(value).__module__ == "libvirt" and type(value).__name__.startswith("vir"):
+        return _Bounded(value, provider)
+    return value
 
 
 def _msg(e: BaseException) -> str:
@@ -126,10 +188,18 @@ class LibvirtProvider:
 
     name = "libvirt"
 
-    def __init__(self, uri: str | None = None, image_dir: str | None = None, **options: Any):
+    def __init__(
+        self,
+        uri: str | None = None,
+        image_dir: str | None = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        **options: Any,
+    ):
         self.uri = uri or DEFAULT_URI
         self.image_dir = image_dir or DEFAULT_IMAGE_DIR
+        self.timeout = float(timeout)
         self.options = options
+        self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
         self._caps: ET.Element | None = None
         parts = urlsplit(self.uri)
@@ -144,13 +214,16 @@ class LibvirtProvider:
             if libvirt is None:
                 raise ProviderError("libvirt-python is not installed; install the libvirt-python package")
             try:
-                self._conn = _retrying(_transient_connect)(libvirt.open, self.uri)
+                raw = _retrying(_transient_connect, self.timeout)(
+                    self._runner.call, libvirt.open, self.uri, what="the connection"
+                )
+                self._conn = _Bounded(raw, self)
             except libvirt.libvirtError as e:
                 raise ProviderError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from e
         return self._conn
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return _retrying(_transient)(fn, *args)
+        return _retrying(_transient, self.timeout)(fn, *args)
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -172,6 +245,8 @@ class LibvirtProvider:
     def _domain(self, name: str):
         try:
             return self._call(self.conn.lookupByName, name)
+        except ProviderError:
+            raise
         except Exception as e:
             if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFound(f"no VM named {name!r} on this host") from e
@@ -405,12 +480,21 @@ class LibvirtProvider:
         return VolumeRef(pool_name, name, fmt)
 
     def _upload(self, vol, path: str) -> None:
+        """Copy an image into a volume, chunk by chunk: each chunk within the call limit, all within IMAGE_TIMEOUT."""
         length = os.path.getsize(path)
         stream = self.conn.newStream(0)
         vol.upload(stream, 0, length, 0)
+        limit = max(self.timeout, IMAGE_TIMEOUT)
+        deadline = time.monotonic() + limit
         try:
             with open(path, "rb") as fh:
-                stream.sendAll(lambda _s, n, f: f.read(n), fh)
+                while chunk := fh.read(UPLOAD_CHUNK):
+                    while chunk:
+                        chunk = chunk[stream.send(chunk) :]
+                    if time.monotonic() > deadline:
+                        raise HypervisorTimeout(
+                            f"copying image {path} to libvirt at {self.uri} took more than {limit:g} s"
+                        )
             stream.finish()
         except BaseException:
             with contextlib.suppress(Exception):

@@ -13,12 +13,14 @@ server's extensions, host resources, network kinds, pools, profile, project.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
@@ -27,13 +29,15 @@ from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StorageP
 from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.providers import lxd_config as cfg
 from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
+from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "vmhost"
 PREFERRED_PROFILE = "vmhost"
-OPERATION_TIMEOUT = 120  # s: bound on an operation, and on each wait request for a longer one
-IMAGE_CREATE_TIMEOUT = 1800  # s: creating a VM from an image may first download the image
+OPERATION_TIMEOUT = int(_OPERATION_TIMEOUT)  # s: bound on an operation, and on each wait request for a longer one
+IMAGE_CREATE_TIMEOUT = int(IMAGE_TIMEOUT)  # s: creating a VM from an image may first download the image
 _FINAL = ("Success", "Failure", "Cancelled")
 _clock = time.monotonic  # what bounds waits (tests drive it with the fake daemon's own clock)
 ATTEMPTS = 5  # per API call, transient failures included
@@ -49,10 +53,10 @@ class LxdApiError(ProviderError):
 
 
 def _transport_error(e: BaseException) -> bool:
-    """The daemon could not be reached or the connection broke (not an answer from LXD)."""
+    """The daemon could not be reached or the connection broke (not an answer from LXD, nor its silence)."""
     import requests
 
-    return isinstance(e, (OSError, requests.ConnectionError, requests.Timeout))
+    return isinstance(e, (OSError, requests.ConnectionError)) and not isinstance(e, requests.Timeout)
 
 
 def _transient(e: BaseException) -> bool:
@@ -61,8 +65,10 @@ def _transient(e: BaseException) -> bool:
     return _transport_error(e)
 
 
-def _with_retries(fn):
-    """fn(), retried while the failure is transient, bounded (ATTEMPTS in all, waits 0.2 s doubling to 2 s).
+def _with_retries(fn, budget: float = DEFAULT_CALL_TIMEOUT):
+    """fn(), retried while the failure is transient, bounded: ATTEMPTS in all (waits 0.2 s doubling to 2 s),
+    and no new attempt once `budget` s have passed. A request that timed out is not transient: it is
+    never retried, so with each request bounded by the call limit the whole is bounded too.
 
     The first attempt runs bare: tenacity is imported only once something failed, as almost nothing does.
     """
@@ -73,11 +79,11 @@ def _with_retries(fn):
             raise
         log.debug("LXD call failed (%s); retrying", e)
     time.sleep(0.2)
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
     for attempt in Retrying(
         retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(ATTEMPTS - 1),
+        stop=stop_after_attempt(ATTEMPTS - 1) | stop_after_delay(budget),
         wait=wait_exponential(multiplier=0.4, max=2),
         reraise=True,
     ):
@@ -107,6 +113,7 @@ class LxdProvider:
         profile: str | None = None,
         cert: tuple[str, str] | None = None,
         verify: bool | str = True,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
         **options: Any,
     ):
         if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
@@ -122,9 +129,10 @@ class LxdProvider:
         self.profile = profile
         self.cert = tuple(cert) if cert else None
         self.verify = verify
-        self.timeout = float(options.pop("timeout", 30))
+        self.timeout = float(timeout)  # s: each request (requests' connect and read timeouts)
         self.options = options
         self._conn: _Connection | None = None
+        self._hung: str | None = None  # set once LXD did not answer in time: later calls fail at once
         self._forget()
 
     def _forget(self) -> None:
@@ -148,7 +156,7 @@ class LxdProvider:
         """Connected on first use (the charm builds providers before LXD is installed)."""
         if self._conn is None:
             try:
-                conn = _with_retries(self._connect)
+                conn = _with_retries(self._connect, self.timeout)
             except Exception as e:
                 if _transport_error(e):
                     raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
@@ -172,11 +180,25 @@ class LxdProvider:
 
         if self.uri and not self._remote and not os.path.exists(self.uri):
             raise FileNotFoundError(f"no LXD socket at {self.uri}")  # pylxd would take the path for a URL
-        try:
-            client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
-        except pe.ClientConnectionFailed as e:
-            raise RequestsConnectionError(str(e) or "connection failed") from e
+        with self._bounded("the connection"):
+            try:
+                client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
+            except pe.ClientConnectionFailed as e:
+                raise RequestsConnectionError(str(e) or "connection failed") from e
         return _Connection(client.api.session, client.api._api_endpoint, client.host_info)
+
+    @contextlib.contextmanager
+    def _bounded(self, what: str, limit: float | None = None) -> Iterator[None]:
+        """Run one request: at once HypervisorTimeout if LXD hung before, and a timeout makes it hung."""
+        import requests
+
+        if self._hung is not None:
+            raise HypervisorTimeout(self._hung)
+        try:
+            yield
+        except requests.Timeout as e:
+            self._hung = no_answer(f"LXD at {self._where}", what, limit or self.timeout)
+            raise HypervisorTimeout(self._hung) from e
 
     def _session(self):
         """None (pylxd's own) for the local socket; for https, pylxd's session where an explicit `verify` wins.
@@ -249,12 +271,13 @@ class LxdProvider:
         conn = self._connection()
 
         def once() -> dict:
-            r = conn.session.request(
-                method, conn.endpoint + path, json=json, params=params, timeout=timeout or self.timeout
-            )
+            with self._bounded(f"{method} {path}", timeout):
+                r = conn.session.request(
+                    method, conn.endpoint + path, json=json, params=params, timeout=timeout or self.timeout
+                )
             return self._body(r)
 
-        return _with_retries(once)
+        return _with_retries(once, self.timeout)
 
     def _wait(self, op_id: str, bound: float = OPERATION_TIMEOUT) -> Any:
         """The operation's result once it is final, waiting OPERATION_TIMEOUT s at a time, `bound` s in all.
