@@ -32,7 +32,7 @@ from vmhost.model import (
     Policy,
     VmRequest,
 )
-from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, format_size
+from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, human_size
 
 __all__ = ["HostUsage", "NodeUsage", "PlacementError", "compute_usage", "place"]
 
@@ -374,11 +374,6 @@ def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
 
 # ---------------------------------------------------------------------------------------------
 # Messages
-
-
-def _size(n: int) -> str:
-    """Memory: "8G", "512M", else bytes."""
-    return format_size(n) if n and n % 1024**2 == 0 else f"{n} bytes"
 
 
 def _gb(n: int) -> str:
@@ -819,14 +814,14 @@ def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
         if need.size:
             have = _per_node([(n.id, str(n.amount)) for n in free])
             return f"hugepages {need.size}: need {need.amount}, {have}{span}"
-        have = _per_node([(n.id, _size(n.amount)) for n in free])
-        return f"memory: need {_size(need.amount)} on NUMA nodes, {have}{span}"
+        have = _per_node([(n.id, human_size(n.amount)) for n in free])
+        return f"memory: need {human_size(need.amount)} on NUMA nodes, {have}{span}"
     what = [f"{need.vcpus} pinned cpus" if need.pin else f"{need.vcpus} vCPUs"]
-    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{_size(need.amount)} memory")
+    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{human_size(need.amount)} memory")
     if sriov:
         what.append("a NUMA-local SR-IOV VF")
     cpus = (lambda n: f"{n.threads} cpus and ") if need.pin else (lambda n: "")
-    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: _size(n.amount))
+    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: human_size(n.amount))
     have = _per_node([(n.id, cpus(n) + amount(n)) for n in free])
     return f"no even split over NUMA nodes holds {' and '.join(what)} together; {have}"
 
@@ -853,8 +848,8 @@ def _check_shared(usage: HostUsage, vcpus: int, policy: Policy) -> None:
 def _check_memory(usage: HostUsage, memory: int, policy: Policy) -> None:
     if usage.memory_used + memory > usage.memory_capacity:
         raise PlacementError(
-            f"memory: need {_size(memory)}, the host has {_size(usage.memory_free)} of general memory free "
-            f"({_size(usage.memory_used)} of {_size(usage.memory_capacity)} in use at memory overcommit "
+            f"memory: need {human_size(memory)}, the host has {human_size(usage.memory_free)} of general memory free "
+            f"({human_size(usage.memory_used)} of {human_size(usage.memory_capacity)} in use at memory overcommit "
             f"{policy.memory_overcommit_ratio:g}; hugepages and reserved memory excluded)"
         )
 
@@ -980,9 +975,9 @@ def _place_explicit(
                 f"({', '.join(f'{amt[i]} on node {i}' for i in ids)}), " + _per_node([(i, str(have[i])) for i in ids])
             )
         raise PlacementError(
-            f"memory: need {_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
-            f"({', '.join(f'{_size(amt[i])} on node {i}' for i in ids)}), "
-            + _per_node([(i, _size(have[i])) for i in ids])
+            f"memory: need {human_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
+            f"({', '.join(f'{human_size(amt[i])} on node {i}' for i in ids)}), "
+            + _per_node([(i, human_size(have[i])) for i in ids])
         )
     vfs: dict[str, Nic] = {}
     if any(f.type == "sriov" for f in ifaces):
@@ -1005,7 +1000,7 @@ def _hugepage_sizes(request: VmRequest) -> list[str]:
     if not sizes:
         smallest = _SIZES_LARGEST_FIRST[-1]
         raise PlacementError(
-            f"memory {_size(request.memory)} is not a whole number of {smallest} hugepages; "
+            f"memory {human_size(request.memory)} is not a whole number of {smallest} hugepages; "
             f"use a multiple of {smallest} for hugepages_backed"
         )
     return sizes
