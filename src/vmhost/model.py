@@ -115,7 +115,7 @@ class Nic:
 
     `kind` is physical, bridge, vlan or bond; `bridge` is the bridge this interface is a port of;
     `vlan` its VLAN id when it is a VLAN interface (or the bridge carries one); `space` is the Juju
-    space it serves, when known.
+    space it serves, when known; `gateways` the routers the host reaches through it (never a VM's address).
     """
 
     name: str
@@ -126,6 +126,7 @@ class Nic:
     addresses: tuple[str, ...] = ()
     space: str | None = None
     kind: str = "physical"
+    gateways: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict) -> Nic:
@@ -138,6 +139,7 @@ class Nic:
             addresses=tuple(d.get("addresses") or ()),
             space=d.get("space"),
             kind=d.get("kind") or "physical",
+            gateways=tuple(d.get("gateways") or ()),
         )
 
     def to_dict(self) -> dict:
@@ -150,6 +152,7 @@ class Nic:
             "addresses": list(self.addresses),
             "space": self.space,
             "kind": self.kind,
+            "gateways": list(self.gateways),
         }
 
 

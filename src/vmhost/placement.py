@@ -413,14 +413,7 @@ def _in_any(addresses: Sequence[str], networks: Sequence[str]) -> bool:
 
 def _contains_ip(nic: Nic, ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
-    for a in nic.addresses:
-        try:
-            iface = ipaddress.ip_interface(a)
-        except ValueError:
-            continue
-        if iface.version == addr.version and addr in iface.network:
-            return True
-    return False
+    return any(i is not None and i.version == addr.version and addr in i.network for i in map(_iface, nic.addresses))
 
 
 def _matches(nic: Nic, s: InterfaceSpec) -> bool:
@@ -496,6 +489,59 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
                 )
             out.append(_Iface(s, "macvlan", macvlan, []))
     return out
+
+
+def _check_addresses(host: HostTopology, allocations: Sequence[Allocation], specs: Sequence[InterfaceSpec]) -> None:
+    """A static ip is one no one else has: not a subnet's network or broadcast address, not the host's own
+    or a gateway's, not another VM's (whoever made it) nor another NIC's of this VM."""
+    wanted = [(s.label, _ip(s.ip)) for s in specs if s.ip is not None]
+    if not wanted:
+        return
+    given: dict[Any, str] = {}
+    for a in allocations:
+        for n in a.nics:
+            if n.ip and (ip := _ip(n.ip)) is not None:
+                given.setdefault(ip, a.name)
+    for i, (label, ip) in enumerate(wanted):
+        why = next(filter(None, (_host_conflict(nic, ip) for nic in host.nics)), None)
+        if why is None and ip in given:
+            why = f"is already given to VM {given[ip]}"
+        if why is None and (twice := next((lb for lb, other in wanted[:i] if other == ip), None)):
+            why = f"is already given to interface {twice} of this VM"
+        if why:
+            raise PlacementError(f"interface {label}: ip {ip} {why}; choose another address")
+
+
+def _host_conflict(nic: Nic, ip: Any) -> str | None:
+    """Why `ip` is not free on the subnets of host interface `nic` (None when it is)."""
+    for addr in nic.addresses:
+        iface = _iface(addr)
+        if iface is None or iface.version != ip.version:
+            continue
+        net = iface.network
+        if ip == iface.ip:
+            return f"is an address of this host ({nic.name})"
+        if ip in net and net.num_addresses > 2:
+            if ip == net.network_address:
+                return f"is the network address of {net}"
+            if net.version == 4 and ip == net.broadcast_address:
+                return f"is the broadcast address of {net}"
+    if any(_ip(g) == ip for g in nic.gateways):
+        return f"is the gateway on {nic.name}"
+    return None
+
+
+def _iface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        return None
+
+
+def _ip(text: str) -> Any:
+    """The address of "10.0.0.5" or "10.0.0.5/24" (allocations may carry a prefix); None when malformed."""
+    iface = _iface(text)
+    return iface.ip if iface is not None else None
 
 
 def _bridge_contains(by_name: dict[str, Nic], nic: Nic, ip: str) -> bool:
@@ -1016,6 +1062,7 @@ def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequ
     usage = st.usage
     disks = _place_disks(host, request, policy, usage.storage_committed)
     ifaces = _resolve_interfaces(host, request.interfaces, usage.vfs_used)
+    _check_addresses(host, allocations, request.interfaces)
     name = request.name or DEFAULT_NAME
     common = {"name": name, "vcpus": request.cores, "memory": request.memory, "disks": disks}
     common.update(pool=request.pool, owner=request.owner)

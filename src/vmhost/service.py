@@ -102,11 +102,12 @@ class VmHost:
             raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
         if boot == "image" and not image:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
-        if cloud_init is None and boot == "image" and request.name:
-            cloud_init = CloudInit(hostname=request.name)  # an image boots with its given name as hostname
         with host_lock(self.lock_path):
             host, vms = self._snapshot()
             allocation = self.plan(request, (host, vms))
+            if cloud_init is None and boot == "image":
+                # An image boots with its name as hostname and its static addresses, generated name or not.
+                cloud_init = CloudInit(hostname=allocation.name)
             if accept is not None and (reason := accept(allocation, host)):
                 raise Refused(reason)
             allocations = [v.allocation for v in vms]

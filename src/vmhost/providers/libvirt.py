@@ -645,6 +645,7 @@ def _local_nics() -> list[Nic]:
         if kind is not None:
             kinds[name] = (kind, link)
     bridge_vlan: dict[str, int] = {}
+    gateways = _local_gateways()
     nics = []
     for name, (kind, link) in kinds.items():
         dev = _SYSFS_NET / name / "device"
@@ -667,9 +668,30 @@ def _local_nics() -> list[Nic]:
                 vlan=vlan,
                 addresses=addresses,
                 kind=kind,
+                gateways=gateways.get(name, ()),
             )
         )
     return [replace(n, vlan=bridge_vlan[n.name]) if n.name in bridge_vlan else n for n in nics]
+
+
+def _local_gateways() -> dict[str, tuple[str, ...]]:
+    """Interface -> the routers the host's routes go through on it (placement keeps VMs off them)."""
+    out: dict[str, list[str]] = {}
+    for family in ("-4", "-6"):
+        try:
+            routes = json.loads(
+                subprocess.run(
+                    ["ip", "-j", family, "route"], capture_output=True, text=True, check=True, timeout=10
+                ).stdout
+            )
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        for r in routes if isinstance(routes, list) else ():
+            if isinstance(r, dict) and r.get("gateway") and r.get("dev"):
+                gws = out.setdefault(r["dev"], [])
+                if r["gateway"] not in gws:
+                    gws.append(r["gateway"])
+    return {dev: tuple(gws) for dev, gws in out.items()}
 
 
 def _random_mac() -> str:

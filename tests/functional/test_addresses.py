@@ -1,0 +1,106 @@
+"""Static addresses on the real daemons: a taken address or the bridge's own is refused, nothing is made.
+
+Both go through VmHost.compose, so the check runs under the host lock on the plan that would be created.
+The bridge is whichever local bridge carries an IPv4 subnet (the test LXD daemon's lxdbr0 here).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+
+import pytest
+
+from tests.functional import test_lxd
+from vmhost.model import Policy, VmRequest
+from vmhost.placement import PlacementError
+from vmhost.service import VmHost
+
+# The LXD tier's fixtures: its daemon, a project of this session, per-test names cleaned up afterwards.
+lxd_daemon, project, names = test_lxd.lxd_daemon, test_lxd.project, test_lxd.names
+
+
+def _addressed_bridge(host: VmHost) -> tuple[str, ipaddress.IPv4Interface]:
+    for nic in host.topology().nics:
+        for addr in nic.addresses:
+            iface = ipaddress.ip_interface(addr)
+            if nic.kind == "bridge" and iface.version == 4 and iface.network.num_addresses >= 16:
+                return nic.name, iface
+    pytest.skip("no local bridge with an IPv4 subnet to give static addresses on")
+
+
+def _free_ip(iface: ipaddress.IPv4Interface) -> str:
+    """A random address of the subnet, not the bridge's; unlikely to be any other test's."""
+    hosts = [h for h in iface.network.hosts() if h != iface.ip]
+    return str(random.choice(hosts[len(hosts) // 2 :]))
+
+
+def _request(name: str, ip: str) -> VmRequest:
+    return VmRequest.from_dict({"name": name, "cores": 1, "memory": "256M", "interfaces": f"eth0:ip={ip}"})
+
+
+def _refusals(host: VmHost, first: str, bridge: str, iface, ip: str, new_name) -> None:
+    with pytest.raises(PlacementError, match=f"ip {ip} is already given to VM {first}; choose another address"):
+        host.compose(_request(new_name(), ip))
+    with pytest.raises(PlacementError, match=rf"ip {iface.ip} is an address of this host \({bridge}\)"):
+        host.compose(_request(new_name(), str(iface.ip)))
+    with pytest.raises(PlacementError, match=f"is the broadcast address of {iface.network}"):
+        host.compose(_request(new_name(), str(iface.network.broadcast_address)))
+
+
+# --- libvirt -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def libvirt_host(libvirt_uri, tmp_path):
+    from vmhost.providers.base import get_provider
+
+    host = VmHost(get_provider("libvirt", uri=libvirt_uri), Policy(), lock_path=str(tmp_path / "lock"))
+    yield host
+    host.provider.close()
+
+
+def test_libvirt_refuses_a_taken_address_and_the_bridges_own_and_makes_nothing(libvirt_host, vm_names, libvirt_conn):
+    bridge, iface = _addressed_bridge(libvirt_host)
+    ip = _free_ip(iface)
+    first = libvirt_host.compose(_request(vm_names("addr"), ip))
+    assert first.allocation.nics[0].ip == ip and first.allocation.nics[0].parent == bridge
+    before = {d.name() for d in libvirt_conn.listAllDomains()}
+    _refusals(libvirt_host, first.name, bridge, iface, ip, lambda: vm_names("addr"))
+    assert {d.name() for d in libvirt_conn.listAllDomains()} == before
+    libvirt_host.decompose(first.name)
+    again = libvirt_host.compose(_request(vm_names("addr"), ip))  # released with its VM
+    assert again.allocation.nics[0].ip == ip
+
+
+# --- LXD ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lxd_host(project, tmp_path):
+    from vmhost.providers.lxd import LxdProvider
+
+    host = VmHost(LxdProvider(project=project), Policy(), lock_path=str(tmp_path / "lock"))
+    yield host
+    host.provider.close()
+
+
+def test_lxd_refuses_a_taken_address_and_the_bridges_own_and_makes_nothing(lxd_host, project, names):
+    bridge, iface = _addressed_bridge(lxd_host)
+    ip = _free_ip(iface)
+    first = lxd_host.compose(_request(names("addr"), ip))
+    assert first.allocation.nics[0].ip == ip
+    before = test_lxd.instance_names(project)
+    _refusals(lxd_host, first.name, bridge, iface, ip, lambda: names("addr"))
+    assert test_lxd.instance_names(project) == before
+
+
+def test_libvirt_discovers_the_hosts_gateways_and_refuses_them(libvirt_host, vm_names, libvirt_conn):
+    gateways = [(n.name, g) for n in libvirt_host.topology().nics for g in n.gateways if ":" not in g]
+    if not gateways:
+        pytest.skip("this host routes through no IPv4 gateway on a local interface")
+    nic, gateway = gateways[0]
+    before = {d.name() for d in libvirt_conn.listAllDomains()}
+    with pytest.raises(PlacementError, match=rf"ip {gateway} is the gateway on {nic}; choose another address"):
+        libvirt_host.compose(_request(vm_names("addr"), gateway))
+    assert {d.name() for d in libvirt_conn.listAllDomains()} == before
