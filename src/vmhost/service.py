@@ -11,18 +11,29 @@ import fcntl
 import logging
 import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo, confine_floating
+from vmhost.providers.base import (
+    CloudInit,
+    ComposePlan,
+    NotFound,
+    Provider,
+    ProviderError,
+    VmInfo,
+    confine_floating,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOCK = "/run/lock/vmhost.lock"
 BOOT_MODES = ("network", "image")
+STOP_WAIT = 60.0  # seconds a stopping guest gets to shut down before stop reports it still running
+STOP_POLL = 0.5
 
 
 @contextmanager
@@ -172,8 +183,22 @@ class VmHost:
     def start(self, name: str) -> None:
         self.provider.start(name)
 
-    def stop(self, name: str, force: bool = False) -> None:
+    def stop(self, name: str, force: bool = False, wait: float = STOP_WAIT) -> str:
+        """Stop a VM and wait, at most `wait` seconds, until it is down; returns its state.
+
+        A guest may ignore the shutdown request (no ACPI, or busy): still running after the wait is an
+        error that says so, never a quiet success.
+        """
         self.provider.stop(name, force=force)
+        deadline = time.monotonic() + max(0.0, wait)
+        while (state := self.find(name).state) in ("running", "stopping"):
+            if time.monotonic() >= deadline:
+                raise ProviderError(
+                    f"VM {name!r} is still {state} {wait:g}s after it was asked to stop; wait longer, "
+                    "or stop it with force (power off)"
+                )
+            time.sleep(min(STOP_POLL, max(0.0, deadline - time.monotonic())))
+        return state
 
     def gc(self) -> list[str]:
         with host_lock(self.lock_path):
