@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import shutil
+import subprocess
+import time
+import uuid
 
 import pytest
+import yaml
 
 from tests.functional import test_lxd
 from vmhost.model import Policy, VmRequest
 from vmhost.placement import PlacementError
+from vmhost.providers.base import ProviderError
 from vmhost.service import VmHost
 
 # The LXD tier's fixtures: its daemon, a project of this session, per-test names cleaned up afterwards.
@@ -104,3 +110,43 @@ def test_libvirt_discovers_the_hosts_gateways_and_refuses_them(libvirt_host, vm_
     with pytest.raises(PlacementError, match=rf"ip {gateway} is the gateway on {nic}; choose another address"):
         libvirt_host.compose(_request(vm_names("addr"), gateway))
     assert {d.name() for d in libvirt_conn.listAllDomains()} == before
+
+
+@pytest.fixture(scope="module")
+def lxd_vm_image(lxd_daemon, tmp_path_factory):
+    """A tiny VM image (100M qcow2 root, no OS) imported under an alias of this session, removed afterwards."""
+    if not shutil.which("qemu-img"):
+        pytest.skip("qemu-img (qemu-utils package) is not installed")
+    d = tmp_path_factory.mktemp("lxd-image")
+    (d / "metadata.yaml").write_text(
+        f"architecture: x86_64\ncreation_date: {int(time.time())}\nproperties:\n  description: vmhost test image\n"
+    )
+    subprocess.run(["tar", "-czf", str(d / "metadata.tar.gz"), "-C", str(d), "metadata.yaml"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(d / "rootfs.img"), "100M"], check=True)
+    alias = f"vmhost-ft-{uuid.uuid4().hex[:8]}"
+    test_lxd.lxc("image", "import", str(d / "metadata.tar.gz"), str(d / "rootfs.img"), "--alias", alias)
+    yield alias
+    test_lxd.lxc("image", "delete", alias, check=False)
+
+
+def test_lxd_image_boot_without_hostname_writes_its_static_address(lxd_host, project, lxd_vm_image):
+    """Issue 10: an image boot with ip= but no hostname wrote no network-config at all on LXD."""
+    _, iface = _addressed_bridge(lxd_host)
+    ip = _free_ip(iface)
+    request = VmRequest.from_dict({"cores": 1, "memory": "256M", "storage": "root:128M", "interfaces": f"eth0:ip={ip}"})
+    vm = lxd_host.compose(request, boot="image", image=lxd_vm_image)
+    try:
+        shown = yaml.safe_load(test_lxd.lxc("config", "show", vm.name, "--project", project).stdout)
+        net = yaml.safe_load(shown["config"]["cloud-init.network-config"])
+        assert net["ethernets"]["eth0"]["addresses"] == [f"{ip}/{iface.network.prefixlen}"]
+        assert f"hostname: {vm.name}" in shown["config"]["cloud-init.user-data"]
+    finally:
+        lxd_host.decompose(vm.name)
+
+
+def test_lxd_root_smaller_than_its_image_is_refused_and_nothing_is_made(lxd_host, project, lxd_vm_image):
+    before = test_lxd.instance_names(project)
+    request = VmRequest.from_dict({"cores": 1, "memory": "256M", "storage": "root:64M"})
+    with pytest.raises(ProviderError, match="exceeds specified volume size"):
+        lxd_host.compose(request, boot="image", image=lxd_vm_image)
+    assert test_lxd.instance_names(project) == before
