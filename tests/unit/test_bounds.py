@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.unit import test_charm
 from tests.unit.hosts import GiB, MiB, synthetic_host
 from vmhost import broker
 from vmhost.model import Policy, VmRequest
@@ -129,3 +130,27 @@ def test_placement_messages_use_one_unit_system():
         place(host, [], VmRequest.from_dict({"cores": 1, "memory": "8G"}), Policy())
     assert str(e.value).startswith("memory: need 8G, the host has 4.8G of general memory free (0B of 4.8G in use")
     assert "bytes" not in str(e.value)
+
+
+# --- the compose action: the same bounds, one sentence, nothing created ---------------------------------
+
+# The charm tier's in-memory hypervisor and temp-dir machine.
+fake, machine = test_charm.fake, test_charm.machine
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"storage": "root:" + "9" * 400}, "is too large (over 1024T); allowed: 64M to 64T"),
+        ({"storage": "root:1K"}, "storage size '1K' in 'root:1K' is too small (1K)"),
+        ({"storage": ",".join(f"d{i}:1" for i in range(30))}, "storage lists 30 disks; at most 26 are allowed"),
+        ({"memory": "1M"}, "memory '1M' is too small (1M); allowed: 64M to 16T"),
+        ({"cores": 5000}, "parameter cores: 5000 is not allowed: input should be less than or equal to 1024"),
+        ({"interfaces": "e:ip=10.0.0.1"}, "ip 10.0.0.1 is an address of this host (br0)"),
+        ({"interfaces": "e:ip=10.0.0.255"}, "ip 10.0.0.255 is the broadcast address of 10.0.0.0/24"),
+    ],
+)
+def test_compose_action_bounds(fake, machine, params, says):
+    message = test_charm.fail_action("compose", params)
+    assert says in message and "\n" not in message
+    assert fake.vms == {} and fake.composed == []
