@@ -45,13 +45,23 @@ def _request(name: str, ip: str) -> VmRequest:
     return VmRequest.from_dict({"name": name, "cores": 1, "memory": "256M", "interfaces": f"eth0:ip={ip}"})
 
 
-def _refusals(host: VmHost, first: str, bridge: str, iface, ip: str, new_name) -> None:
-    with pytest.raises(PlacementError, match=f"ip {ip} is already given to VM {first}; choose another address"):
+def _refuses_taken_and_own_addresses(host: VmHost, new_name, made) -> None:
+    """The shared case: a taken address, the bridge's own and its broadcast are refused with nothing made
+    (`made()` lists what the daemon holds), and an address is free again once its VM is gone."""
+    bridge, iface = _addressed_bridge(host)
+    ip = _free_ip(iface)
+    first = host.compose(_request(new_name(), ip))
+    assert first.allocation.nics[0].ip == ip and first.allocation.nics[0].parent == bridge
+    before = made()
+    with pytest.raises(PlacementError, match=f"ip {ip} is already given to VM {first.name}; choose another address"):
         host.compose(_request(new_name(), ip))
     with pytest.raises(PlacementError, match=rf"ip {iface.ip} is an address of this host \({bridge}\)"):
         host.compose(_request(new_name(), str(iface.ip)))
     with pytest.raises(PlacementError, match=f"is the broadcast address of {iface.network}"):
         host.compose(_request(new_name(), str(iface.network.broadcast_address)))
+    assert made() == before
+    host.decompose(first.name)
+    assert host.compose(_request(new_name(), ip)).allocation.nics[0].ip == ip  # released with its VM
 
 
 # --- libvirt -----------------------------------------------------------------------------------------
@@ -67,16 +77,20 @@ def libvirt_host(libvirt_uri, tmp_path):
 
 
 def test_libvirt_refuses_a_taken_address_and_the_bridges_own_and_makes_nothing(libvirt_host, vm_names, libvirt_conn):
-    bridge, iface = _addressed_bridge(libvirt_host)
-    ip = _free_ip(iface)
-    first = libvirt_host.compose(_request(vm_names("addr"), ip))
-    assert first.allocation.nics[0].ip == ip and first.allocation.nics[0].parent == bridge
+    _refuses_taken_and_own_addresses(
+        libvirt_host, lambda: vm_names("addr"), lambda: {d.name() for d in libvirt_conn.listAllDomains()}
+    )
+
+
+def test_libvirt_discovers_the_hosts_gateways_and_refuses_them(libvirt_host, vm_names, libvirt_conn):
+    gateways = [(n.name, g) for n in libvirt_host.topology().nics for g in n.gateways if ":" not in g]
+    if not gateways:
+        pytest.skip("this host routes through no IPv4 gateway on a local interface")
+    nic, gateway = gateways[0]
     before = {d.name() for d in libvirt_conn.listAllDomains()}
-    _refusals(libvirt_host, first.name, bridge, iface, ip, lambda: vm_names("addr"))
+    with pytest.raises(PlacementError, match=rf"ip {gateway} is the gateway on {nic}; choose another address"):
+        libvirt_host.compose(_request(vm_names("addr"), gateway))
     assert {d.name() for d in libvirt_conn.listAllDomains()} == before
-    libvirt_host.decompose(first.name)
-    again = libvirt_host.compose(_request(vm_names("addr"), ip))  # released with its VM
-    assert again.allocation.nics[0].ip == ip
 
 
 # --- LXD ---------------------------------------------------------------------------------------------
@@ -92,24 +106,7 @@ def lxd_host(project, tmp_path):
 
 
 def test_lxd_refuses_a_taken_address_and_the_bridges_own_and_makes_nothing(lxd_host, project, names):
-    bridge, iface = _addressed_bridge(lxd_host)
-    ip = _free_ip(iface)
-    first = lxd_host.compose(_request(names("addr"), ip))
-    assert first.allocation.nics[0].ip == ip
-    before = test_lxd.instance_names(project)
-    _refusals(lxd_host, first.name, bridge, iface, ip, lambda: names("addr"))
-    assert test_lxd.instance_names(project) == before
-
-
-def test_libvirt_discovers_the_hosts_gateways_and_refuses_them(libvirt_host, vm_names, libvirt_conn):
-    gateways = [(n.name, g) for n in libvirt_host.topology().nics for g in n.gateways if ":" not in g]
-    if not gateways:
-        pytest.skip("this host routes through no IPv4 gateway on a local interface")
-    nic, gateway = gateways[0]
-    before = {d.name() for d in libvirt_conn.listAllDomains()}
-    with pytest.raises(PlacementError, match=rf"ip {gateway} is the gateway on {nic}; choose another address"):
-        libvirt_host.compose(_request(vm_names("addr"), gateway))
-    assert {d.name() for d in libvirt_conn.listAllDomains()} == before
+    _refuses_taken_and_own_addresses(lxd_host, lambda: names("addr"), lambda: test_lxd.instance_names(project))
 
 
 @pytest.fixture(scope="module")
