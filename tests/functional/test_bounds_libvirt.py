@@ -1,12 +1,16 @@
-"""Bounds that only the real libvirtd shows: a root disk smaller than its image is refused up front.
+"""Bounds that only the real libvirtd shows: a root disk smaller than its image is refused up front, and
+`vmhost stop` says when a guest is still running instead of returning 0.
 
 The issue: `root:10M` with a 64 MiB image made a 64 MiB volume while the allocation recorded 10 MiB.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -38,3 +42,26 @@ def test_root_smaller_than_its_image_is_refused_and_nothing_is_made(
     vm = libvirt_provider.compose(ComposePlan(ok, boot="image", image=str(image)))
     assert vm.allocation.disks[0].size == 100 * M
     libvirt_provider.decompose(name)
+
+
+def test_cli_stop_of_a_guest_that_ignores_shutdown_fails_saying_so(libvirt_uri, vm_names, libvirt_conn, tmp_path):
+    """A network-boot VM with nothing to boot has no OS to act on the shutdown request."""
+    name = vm_names("stop")
+    env = {**os.environ, "VMHOST_LOCK_FILE": str(tmp_path / "lock")}
+
+    def vmhost(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "vmhost.cli", *args, "--backend", "libvirt", "--uri", libvirt_uri]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+
+    made = vmhost("compose", "--cores", "1", "--memory", "64M", "--hostname", name, "--start")
+    assert made.returncode == 0, made.stderr
+    stopped = vmhost("stop", name, "--wait", "2")
+    assert stopped.returncode == 1
+    assert stopped.stderr.strip() == (
+        f"vmhost: error: VM '{name}' is still running 2s after it was asked to stop; "
+        "wait longer, or stop it with force (power off)"
+    )
+    assert libvirt_conn.lookupByName(name).isActive()
+    forced = vmhost("stop", name, "--force", "--json")
+    assert forced.returncode == 0, forced.stderr
+    assert json.loads(forced.stdout) == {"name": name, "state": "stopped"}
