@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.providers.base import ProviderError, get_provider
-from vmhost.service import BOOT_MODES, HostLockBusy, VmHost
+from vmhost.service import BOOT_MODES, STOP_WAIT, HostLockBusy, VmHost
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
     DEFAULT_CALL_TIMEOUT,
@@ -31,8 +31,9 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--server-cert", help="LXD server certificate (PEM) to trust for a remote https URI")
     p.add_argument("--project", help="LXD project (default: vmhost)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--cpu-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_CPU_OVERCOMMIT", 1.0)))
-    p.add_argument("--memory-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_MEM_OVERCOMMIT", 1.0)))
+    # Read as text and checked by Policy.from_dict, so a bad value from the environment is one sentence too.
+    p.add_argument("--cpu-overcommit-ratio", default=os.environ.get("VMHOST_CPU_OVERCOMMIT", "1.0"), help="0.1 to 64")
+    p.add_argument("--memory-overcommit-ratio", default=os.environ.get("VMHOST_MEM_OVERCOMMIT", "1.0"), help="0.1 to 4")
     p.add_argument("--reserved-cores", default=os.environ.get("VMHOST_RESERVED_CORES", ""), help="e.g. 0-1")
     p.add_argument(
         "--reserved-memory",
@@ -67,6 +68,8 @@ def _seconds(given: str | None, flag: str, env: str, default: float, limits: tup
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="vmhost", description="Compose NUMA-aware VMs on LXD or libvirt/KVM.")
+    # `vmhost --json list` as well as `vmhost list --json` (its own dest: a subcommand's default would overwrite it).
+    parser.add_argument("--json", action="store_true", dest="json_before", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("resources", parents=[common], help="per NUMA node cores, memory, hugepages, VFs, VMs")
     c = sub.add_parser("compose", parents=[common], help="place and create a VM")
@@ -91,21 +94,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     st = sub.add_parser("stop", parents=[common], help="stop a VM")
     st.add_argument("name")
-    st.add_argument("--force", action="store_true")
+    st.add_argument("--force", action="store_true", help="power off instead of asking the guest to shut down")
+    st.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        default=STOP_WAIT,
+        help=f"seconds to wait for the guest to shut down (0-3600, default {STOP_WAIT:g}); still running after it is an error",
+    )
     sub.add_parser("gc", parents=[common], help="remove what a crashed compose left behind")
     return parser
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        return seconds(text, "--wait", (0, 3600))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# Where each policy value comes from, for the error that names a bad one.
+_POLICY_SOURCES = {
+    "cpu_overcommit_ratio": "--cpu-overcommit-ratio or VMHOST_CPU_OVERCOMMIT",
+    "memory_overcommit_ratio": "--memory-overcommit-ratio or VMHOST_MEM_OVERCOMMIT",
+    "reserved_cores": "--reserved-cores or VMHOST_RESERVED_CORES",
+    "reserved_memory": "--reserved-memory or VMHOST_RESERVED_MEMORY",
+}
+
+
 def _policy(args: argparse.Namespace) -> Policy:
-    return Policy.from_dict(
-        {
-            "cpu_overcommit_ratio": args.cpu_overcommit_ratio,
-            "memory_overcommit_ratio": args.memory_overcommit_ratio,
-            "reserved_cores": args.reserved_cores or None,
-            "reserved_memory": args.reserved_memory,
-            "default_storage_pool": args.default_storage_pool,
-        }
-    )
+    values = {
+        "cpu_overcommit_ratio": args.cpu_overcommit_ratio,
+        "memory_overcommit_ratio": args.memory_overcommit_ratio,
+        "reserved_cores": args.reserved_cores or None,
+        "reserved_memory": args.reserved_memory,
+    }
+    for key, source in _POLICY_SOURCES.items():
+        try:
+            Policy.from_dict({key: values[key]})
+        except ParseError as e:
+            raise ParseError(f"{e} (set by {source})") from None
+    return Policy.from_dict({**values, "default_storage_pool": args.default_storage_pool})
 
 
 def _host(args: argparse.Namespace) -> VmHost:
@@ -122,7 +150,8 @@ def _host(args: argparse.Namespace) -> VmHost:
             options["project"] = args.project
         if args.server_cert:
             options["verify"] = args.server_cert
-    return VmHost(get_provider(args.backend, uri=args.uri, **options), _policy(args), lock_timeout=lock_timeout)
+    policy = _policy(args)  # before connecting: a bad value is refused without touching the hypervisor
+    return VmHost(get_provider(args.backend, uri=args.uri, **options), policy, lock_timeout=lock_timeout)
 
 
 def _request(args: argparse.Namespace) -> VmRequest:
@@ -178,9 +207,9 @@ def run(args: argparse.Namespace) -> int:
         elif args.command in ("start", "stop"):
             if args.command == "start":
                 host.start(args.name)
+                state = host.find(args.name).state
             else:
-                host.stop(args.name, force=args.force)
-            state = host.find(args.name).state
+                state = host.stop(args.name, force=args.force, wait=args.wait)
             _emit(args, {"name": args.name, "state": state}, f"{args.name}: {state}")
         elif args.command == "gc":
             removed = host.gc()
@@ -205,8 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from vmhost.placement import PlacementError
 
     args = build_parser().parse_args(argv)
+    args.json = args.json or args.json_before
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`vmhost resources | head`): stop quietly, as other commands do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ParseError, PlacementError, ProviderError, ValueError) as e:
         print(f"vmhost: error: {e}{_hint(e)}", file=sys.stderr)
         return 1

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo, confine_floating
+from vmhost.providers.base import (
+    CloudInit,
+    ComposePlan,
+    NotFound,
+    Provider,
+    ProviderError,
+    VmInfo,
+    confine_floating,
+)
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -31,6 +40,9 @@ __all__ = [
     "host_lock",
     "new_vm_name",
 ]
+
+STOP_WAIT = 60.0  # seconds a stopping guest gets to shut down before stop reports it still running
+STOP_POLL = 0.5
 
 
 class Refused(ValueError):
@@ -111,11 +123,12 @@ class VmHost:
             raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
         if boot == "image" and not image:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
-        if cloud_init is None and boot == "image" and request.name:
-            cloud_init = CloudInit(hostname=request.name)  # an image boots with its given name as hostname
         with self._locked():
             host, vms = self._snapshot()
             allocation = self.plan(request, (host, vms))
+            if cloud_init is None and boot == "image":
+                # An image boots with its name as hostname and its static addresses, generated name or not.
+                cloud_init = CloudInit(hostname=allocation.name)
             if accept is not None and (reason := accept(allocation, host)):
                 raise Refused(reason)
             allocations = [v.allocation for v in vms]
@@ -180,8 +193,22 @@ class VmHost:
     def start(self, name: str) -> None:
         self.provider.start(name)
 
-    def stop(self, name: str, force: bool = False) -> None:
+    def stop(self, name: str, force: bool = False, wait: float = STOP_WAIT) -> str:
+        """Stop a VM and wait, at most `wait` seconds, until it is down; returns its state.
+
+        A guest may ignore the shutdown request (no ACPI, or busy): still running after the wait is an
+        error that says so, never a quiet success.
+        """
         self.provider.stop(name, force=force)
+        deadline = time.monotonic() + max(0.0, wait)
+        while (state := self.find(name).state) in ("running", "stopping"):
+            if time.monotonic() >= deadline:
+                raise ProviderError(
+                    f"VM {name!r} is still {state} {wait:g}s after it was asked to stop; wait longer, "
+                    "or stop it with force (power off)"
+                )
+            time.sleep(min(STOP_POLL, max(0.0, deadline - time.monotonic())))
+        return state
 
     def gc(self) -> list[str]:
         with self._locked():

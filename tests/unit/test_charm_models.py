@@ -66,8 +66,12 @@ def test_strings_parse_into_typed_values():
     ("option", "value", "says"),
     [
         ("backend", "xen", "config backend: 'xen' is not allowed: input should be 'lxd' or 'libvirt'"),
-        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0.0 is not allowed"),
-        ("memory_overcommit_ratio", -1.0, "config memory-overcommit-ratio: -1.0 is not allowed"),
+        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0 is not allowed; use a number from 0.1 to 64"),
+        (
+            "memory_overcommit_ratio",
+            -1.0,
+            "config memory-overcommit-ratio: -1 is not allowed; use a number from 0.1 to 4",
+        ),
         ("lxd_storage_driver", "ceph", "config lxd-storage-driver: 'ceph' is not allowed"),
         ("reserved_cores", "0-x", "config reserved-cores: cpu set token '0-x'"),
         ("reserved_memory", "lots", "config reserved-memory: size 'lots' is not a size"),

@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from vmhost.model import Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
+from vmhost.model import Core, DiskAllocation, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
+from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, format_size, human_size, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
     ComposeError,
@@ -359,6 +359,8 @@ class LibvirtProvider:
             raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
         if plan.image:
             plan = replace(plan, image=resolve_image(plan.image, self.image_dir))
+            if a.disks:
+                _check_root_holds_image(a.disks[0], plan.image)
         with contextlib.suppress(NotFound):
             self._domain(a.name)
             raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
@@ -729,6 +731,7 @@ def _local_nics() -> list[Nic]:
         if kind is not None:
             kinds[name] = (kind, link)
     bridge_vlan: dict[str, int] = {}
+    gateways = _local_gateways()
     nics = []
     for name, (kind, link) in kinds.items():
         dev = _SYSFS_NET / name / "device"
@@ -751,9 +754,30 @@ def _local_nics() -> list[Nic]:
                 vlan=vlan,
                 addresses=addresses,
                 kind=kind,
+                gateways=gateways.get(name, ()),
             )
         )
     return [replace(n, vlan=bridge_vlan[n.name]) if n.name in bridge_vlan else n for n in nics]
+
+
+def _local_gateways() -> dict[str, tuple[str, ...]]:
+    """Interface -> the routers the host's routes go through on it (placement keeps VMs off them)."""
+    out: dict[str, list[str]] = {}
+    for family in ("-4", "-6"):
+        try:
+            routes = json.loads(
+                subprocess.run(
+                    ["ip", "-j", family, "route"], capture_output=True, text=True, check=True, timeout=10
+                ).stdout
+            )
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        for r in routes if isinstance(routes, list) else ():
+            if isinstance(r, dict) and r.get("gateway") and r.get("dev"):
+                gws = out.setdefault(r["dev"], [])
+                if r["gateway"] not in gws:
+                    gws.append(r["gateway"])
+    return {dev: tuple(gws) for dev, gws in out.items()}
 
 
 def _random_mac() -> str:
@@ -800,6 +824,17 @@ def _volume_xml(name: str, capacity: int, fmt: str) -> str:
     ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
     ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
     return ET.tostring(vol, encoding="unicode")
+
+
+def _check_root_holds_image(root: DiskAllocation, image: str) -> None:
+    """A root disk smaller than its image is refused: the volume would be the image's size while the
+    allocation (and every pool count made from it) said less."""
+    virtual = _image_format(image)[1]
+    if root.size < virtual:
+        raise ProviderError(
+            f"disk {root.label} is {human_size(root.size)} but image {image} needs {human_size(virtual)}; "
+            f"give {root.label}:{format_size(-(-virtual // 1024**2) * 1024**2)} or more"
+        )
 
 
 def _image_format(path: str) -> tuple[str, int]:
