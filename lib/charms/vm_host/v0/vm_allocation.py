@@ -517,7 +517,11 @@ class VmAllocationRequirer(ops.Object):
         return rel
 
     def requests(self, relation: ops.Relation | None = None) -> list[VmRequestSpec]:
-        """The requests this application has made (invalid entries, if any were written, are skipped)."""
+        """The requests this application has made (invalid entries, if any were written, are skipped).
+
+        Leader only (Juju lets only the leader read its application databag): RuntimeError otherwise.
+        """
+        self._check_leader()
         rel = self._relation(relation)
         try:
             data = rel.load(RequirerAppData, self._charm.app, decoder=decode_json)
@@ -528,7 +532,9 @@ class VmAllocationRequirer(ops.Object):
 
     def _check_leader(self) -> None:
         if not self._charm.unit.is_leader():
-            raise RuntimeError("only the leader unit can change VM requests (they live in the application databag)")
+            raise RuntimeError(
+                "only the leader unit can read or change VM requests (they live in the application databag)"
+            )
 
     def _write(self, rel: ops.Relation, specs: list[VmRequestSpec]) -> None:
         self._check_leader()
