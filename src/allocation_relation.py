@@ -51,7 +51,7 @@ def _results(data: Any) -> dict[str, broker.Result]:
         try:
             out[owner] = broker.Result.from_dict(entry)
         except ValueError:
-            logger.warning("a peer result for %s is unreadable; ignored", owner[:200])
+            logger.warning("a peer result for %r is unreadable; ignored", owner[:200])  # %r: any text logs
     return out
 
 

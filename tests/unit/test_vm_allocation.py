@@ -269,3 +269,18 @@ def test_requirer_refuses_to_write_more_than_the_provider_reads():
             for i in range(lib.MAX_REQUESTS):
                 mgr.charm.vms.request_vm(f"r{i}", user_data=big)
         assert 10 < len(mgr.charm.vms.requests()) < lib.MAX_REQUESTS
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("user_data", "#cloud-config\n\ud800"),
+        ("user_data", "a\x00b"),
+        ("ssh_authorized_keys", [KEY + " \udc80"]),
+        ("ssh_authorized_keys", [KEY + "\x00"]),
+    ],
+    ids=["user-data-surrogate", "user-data-nul", "key-surrogate", "key-nul"],
+)
+def test_text_that_cannot_be_written_out_is_rejected_naming_the_field(field, value):
+    entries, _ = parse_requests([{"id": "a", field: value}])
+    assert entries[0].spec is None and field in entries[0].error

@@ -159,6 +159,15 @@ def parse_size(value: str | int) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+def _is_text(value: str) -> bool:
+    """Whether `value` can be written out as UTF-8 and carries no NUL (JSON allows both)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return "\x00" not in value
+
+
 class VmRequestSpec(BaseModel):
     """One VM the requirer asks for. Unknown fields are ignored; absent ones are None (host defaults).
 
@@ -216,11 +225,18 @@ class VmRequestSpec(BaseModel):
             return {"2MIB": "2M", "2048K": "2M", "1GIB": "1G", "1024M": "1G"}.get(v.upper(), v.upper())
         return v
 
+    @field_validator("user_data")
+    @classmethod
+    def _user_data(cls, v: str | None) -> str | None:
+        if v is not None and not _is_text(v):
+            raise ValueError("must be UTF-8 text without NUL characters")
+        return v
+
     @field_validator("ssh_authorized_keys")
     @classmethod
     def _keys(cls, v: list[str] | None) -> list[str] | None:
         for i, key in enumerate(v or ()):
-            if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key):
+            if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key) or not _is_text(key):
                 raise ValueError(
                     f"entry {i} is not one OpenSSH public key line (type, base64 key, optional comment; "
                     f"at most {MAX_KEY_LENGTH} characters)"
