@@ -90,7 +90,13 @@ valid_request = st.fixed_dictionaries(
 )
 status_like = st.fixed_dictionaries(
     {"id": PLAUSIBLE["id"], "status": st.sampled_from(["pending", "ready", "failed", "rejected", "odd"])},
-    optional={f: json_values for f in ("message", "unit", "name", "mac_addresses", "addresses")},
+    optional={
+        "message": text | json_values,
+        "unit": st.just("vm-host/0") | json_values,
+        "name": st.just("vm-1") | json_values,
+        "mac_addresses": st.lists(st.just("52:54:00:00:00:01"), max_size=2) | json_values,
+        "addresses": st.lists(st.just("10.0.0.5"), max_size=2) | json_values,
+    },
 )
 BIG = [
     "x" * (1024 * 1024 + 1),
@@ -188,7 +194,11 @@ def test_arbitrary_relation_data_never_raises_in_a_provider_hook(monkeypatch, tm
         leader=st.booleans(),
         event=st.sampled_from(PROVIDER_EVENTS),
         app_bags=st.lists(
-            with_key("requests", st.lists(valid_request | request_like, max_size=5)), min_size=1, max_size=2
+            with_key(
+                "requests", st.lists(valid_request, max_size=4) | st.lists(valid_request | request_like, max_size=5)
+            ),
+            min_size=1,
+            max_size=2,
         ),
         has_peer=st.booleans(),
         unit_bag=databag,
