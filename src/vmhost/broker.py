@@ -156,7 +156,8 @@ class Incoming:
 
 @dataclass(frozen=True)
 class RelationInput:
-    """The requests of one related application. `app_key` is `model-uuid/app`."""
+    """The requests of one related application. `app_key` is `model-uuid/app`; `error` says why its list
+    is not served as written (unreadable, or too long), and then none of its VMs is released."""
 
     relation_id: int
     model_uuid: str
@@ -618,7 +619,8 @@ def unit_actions(
     Released: a relation VM whose application is no longer related, whose request id is no longer
     listed, a second VM for one owner, or one that another unit already serves. Nothing else is touched
     (VMs made by the operator carry no relation owner key), nor the VMs of an application whose list
-    cannot be read at all (a broken write on the remote side must not delete its VMs).
+    cannot be read at all or is longer than the library reads (a broken write on the remote side must
+    not delete its VMs).
     """
     live = set(live_apps)
     unreadable = set(unreadable_apps)

@@ -450,7 +450,7 @@ class VmAllocationProvider(ops.Object):
         """Write the statuses; only the leader may write the application databag (a Juju rule)."""
         if not self._charm.unit.is_leader():
             return
-        relation.save(ProviderAppData(vms=list(statuses), error=error), self._charm.app)
+        relation.save(ProviderAppData(vms=list(statuses)[:MAX_REQUESTS], error=error), self._charm.app)
 
     def published(self, relation: ops.Relation) -> list[VmStatus]:
         """What this application last published on `relation` (empty when unreadable)."""
