@@ -120,6 +120,7 @@ class CharmConfig(BaseModel):
     memory_overcommit_ratio: float = Field(1.0, gt=0)
     reserved_cores: tuple[int, ...] = ()
     reserved_memory: int = 0
+    confine_foreign_vms: bool = True
     hugepages: tuple[HugepageSetting, ...] = ()
     default_storage_pool: str = ""
     space_bridges: dict[str, str] = Field(default_factory=dict)
@@ -250,6 +251,7 @@ class CharmConfig(BaseModel):
             reserved_cores=self.reserved_cores,
             reserved_memory=self.reserved_memory,
             default_storage_pool=self.default_storage_pool or None,
+            confine_foreign_vms=self.confine_foreign_vms,
         )
 
 

@@ -32,6 +32,11 @@ def _common() -> argparse.ArgumentParser:
         help="e.g. 2G (a bare number is MiB)",
     )
     p.add_argument("--default-storage-pool", default=os.environ.get("VMHOST_DEFAULT_POOL"))
+    p.add_argument(
+        "--confine-foreign-vms",
+        default=os.environ.get("VMHOST_CONFINE_FOREIGN_VMS", "true"),
+        help="true (default) keeps running VMs vm-host did not make off pinned threads; false only reports them",
+    )
     return p
 
 
@@ -75,6 +80,7 @@ def _policy(args: argparse.Namespace) -> Policy:
             "reserved_cores": args.reserved_cores or None,
             "reserved_memory": args.reserved_memory,
             "default_storage_pool": args.default_storage_pool,
+            "confine_foreign_vms": args.confine_foreign_vms,
         }
     )
 

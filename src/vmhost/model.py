@@ -295,6 +295,18 @@ class VmRequest:
         return self.pinned_cores is not None or self.hugepages_backed
 
 
+def _flag(value: object, key: str) -> bool:
+    """A yes/no setting: a bool, or true/false/yes/no/1/0 as text (environment variables, CLI)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ParseError(f"{key} {str(value)[:40]!r} is not a yes/no value; use true or false")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Operator policy: overcommit ratios, what the host keeps for itself, default pool."""
@@ -304,6 +316,8 @@ class Policy:
     reserved_cores: tuple[int, ...] = ()
     reserved_memory: int = 0
     default_storage_pool: str | None = None
+    # Keep running VMs made by others off pinned threads too (libvirt, live affinity only); off: report them.
+    confine_foreign_vms: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> Policy:
@@ -324,6 +338,7 @@ class Policy:
             # A bare number in a string is MiB, as for VM memory and the charm option (MAAS habit); ints are bytes.
             reserved_memory=parse_size(reserved_mem, default_unit="M" if isinstance(reserved_mem, str) else ""),
             default_storage_pool=d.get("default_storage_pool") or None,
+            confine_foreign_vms=_flag(d.get("confine_foreign_vms", True), "confine_foreign_vms"),
         )
 
     def to_dict(self) -> dict:
@@ -333,6 +348,7 @@ class Policy:
             "reserved_cores": list(self.reserved_cores),
             "reserved_memory": self.reserved_memory,
             "default_storage_pool": self.default_storage_pool,
+            "confine_foreign_vms": self.confine_foreign_vms,
         }
 
 
