@@ -154,3 +154,14 @@ def test_vm_results_are_flat_strings_with_juju_safe_keys():
     assert json.loads(r["macs"]) == ["52:54:00:00:00:01"]
     assert r["threads"] == "2"
     assert "pool" not in r
+
+
+def test_confine_foreign_vms_option_reaches_the_policy_and_config_yaml_declares_it():
+    from pathlib import Path
+
+    import yaml
+
+    options = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())["options"]
+    assert options["confine-foreign-vms"]["type"] == "boolean" and options["confine-foreign-vms"]["default"] is True
+    assert CharmConfig().policy().confine_foreign_vms is True
+    assert CharmConfig(confine_foreign_vms=False).policy().confine_foreign_vms is False

@@ -257,7 +257,9 @@ class LibvirtProvider:
         return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
 
     def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
-        xml = ET.fromstring(dom.XMLDesc(0))
+        # The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
+        # read back as that VM pinning itself to the shared threads.
+        xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
         rec = read_record(xml)
         macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
         state = _STATES.get(dom.state()[0], "unknown")
