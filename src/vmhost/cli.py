@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -155,6 +156,8 @@ def run(args: argparse.Namespace) -> int:
             state = host.find(args.name).state
             _emit(args, {"name": args.name, "state": state}, f"{args.name}: {state}")
         elif args.command == "gc":
+            # What gc skipped, and why, goes to stderr; stdout lists what it removed.
+            logging.basicConfig(level=logging.INFO, format="vmhost: %(message)s", stream=sys.stderr)
             removed = host.gc()
             _emit(args, {"removed": removed}, "\n".join(f"removed {r}" for r in removed) or "nothing to remove")
     finally:
