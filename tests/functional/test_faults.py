@@ -159,32 +159,26 @@ def _free_before(host: VmHost) -> int:
 
 
 @pytest.mark.libvirt
-@pytest.mark.parametrize("step", LIBVIRT_COMPOSE_STEPS)
-def test_libvirt_compose_killed_at_each_step_leaves_nothing_after_gc(libvirt_host, libvirt_conn, vm_names, step):
+@pytest.mark.parametrize(
+    ("action", "step"),
+    [("compose", s) for s in LIBVIRT_COMPOSE_STEPS] + [("decompose", s) for s in LIBVIRT_DECOMPOSE_STEPS],
+)
+def test_libvirt_killed_at_each_step_leaves_nothing_after_gc(libvirt_host, libvirt_conn, vm_names, action, step):
     host, floating = libvirt_host
     free_before = _free_before(host)
     name = vm_names("fk")
-    _kill_at(step, _libvirt_spec(host, name, "compose"))
-    removed = _assert_clean_after_gc(host, libvirt_conn, name, floating, free_before)
-    if step in ("create volume root in pool default", "start domain", "mark ready"):
-        assert name in removed  # the unfinished domain was there, and gc says it removed it
-
-
-@pytest.mark.libvirt
-@pytest.mark.parametrize("step", LIBVIRT_DECOMPOSE_STEPS)
-def test_libvirt_decompose_killed_at_each_step_leaves_nothing_after_gc(libvirt_host, libvirt_conn, vm_names, step):
-    host, floating = libvirt_host
-    free_before = _free_before(host)
-    name = vm_names("fk")
-    spec = _libvirt_spec(host, name, "decompose")
-    host.compose(VmRequest.from_dict(spec["request"]), start=True, cloud_init=CloudInit(hostname=name))
-    assert _meminfo("HugePages_Free") == free_before - 32
+    spec = _libvirt_spec(host, name, action)
+    if action == "decompose":
+        host.compose(VmRequest.from_dict(spec["request"]), start=True, cloud_init=CloudInit(hostname=name))
+        assert _meminfo("HugePages_Free") == free_before - 32
     _kill_at(step, spec)
     if step == LIBVIRT_DECOMPOSE_STEPS[0]:
         # Killed before its first change: the VM is whole and still vm-host's, so gc keeps it.
         assert host.gc() == [] and host.find(name).managed and host.find(name).state == "running"
         host.decompose(name)
-    _assert_clean_after_gc(host, libvirt_conn, name, floating, free_before)
+    removed = _assert_clean_after_gc(host, libvirt_conn, name, floating, free_before)
+    if step in ("create volume root in pool default", "start domain", "mark ready"):
+        assert name in removed  # the unfinished domain was there, and gc says it removed it
 
 
 @contextlib.contextmanager
