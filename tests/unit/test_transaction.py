@@ -1,4 +1,5 @@
-"""The test-only fault point: exits exactly at the named step, and cannot go off by accident."""
+"""The compose transaction: the test-only fault point exits exactly at the named step and cannot go off
+by accident; an undo that fails keeps the record gc needs."""
 
 from __future__ import annotations
 
@@ -43,3 +44,22 @@ def test_the_named_step_exits_the_process_before_it_runs():
 def test_it_never_fires_otherwise(env):
     out = run(env)
     assert (out.returncode, out.stdout) == (0, "one\ntwo\n")
+
+
+def test_a_failed_undo_keeps_the_record_that_lets_gc_finish():
+    """As the libvirt compose registers it: the domain (our record) is undone last, and only when every
+    volume undo before it worked; otherwise the record stays and names what gc must remove."""
+    from vmhost.providers.base import ComposeError, Transaction
+
+    undone: list[str] = []
+
+    def fail() -> None:
+        raise OSError("pool busy")
+
+    tx = Transaction()
+    tx.on_undo("undefine domain", lambda: undone.append("domain") if not tx.undo_failures else None)
+    tx.on_undo("delete volume root", fail)
+    tx.on_undo("delete volume data", lambda: undone.append("data"))
+    with pytest.raises(ComposeError, match="compose failed at step 'start domain': boom"), tx.step("start domain"):
+        raise RuntimeError("boom")
+    assert undone == ["data"] and tx.undo_failures == 1
