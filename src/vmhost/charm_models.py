@@ -144,6 +144,7 @@ class CharmConfig(BaseModel):
     memory_overcommit_ratio: float = 1.0
     reserved_cores: tuple[int, ...] = ()
     reserved_memory: int = 0
+    confine_foreign_vms: bool = True
     hugepages: tuple[HugepageSetting, ...] = ()
     default_storage_pool: str = ""
     space_bridges: dict[str, str] = Field(default_factory=dict)
@@ -288,6 +289,7 @@ class CharmConfig(BaseModel):
             reserved_cores=self.reserved_cores,
             reserved_memory=self.reserved_memory,
             default_storage_pool=self.default_storage_pool or None,
+            confine_foreign_vms=self.confine_foreign_vms,
         )
 
 

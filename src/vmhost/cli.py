@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -52,6 +53,11 @@ def _common() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"how long to wait for another vmhost process to release the host lock (env VMHOST_LOCK_TIMEOUT; "
         f"default {DEFAULT_LOCK_TIMEOUT:g}, {LOCK_TIMEOUT_RANGE[0]:g}-{LOCK_TIMEOUT_RANGE[1]:g})",
+    )
+    p.add_argument(
+        "--confine-foreign-vms",
+        default=os.environ.get("VMHOST_CONFINE_FOREIGN_VMS", "true"),
+        help="true (default) keeps running VMs vm-host did not make off pinned threads; false only reports them",
     )
     return p
 
@@ -118,6 +124,7 @@ _POLICY_SOURCES = {
     "memory_overcommit_ratio": "--memory-overcommit-ratio or VMHOST_MEM_OVERCOMMIT",
     "reserved_cores": "--reserved-cores or VMHOST_RESERVED_CORES",
     "reserved_memory": "--reserved-memory or VMHOST_RESERVED_MEMORY",
+    "confine_foreign_vms": "--confine-foreign-vms or VMHOST_CONFINE_FOREIGN_VMS",
 }
 
 
@@ -127,6 +134,7 @@ def _policy(args: argparse.Namespace) -> Policy:
         "memory_overcommit_ratio": args.memory_overcommit_ratio,
         "reserved_cores": args.reserved_cores or None,
         "reserved_memory": args.reserved_memory,
+        "confine_foreign_vms": args.confine_foreign_vms,
     }
     for key, source in _POLICY_SOURCES.items():
         try:
@@ -212,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
                 state = host.stop(args.name, force=args.force, wait=args.wait)
             _emit(args, {"name": args.name, "state": state}, f"{args.name}: {state}")
         elif args.command == "gc":
+            # What gc skipped, and why, goes to stderr; stdout lists what it removed.
+            logging.basicConfig(level=logging.INFO, format="vmhost: %(message)s", stream=sys.stderr)
             removed = host.gc()
             _emit(args, {"removed": removed}, "\n".join(f"removed {r}" for r in removed) or "nothing to remove")
     finally:

@@ -12,7 +12,7 @@ import errno
 import fcntl
 import os
 import stat
-import time
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +21,6 @@ from vmhost.providers.base import ProviderError
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
 DEFAULT_LOCK = "/run/vmhost/lock"
-_POLL = (0.01, 0.25)  # s: first and longest pause between tries
 
 
 class HostLockError(ProviderError):
@@ -110,6 +109,43 @@ def _cmdline() -> str:
         return "unknown"
 
 
+def _acquire(fd: int, timeout: float) -> bool:
+    """Take the lock on `fd` within `timeout` s. The wait blocks in the kernel, which wakes a waiter the
+    moment the holder lets go, so a process that composes in a loop cannot starve the others (polling
+    would lose every race to it). The blocking call runs on a helper thread on its own descriptor; if
+    the wait runs out first, that thread lets go as soon as it gets the lock, and never holds it for us.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        if timeout <= 0:
+            return False
+    waiter = os.dup(fd)  # shares the open file description, so its lock is ours once we keep it
+    state = {"got": False, "abandoned": False}
+    guard = threading.Lock()
+    got = threading.Event()
+
+    def wait() -> None:
+        try:
+            fcntl.flock(waiter, fcntl.LOCK_EX)
+            with guard:
+                if state["abandoned"]:
+                    fcntl.flock(waiter, fcntl.LOCK_UN)
+                else:
+                    state["got"] = True
+                    got.set()
+        finally:
+            os.close(waiter)
+
+    threading.Thread(target=wait, name="vmhost-lock-wait", daemon=True).start()
+    got.wait(timeout)
+    with guard:
+        if not state["got"]:
+            state["abandoned"] = True
+        return state["got"]
+
+
 @contextmanager
 def host_lock(path: str | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
     """Exclusive lock across processes on this machine, waited for `timeout` s at most (0: try once).
@@ -120,20 +156,8 @@ def host_lock(path: str | None = None, timeout: float = DEFAULT_LOCK_TIMEOUT) ->
     where = lock_path(path)
     fd = _open(where)
     try:
-        deadline = time.monotonic() + timeout
-        pause = _POLL[0]
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise HostLockBusy(
-                        f"the host lock {where} is held by {_holder(fd)}; gave up after {timeout:g} s"
-                    ) from None
-                time.sleep(min(pause, left))
-                pause = min(pause * 2, _POLL[1])
+        if not _acquire(fd, timeout):
+            raise HostLockBusy(f"the host lock {where} is held by {_holder(fd)}; gave up after {timeout:g} s")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()} {_cmdline()}\n".encode(), 0)
         try:

@@ -339,6 +339,18 @@ def overcommit_ratio(key: str, raw: Any) -> float:
     return value
 
 
+def _flag(value: object, key: str) -> bool:
+    """A yes/no setting: a bool, or true/false/yes/no/1/0 as text (environment variables, CLI)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ParseError(f"{key} {str(value)[:40]!r} is not a yes/no value; use true or false")
+
+
 @dataclass(frozen=True)
 class Policy:
     """Operator policy: overcommit ratios, what the host keeps for itself, default pool."""
@@ -348,6 +360,8 @@ class Policy:
     reserved_cores: tuple[int, ...] = ()
     reserved_memory: int = 0
     default_storage_pool: str | None = None
+    # Keep running VMs made by others off pinned threads too (libvirt, live affinity only); off: report them.
+    confine_foreign_vms: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> Policy:
@@ -361,6 +375,7 @@ class Policy:
             reserved_cores=parse_cpuset(reserved) if reserved else (),
             reserved_memory=check_size(f"reserved_memory {clip(reserved_mem)}", reserved_bytes, 0, MAX_RESERVED_MEMORY),
             default_storage_pool=d.get("default_storage_pool") or None,
+            confine_foreign_vms=_flag(d.get("confine_foreign_vms", True), "confine_foreign_vms"),
         )
 
     def to_dict(self) -> dict:
@@ -370,6 +385,7 @@ class Policy:
             "reserved_cores": list(self.reserved_cores),
             "reserved_memory": self.reserved_memory,
             "default_storage_pool": self.default_storage_pool,
+            "confine_foreign_vms": self.confine_foreign_vms,
         }
 
 

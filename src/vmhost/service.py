@@ -19,11 +19,13 @@ from vmhost.model import Allocation, HostTopology, Policy, VmRequest
 from vmhost.providers.base import (
     CloudInit,
     ComposePlan,
+    FloatingConfinement,
     NotFound,
     Provider,
     ProviderError,
     VmInfo,
     confine_floating,
+    fault_point,
 )
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
@@ -146,11 +148,12 @@ class VmHost:
             # Rule 1: floating VMs leave the new VM's threads before it can start on them, and get them
             # back if the compose fails (placement already left the shared capacity they need).
             try:
-                confine_floating(self.provider, self._shared_threads(host, [*allocations, allocation]))
+                self._confine(self._shared_threads(host, [*allocations, allocation]))
+                fault_point("provider compose")
                 return self.provider.compose(plan)
             except BaseException:
                 try:
-                    confine_floating(self.provider, shared)
+                    self._confine(shared)
                 except Exception as e:
                     log.warning("could not give floating VMs back threads %s: %s", shared, e)
                 raise
@@ -174,9 +177,14 @@ class VmHost:
             # until the next pinned compose or decompose confines them again, so it is not an error here.
             try:
                 rest = [v.allocation for v in vms if v.name != name]
-                confine_floating(self.provider, self._shared_threads(host, rest))
+                fault_point("widen floating VMs")
+                self._confine(self._shared_threads(host, rest))
             except Exception as e:
                 log.warning("could not give floating VMs the threads of %s back: %s", name, e)
+
+    def _confine(self, threads: tuple[int, ...]) -> None:
+        """Keep floating VMs (and, unless the policy opts out, running VMs made by others) to `threads`."""
+        confine_floating(self.provider, threads, foreign=self.policy.confine_foreign_vms)
 
     def shared_threads(self) -> tuple[int, ...]:
         """Where floating VMs may run now: online threads neither reserved nor pinned."""
@@ -211,8 +219,17 @@ class VmHost:
         return state
 
     def gc(self) -> list[str]:
+        """Remove what crashes left unfinished (only what vm-host can prove it made), then confine floating
+        VMs to what is really free now: a crash mid-compose leaves them confined as if the dead VM's threads
+        were pinned. Returns what was removed; what was skipped, and why, is logged."""
         with self._locked():
-            return self.provider.gc()
+            removed = self.provider.gc()
+            try:
+                host, vms = self._snapshot()
+                self._confine(self._shared_threads(host, [v.allocation for v in vms]))
+            except Exception as e:
+                log.warning("gc could not confine floating VMs to the shared threads: %s", e)
+            return removed
 
     def resources(self) -> dict:
         """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
@@ -222,4 +239,12 @@ class VmHost:
         host = self.provider.discover()
         vms = self.vms()
         usage = compute_usage(host, [v.allocation for v in vms], self.policy)
-        return resources_dict(self.provider.name, host, usage, vms, self.policy)
+        ours = isinstance(self.provider, FloatingConfinement)
+        return resources_dict(
+            self.provider.name,
+            host,
+            usage,
+            vms,
+            self.policy,
+            kept_off=(ours, ours and self.policy.confine_foreign_vms),
+        )

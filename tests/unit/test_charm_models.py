@@ -215,3 +215,14 @@ def test_a_boolean_where_text_is_expected_is_refused_with_one_sentence():
     assert error_message(exc.value, "parameter") == (
         "parameter hostname: True is not allowed: input should be a valid string"
     )
+
+
+def test_confine_foreign_vms_option_reaches_the_policy_and_config_yaml_declares_it():
+    from pathlib import Path
+
+    import yaml
+
+    options = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())["options"]
+    assert options["confine-foreign-vms"]["type"] == "boolean" and options["confine-foreign-vms"]["default"] is True
+    assert CharmConfig().policy().confine_foreign_vms is True
+    assert CharmConfig(confine_foreign_vms=False).policy().confine_foreign_vms is False

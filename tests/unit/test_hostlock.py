@@ -171,3 +171,47 @@ def test_a_vmhost_that_gave_up_on_the_lock_does_not_wait_again(tmp_path):
         assert time.monotonic() - t0 < 0.3
     finally:
         holder.communicate("\n", timeout=10)
+
+
+# A process that composes in a tight loop: takes the lock, works a little, lets go, takes it again.
+GREEDY = textwrap.dedent(
+    """
+    import sys, time
+    from vmhost.hostlock import host_lock
+    end = time.monotonic() + float(sys.argv[2])
+    print("looping", flush=True)
+    while time.monotonic() < end:
+        with host_lock(sys.argv[1], timeout=30):
+            time.sleep(0.05)
+    """
+)
+
+
+def test_a_process_taking_the_lock_in_a_loop_cannot_starve_a_waiter(tmp_path):
+    """The wait blocks in the kernel, which wakes it when the holder lets go; a poller would lose each race."""
+    lock = tmp_path / "lock"
+    script = tmp_path / "greedy.py"
+    script.write_text(GREEDY)
+    greedy = subprocess.Popen([sys.executable, str(script), str(lock), "6"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert greedy.stdout.readline().strip() == "looping"
+        time.sleep(0.3)
+        got = 0
+        for _ in range(5):
+            with host_lock(str(lock), timeout=2):
+                got += 1
+    finally:
+        greedy.wait(timeout=30)
+    assert got == 5
+
+
+def test_a_waiter_that_gave_up_never_holds_the_lock_later(tmp_path):
+    """The helper thread that was still waiting lets go at once when it finally gets the lock."""
+    lock = tmp_path / "lock"
+    holder = _holder(lock, hold=0.5)
+    with pytest.raises(HostLockError), host_lock(str(lock), timeout=0.1):
+        pass
+    holder.wait(timeout=10)
+    time.sleep(0.2)  # the abandoned waiter got the lock and released it by now
+    with host_lock(str(lock), timeout=0):  # taken at once: nobody in this process kept it
+        pass

@@ -20,6 +20,7 @@ import os
 import random
 import re
 import time
+import uuid as uuid_mod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,7 +29,7 @@ from urllib.parse import quote
 from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
 from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo
+from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo, fault_point
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
@@ -516,9 +517,11 @@ class LxdProvider:
     def _vm_info(self, project: str, inst: dict) -> VmInfo:
         """One VM as vm-host sees it: ours from its record, anyone else's from its expanded limits."""
         host_memory, hp_size, thread_node = self._host_facts()
-        ours = project == self.project and cfg.ALLOCATION_KEY in (inst.get("config") or {})
+        ours = project == self.project and cfg.owned(inst.get("config") or {})
         name = inst["name"] if project in (self.project, "default") else f"{project}/{inst['name']}"
-        config = inst.get("config") if ours else inst.get("expanded_config") or inst.get("config") or {}
+        config = (
+            inst.get("config") if ours else cfg.foreign_config(inst.get("expanded_config") or inst.get("config") or {})
+        )
         devices = inst.get("expanded_devices") or inst.get("devices") or {}
         try:
             alloc = cfg.allocation_from_config(
@@ -593,6 +596,7 @@ class LxdProvider:
                 cloud_init_keys=self.has_extension("cloud_init"),
                 prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
                 profile_devices=None if cfg.keeps_profile_nics(a) else self._chosen_profile_devices(),
+                uuid=str(uuid_mod.uuid4()),
             )
         except ValueError as e:
             raise ProviderError(str(e)) from e
@@ -675,22 +679,51 @@ class LxdProvider:
 
     def decompose(self, name: str) -> None:
         inst = self._instance(name)  # 404 also when our project does not exist (yet)
-        if cfg.ALLOCATION_KEY not in (inst.get("config") or {}):
+        if not cfg.owned(inst.get("config") or {}):
             raise ProviderError(f"VM {name!r} was not made by vm-host; remove it with lxc, not vmhost")
         self._remove(name, inst)
 
-    def _remove(self, name: str, inst: dict) -> None:
+    def _remove(self, name: str, inst: dict) -> list[str]:
+        """Mark decomposing, stop, delete the VM, then the volumes it had attached that carry its owner tag.
+
+        The mark comes first so that a crash anywhere leaves a VM gc finishes; a volume left after the VM is
+        gone carries our owner tag naming a VM that no longer exists, which is what gc removes.
+        """
+        path = f"/instances/{quote(name, safe='')}"
+        attached = {
+            (d.get("pool"), d.get("source"))
+            for d in (inst.get("devices") or {}).values()
+            if d.get("type") == "disk" and d.get("source") and d.get("pool")
+        }
         try:
+            if (inst.get("config") or {}).get(cfg.STATE_KEY) != cfg.STATE_DECOMPOSING:
+                fault_point(f"mark VM {name} decomposing")
+                self._call("PATCH", path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_DECOMPOSING}})
             if str(inst.get("status", "")).lower() != "stopped":
+                fault_point(f"stop VM {name}")
                 self._state(name, "stop", force=True)
-            self._delete_if_exists(f"/instances/{quote(name, safe='')}")
-            for pool, vol in self._our_volumes():
-                if vol.get("config", {}).get(cfg.OWNER_KEY) == name:
-                    self._delete_if_exists(
-                        f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
-                    )
+            fault_point(f"delete VM {name}")
+            self._delete_if_exists(path)
         except LxdApiError as e:
             raise ProviderError(f"removing VM {name!r} failed: {e}") from e
+        removed = []
+        for pool, vol in self._our_volumes():
+            if vol["config"].get(cfg.OWNER_KEY) == name and (pool, vol["name"]) in attached:
+                fault_point(f"delete volume {vol['name']}")
+                if self._delete_volume(pool, vol):
+                    removed.append(f"{pool}/{vol['name']}")
+        return removed
+
+    def _delete_volume(self, pool: str, vol: dict) -> bool:
+        """Delete one of our volumes; False (logged) when LXD refuses, e.g. a copy of its VM still uses it."""
+        try:
+            self._delete_if_exists(
+                f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
+            )
+            return True
+        except (LxdApiError, ProviderError) as e:
+            log.warning("kept volume %s/%s: %s", pool, vol["name"], e)
+            return False
 
     def _our_volumes(self) -> list[tuple[str, dict]]:
         out = []
@@ -725,26 +758,45 @@ class LxdProvider:
         self._state(name, "stop", force=force)
 
     def gc(self) -> list[str]:
-        """Remove VMs a crash left mid-compose, and our volumes whose VM is gone."""
+        """Finish composes and decomposes a crash left unfinished, and remove our volumes whose VM is gone.
+
+        Only what proves itself ours is touched: VMs in our project whose record is bound to their own
+        volatile.uuid (or that never finished compose), volumes with our owner tag. Each failure is logged
+        and gc goes on; what it skipped is left for the next gc.
+        """
         if not self._project_exists():
             return []
-        removed = []
+        removed: list[str] = []
         instances = {i["name"]: i for i in self._get("/instances", project=self.project, recursion=1) or []}
+        live = set()
         for name, inst in instances.items():
-            if (inst.get("config") or {}).get(cfg.STATE_KEY) == cfg.STATE_COMPOSING:
-                self._remove(name, inst)
-                removed.append(name)
-        live = set(instances) - set(removed)
-        for pool, vol in self._our_volumes():
-            if vol["config"][cfg.OWNER_KEY] not in live:
-                self._delete_if_exists(
-                    f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
-                )
+            config = inst.get("config") or {}
+            if not cfg.owned(config):
+                if cfg.ALLOCATION_KEY in config:
+                    log.info("gc left VM %s alone: its vm-host record is not bound to it (a copy?)", name)
+                continue
+            if config.get(cfg.STATE_KEY) not in (cfg.STATE_COMPOSING, cfg.STATE_DECOMPOSING):
+                live.add(name)
+                continue
+            try:
+                vols = self._remove(name, inst)
+                removed += [name, *vols]
+                log.info("gc removed unfinished VM %s and volumes %s", name, ", ".join(vols) or "none")
+            except Exception as e:
+                live.add(name)
+                log.warning("gc skipped VM %s for now: %s", name, e)
+        try:
+            volumes = self._our_volumes()
+        except Exception as e:
+            log.warning("gc could not list volumes: %s", e)
+            volumes = []
+        for pool, vol in volumes:
+            owner = vol["config"][cfg.OWNER_KEY]
+            if owner in live:
+                continue
+            if self._delete_volume(pool, vol):
                 removed.append(f"{pool}/{vol['name']}")
         return removed
-
-    def confine_floating(self, threads: tuple[int, ...]) -> None:
-        """No-op: LXD 5.0 balances containers only, and a VM's limits.cpu set pins one vCPU per CPU (no shared set)."""
 
 
 def _random_mac() -> str:
