@@ -604,11 +604,29 @@ class _NodeFree:
     amount: int  # free hugepages of the requested size, or free general memory (bytes)
     threads: int = 0
     core_size: int = 0  # threads per whole core when all are alike, else 0
+    # For the fit measure (rule 4): capacities and what the other memory pools have free, in bytes.
+    thread_cap: int = 0  # threads not reserved
+    unit_bytes: int = 1  # bytes per unit of `amount`
+    other_free: int = 0  # free bytes of every memory pool the request does not draw on
+    memory_cap: int = 0  # bytes of every memory pool (general capacity + all hugepages)
+    free_threads: int = 0  # every free thread, also for an unpinned request (which takes none)
 
     def __post_init__(self) -> None:
         self.threads = sum(map(len, self.whole)) + len(self.lone)
         sizes = {len(c) for c in self.whole}
         self.core_size = sizes.pop() if len(sizes) == 1 else 0
+
+    def left(self, c: int, a: int) -> tuple[float, float]:
+        """The fit measure (rule 4) after taking `c` threads and `a` units here, lower is better.
+
+        t and m are the shares of the node's threads and of its memory (every pool: general memory and
+        hugepages of each size, in bytes) left free. First: |t - m| to the percent, so the node keeps
+        threads and memory in proportion and neither is stranded without the other; then t + m, so
+        among balanced nodes the fullest is filled (best fit).
+        """
+        t = (self.free_threads - c) / self.thread_cap if self.thread_cap else 0.0
+        m = ((self.amount - a) * self.unit_bytes + self.other_free) / self.memory_cap if self.memory_cap else 0.0
+        return round(abs(t - m), 2), t + m
 
     def breaks(self, n: int) -> int:
         """How many whole cores taking `n` threads would split (0 or 1); arithmetic when cores are alike."""
@@ -668,6 +686,7 @@ def _node_free(st: _State, need: _Need) -> list[_NodeFree]:
 
 def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> list[_NodeFree]:
     out = []
+    unit_bytes = HUGEPAGE_SIZES[need.size] if need.size else 1
     for node, nu in zip(host.nodes, usage.nodes, strict=False):
         whole: list[tuple[int, ...]] = []
         lone: list[int] = []
@@ -684,7 +703,21 @@ def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> li
             whole.sort()
             lone.sort()
         amount = nu.hugepages_free(need.size) if need.size else nu.memory_free
-        out.append(_NodeFree(nu.node, whole, lone, amount))
+        pages = {s: (HUGEPAGE_SIZES[s] * t, HUGEPAGE_SIZES[s] * max(0, t - u)) for s, (t, u) in nu.hugepages.items()}
+        other = sum(free for s, (_, free) in pages.items() if s != need.size)
+        out.append(
+            _NodeFree(
+                nu.node,
+                whole,
+                lone,
+                amount,
+                thread_cap=len(nu.threads) - len(nu.reserved),
+                unit_bytes=unit_bytes,
+                other_free=other + (nu.memory_free if need.size else 0),
+                memory_cap=nu.memory_capacity + sum(t for t, _ in pages.values()),
+                free_threads=len(nu.free_threads),
+            )
+        )
     return out
 
 
@@ -766,10 +799,13 @@ def _choose(
         if not _completes(counts, k, r_c, r_a):
             continue
 
-        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a, lo: int = lo_c) -> tuple:
+        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a, lo: int = lo_c, lo_a: int = lo_a) -> tuple:
             local = -sum(1 for f in sriov if any(x.numa_node in (None, n.id) for x in f.nics))
-            thr = (n.breaks(c if n.threads >= c else lo), n.threads - c) if need.pin else (0, 0)
-            return (local, *thr, n.amount - a, n.id)
+            c = c if n.threads >= c else lo
+            a = a if n.amount >= a else lo_a
+            if not need.pin:
+                return (local, 0, n.left(0, a), n.id)
+            return (local, n.breaks(c), n.left(c, a), n.id)
 
         cand.sort(key=score)
         cls = [_klass(n, r_c, hi_c, r_a, hi_a) for n in cand]
@@ -784,13 +820,13 @@ def _choose(
             if not picked:
                 continue
         picked.sort(key=lambda n: n.id)
-        # High shares to the nodes that hold them with least left over (best fit); unpinned vCPUs
-        # are bound by no node resource and go by node id.
-        by_cpu = (lambda n, c=hi_c: (n.threads < c, n.breaks(c), n.threads, n.id)) if need.pin else None
+        # High shares to the nodes that hold them and are left best by them (the fit measure); unpinned
+        # vCPUs are bound by no node resource and go by node id.
+        by_cpu = (lambda n, c=hi_c, a=lo_a: (n.threads < c, n.breaks(c), n.left(c, a), n.id)) if need.pin else None
         return (
             picked,
             _assign_shares(picked, cpu, by_cpu),
-            _assign_shares(picked, amt, lambda n, a=hi_a: (n.amount < a, n.amount, n.id)),
+            _assign_shares(picked, amt, lambda n, a=hi_a, c=lo_c * need.pin: (n.amount < a, n.left(c, a), n.id)),
         )
     return None
 

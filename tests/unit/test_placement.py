@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from tests.unit.hosts import GiB, MiB, synthetic_host
-from vmhost.model import Allocation, Nic, Policy, StoragePool, VmRequest
+from vmhost.model import Allocation, HugepageAllocation, Nic, Policy, StoragePool, VmRequest
 from vmhost.parse import ParseError
 from vmhost.placement import HostUsage, PlacementError, compute_usage, place
 
@@ -161,15 +161,37 @@ def test_uneven_split_differs_by_at_most_one():
 
 def test_best_fit_picks_the_node_with_least_left_over():
     host = synthetic_host(nodes=3, cores_per_node=4, threads_per_core=1, memory_per_node=16 * GiB)
-    # Leave node 0 with 4 free, node 1 with 2 free, node 2 with 3 free.
+    # Node 0 all free; node 1 with 2 threads and 8G free; node 2 with 1 thread and 12G free: each in proportion.
     allocs = [
-        Allocation(name="x", vcpus=2, memory=GiB, pinned=(4, 5), numa_nodes=(1,)),
-        Allocation(name="y", vcpus=1, memory=GiB, pinned=(8,), numa_nodes=(2,)),
+        Allocation(name="x", vcpus=2, memory=8 * GiB, pinned=(4, 5), numa_nodes=(1,)),
+        Allocation(name="y", vcpus=3, memory=4 * GiB, pinned=(8, 9, 10), numa_nodes=(2,)),
     ]
-    a = place(host, allocs, req(cores=2, pinned_cores="auto"), Policy())
+    a = place(host, allocs, req(cores=2, memory="8G", pinned_cores="auto"), Policy())
     assert a.numa_nodes == (1,) and set(a.pinned) == {6, 7}
-    b = place(host, allocs, req(cores=3, pinned_cores="auto"), Policy())
-    assert b.numa_nodes == (2,)
+
+
+def test_fit_keeps_threads_and_memory_of_a_node_in_proportion():
+    # Node 0: 1 thread and 12G free; node 1: 3 threads and 4G free. Threads-first best fit would take
+    # node 0's last thread and strand its 10G; weighing both leaves node 0 for a memory-heavy VM.
+    host = synthetic_host(nodes=2, cores_per_node=4, threads_per_core=1, memory_per_node=16 * GiB)
+    allocs = [
+        Allocation(name="x", vcpus=3, memory=4 * GiB, pinned=(0, 1, 2), numa_nodes=(0,)),
+        Allocation(name="y", vcpus=1, memory=12 * GiB, pinned=(4,), numa_nodes=(1,)),
+    ]
+    a = place(host, allocs, req(cores=1, memory="2G", pinned_cores="auto"), Policy())
+    assert a.numa_nodes == (1,)
+    # Hugepages count as the node's memory too. Node 0: 7G general free, no pages; node 1: 5G general
+    # and 8G of pages free. General-memory best fit alone would take node 1.
+    host = synthetic_host(
+        nodes=2, cores_per_node=4, threads_per_core=1, memory_per_node=16 * GiB, hugepages={"2M": 4096}
+    )
+    allocs = [
+        Allocation(name="x", vcpus=2, memory=GiB, pinned=(0, 1), numa_nodes=(0,)),
+        Allocation(name="h", vcpus=1, memory=8 * GiB, numa_nodes=(0,), hugepages=HugepageAllocation("2M", {0: 4096})),
+        Allocation(name="y", vcpus=2, memory=3 * GiB, pinned=(4, 5), numa_nodes=(1,)),
+    ]
+    b = place(host, allocs, req(cores=2, memory="4G", pinned_cores="auto"), Policy())
+    assert b.numa_nodes == (0,)  # node 1 would keep 9G with no thread free
 
 
 def test_unpinned_hugepage_vm_is_numa_placed_and_counts_as_shared():
@@ -430,9 +452,13 @@ def test_compute_usage_matches_what_was_placed_and_serialises():
     assert isinstance(usage, HostUsage)
     d = usage.to_dict()
     n0 = d["nodes"][0]
-    assert n0["pinned"] == {"0": "vm0", "4": "vm0", "1": "vm1"}
+    n1 = d["nodes"][1]
+    assert n0["pinned"] == {"0": "vm0", "4": "vm0"}
+    # vm1 goes to node 1: on node 0 it would leave 1 thread free to 6.5G of memory (rule 4's fit measure).
+    assert n1["pinned"] == {"2": "vm1"}
     assert n0["hugepages"]["2M"] == {"total": 512, "used": 256, "free": 256}
-    assert n0["memory_bound"] == GiB and n0["vms"] == ["vm0", "vm1"]
+    assert n0["memory_bound"] == 0 and n0["vms"] == ["vm0"]
+    assert n1["memory_bound"] == GiB and n1["vms"] == ["vm1"]
     assert d["shared_vcpus"] == {"used": 2, "capacity": 5, "free": 3}
     assert d["memory"]["used"] == 2 * GiB
     assert d["vms"] == 3

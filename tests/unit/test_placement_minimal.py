@@ -268,12 +268,16 @@ def test_remainders_that_need_a_node_holding_both_move_to_more_nodes():
     assert oracle(host, allocs, r, Policy(cpu_overcommit_ratio=4.0)) == ("1G", 4)
 
 
-def test_high_shares_go_to_the_tightest_node_that_holds_them():
-    # 2 nodes x 4 threads: node 0 has 3 free, node 1 has 4. 5 vCPUs over 2: the 3 goes to node 0,
-    # leaving node 1 a 2-thread hole instead of two 1-thread holes.
+def test_high_shares_go_to_the_node_the_fit_measure_prefers():
+    # 2 nodes x 4 threads, 8G each: node 0 has 3 threads and 7G free, node 1 has 4 and 8G. 5 vCPUs over 2:
+    # the 3 goes to node 1; on node 0 it would take every thread and strand its 6.5G (rule 4's fit measure).
     host = synthetic_host(nodes=2, cores_per_node=4, threads_per_core=1, memory_per_node=8 * GiB)
     a = place(host, [pin("a", (0,), 0)], VmRequest(cores=5, memory=GiB, pinned_cores="auto"), Policy())
-    assert {n: c for n, (c, _) in shares(a).items()} == {0: 3, 1: 2}
+    assert {n: c for n, (c, _) in shares(a).items()} == {0: 2, 1: 3}
+    # With node 0's memory in proportion to its threads (3 of 4 free), it takes the 3: nothing is stranded.
+    heavy = Allocation(name="a", vcpus=1, memory=2 * GiB, pinned=(0,), numa_nodes=(0,))
+    b = place(host, [heavy], VmRequest(cores=5, memory=2 * GiB, pinned_cores="auto"), Policy())
+    assert {n: c for n, (c, _) in shares(b).items()} == {0: 3, 1: 2}
 
 
 def test_sriov_local_node_is_in_the_fewest_node_set_even_when_it_takes_only_low_shares():
