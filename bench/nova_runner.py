@@ -1,7 +1,7 @@
-"""The Nova side of the benchmarks (runs in bench/.nova-venv): latency cases and the churn workload.
+"""The Nova side of the benchmarks (runs in bench/.nova-venv): latency cases and the packing streams.
 
-Reads the same JSON files our side reads (cases.json from placement_bench.py, churn_workload.json
-from churn.py) and writes its timings/outcomes next to ours. Every call to Nova's
+Reads the same JSON files our side reads (cases.json from placement_bench.py, packing_workload.json
+from packing.py) and writes its timings/outcomes next to ours. Every call to Nova's
 `numa_fit_instance_to_host` runs under a time limit (an interval timer); a call that does not
 finish is recorded as a timeout and reported as "> limit".
 """
@@ -259,19 +259,11 @@ def packing(workload: Path, out: Path, limit: float) -> None:
     out.write_text(json.dumps(res, indent=1))
 
 
-def churn(workload: Path, out: Path, limit: float) -> None:
-    w = json.loads(workload.read_text())
-    res = {m: churn_mode(w, m, limit) for m in ("split", "legacy")}
-    for m, r in res.items():
-        print(f"  churn nova ({m}): accepted {r['accepted']}/{r['arrivals']}", file=sys.stderr)
-    out.write_text(json.dumps(res))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("command", choices=("latency", "churn", "packing"))
+    ap.add_argument("command", choices=("latency", "packing"))
     ap.add_argument("--cases", type=Path, default=RESULTS / "cases.json")
-    ap.add_argument("--workload", type=Path, default=RESULTS / "churn_workload.json")
+    ap.add_argument("--workload", type=Path, default=RESULTS / "packing_workload.json")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per shape at most (after the first call)")
@@ -279,10 +271,8 @@ def main() -> None:
     a = ap.parse_args()
     if a.command == "latency":
         latency(a.cases, a.out or RESULTS / "nova_latency.json", a.reps, a.budget, a.limit)
-    elif a.command == "packing":
-        packing(RESULTS / "packing_workload.json", a.out or RESULTS / "nova_packing.json", a.limit)
     else:
-        churn(a.workload, a.out or RESULTS / "nova_churn.json", a.limit)
+        packing(a.workload, a.out or RESULTS / "nova_packing.json", a.limit)
 
 
 if __name__ == "__main__":
