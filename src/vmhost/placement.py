@@ -673,6 +673,14 @@ class _Need:
     size: str | None  # hugepage size, None for general memory
     amount: int  # pages (hugepages) or bytes (general memory)
     unit: int  # split granularity of `amount`
+    nodes: int | None = None  # exactly this many nodes (the request's numa_nodes); None: the fewest
+
+    def spans(self, n_nodes: int) -> range:
+        """The node counts to try, fewest first: each guest cell needs a vCPU and a unit of memory."""
+        top = min(n_nodes, self.vcpus, self.amount // self.unit)
+        if self.nodes is not None:
+            return range(self.nodes, self.nodes + 1) if self.nodes <= top else range(0)
+        return range(1, top + 1)
 
 
 def _node_free(st: _State, need: _Need) -> list[_NodeFree]:
@@ -783,7 +791,7 @@ def _choose(
     """
     sriov = [f for f in ifaces if f.type == "sriov"]
     # Every guest cell needs at least one vCPU and one unit of memory (a page): never a cell with nothing in it.
-    for k in range(1, min(len(free), need.vcpus, need.amount // need.unit) + 1):
+    for k in need.spans(len(free)):
         cpu = _even(need.vcpus, k)
         amt = _even(need.amount, k, need.unit)
         lo_c, hi_c = cpu[-1], cpu[0]
@@ -837,21 +845,28 @@ def _assign_shares(nodes: list[_NodeFree], shares: list[int], key) -> dict[int, 
     return {n.id: s for n, s in zip(order, shares, strict=True)}
 
 
-def _splits_fit(have: list[int], total: int, k_max: int, unit: int = 1) -> bool:
-    """Whether `total`, split evenly over some k <= k_max nodes, fits the free amounts `have`."""
+def _splits_fit(have: list[int], total: int, ks: Iterable[int], unit: int = 1) -> bool:
+    """Whether `total`, split evenly over some k in `ks` nodes, fits the free amounts `have`."""
     have = sorted(have, reverse=True)
-    return any(
-        all(h >= s for h, s in zip(have, _even(total, k, unit), strict=False))
-        for k in range(1, min(len(have), k_max) + 1)
-    )
+    return any(all(h >= s for h, s in zip(have, _even(total, k, unit), strict=False)) for k in ks if k <= len(have))
 
 
 def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
     """The one-sentence reason no node set worked (rule 7): the first resource short on its own."""
     span = "" if need.vcpus >= len(free) else f" (a {need.vcpus}-vCPU VM spans at most {need.vcpus} nodes)"
-    if need.pin and not _splits_fit([n.threads for n in free], need.vcpus, need.vcpus):
-        return f"pinned cpus: need {need.vcpus}, " + _per_node([(n.id, str(n.threads)) for n in free])
-    if not _splits_fit([n.amount for n in free], need.amount, need.vcpus, need.unit):
+    ks = range(1, need.vcpus + 1)
+    if need.nodes is not None:
+        span = f" (split evenly over numa_nodes={need.nodes})"
+        ks = range(need.nodes, need.nodes + 1)
+        if need.nodes > len(free):
+            return f"numa_nodes {need.nodes}: the host has {len(free)} NUMA node(s)"
+        if need.amount // need.unit < need.nodes:
+            what = f"{need.amount} {need.size} hugepages" if need.size else _size(need.amount)
+            return f"numa_nodes {need.nodes}: {what} cannot be split over {need.nodes} nodes (each cell needs some)"
+    if need.pin and not _splits_fit([n.threads for n in free], need.vcpus, ks):
+        pinned = f"pinned cpus: need {need.vcpus}, " + _per_node([(n.id, str(n.threads)) for n in free])
+        return pinned + (span if need.nodes is not None else "")
+    if not _splits_fit([n.amount for n in free], need.amount, ks, need.unit):
         if need.size:
             have = _per_node([(n.id, str(n.amount)) for n in free])
             return f"hugepages {need.size}: need {need.amount}, {have}{span}"
@@ -864,7 +879,8 @@ def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
     cpus = (lambda n: f"{n.threads} cpus and ") if need.pin else (lambda n: "")
     amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: _size(n.amount))
     have = _per_node([(n.id, cpus(n) + amount(n)) for n in free])
-    return f"no even split over NUMA nodes holds {' and '.join(what)} together; {have}"
+    over = f"{need.nodes} NUMA nodes (numa_nodes)" if need.nodes is not None else "NUMA nodes"
+    return f"no even split over {over} holds {' and '.join(what)} together; {have}"
 
 
 def _max_pin(usage: HostUsage, ratio: float) -> int:
@@ -950,9 +966,9 @@ def _place_bound(
     pin = request.pinned_cores is not None
     if size:
         page = HUGEPAGE_SIZES[size]
-        need = _Need(request.cores, pin, size, request.memory // page, 1)
+        need = _Need(request.cores, pin, size, request.memory // page, 1, request.numa_nodes)
     else:
-        need = _Need(request.cores, pin, None, request.memory, 1024)
+        need = _Need(request.cores, pin, None, request.memory, 1024, request.numa_nodes)
         _check_memory(usage, request.memory, policy)
     if not pin:
         _check_shared(usage, request.cores, policy)
@@ -1001,6 +1017,11 @@ def _place_explicit(
     _check_pin(usage, len(cpus), policy)
     thread_node = host.thread_node
     ids = sorted({thread_node[t] for t in cpus})
+    if need.nodes is not None and len(ids) != need.nodes:
+        raise PlacementError(
+            f"numa_nodes {need.nodes}: pinned cores {format_cpuset(cpus)} are on {len(ids)} NUMA node(s) "
+            f"({format_cpuset(ids)}); list cpus of exactly {need.nodes} node(s) or leave numa_nodes out"
+        )
     groups = {i: sorted(t for t in cpus if thread_node[t] == i) for i in ids}
     shares = _even(need.amount, len(ids), need.unit)
     free = {nu.node: nu for nu in usage.nodes}

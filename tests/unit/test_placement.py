@@ -194,6 +194,84 @@ def test_fit_keeps_threads_and_memory_of_a_node_in_proportion():
     assert b.numa_nodes == (0,)  # node 1 would keep 9G with no thread free
 
 
+# --- numa_nodes (Nova's hw:numa_nodes): 1 never spans, N takes exactly N nodes ------------------------
+
+
+def test_numa_nodes_1_never_spans_and_says_so():
+    host = synthetic_host(
+        nodes=2, cores_per_node=4, threads_per_core=2, memory_per_node=16 * GiB, hugepages={"2M": 4096}
+    )
+    spanning = req(cores=4, memory="12G", pinned_cores="auto", hugepage_size="2M")
+    assert place(host, [], spanning, Policy()).numa_nodes == (0, 1)  # absent: the fewest nodes, here 2
+    with pytest.raises(PlacementError) as e:
+        place(host, [], replace(spanning, numa_nodes=1), Policy())
+    assert (
+        str(e.value)
+        == "hugepages 2M: need 6144, node 0 has 4096 free, node 1 has 4096 (split evenly over numa_nodes=1)"
+    )
+
+
+def test_numa_nodes_n_takes_exactly_n_nodes_split_evenly_with_matching_cells():
+    host = synthetic_host(nodes=4, cores_per_node=4, threads_per_core=2, memory_per_node=16 * GiB, hugepages={"1G": 8})
+    a = place(host, [], req(cores=6, memory="4G", pinned_cores="auto", hugepage_size="1G", numa_nodes=2), Policy())
+    assert len(a.numa_nodes) == 2 and sorted(a.hugepages.per_node.values()) == [2, 2]
+    assert [len(c.vcpus) for c in a.cells] == [3, 3] and [c.memory for c in a.cells] == [2 * GiB, 2 * GiB]
+    for cell in a.cells:
+        assert {host.thread_node[a.pinned[v]] for v in cell.vcpus} == {cell.node}
+    b = place(host, [], req(cores=5, memory="3G", numa_nodes=3), Policy())  # general memory, not pinned
+    assert len(b.numa_nodes) == 3 and b.pinned is None and b.hugepages is None
+    assert sorted(len(c.vcpus) for c in b.cells) == [1, 2, 2] and sum(c.memory for c in b.cells) == 3 * GiB
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"cores": 8, "pinned_cores": "auto", "numa_nodes": 4}, "numa_nodes 4: the host has 2 NUMA node(s)"),
+        (
+            {"cores": 2, "memory": "1G", "hugepage_size": "1G", "numa_nodes": 2},
+            "numa_nodes 2: 1 1G hugepages cannot be split over 2 nodes (each cell needs some)",
+        ),
+        (
+            {"cores": 2, "pinned_cores": [0, 1], "numa_nodes": 2},
+            "numa_nodes 2: pinned cores 0-1 are on 1 NUMA node(s) (0); list cpus of exactly 2 node(s) "
+            "or leave numa_nodes out",
+        ),
+        (
+            {"cores": 10, "pinned_cores": "auto", "numa_nodes": 1},
+            "pinned cpus: need 10, node 0 has 8 free, node 1 has 8 (split evenly over numa_nodes=1)",
+        ),
+    ],
+)
+def test_numa_nodes_refusals_name_the_constraint(request_, message):
+    host = synthetic_host(nodes=2, cores_per_node=4, threads_per_core=2, memory_per_node=16 * GiB, hugepages={"1G": 1})
+    with pytest.raises(PlacementError) as e:
+        place(host, [], req(**request_), Policy())
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "numa_nodes 0 must be a whole number from 1 to 64 (1: never span)"),
+        (65, "numa_nodes 65 must be a whole number from 1 to 64 (1: never span)"),
+        ("two", "numa_nodes 'two' must be a whole number from 1 to 64 (1: never span)"),
+        (True, "numa_nodes True must be a whole number from 1 to 64 (1: never span)"),
+        (1.5, "numa_nodes 1.5 must be a whole number from 1 to 64 (1: never span)"),
+        (5, "numa_nodes 5 needs at least 5 cores (one per guest NUMA cell); cores is 4"),
+    ],
+)
+def test_numa_nodes_bounds(value, message):
+    with pytest.raises(ParseError) as e:
+        req(cores=4, numa_nodes=value)
+    assert str(e.value) == message
+
+
+def test_numa_nodes_parses_text_round_trips_and_binds_the_vm():
+    r = req(cores=4, numa_nodes=" 2 ")
+    assert r.numa_nodes == 2 and r.numa_bound and VmRequest.from_dict(r.to_dict()) == r
+    assert req(cores=4, numa_nodes="").numa_nodes is None and not req(cores=4).numa_bound
+
+
 def test_unpinned_hugepage_vm_is_numa_placed_and_counts_as_shared():
     host = synthetic_host(nodes=2, cores_per_node=2, memory_per_node=8 * GiB, hugepages=[{"2M": 256}, {"2M": 1024}])
     a = place(host, [], req(cores=2, memory="1G", hugepage_size="2M"), Policy())

@@ -40,7 +40,9 @@ def fits(shares: list[int], have: list[int]) -> bool:
 
 
 def oracle(host: HostTopology, allocs: list[Allocation], r: VmRequest, policy: Policy) -> tuple[str | None, int]:
-    """(hugepage size, fewest nodes) the request can be placed on, or (None, 0) when nothing fits."""
+    """(hugepage size, fewest nodes) the request can be placed on, or (None, 0) when nothing fits.
+
+    With `numa_nodes` set, only that many nodes count (rule 4 as the request narrows it)."""
     usage = compute_usage(host, allocs, policy)
     pin = r.pinned_cores is not None
     if pin:
@@ -62,7 +64,9 @@ def oracle(host: HostTopology, allocs: list[Allocation], r: VmRequest, policy: P
             continue
         amount = r.memory // HUGEPAGE_SIZES[size] if size else r.memory
         unit = 1 if size else 1024
-        for k in range(1, min(len(usage.nodes), r.cores, amount // unit) + 1):
+        top = min(len(usage.nodes), r.cores, amount // unit)
+        ks = range(1, top + 1) if r.numa_nodes is None else [r.numa_nodes] if r.numa_nodes <= top else []
+        for k in ks:
             cpu, amt = even(r.cores, k), even(amount, k, unit)
             for nodes in combinations(usage.nodes, k):
                 if pin and not fits(cpu, [len(n.free_threads) for n in nodes]):
@@ -141,6 +145,8 @@ def bound_requests(draw, host: HostTopology, allocs: list[Allocation], policy: P
         hugepages_backed=kind != "pinned",
         hugepage_size=size,
         name="new",
+        # A third of the requests name their node count (often one that does not fit), like Nova's hw:numa_nodes.
+        numa_nodes=draw(st.one_of(st.none(), st.none(), st.integers(1, len(ids)))),
     )
 
 

@@ -149,6 +149,15 @@ def test_cli_compose_json_prints_the_allocation(fake, capsys):
     assert out["memory"] == GIB
 
 
+def test_cli_numa_nodes_places_on_exactly_that_many_nodes(fake, capsys):
+    argv = ["compose", "--cores", "2", "--memory", "1G", "--pinned-cores", "auto", "--dry-run", "--json"]
+    assert cli.main([*argv, "--numa-nodes", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["numa_nodes"]) == 2 and len(out["cells"]) == 2
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["numa_nodes"]) == 1
+
+
 def test_cli_dry_run_creates_nothing(fake, capsys):
     assert cli.main(["compose", "--cores", "2", "--pinned-cores", "auto", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["vcpus"] == 2
@@ -162,6 +171,8 @@ def test_cli_dry_run_creates_nothing(fake, capsys):
         (["compose", "--pinned-cores", "0-1", "--cores", "3"], "lists 2 CPUs but cores is 3"),
         (["compose", "--hostname", "Bad_Name"], "'Bad_Name' is not a valid host name"),
         (["compose", "--cores", "64", "--pinned-cores", "auto"], "need 64"),
+        (["compose", "--cores", "2", "--numa-nodes", "0"], "numa_nodes '0' must be a whole number from 1 to 64"),
+        (["compose", "--cores", "2", "--numa-nodes", "2", "--memory", "1G", "--hugepage-size", "1G"], "numa_nodes 2"),
         (["decompose", "ghost"], "no VM named 'ghost'"),
     ],
 )
