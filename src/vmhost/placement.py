@@ -4,11 +4,18 @@ Pure and deterministic (no I/O; ties broken by node id, thread id, name). Usage 
 recomputed from the allocations the hypervisor reports (DESIGN.md §3), and placement uses the
 very same `compute_usage` that the resources view shows, so the two can never disagree.
 
+Rule 4's best fit (DESIGN.md §4, reworded by issue 12): among the node sets that hold the VM, split
+evenly over the fewest nodes (or exactly `numa_nodes`), each node is scored by the shares of its
+threads and of its memory (general memory and hugepages of every size together, in bytes) that it
+would have left free: first the node whose two shares end up closest (to the percent), so no node is
+left with threads but no memory or memory but no threads; then the one left fullest. The same score
+gives a spanning VM's larger shares to nodes. SR-IOV locality and not splitting a whole core come first.
+
 Cost (rule 6): nodes are never permuted. For k = 1, 2, ... nodes, counting the nodes that can
 take the low and the high even shares decides exactly whether some k nodes hold the VM, and the
-best-fitting such k are taken in one sorted pass (O(nodes log nodes) per k; see `_choose`). Per-allocation
-contributions are cached by object identity, and the sums over a list of allocations by the
-identities of its members, so 2,000 resident VMs cost a few tuple operations per request.
+best-fitting such k are taken in one sorted pass (O(nodes log nodes) per k; see `_choose`). Summing
+2,000 residents costs about a millisecond; a caller deciding repeatedly passes a `UsageIndex`, which
+counts again only the VMs that changed since its last call.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from vmhost.model import (
 )
 from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, format_size
 
-__all__ = ["HostUsage", "NodeUsage", "PlacementError", "compute_usage", "place"]
+__all__ = ["HostUsage", "NodeUsage", "PlacementError", "UsageIndex", "compute_usage", "place"]
 
 DEFAULT_NAME = "vm"
 # Largest first: fewer, bigger pages mean fewer TLB misses.
@@ -227,94 +234,96 @@ class _Totals:
 
 
 class _State:
-    """Usage of one (host, allocations, policy) plus what placement derives from it, computed once."""
+    """Usage of one (host, totals, policy) plus what placement derives from it, computed once."""
 
-    def __init__(
-        self,
-        host: HostTopology,
-        allocations: tuple[Allocation, ...],
-        policy: Policy,
-        totals: _Totals,
-        by_id: dict[int, Allocation] | None = None,
-    ):
+    def __init__(self, host: HostTopology, policy: Policy, totals: _Totals):
         self.host = host
-        self.allocations = allocations  # also keeps the objects alive, so their ids stay theirs
         self.policy = policy
         self.totals = totals
         self.usage = _compute_usage(host, totals, policy)
         self.node_free: dict[tuple[bool, str | None], list[_NodeFree]] = {}
-        self._by_id: dict[int, Allocation] | None = by_id
-
-    @property
-    def by_id(self) -> dict[int, Allocation]:
-        if self._by_id is None:
-            self._by_id = dict(zip(map(id, self.allocations), self.allocations, strict=True))
-        return self._by_id
-
-    def same(self, host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> bool:
-        mine = self.allocations
-        if self.host is not host or len(mine) != len(allocations) or self.policy != policy:
-            return False
-        if mine and (mine[0] is not allocations[0] or mine[-1] is not allocations[-1]):
-            return False  # fresh objects (re-read from the hypervisor): recompute rather than compare deeply
-        # Element identity short-cuts tuple equality in C; equal-by-value members are equally valid.
-        return mine == (allocations if isinstance(allocations, tuple) else tuple(allocations))
-
-    def derive(self, allocations: tuple[Allocation, ...], by_id: dict[int, Allocation]) -> _Totals | None:
-        """Totals for `allocations` from ours when they differ by a few objects (compose/decompose churn)."""
-        mine = self.by_id
-        if self.totals.conflict or len(by_id) != len(allocations) or len(mine) != len(self.allocations):
-            return None
-        gone = mine.keys() - by_id.keys()
-        new = by_id.keys() - mine.keys()
-        if len(gone) + len(new) > max(8, len(allocations) // 8):
-            return None
-        totals = self.totals.copy()
-        totals.add((mine[i] for i in gone), -1)
-        totals.add(by_id[i] for i in new)
-        return totals
 
 
-# The last few states, newest last: a caller asking again about the same objects (a benchmark, a
-# retry, the resources view after a compose) pays one identity check per allocation.
-_STATES: list[_State] = []
-_STATES_MAX = 4
+class UsageIndex:
+    """Usage of one host kept by VM name and content between decisions: opt-in, owned and passed in by
+    its caller (the service keeps one per VmHost), never module state, so placement stays pure.
+
+    Each call compares the allocations it is given with those it holds, by name: the very object
+    (a parse cache hands back the same object for unchanged metadata) or an equal one costs a lookup,
+    and only the VMs that appeared, changed or went are added to or taken from the totals. Another
+    host or policy, a VM name seen twice or a thread pinned twice rebuilds from scratch.
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Allocation] = {}
+        self._state: _State | None = None
+
+    def state(self, host: HostTopology, allocations: Iterable[Allocation], policy: Policy) -> _State:
+        st = self._state
+        if st is None or st.policy != policy or (host is not st.host and host != st.host):
+            return self._rebuild(host, allocations, policy)
+        by_name = self._by_name
+        gone = by_name.copy()
+        added: list[Allocation] = []
+        removed: list[Allocation] = []
+        for a in allocations:
+            old = gone.pop(a.name, None)
+            if old is a:
+                continue
+            if old is None:
+                if a.name in by_name:  # a name seen twice: no per-name bookkeeping can hold that
+                    return self._rebuild(host, allocations, policy)
+                added.append(a)
+            elif old == a:
+                by_name[a.name] = a  # equal content in a new object: nothing to count
+            else:
+                removed.append(old)
+                added.append(a)
+        removed += gone.values()
+        if not added and not removed:
+            return st
+        if st.totals.conflict:
+            return self._rebuild(host, allocations, policy)
+        totals = st.totals  # the old state is replaced below, so its totals can be updated in place
+        totals.add(removed, -1)
+        totals.add(added)
+        for a in gone.values():
+            del by_name[a.name]
+        for a in added:
+            by_name[a.name] = a
+        self._state = _State(st.host, policy, totals)  # an equal host keeps the object already measured
+        return self._state
+
+    def _rebuild(self, host: HostTopology, allocations: Iterable[Allocation], policy: Policy) -> _State:
+        allocs = list(allocations)
+        by_name = {a.name: a for a in allocs}
+        st = _state(host, allocs, policy, None)
+        # Duplicate names cannot be tracked by name: such a state is used once and never updated.
+        self._by_name, self._state = (by_name, st) if len(by_name) == len(allocs) else ({}, None)
+        return st
 
 
-def _state(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> _State:
-    for i in range(len(_STATES) - 1, -1, -1):
-        if _STATES[i].same(host, allocations, policy):
-            return _STATES[i]
-    allocs = tuple(allocations)
-    by_id = None
-    totals = None
-    for prev in reversed(_STATES):
-        if prev.host is host and prev.policy == policy:
-            old = prev.allocations
-            if not (allocs and old and (allocs[0] is old[0] or allocs[-1] is old[-1])):
-                break  # fresh objects (re-read from the hypervisor): nothing to derive from
-            by_id = dict(zip(map(id, allocs), allocs, strict=True))
-            totals = prev.derive(allocs, by_id)
-            break
-    if totals is None:
-        totals = _Totals()
-        totals.add(allocs)
-    st = _State(host, allocs, policy, totals, by_id)
-    _STATES.append(st)
-    del _STATES[:-_STATES_MAX]
-    return st
+def _state(host: HostTopology, allocations: Iterable[Allocation], policy: Policy, index: UsageIndex | None) -> _State:
+    if index is not None:
+        return index.state(host, allocations, policy)
+    totals = _Totals()
+    totals.add(allocations)
+    return _State(host, policy, totals)
 
 
 def _shared_capacity(free_threads: int, ratio: float) -> int:
     return max(0, math.floor(free_threads * ratio + _EPS))
 
 
-def compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> HostUsage:
+def compute_usage(
+    host: HostTopology, allocations: Iterable[Allocation], policy: Policy, *, index: UsageIndex | None = None
+) -> HostUsage:
     """Capacity and use per NUMA node and host-wide, from the host and every VM on it (ours or not).
 
-    The result is shared between calls with the same inputs: treat it as read-only.
+    With an `index`, only what changed since its last call is counted again (the result is then
+    shared with later calls: treat it as read-only).
     """
-    return _state(host, allocations, policy).usage
+    return _state(host, allocations, policy, index).usage
 
 
 def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
@@ -1068,13 +1077,23 @@ def _hugepage_sizes(request: VmRequest) -> list[str]:
     return sizes
 
 
-def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequest, policy: Policy) -> Allocation:
-    """The allocation for `request` on `host` next to `allocations`, or PlacementError saying what is short."""
+def place(
+    host: HostTopology,
+    allocations: Iterable[Allocation],
+    request: VmRequest,
+    policy: Policy,
+    *,
+    index: UsageIndex | None = None,
+) -> Allocation:
+    """The allocation for `request` on `host` next to `allocations`, or PlacementError saying what is short.
+
+    `index` (optional, the caller's) keeps usage between calls, so only VMs that changed are counted again.
+    """
     if request.cores < 1 or request.memory <= 0:
         raise PlacementError(
             f"a VM needs at least 1 core and some memory; got cores={request.cores}, memory={request.memory}"
         )
-    st = _state(host, allocations, policy)
+    st = _state(host, allocations, policy, index)
     usage = st.usage
     disks = _place_disks(host, request, policy, usage.storage_committed)
     ifaces = _resolve_interfaces(host, request.interfaces, usage.vfs_used)

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests.unit.hosts import GiB, MiB, hosts, policies
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
 from vmhost.parse import HUGEPAGE_SIZES
-from vmhost.placement import PlacementError, compute_usage, place
+from vmhost.placement import PlacementError, UsageIndex, compute_usage, place
 
 SETTINGS = settings(
     max_examples=200,
@@ -263,6 +263,47 @@ def test_rules_hold_over_compose_decompose_sequences(data):
             if a is not None:
                 allocs.append(a)
         check_invariants(host, policy, allocs)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_usage_index_always_agrees_with_counting_from_scratch(data):
+    """The index is updated by name and content: VMs added, removed, changed in place (same name,
+    other resources), re-read as equal new objects, listed in another order, under another policy."""
+    host = data.draw(hosts(max_nodes=8))
+    policy = data.draw(policies(host))
+    index = UsageIndex()
+    allocs: list[Allocation] = []
+    for i in range(data.draw(st.integers(1, 20), label="steps")):
+        op = data.draw(st.sampled_from(["compose", "compose", "decompose", "change", "reread", "shuffle", "policy"]))
+        if op == "decompose" and allocs:
+            allocs.pop(data.draw(st.integers(0, len(allocs) - 1)))
+        elif op == "change" and allocs:
+            j = data.draw(st.integers(0, len(allocs) - 1))
+            a = step_compose(host, policy, allocs[:j] + allocs[j + 1 :], data.draw(requests(host)), allocs[j].name)
+            if a is not None:
+                allocs[j] = a
+        elif op == "reread":
+            allocs = [Allocation.from_dict(a.to_dict()) for a in allocs]
+        elif op == "shuffle":
+            allocs = data.draw(st.permutations(allocs))
+        elif op == "policy":
+            policy = data.draw(policies(host))
+        else:
+            a = step_compose(host, policy, allocs, data.draw(requests(host)), f"vm{i}")
+            if a is not None:
+                allocs.append(a)
+        event(op)
+        assert compute_usage(host, allocs, policy, index=index) == compute_usage(host, allocs, policy)
+        r = data.draw(requests(host))
+        assert outcome(host, allocs, r, policy, index) == outcome(host, allocs, r, policy, None)
+
+
+def outcome(host, allocs, r, policy, index) -> dict | str:
+    try:
+        return place(host, allocs, r, policy, index=index).to_dict()
+    except PlacementError as e:
+        return str(e)
 
 
 @SETTINGS

@@ -51,6 +51,23 @@ def test_second_compose_never_reuses_pinned_threads(host):
     assert set(a.allocation.pinned).isdisjoint(b.allocation.pinned)
 
 
+def test_composes_and_decomposes_keep_the_usage_index_in_step_with_the_hypervisor(host):
+    from dataclasses import replace
+
+    from vmhost.placement import compute_usage
+
+    made = [host.compose(req(cores=2, pinned_cores="auto", name=f"vm-{i}")).name for i in range(3)]
+    host.decompose(made[1])
+    # Changed behind vm-host's back (another tool, a restore): the index sees it on the next read.
+    vm = host.provider.vms["vm-0"]
+    host.provider.vms["vm-0"] = replace(vm, allocation=replace(vm.allocation, pinned=(9, 10)))
+    d = host.compose(req(cores=2, pinned_cores="auto", name="vm-3"))
+    allocations = host.allocations()
+    fresh = compute_usage(host.topology(), allocations, host.policy)
+    assert host._index.state(host.topology(), allocations, host.policy).usage == fresh
+    assert set(d.allocation.pinned).isdisjoint({9, 10, *host.provider.vms["vm-2"].allocation.pinned})
+
+
 def test_explicit_collision_names_the_owner_and_creates_nothing(host):
     first = host.compose(req(cores=1, pinned_cores=[3], name="first"))
     with pytest.raises(PlacementError, match="first"):

@@ -24,8 +24,8 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from vmhost.model import Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
+from vmhost.model import Allocation, Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
     ComposeError,
@@ -132,6 +132,7 @@ class LibvirtProvider:
         self.options = options
         self._conn = None
         self._caps: ET.Element | None = None
+        self._parsed: ParseCache[tuple[Allocation, bool, tuple[str, ...]]] = ParseCache()  # by domain XML
         parts = urlsplit(self.uri)
         # sysfs describes this machine only; a remote host is read through libvirt alone.
         self.local = parts.hostname in (None, "", "localhost") and "+" not in parts.scheme
@@ -250,14 +251,17 @@ class LibvirtProvider:
         return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
 
     def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
-        xml = ET.fromstring(dom.XMLDesc(0))
+        """One domain; its XML is parsed only when it changed since the last read (self._parsed)."""
+        alloc, managed, macs = self._parsed.get(dom.XMLDesc(0), lambda text: self._read(text, host_nodes))
+        return VmInfo(dom.name(), _STATES.get(dom.state()[0], "unknown"), alloc, managed=managed, macs=macs)
+
+    def _read(self, text: str, host_nodes: tuple[int, ...] | None) -> tuple[Allocation, bool, tuple[str, ...]]:
+        xml = ET.fromstring(text)
         meta = read_metadata(xml)
         macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
-        state = _STATES.get(dom.state()[0], "unknown")
         if meta is None:
-            alloc = allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids())
-            return VmInfo(dom.name(), state, alloc, managed=False, macs=macs)
-        return VmInfo(dom.name(), state, meta[0], managed=True, macs=macs)
+            return allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids()), False, macs
+        return meta[0], True, macs
 
     def list_vms(self) -> list[VmInfo]:
         host_nodes = self._node_ids()
@@ -269,6 +273,7 @@ class LibvirtProvider:
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished between list and read
                         raise
+        self._parsed.end_read()
         return sorted(out, key=lambda v: v.name)
 
     # -- compose --------------------------------------------------------------------------------
