@@ -234,13 +234,20 @@ class _Totals:
 
 
 class _State:
-    """Usage of one (host, totals, policy) plus what placement derives from it, computed once."""
+    """Usage of one (host, totals, policy) plus what placement derives from it, computed once.
 
-    def __init__(self, host: HostTopology, policy: Policy, totals: _Totals):
+    `prev` and `touched`: a state these totals were updated from, and the nodes the update touched;
+    what the others had (their NodeUsage, their free cores and amounts) is taken over unchanged.
+    """
+
+    def __init__(
+        self, host: HostTopology, policy: Policy, totals: _Totals, prev: _State | None = None, touched=frozenset()
+    ):
         self.host = host
         self.policy = policy
         self.totals = totals
-        self.usage = _compute_usage(host, totals, policy)
+        self.prev, self.touched = prev, touched
+        self.usage = _compute_usage(host, totals, policy, prev.usage if prev else None, touched)
         self.node_free: dict[tuple[bool, str | None], list[_NodeFree]] = {}
 
 
@@ -256,12 +263,17 @@ class UsageIndex:
 
     def __init__(self) -> None:
         self._by_name: dict[str, Allocation] = {}
+        self._seq: tuple[Allocation, ...] = ()  # the allocations of the last call, as given
         self._state: _State | None = None
 
     def state(self, host: HostTopology, allocations: Iterable[Allocation], policy: Policy) -> _State:
+        allocations = allocations if isinstance(allocations, tuple) else tuple(allocations)
         st = self._state
         if st is None or st.policy != policy or (host is not st.host and host != st.host):
             return self._rebuild(host, allocations, policy)
+        if allocations == self._seq:  # the same objects again: one identity test each, in C
+            return st
+        self._seq = allocations
         by_name = self._by_name
         gone = by_name.copy()
         added: list[Allocation] = []
@@ -291,16 +303,33 @@ class UsageIndex:
             del by_name[a.name]
         for a in added:
             by_name[a.name] = a
-        self._state = _State(st.host, policy, totals)  # an equal host keeps the object already measured
+        touched = _nodes_of(st.host, (*removed, *added))
+        st.prev = None  # the chain is one state long: its node tables are taken over, not kept
+        # An equal host keeps the object already measured (its derived tables are cached on it).
+        self._state = _State(st.host, policy, totals, st, touched)
         return self._state
 
-    def _rebuild(self, host: HostTopology, allocations: Iterable[Allocation], policy: Policy) -> _State:
-        allocs = list(allocations)
-        by_name = {a.name: a for a in allocs}
-        st = _state(host, allocs, policy, None)
+    def _rebuild(self, host: HostTopology, allocations: tuple[Allocation, ...], policy: Policy) -> _State:
+        by_name = {a.name: a for a in allocations}
+        st = _state(host, allocations, policy, None)
         # Duplicate names cannot be tracked by name: such a state is used once and never updated.
-        self._by_name, self._state = (by_name, st) if len(by_name) == len(allocs) else ({}, None)
+        ok = len(by_name) == len(allocations)
+        self._by_name, self._seq, self._state = (by_name, allocations, st) if ok else ({}, (), None)
         return st
+
+
+def _nodes_of(host: HostTopology, allocations: Iterable[Allocation]) -> frozenset[int]:
+    """The NUMA nodes whose use these allocations change (none for floating VMs)."""
+    out: set[int] = set()
+    thread_node = host.thread_node
+    for a in allocations:
+        out.update(a.numa_nodes)
+        out.update(c.node for c in a.cells)
+        if a.hugepages is not None:
+            out.update(a.hugepages.per_node)
+        if a.pinned is not None:
+            out.update(thread_node.get(t, -1) for t in a.pinned)
+    return frozenset(out)
 
 
 def _state(host: HostTopology, allocations: Iterable[Allocation], policy: Policy, index: UsageIndex | None) -> _State:
@@ -326,7 +355,9 @@ def compute_usage(
     return _state(host, allocations, policy, index).usage
 
 
-def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
+def _compute_usage(
+    host: HostTopology, t: _Totals, policy: Policy, prev: HostUsage | None = None, touched=frozenset()
+) -> HostUsage:
     reserved = set(policy.reserved_cores)
     thread_node = host.thread_node
     node_threads = host.node_threads
@@ -343,6 +374,10 @@ def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
     nodes = []
     free_total = 0
     for i, node in enumerate(host.nodes):
+        if prev is not None and node.id not in touched:
+            nodes.append(prev.nodes[i])
+            free_total += len(prev.nodes[i].free_threads)
+            continue
         threads = node_threads[node.id]
         pinned = dict(sorted(node_pinned.get(node.id, {}).items()))
         if reserved:
@@ -697,14 +732,21 @@ def _node_free(st: _State, need: _Need) -> list[_NodeFree]:
     key = (need.pin, need.size)
     got = st.node_free.get(key)
     if got is None:
-        got = st.node_free[key] = _node_free_uncached(st.host, st.usage, need)
+        old = st.prev.node_free.get(key) if st.prev is not None else None
+        got = st.node_free[key] = _node_free_uncached(st.host, st.usage, need, old, st.touched)
     return got
 
 
-def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> list[_NodeFree]:
+def _node_free_uncached(
+    host: HostTopology, usage: HostUsage, need: _Need, old: list[_NodeFree] | None = None, touched=frozenset()
+) -> list[_NodeFree]:
+    """`old`: the same table of a previous state, taken over for the nodes not `touched` since."""
     out = []
     unit_bytes = HUGEPAGE_SIZES[need.size] if need.size else 1
-    for node, nu in zip(host.nodes, usage.nodes, strict=False):
+    for i, (node, nu) in enumerate(zip(host.nodes, usage.nodes, strict=False)):
+        if old is not None and node.id not in touched:
+            out.append(old[i])
+            continue
         whole: list[tuple[int, ...]] = []
         lone: list[int] = []
         if need.pin:
