@@ -154,8 +154,10 @@ def run(path: Path, out: Path, reps: int, budget: float) -> None:
         residents = [cache.get(t, _parse) for t in texts]  # what the service holds after its first read
         # From scratch (no index), for reference: 5 fresh parses of the residents, as without any cache.
         copies = [[_parse(t) for t in texts] for _ in range(5)]
-        # Cold: each call's read differs from the index's last by one VM (composed or gone in between).
-        reads = [tuple(residents), tuple(residents[:-1])] if residents else [(), ()]
+        # Cold: each call's read differs from the index's last by one VM (composed or gone in between),
+        # a pinned one when there is one, so a node's tables must be recomputed too.
+        bound = [i for i, a in enumerate(residents) if a.pinned is not None] or [len(residents) - 1]
+        reads = [tuple(residents), tuple(residents[: bound[-1]] + residents[bound[-1] + 1 :])]
         rr = reread(texts, cache, 20) if texts else None
         for r in case["requests"]:
             req = VmRequest.from_dict({k: v for k, v in r.items() if k not in ("span", "feasible")} | {"name": "new"})
