@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import ops
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 # The unique Charmhub library identifier, never change it
 LIBID = "a8d68aaefd7f4dfcb59dbe522068f833"
@@ -176,18 +176,12 @@ class VmRequestSpec(BaseModel):
     user_data: str | None = Field(None, max_length=MAX_USER_DATA, repr=False)
     tags: list[str] | None = Field(None, max_length=MAX_TAGS)
 
-    @field_validator("cores", mode="before")
+    @field_validator("cores", "numa_nodes", mode="before")
     @classmethod
-    def _whole(cls, v: Any) -> Any:
+    def _whole(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
-            raise ValueError(f"must be a whole number from 1 to {MAX_CORES}")
-        return v
-
-    @field_validator("numa_nodes", mode="before")
-    @classmethod
-    def _nodes(cls, v: Any) -> Any:
-        if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
-            raise ValueError(f"must be a whole number from 1 to {MAX_NUMA_NODES}")
+            top = MAX_NUMA_NODES if info.field_name == "numa_nodes" else MAX_CORES
+            raise ValueError(f"must be a whole number from 1 to {top}")
         return v
 
     @field_validator("memory", mode="before")
