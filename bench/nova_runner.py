@@ -185,7 +185,8 @@ def churn_mode(w: dict, mode: str, limit: float, small: bool = False) -> dict:
             {"pinned_threads": u["pinned_threads"], "hugepages_2M": u["hugepages"].get("2M", 0), "live": len(live)}
         )
         if small:
-            states.append(pm.state_figures(_with_reserved(na.node_states(host), hd, reserved)))
+            # Threads of the shared set count as free: unpinned, as vmhost counts its unpinned threads.
+            states.append(pm.state_figures(na.node_states(host)))
     return {
         "engine": "nova",
         "mode": mode,
@@ -199,17 +200,6 @@ def churn_mode(w: dict, mode: str, limit: float, small: bool = False) -> dict:
         "steps": steps,
         "figures": pm.mean_figures(states),
     }
-
-
-def _with_reserved(states: list[dict], hd: dict, reserved: set[int]) -> list[dict]:
-    """Threads in neither of Nova's sets but not reserved (the shared half) are free for the figures:
-    vmhost may pin any unreserved thread, so both engines are scored against the same capacity."""
-    for st, n in zip(states, hd["nodes"], strict=True):
-        threads = {t for c in n["cores"] for t in c["threads"]} - reserved
-        extra = len(threads) - st["thread_cap"]
-        st["thread_cap"] += extra
-        st["free_threads"] += extra
-    return states
 
 
 def fill(host_dict: dict, requests: list[dict], limit: float) -> dict:
