@@ -164,14 +164,6 @@ class _Totals:
         self.count = 0
         self.conflict = False  # two VMs pin one thread (only VMs made by others can): no removal then
 
-    def copy(self) -> _Totals:
-        t = _Totals()
-        t.pinned, t.node_memory, t.pages = dict(self.pinned), dict(self.node_memory), dict(self.pages)
-        t.node_vms = {n: list(v) for n, v in self.node_vms.items()}
-        t.vfs, t.disks = dict(self.vfs), dict(self.disks)
-        t.shared, t.memory, t.count, t.conflict = self.shared, self.memory, self.count, self.conflict
-        return t
-
     def add(self, allocations: Iterable[Allocation], sign: int = 1) -> None:
         """One pass; floating VMs (the many) take the short path. sign=-1 removes."""
         pinned, node_memory, pages, node_vms = self.pinned, self.node_memory, self.pages, self.node_vms
