@@ -197,6 +197,7 @@ def packing_section(ours: dict | None, nova: dict | None, exact: dict | None) ->
             f"| {label} | {f['accepted'] / f['arrivals']:.1%} | {f['thread_use']:.3f} | {f['hugepage_use']:.3f} | "
             f"{f['general_use']:.3f} | {f['stranded_threads']:.2f} | {f['stranded_memory_gib']:.1f} GiB | {viol} |"
         )
+    lines += ["", "![utilisation per seed, vmhost against Nova](bench/results/packing.png)"]
     return lines, out
 
 
