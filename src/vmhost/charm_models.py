@@ -303,6 +303,7 @@ class ComposeParams(BaseModel):
     pinned_cores: Text | None = None
     hugepages_backed: bool = False
     hugepage_size: str | None = Field(None, max_length=16)
+    numa_nodes: int | None = None  # bounds (1-64, at most cores) are VmRequest's, one rule for every caller
     storage: Text | None = None
     interfaces: Text | None = None
     hostname: Text | None = None
@@ -331,6 +332,7 @@ class ComposeParams(BaseModel):
             "pinned_cores": self.pinned_cores,
             "hugepages_backed": self.hugepages_backed,
             "hugepage_size": self.hugepage_size,
+            "numa_nodes": self.numa_nodes,
             "storage": self.storage,
             "interfaces": self.interfaces,
             "name": self.hostname,

@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pinned-cores", help="auto, or host CPUs such as 2,3 or 4-7")
     c.add_argument("--hugepages-backed", action="store_true")
     c.add_argument("--hugepage-size", help="2M or 1G")
+    c.add_argument("--numa-nodes", help="exactly this many NUMA nodes, 1 to never span (default: the fewest)")
     c.add_argument("--storage", help="MAAS storage, e.g. root:20(ssd),data:100")
     c.add_argument("--interfaces", help="MAAS interfaces, e.g. eth0:space=public;eth1:subnet=10.20.0.0/24")
     c.add_argument("--hostname", help="VM name and guest hostname (default: generated)")
@@ -170,6 +171,7 @@ def _request(args: argparse.Namespace) -> VmRequest:
             "pinned_cores": args.pinned_cores,
             "hugepages_backed": args.hugepages_backed,
             "hugepage_size": args.hugepage_size,
+            "numa_nodes": args.numa_nodes,
             "storage": args.storage,
             "interfaces": args.interfaces,
             "name": args.hostname,

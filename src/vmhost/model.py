@@ -248,6 +248,7 @@ class VmRequest:
     name: str | None = None
     pool: str | None = None
     owner: str | None = None
+    numa_nodes: int | None = None  # exactly this many NUMA nodes (1: never span); None: the fewest that hold it
 
     @classmethod
     def from_dict(cls, d: dict) -> VmRequest:
@@ -271,6 +272,7 @@ class VmRequest:
                     f"pinned_cores {clip(d.get('pinned_cores'))} lists {len(pinned)} CPUs but cores is {cores}; "
                     "list one CPU per core"
                 )
+        numa_nodes = _numa_nodes(d.get("numa_nodes"), cores)
         hp_size = d.get("hugepage_size")
         hp_size = parse_hugepage_size(hp_size) if hp_size not in (None, "") else None
         backed = bool(d.get("hugepages_backed", False)) or hp_size is not None
@@ -299,6 +301,7 @@ class VmRequest:
             name=parse_vm_name(d["name"]) if d.get("name") else None,
             pool=pool,
             owner=d.get("owner") or None,
+            numa_nodes=numa_nodes,
         )
 
     def to_dict(self) -> dict:
@@ -313,12 +316,30 @@ class VmRequest:
             "name": self.name,
             "pool": self.pool,
             "owner": self.owner,
+            "numa_nodes": self.numa_nodes,
         }
 
     @property
     def numa_bound(self) -> bool:
-        """Pinned or hugepage VMs are placed on NUMA nodes (rule 4); others float."""
-        return self.pinned_cores is not None or self.hugepages_backed
+        """Pinned, hugepage and `numa_nodes` VMs are placed on NUMA nodes (rule 4); others float."""
+        return self.pinned_cores is not None or self.hugepages_backed or self.numa_nodes is not None
+
+
+MAX_NUMA_NODES = 64  # more than any host vm-host runs on has; the host's own node count is checked at placement
+
+
+def _numa_nodes(value: object, cores: int) -> int | None:
+    """`numa_nodes` (Nova's hw:numa_nodes): absent or empty for the fewest nodes, else a whole number of nodes."""
+    if value is None or value == "":
+        return None
+    n = value
+    if isinstance(n, str) and re.fullmatch(r"\s*[0-9]{1,3}\s*", n):
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NUMA_NODES:
+        raise ParseError(f"numa_nodes {value!r} must be a whole number from 1 to {MAX_NUMA_NODES} (1: never span)")
+    if n > cores:
+        raise ParseError(f"numa_nodes {n} needs at least {n} cores (one per guest NUMA cell); cores is {cores}")
+    return n
 
 
 # Overcommit ratios an operator may set (README "Limits"): finite, and far enough from 0 and from

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Generic, TypeVar
 
 __all__ = [
     "DiskSpec",
     "InterfaceSpec",
+    "ParseCache",
     "ParseError",
     "format_cpuset",
     "format_size",
@@ -420,3 +423,30 @@ def _check_iface_value(label: str, key: str, val: str):
     if not _LABEL_RE.fullmatch(val):
         raise ParseError(f"space {clip(val)} in {clip(label)} is not a valid space name")
     return val
+
+
+T = TypeVar("T")
+
+
+class ParseCache(Generic[T]):
+    """Values parsed from raw text (a VM's metadata), kept by that text: what did not change between two
+    reads of the hypervisor is not parsed again, and comes back as the very same object (which is what
+    lets a placement.UsageIndex skip it). Owned by its reader (a provider) and passed in explicitly,
+    never module state. `end_read` after each full read forgets what that read did not see.
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[str, T] = {}
+        self._this: dict[str, T] = {}
+
+    def get(self, text: str, parse: Callable[[str], T]) -> T:
+        value = self._this.get(text)
+        if value is None:
+            value = self._last.get(text)
+            if value is None:
+                value = parse(text)
+            self._this[text] = value
+        return value
+
+    def end_read(self) -> None:
+        self._last, self._this = self._this, {}

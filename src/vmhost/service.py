@@ -1,8 +1,10 @@
 """The use cases the `vmhost` command and the charm share.
 
 Plan and compose happen under one host-wide file lock, so two processes composing at once can never
-be handed the same threads or pages. Every call recomputes usage from what the hypervisor reports
-(DESIGN.md §3): there is no side state to drift.
+be handed the same threads or pages. Every call reads usage from what the hypervisor reports
+(DESIGN.md §3): there is no side state to drift. Under the lock, a usage index (placement.UsageIndex,
+one per VmHost) counts again only the VMs whose allocation changed since the last compose or decompose
+of this VmHost, and the provider's parse cache hands back unchanged allocations without parsing them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
@@ -28,6 +31,9 @@ from vmhost.providers.base import (
     fault_point,
 )
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
+
+if TYPE_CHECKING:
+    from vmhost.placement import UsageIndex
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +87,17 @@ class VmHost:
                 raise
             yield
 
+    # Used only under the host lock (compose, decompose): threads sharing a VmHost never race on it.
+    _usage_index: UsageIndex | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def _index(self) -> UsageIndex:
+        if self._usage_index is None:
+            from vmhost.placement import UsageIndex
+
+            self._usage_index = UsageIndex()
+        return self._usage_index
+
     def topology(self) -> HostTopology:
         return self.provider.discover()
 
@@ -97,14 +114,16 @@ class VmHost:
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
+        return self._plan(request, *(snapshot or self._snapshot()), None)
+
+    def _plan(self, request: VmRequest, host: HostTopology, vms: list[VmInfo], index: UsageIndex | None) -> Allocation:
         from vmhost.placement import place
 
-        host, vms = snapshot or self._snapshot()
         if request.name is None:
             request = replace(request, name=new_vm_name({v.name for v in vms}))
         elif any(v.name == request.name for v in vms):
             raise ValueError(f"a VM named {request.name!r} already exists on this host; choose another name")
-        return place(host, [v.allocation for v in vms], request, self.policy)
+        return place(host, [v.allocation for v in vms], request, self.policy, index=index)
 
     def compose(
         self,
@@ -127,14 +146,14 @@ class VmHost:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
         with self._locked():
             host, vms = self._snapshot()
-            allocation = self.plan(request, (host, vms))
+            allocation = self._plan(request, host, vms, self._index)
             if cloud_init is None and boot == "image":
                 # An image boots with its name as hostname and its static addresses, generated name or not.
                 cloud_init = CloudInit(hostname=allocation.name)
             if accept is not None and (reason := accept(allocation, host)):
                 raise Refused(reason)
             allocations = [v.allocation for v in vms]
-            shared = self._shared_threads(host, allocations)
+            shared = self._shared_threads(host, allocations, self._index)
             plan = ComposePlan(
                 allocation=allocation,
                 start=start,
@@ -148,7 +167,7 @@ class VmHost:
             # Rule 1: floating VMs leave the new VM's threads before it can start on them, and get them
             # back if the compose fails (placement already left the shared capacity they need).
             try:
-                self._confine(self._shared_threads(host, [*allocations, allocation]))
+                self._confine(self._shared_threads(host, [*allocations, allocation], self._index))
                 fault_point("provider compose")
                 return self.provider.compose(plan)
             except BaseException:
@@ -178,7 +197,7 @@ class VmHost:
             try:
                 rest = [v.allocation for v in vms if v.name != name]
                 fault_point("widen floating VMs")
-                self._confine(self._shared_threads(host, rest))
+                self._confine(self._shared_threads(host, rest, self._index))
             except Exception as e:
                 log.warning("could not give floating VMs the threads of %s back: %s", name, e)
 
@@ -191,11 +210,13 @@ class VmHost:
         host, vms = self._snapshot()
         return self._shared_threads(host, [v.allocation for v in vms])
 
-    def _shared_threads(self, host: HostTopology, allocations: list[Allocation]) -> tuple[int, ...]:
+    def _shared_threads(
+        self, host: HostTopology, allocations: list[Allocation], index: UsageIndex | None = None
+    ) -> tuple[int, ...]:
         """Online threads neither reserved nor pinned: where floating VMs may run."""
         from vmhost.placement import compute_usage
 
-        usage = compute_usage(host, allocations, self.policy)
+        usage = compute_usage(host, allocations, self.policy, index=index)
         return tuple(sorted(t for node in usage.nodes for t in node.free_threads))
 
     def start(self, name: str) -> None:

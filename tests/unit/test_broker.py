@@ -70,6 +70,13 @@ def test_request_is_named_owned_and_mapped_onto_the_space_bridge():
     assert acc.boot == "network"
 
 
+def test_numa_nodes_reach_the_request_and_are_bounded_by_cores():
+    (d,) = broker.evaluate([rel(spec("a", cores=4, numa_nodes=2))], Settings(), {})
+    assert d.accepted.request.numa_nodes == 2
+    (d,) = broker.evaluate([rel(spec("a", cores=1, numa_nodes=2))], Settings(), {})
+    assert d.accepted is None and "numa_nodes 2 needs at least 2 cores" in d.rejected
+
+
 def test_image_requests_boot_from_the_image():
     (d,) = broker.evaluate([rel(spec("a", image="noble"))], Settings(), {})
     assert d.accepted.boot == "image" and d.accepted.image == "noble"

@@ -22,6 +22,7 @@ from vmhost.charm_models import (
     vm_results,
 )
 from vmhost.model import Policy, VmRequest
+from vmhost.parse import ParseError
 
 
 def test_defaults_are_a_working_lxd_host():
@@ -116,6 +117,13 @@ def test_compose_params_map_to_a_vm_request():
     assert (req.name, req.pool) == ("web-1", "tenant-a")
     assert req.storage[0].label == "root" and req.storage[0].tags == ("ssd",)
     assert req.interfaces[0].space == ("public",)
+
+
+def test_compose_params_numa_nodes_reach_the_request_with_its_bounds():
+    assert VmRequest.from_dict(ComposeParams(cores=4, numa_nodes=2).request_dict()).numa_nodes == 2
+    assert VmRequest.from_dict(ComposeParams(cores=4).request_dict()).numa_nodes is None
+    with pytest.raises(ParseError, match="numa_nodes 3 needs at least 3 cores"):
+        VmRequest.from_dict(ComposeParams(cores=2, numa_nodes=3).request_dict())
 
 
 def test_compose_params_refuse_bad_hostname_and_cores():

@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.parse import ParseCache
 from vmhost.providers import lxd_config as cfg
 from vmhost.providers.base import CloudInit, ComposePlan
 
@@ -227,6 +228,17 @@ def test_our_allocation_round_trips_through_the_config():
     back = cfg.allocation_from_config("vm-1", body["config"], body["devices"])
     assert back == a
     assert back.other is False
+
+
+def test_an_unchanged_allocation_is_not_parsed_again_and_keeps_its_object():
+    a = alloc(vcpus=2, nics=(NicAllocation("eth0", "bridge", "br0", mac="52:54:00:00:00:01"),))
+    config = cfg.instance_body(ComposePlan(a), profile="default")["config"]
+    cache = ParseCache()
+    first = cfg.allocation_from_config("vm-1", config, cache=cache)
+    again = cfg.allocation_from_config("vm-1", {k: "".join(v) for k, v in config.items()}, cache=cache)
+    assert again is first and first == a
+    assert cfg.with_macs(first, {"eth0": "52:54:00:00:00:01"}) is first  # nothing new: the same object
+    assert cfg.with_macs(first, {"eth0": "52:54:00:00:00:02"}).nics[0].mac == "52:54:00:00:00:02"
 
 
 def test_a_vm_made_by_others_is_counted_from_its_own_limits():

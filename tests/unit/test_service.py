@@ -51,6 +51,23 @@ def test_second_compose_never_reuses_pinned_threads(host):
     assert set(a.allocation.pinned).isdisjoint(b.allocation.pinned)
 
 
+def test_composes_and_decomposes_keep_the_usage_index_in_step_with_the_hypervisor(host):
+    from dataclasses import replace
+
+    from vmhost.placement import compute_usage
+
+    made = [host.compose(req(cores=2, pinned_cores="auto", name=f"vm-{i}")).name for i in range(3)]
+    host.decompose(made[1])
+    # Changed behind vm-host's back (another tool, a restore): the index sees it on the next read.
+    vm = host.provider.vms["vm-0"]
+    host.provider.vms["vm-0"] = replace(vm, allocation=replace(vm.allocation, pinned=(9, 10)))
+    d = host.compose(req(cores=2, pinned_cores="auto", name="vm-3"))
+    allocations = host.allocations()
+    fresh = compute_usage(host.topology(), allocations, host.policy)
+    assert host._index.state(host.topology(), allocations, host.policy).usage == fresh
+    assert set(d.allocation.pinned).isdisjoint({9, 10, *host.provider.vms["vm-2"].allocation.pinned})
+
+
 def test_explicit_collision_names_the_owner_and_creates_nothing(host):
     first = host.compose(req(cores=1, pinned_cores=[3], name="first"))
     with pytest.raises(PlacementError, match="first"):
@@ -149,6 +166,15 @@ def test_cli_compose_json_prints_the_allocation(fake, capsys):
     assert out["memory"] == GIB
 
 
+def test_cli_numa_nodes_places_on_exactly_that_many_nodes(fake, capsys):
+    argv = ["compose", "--cores", "2", "--memory", "1G", "--pinned-cores", "auto", "--dry-run", "--json"]
+    assert cli.main([*argv, "--numa-nodes", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["numa_nodes"]) == 2 and len(out["cells"]) == 2
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["numa_nodes"]) == 1
+
+
 def test_cli_dry_run_creates_nothing(fake, capsys):
     assert cli.main(["compose", "--cores", "2", "--pinned-cores", "auto", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["vcpus"] == 2
@@ -162,6 +188,8 @@ def test_cli_dry_run_creates_nothing(fake, capsys):
         (["compose", "--pinned-cores", "0-1", "--cores", "3"], "lists 2 CPUs but cores is 3"),
         (["compose", "--hostname", "Bad_Name"], "'Bad_Name' is not a valid host name"),
         (["compose", "--cores", "64", "--pinned-cores", "auto"], "need 64"),
+        (["compose", "--cores", "2", "--numa-nodes", "0"], "numa_nodes '0' must be a whole number from 1 to 64"),
+        (["compose", "--cores", "2", "--numa-nodes", "2", "--memory", "1G", "--hugepage-size", "1G"], "numa_nodes 2"),
         (["decompose", "ghost"], "no VM named 'ghost'"),
     ],
 )

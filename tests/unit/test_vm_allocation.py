@@ -48,6 +48,13 @@ def test_spec_fields_absent_are_none_and_unknown_are_ignored():
     assert s.to_databag() == {"id": "a", "memory": 2 * 1024**3, "pinned_cores": "auto"}
 
 
+@pytest.mark.parametrize("value", [0, 65, "2", True, 1.5])
+def test_spec_numa_nodes_is_a_bounded_whole_number(value):
+    assert VmRequestSpec.model_validate({"id": "a", "numa_nodes": 2}).numa_nodes == 2
+    with pytest.raises(ValidationError, match="numa_nodes"):
+        VmRequestSpec.model_validate({"id": "a", "numa_nodes": value})
+
+
 def test_secrets_stay_out_of_repr_and_errors():
     s = VmRequestSpec(id="a", user_data="password: hunter2", ssh_authorized_keys=[KEY])
     assert "hunter2" not in repr(s) and "AAAAC3" not in repr(s)

@@ -27,8 +27,8 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from vmhost.model import Core, DiskAllocation, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, format_size, human_size, parse_cpuset
+from vmhost.model import Allocation, Core, DiskAllocation, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, format_size, human_size, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
     ComposeError,
@@ -209,6 +209,7 @@ class LibvirtProvider:
         self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
         self._caps: ET.Element | None = None
+        self._parsed: ParseCache[tuple[Allocation, bool, tuple[str, ...]]] = ParseCache()  # by domain XML
         parts = urlsplit(self.uri)
         # sysfs describes this machine only; a remote host is read through libvirt alone.
         self.local = parts.hostname in (None, "", "localhost") and "+" not in parts.scheme
@@ -332,16 +333,23 @@ class LibvirtProvider:
         return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
 
     def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
-        # The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
-        # read back as that VM pinning itself to the shared threads.
-        xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        """One domain; its definition is parsed only when it changed since the last read (self._parsed).
+
+        The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
+        read back as that VM pinning itself to the shared threads.
+        """
+        alloc, managed, macs = self._parsed.get(
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), lambda text: self._read(text, host_nodes)
+        )
+        return VmInfo(dom.name(), _STATES.get(dom.state()[0], "unknown"), alloc, managed=managed, macs=macs)
+
+    def _read(self, text: str, host_nodes: tuple[int, ...] | None) -> tuple[Allocation, bool, tuple[str, ...]]:
+        xml = ET.fromstring(text)
         rec = read_record(xml)
         macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
-        state = _STATES.get(dom.state()[0], "unknown")
         if rec is None:
-            alloc = allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids())
-            return VmInfo(dom.name(), state, alloc, managed=False, macs=macs)
-        return VmInfo(dom.name(), state, rec.allocation, managed=True, macs=macs)
+            return allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids()), False, macs
+        return rec.allocation, True, macs
 
     def list_vms(self) -> list[VmInfo]:
         host_nodes = self._node_ids()
@@ -353,6 +361,7 @@ class LibvirtProvider:
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished between list and read
                         raise
+        self._parsed.end_read()
         return sorted(out, key=lambda v: v.name)
 
     # -- compose --------------------------------------------------------------------------------

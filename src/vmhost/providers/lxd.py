@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import quote
 
 from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache
 from vmhost.providers import lxd_config as cfg
 from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo, fault_point
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
@@ -134,6 +134,7 @@ class LxdProvider:
         self.options = options
         self._conn: _Connection | None = None
         self._hung: str | None = None  # set once LXD did not answer in time: later calls fail at once
+        self._parsed: ParseCache[Allocation] = ParseCache()  # our allocations, by their raw config text
         self._forget()
 
     def _forget(self) -> None:
@@ -496,9 +497,11 @@ class LxdProvider:
         return out
 
     def list_vms(self) -> list[VmInfo]:
-        return [
+        out = [
             self._vm_info(project, inst) for project, inst in self._instances() if inst.get("type") == "virtual-machine"
         ]
+        self._parsed.end_read()
+        return out
 
     def _host_facts(self) -> tuple[int, str, dict[int, int]]:
         """(memory, default hugepage size, thread -> NUMA node): what reading a VM's limits needs, once per read."""
@@ -531,6 +534,7 @@ class LxdProvider:
                 host_memory=host_memory,
                 thread_node=thread_node,
                 hugepage_size=hp_size,
+                cache=self._parsed,
             )
         except (ValueError, KeyError) as e:
             log.warning("VM %s has an unreadable allocation (%s); counting it from its limits", name, e)

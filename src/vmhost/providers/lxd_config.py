@@ -13,7 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
-from vmhost.parse import HUGEPAGE_SIZES, ParseError, parse_cpuset, parse_size
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, ParseError, parse_cpuset, parse_size
 from vmhost.providers.base import ComposePlan
 
 ALLOCATION_KEY = "user.vmhost.allocation"
@@ -271,16 +271,18 @@ def allocation_from_config(
     host_memory: int = 0,
     thread_node: dict[int, int] | None = None,
     hugepage_size: str = "2M",
+    cache: ParseCache[Allocation] | None = None,
 ) -> Allocation:
     """The allocation of an instance: ours from `user.vmhost.allocation`, anyone else's from its own limits.
 
     Pass the EXPANDED config/devices (profiles applied) for VMs made by others. `host_memory` resolves a
     percentage `limits.memory`; `thread_node` puts a pinned VM's hugepages on its threads' nodes;
-    `hugepage_size` is the host's default page size (what `limits.memory.hugepages` uses).
+    `hugepage_size` is the host's default page size (what `limits.memory.hugepages` uses). `cache`
+    (the caller's) keeps our allocations by their raw text, so an unchanged one is not parsed again.
     """
     raw = config.get(ALLOCATION_KEY)
     if raw:
-        return Allocation.from_dict(json.loads(raw))
+        return cache.get(raw, _allocation) if cache is not None else _allocation(raw)
     pinned: tuple[int, ...] | None = None
     limit = str(config.get("limits.cpu") or "").strip()
     if not limit:
@@ -342,6 +344,11 @@ def allocation_from_config(
     )
 
 
+def _allocation(raw: str) -> Allocation:
+    return Allocation.from_dict(json.loads(raw))
+
+
 def with_macs(a: Allocation, macs: dict[str, str]) -> Allocation:
-    """The allocation with the MACs the hypervisor (or we) gave its NICs filled in."""
-    return replace(a, nics=tuple(replace(n, mac=macs.get(n.label) or n.mac) for n in a.nics))
+    """The allocation with the MACs the hypervisor (or we) gave its NICs filled in (`a` itself when none is new)."""
+    nics = tuple(replace(n, mac=macs.get(n.label) or n.mac) for n in a.nics)
+    return a if nics == a.nics else replace(a, nics=nics)

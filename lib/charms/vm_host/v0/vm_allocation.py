@@ -7,7 +7,7 @@ provider composes, names and reports each VM in its own application databag.
 Requirer app databag, key `requests` (JSON list)::
 
     [{"id": "web-0", "cores": 2, "memory": "4G", "pinned_cores": "auto", "hugepages_backed": false,
-      "hugepage_size": null, "storage": "root:20", "interfaces": "eth0:space=public",
+      "hugepage_size": null, "numa_nodes": null, "storage": "root:20", "interfaces": "eth0:space=public",
       "image": "noble", "ssh_authorized_keys": ["ssh-ed25519 AAAA..."], "user_data": "#cloud-config...",
       "tags": ["web"]}]
 
@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import ops
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 # The unique Charmhub library identifier, never change it
 LIBID = "a8d68aaefd7f4dfcb59dbe522068f833"
@@ -90,6 +90,7 @@ STATUSES = ("pending", "ready", "failed", "rejected")
 # Bounds on what one remote application may send (the databag is untrusted input).
 MAX_REQUESTS = 64
 MAX_CORES = 256
+MAX_NUMA_NODES = 64
 MIN_MEMORY = 64 * 1024**2
 MAX_MEMORY = 4 * 1024**4
 MAX_KEYS = 32
@@ -183,6 +184,7 @@ class VmRequestSpec(BaseModel):
     pinned_cores: Literal["auto"] | None = None
     hugepages_backed: bool | None = None
     hugepage_size: Literal["2M", "1G"] | None = None
+    numa_nodes: int | None = Field(None, ge=1, le=MAX_NUMA_NODES, description="exactly this many host NUMA nodes")
     storage: str | None = Field(None, max_length=MAX_STORAGE_LENGTH, pattern=_STORAGE_RE.pattern)
     interfaces: str | None = Field(None, max_length=MAX_INTERFACES_LENGTH, pattern=_INTERFACES_RE.pattern)
     image: str | None = Field(None, pattern=_IMAGE_RE.pattern)
@@ -190,11 +192,12 @@ class VmRequestSpec(BaseModel):
     user_data: str | None = Field(None, max_length=MAX_USER_DATA, repr=False)
     tags: list[str] | None = Field(None, max_length=MAX_TAGS)
 
-    @field_validator("cores", mode="before")
+    @field_validator("cores", "numa_nodes", mode="before")
     @classmethod
-    def _whole(cls, v: Any) -> Any:
+    def _whole(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
-            raise ValueError(f"must be a whole number from 1 to {MAX_CORES}")
+            top = MAX_NUMA_NODES if info.field_name == "numa_nodes" else MAX_CORES
+            raise ValueError(f"must be a whole number from 1 to {top}")
         return v
 
     @field_validator("memory", mode="before")
@@ -571,6 +574,7 @@ class VmAllocationRequirer(ops.Object):
         pinned_cores: str | None = None,
         hugepages_backed: bool | None = None,
         hugepage_size: str | None = None,
+        numa_nodes: int | None = None,
         storage: str | None = None,
         interfaces: str | None = None,
         image: str | None = None,
@@ -593,6 +597,7 @@ class VmAllocationRequirer(ops.Object):
                 "pinned_cores": pinned_cores,
                 "hugepages_backed": hugepages_backed,
                 "hugepage_size": hugepage_size,
+                "numa_nodes": numa_nodes,
                 "storage": storage,
                 "interfaces": interfaces,
                 "image": image,
