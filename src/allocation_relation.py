@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
@@ -48,7 +49,7 @@ HYPERVISOR_ERROR = "the hypervisor could not create this VM; the host's operator
 PEER_FIELD_BYTES = 16 * MAX_FIELD_BYTES
 
 
-def _json(data: Any, key: str, default: Any) -> Any:
+def _json(data: Mapping[str, str], key: str, default: Any) -> Any:
     """A JSON value from a peer databag, or `default` when absent or unusable (ours, but read totally)."""
     try:
         value = decode_json(data.get(key), limit=PEER_FIELD_BYTES)
@@ -57,8 +58,8 @@ def _json(data: Any, key: str, default: Any) -> Any:
     return value if isinstance(value, type(default)) else default
 
 
-def _results(data: Any) -> dict[str, UnitResult]:
-    """owner -> Result as a unit published them; an entry that is not one is left out."""
+def _results(data: Mapping[str, str]) -> dict[str, UnitResult]:
+    """owner -> UnitResult as a unit published them; an entry that is not one is left out."""
     out = {}
     for owner, entry in _json(data, RESULTS_KEY, {}).items():
         try:
@@ -113,14 +114,14 @@ class AllocationRelation(ops.Object):
         if event.departing_unit == self._charm.unit:
             self._departing = True
 
-    # --- gather -------------------------------------------------------------------------------
-
     def reconcile(self, host: VmHost, config: CharmConfig) -> None:
         """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
         snapshot = self._gather(host, config)
         plan = decide(snapshot)
         failures = self._execute(host, snapshot, plan)
         self._publish(host, snapshot, plan, failures)
+
+    # --- gather -------------------------------------------------------------------------------
 
     def _gather(self, host: VmHost, config: CharmConfig) -> Snapshot:
         """Everything decide() needs, read once: the requests, this host's VMs, what the peers published."""
@@ -182,8 +183,10 @@ class AllocationRelation(ops.Object):
                 e,
             )
             return Binding()
-        names = dict.fromkeys(i.name for i in network.interfaces if i.name)
-        subnets = dict.fromkeys(str(i.subnet) for i in network.interfaces if i.subnet is not None)
+        names = dict.fromkeys(interface.name for interface in network.interfaces if interface.name)
+        subnets = dict.fromkeys(
+            str(interface.subnet) for interface in network.interfaces if interface.subnet is not None
+        )
         return Binding(tuple(names), tuple(subnets))
 
     def _capacity(self, host: VmHost) -> Capacity:
@@ -281,7 +284,7 @@ def relation_settings(config: CharmConfig, binding: Binding) -> RelationSettings
     )
 
 
-def _assignments(data: Any) -> dict[str, str]:
+def _assignments(data: Mapping[str, str]) -> dict[str, str]:
     """owner -> unit as the leader recorded them (entries that are not names are left out)."""
     current = _json(data, ASSIGNMENTS_KEY, {})
     return {owner: unit for owner, unit in current.items() if isinstance(unit, str)}
