@@ -116,14 +116,19 @@ class AllocationRelation(ops.Object):
 
     def reconcile(self, host: VmHost, config: CharmConfig) -> None:
         """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
-        snapshot = self._gather(host, config)
+        try:
+            settings = relation_settings(config, self._binding())
+        except ValueError as e:  # e.g. network-get answered with something that is not JSON
+            logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
+            return
+        snapshot = self._gather(host, settings)
         plan = decide(snapshot)
         failures = self._execute(host, snapshot, plan)
         self._publish(host, snapshot, plan, failures)
 
     # --- gather -------------------------------------------------------------------------------
 
-    def _gather(self, host: VmHost, config: CharmConfig) -> Snapshot:
+    def _gather(self, host: VmHost, settings: RelationSettings) -> Snapshot:
         """Everything decide() needs, read once: the requests, this host's VMs, what the peers published."""
         unit = self._charm.unit
         leader = unit.is_leader()
@@ -131,7 +136,7 @@ class AllocationRelation(ops.Object):
         return Snapshot(
             unit=unit.name,
             leader=leader,
-            settings=relation_settings(config, self._binding()),
+            settings=settings,
             relations=tuple(self._requests()),
             vms=tuple(host.vms()),
             peers=tuple(self._peer_unit(peer, other) for other in peer.units if other.name != unit.name)

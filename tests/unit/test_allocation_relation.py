@@ -713,3 +713,13 @@ def test_garbage_in_the_peer_relation_never_raises(provider, peer_unit, peer_app
     out = run(r, leader=leader, peers=[peers])  # raised ValueError / TypeError / RecursionError before
     if leader:
         assert statuses(out, r)["a"]["status"] in ("ready", "pending")
+
+
+def test_a_binding_network_get_cannot_read_pauses_the_relation_without_failing_the_hook(provider, monkeypatch):
+    def unreadable(self, name, relation_id=None):
+        raise json.JSONDecodeError("Expecting value", "", 0)  # what ops raises for output that is not JSON
+
+    monkeypatch.setattr(ops.model.Binding, "_network_get", unreadable)
+    r = rel([req("a")])
+    out = run(r)  # the hook completes
+    assert provider.vms == {} and statuses(out, r) == {}  # nothing composed on a guess about the network
