@@ -8,7 +8,7 @@ The charm glue (src/allocation_relation.py) runs gather -> decide -> execute -> 
 - execute carries the Plan out on the host; publish reports, via report(), what this unit now serves
   and, on the leader, one status per request to each requirer.
 Nothing is remembered between hooks except what Juju holds and the VMs' own owner keys
-(docs/design.md §3, §7), so a replayed hook decides the same thing and never makes a second VM.
+(docs/design.md §3, §7, §7.1), so a replayed hook decides the same thing and never makes a second VM.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ RelationSettings (networks, space bridges, images), named and owned by the host,
 its application's quota. The owner key `model-uuid/app/request-id` a VM carries is what makes replays
 find the VM they already made (docs/design.md §7). Which unit serves an accepted request is
 vmhost.relation_assignment's business; vmhost.relation.decide() drives both.
+
+Over 400 lines on purpose: it is one idea (is a remote request served, and as what), and its rules
+(names, networks, images, quotas, what a remote model is told) read best side by side.
 """
 
 from __future__ import annotations
