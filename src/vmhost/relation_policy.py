@@ -282,6 +282,7 @@ def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSett
                 "pinned_cores": spec.get("pinned_cores"),
                 "hugepages_backed": bool(spec.get("hugepages_backed")),
                 "hugepage_size": spec.get("hugepage_size"),
+                "numa_nodes": spec.get("numa_nodes"),
                 "storage": storage,
                 "interfaces": tuple(interfaces),
                 "name": name,
