@@ -28,6 +28,7 @@ from vmhost.parse import (
     parse_size,
     parse_vm_name,
 )
+from vmhost.relation_policy import Quota
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, seconds
 
 __all__ = [
@@ -64,15 +65,6 @@ class HugepageSetting:
     size: str
     count: int
     node: int | None = None
-
-
-@dataclass(frozen=True)
-class Quota:
-    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
-
-    vms: int | None = None
-    cores: int | None = None
-    memory: int | None = None
 
 
 def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:

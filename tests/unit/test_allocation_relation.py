@@ -11,11 +11,13 @@ import ops
 import pytest
 from ops import testing
 
-from allocation_relation import HYPERVISOR_ERROR, AllocationRelation
+from allocation_relation import HYPERVISOR_ERROR, AllocationRelation, relation_settings
 from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
+from vmhost.charm_models import CharmConfig
 from vmhost.model import Allocation, Nic, Policy, StoragePool
 from vmhost.providers.base import ProviderError, VmInfo
+from vmhost.relation_policy import Binding, Quota, RelationSettings
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
@@ -66,7 +68,7 @@ class HostCharm(ops.CharmBase):
             framework.observe(ev, self._reconcile)
 
     def _reconcile(self, _event):
-        self.allocation.reconcile(ENV["host"], ENV["config"])
+        self.allocation.reconcile(ENV["host"], CharmConfig.model_validate(vars(ENV["config"])))
 
 
 @pytest.fixture
@@ -105,6 +107,19 @@ def run(relation, state: testing.State | None = None, *, leader=True, unit_id=0,
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def test_relation_settings_are_the_charm_config_parsed_plus_the_binding():
+    config = CharmConfig.model_validate(
+        {"relation_quota": "vms=2,memory=4G", "allowed_networks": "br0 public", "space_bridges": "public=br0"}
+    )
+    settings = relation_settings(config, Binding(("br5",)))
+    assert settings.quota == Quota(vms=2, memory=4 * GiB)
+    assert settings.allowed_networks == ("br0", "public") and dict(settings.space_bridges) == {"public": "br0"}
+    assert settings.binding == Binding(("br5",))
+    assert relation_settings(CharmConfig(), Binding()) == RelationSettings()
+    with pytest.raises(ValueError):
+        CharmConfig.model_validate({"relation_quota": "vms=lots"})
 
 
 def test_new_request_composes_one_vm_owned_by_the_remote_app(provider):
@@ -698,3 +713,13 @@ def test_garbage_in_the_peer_relation_never_raises(provider, peer_unit, peer_app
     out = run(r, leader=leader, peers=[peers])  # raised ValueError / TypeError / RecursionError before
     if leader:
         assert statuses(out, r)["a"]["status"] in ("ready", "pending")
+
+
+def test_a_binding_network_get_cannot_read_pauses_the_relation_without_failing_the_hook(provider, monkeypatch):
+    def unreadable(self, name, relation_id=None):
+        raise json.JSONDecodeError("Expecting value", "", 0)  # what ops raises for output that is not JSON
+
+    monkeypatch.setattr(ops.model.Binding, "_network_get", unreadable)
+    r = rel([req("a")])
+    out = run(r)  # the hook completes
+    assert provider.vms == {} and statuses(out, r) == {}  # nothing composed on a guess about the network

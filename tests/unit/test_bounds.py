@@ -10,7 +10,6 @@ import pytest
 
 from tests.unit import test_charm
 from tests.unit.hosts import GiB, MiB, synthetic_host
-from vmhost import broker
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import (
     MAX_DISKS,
@@ -21,6 +20,7 @@ from vmhost.parse import (
     parse_storage,
 )
 from vmhost.placement import PlacementError, place
+from vmhost.relation_policy import RelationSettings, RequestRejected, build_request
 
 TiB = 1024**4
 
@@ -80,8 +80,8 @@ def test_built_specs_are_counted_too():
     ],
 )
 def test_relation_requests_meet_the_same_bounds(spec, says):
-    with pytest.raises(broker.Rejected) as e:
-        broker.build_request(spec, "model/app/req-1", broker.Settings())
+    with pytest.raises(RequestRejected) as e:
+        build_request(spec, owner="model/app/req-1", settings=RelationSettings())
     assert says in str(e.value)
 
 

@@ -883,7 +883,7 @@ def resolve_image(image: str, image_dir: str | Path) -> str:
     """The file an image stands for: an absolute path as given, a bare name looked up in `image_dir`.
 
     Only the operator (CLI, compose action) can give an absolute path: the relation passes bare names
-    only (vmhost.broker refuses anything else), so a remote model can never point at a host file. A
+    only (vmhost.relation_policy refuses anything else), so a remote model can never point at a host file. A
     name is tried as is, then with .qcow2, .img and .raw; relative paths and '..' are refused, as they
     would depend on the working directory of whatever process composes.
     """
