@@ -45,8 +45,6 @@ __all__ = [
     "vm_name",
 ]
 
-DEFAULT_CORES = 1
-DEFAULT_MEMORY = 1024**3
 FEW = 3  # how many items of a list a message names before "and N more"
 IMAGE_REJECTION = (
     "image must be a name of an image in the host's image directory "
@@ -330,8 +328,9 @@ def build_request(spec: Mapping[str, Any], owner: str, settings: Settings) -> Ac
     try:
         request = VmRequest.from_dict(
             {
-                "cores": spec.get("cores") or DEFAULT_CORES,
-                "memory": spec.get("memory") or DEFAULT_MEMORY,
+                # Unset: VmRequest's defaults, the same as the action's and the CLI's.
+                "cores": spec.get("cores"),
+                "memory": spec.get("memory"),
                 "pinned_cores": spec.get("pinned_cores"),
                 "hugepages_backed": bool(spec.get("hugepages_backed")),
                 "hugepage_size": spec.get("hugepage_size"),

@@ -250,6 +250,8 @@ def hugepages_flag(value: object) -> bool:
     )
 
 
+# MAAS's compose defaults (DEFAULT_COMPOSED_MEMORY, in MiB); cores: 1, or one per pinned CPU.
+DEFAULT_MEMORY = "2048M"
 _POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -279,7 +281,9 @@ class VmRequest:
             isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_VM_CORES
         ):
             raise ParseError(f"cores {clip(cores)} must be a whole number from 1 to {MAX_VM_CORES}")
-        raw_memory = d.get("memory", "1G")
+        raw_memory = d.get("memory")
+        if raw_memory in (None, ""):
+            raw_memory = DEFAULT_MEMORY
         memory = parse_size(raw_memory, default_unit="M" if isinstance(raw_memory, str) else "")
         check_size(f"memory {clip(raw_memory)}", memory, MIN_VM_MEMORY, MAX_VM_MEMORY)
         pinned = d.get("pinned_cores")
