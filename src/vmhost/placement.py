@@ -464,8 +464,15 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
             out.append(_Iface(s, "sriov", free_sriov, macvlan if s.attach is None else []))
         else:
             if not macvlan:
+                ports = sorted(f"{n.name} is a port of bridge {n.bridge}" for n in matched if n.bridge)
+                why = (
+                    f" ({'; '.join(ports)}: macvlan cannot use a bridge port, attach through the bridge)"
+                    if ports
+                    else ""
+                )
                 raise PlacementError(
-                    f"interface {s.label}: no physical or VLAN interface for macvlan matches {_describe(s)}; matching: {names}"
+                    f"interface {s.label}: no physical or VLAN interface for macvlan matches {_describe(s)}; "
+                    f"matching: {names}{why}"
                 )
             out.append(_Iface(s, "macvlan", macvlan, []))
     return out
