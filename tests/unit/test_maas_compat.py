@@ -561,3 +561,75 @@ def test_hugepages_backed_words_maas_read_as_true_are_refused(value):
 
 def test_ours_hugepage_size_implies_backing():
     assert VmRequest.from_dict({"hugepage_size": "2M"}).hugepages_backed is True
+
+
+# --- one parser: the compose action, the CLI and the relation read MAAS input the same way -------------------------
+
+MAAS_INPUT = {
+    "storage": "root:5.,data:.5(ssd),data:1",
+    "interfaces": "0:vid=untagged,type=physical,ip=10.0.0.9,ip=10.0.0.10,mode=static;1:type=bridge,mode=link_up",
+}
+
+
+def _shape(r: VmRequest) -> tuple:
+    return (r.cores, r.memory, r.pinned_cores, r.hugepages_backed, r.storage, r.interfaces)
+
+
+def test_action_cli_and_relation_share_one_parser_and_its_defaults():
+    from vmhost import broker, cli
+    from vmhost.charm_models import ComposeParams
+
+    action = VmRequest.from_dict(ComposeParams(**MAAS_INPUT, hugepages_backed=True).request_dict())
+    args = cli.build_parser().parse_args(
+        ["compose", "--storage", MAAS_INPUT["storage"], "--interfaces", MAAS_INPUT["interfaces"], "--hugepages-backed"]
+    )
+    command = cli._request(args)
+    relation = broker.build_request({**MAAS_INPUT, "hugepages_backed": True}, "m/app/1", broker.Settings()).request
+    assert _shape(action) == _shape(command) == _shape(relation)
+    assert (action.cores, action.memory) == (1, 2048 * 1024**2)  # MAAS's defaults, everywhere
+    assert [d.label for d in action.storage] == ["root", "data", "data-2"]
+    assert action.interfaces[0].label == "eth0" and action.interfaces[0].ips == ("10.0.0.9", "10.0.0.10")
+
+
+def test_pinned_cores_without_cores_through_the_action_and_the_cli():
+    from vmhost import cli
+    from vmhost.charm_models import ComposeParams
+
+    action = VmRequest.from_dict(ComposeParams(pinned_cores="1,4,6").request_dict())
+    command = cli._request(cli.build_parser().parse_args(["compose", "--pinned-cores", "1,4,6"]))
+    assert (action.cores, action.pinned_cores) == (command.cores, command.pinned_cores) == (3, (1, 4, 6))
+
+
+# --- link speed comes from the host --------------------------------------------------------------------------------
+
+
+def test_libvirt_discovery_reads_link_speed_from_sysfs(monkeypatch, tmp_path):
+    import json
+    import subprocess
+
+    from vmhost.providers import libvirt
+
+    for name, speed in (("eno1", "10000"), ("eno2", "-1"), ("eno3", None)):
+        (tmp_path / name / "device").mkdir(parents=True)
+        if speed is not None:
+            (tmp_path / name / "speed").write_text(speed + "\n")
+    links = [{"ifname": n, "addr_info": []} for n in ("eno1", "eno2", "eno3")]
+
+    def run(argv, **kw):
+        out = json.dumps(links) if argv[:3] == ["ip", "-j", "-d"] else "[]"
+        return subprocess.CompletedProcess(argv, 0, out, "")
+
+    monkeypatch.setattr(libvirt, "_SYSFS_NET", tmp_path)
+    monkeypatch.setattr(libvirt.subprocess, "run", run)
+    speeds = {n.name: n.link_speed for n in libvirt._local_nics()}
+    assert speeds == {"eno1": 10000, "eno2": None, "eno3": None}  # -1 and no file: unknown
+
+
+def test_lxd_discovery_reads_link_speed_from_the_resources_ports():
+    from vmhost.providers.lxd import LxdProvider
+
+    provider = object.__new__(LxdProvider)
+    answers = {"/networks": [{"name": "eno1", "type": "physical"}, {"name": "eno2", "type": "physical"}]}
+    provider._get = lambda path, **kw: answers.get(path, {})
+    res = {"network": {"cards": [{"numa_node": 0, "ports": [{"id": "eno1", "link_speed": 25000}, {"id": "eno2"}]}]}}
+    assert {n.name: n.link_speed for n in provider._nics(res)} == {"eno1": 25000, "eno2": None}
