@@ -377,14 +377,20 @@ def nic_policy_error(allocation: Allocation, host_nics: Sequence[Nic], settings:
         spaces = [host_nic.space] if host_nic and host_nic.space else []
         if _allowed_by_name(nic.parent, settings) or any(s in settings.allowed_networks for s in spaces):
             continue
-        addrs = []
-        for a in (host_nic.addresses if host_nic else ()) + ((nic.ip,) if nic.ip else ()):
-            try:
-                addrs.append(ipaddress.ip_interface(a).ip)
-            except ValueError:
-                continue
-        if any(ip.version == net.version and ip in net for ip in addrs for net in cidrs):
-            continue
+
+        def inside(texts) -> list[bool]:
+            out = []
+            for a in texts:
+                try:
+                    ip = ipaddress.ip_interface(a).ip
+                except ValueError:
+                    continue
+                out.append(any(ip.version == net.version and ip in net for net in cidrs))
+            return out
+
+        vm_ips = inside(((nic.ip,) if nic.ip else ()) + tuple(nic.more_ips))
+        if any(inside(host_nic.addresses if host_nic else ())) or (vm_ips and all(vm_ips)):
+            continue  # the host's side is allowed, or every address the VM gets there is
         return (
             f"interfaces: {nic.label} would attach to {nic.parent}, which is not in allowed-networks "
             f"({first_few(settings.allowed_networks)})"
@@ -683,7 +689,7 @@ def unit_results(
                 message=note,
                 name=vm.name,
                 mac_addresses=tuple(vm.macs) or tuple(n.mac for n in a.nics if n.mac),
-                addresses=tuple(n.ip for n in a.nics if n.ip),
+                addresses=tuple(ip for n in a.nics for ip in ((n.ip,) if n.ip else ()) + tuple(n.more_ips)),
                 cores=a.vcpus,
                 memory=a.memory,
             )

@@ -415,12 +415,12 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
     out = []
     for s in specs:
         matched = [n for n in host.nics if nic_match.matches(n, s)]
-        if s.ips:  # as MAAS: on the subnet of one of the addresses
+        if s.ips:  # every address on the interface's subnets (MAAS ORed them and moved the NIC to the last one's VLAN)
             matched = [
-                n for n in matched if any(_contains_ip(n, ip) or _bridge_contains(by_name, n, ip) for ip in s.ips)
+                n for n in matched if all(_contains_ip(n, ip) or _bridge_contains(by_name, n, ip) for ip in s.ips)
             ]
         if not matched:
-            why = f" with a subnet containing ip {' or '.join(s.ips)}" if s.ips else ""
+            why = f" with subnets containing ip {' and '.join(s.ips)}" if s.ips else ""
             known = ", ".join(sorted(by_name)) or "none"
             unknown = nic_match.unknown_speeds(host.nics, s)
             speed = f" (link speed unknown on {', '.join(unknown)})" if unknown else ""
@@ -444,7 +444,7 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
         )
         macvlan = sorted((n for n in matched if n.kind in _MACVLAN_KINDS and not n.bridge), key=lambda n: n.name)
         if s.ips:
-            bridge = [n for n in bridge if any(_contains_ip(n, ip) for ip in s.ips)] or bridge
+            bridge = [n for n in bridge if all(_contains_ip(n, ip) for ip in s.ips)] or bridge
         free_sriov = [n for n in sriov if vfs_used.get(n.name, 0) < n.sriov_max_vfs]
         names = ", ".join(sorted(n.name for n in matched))
         if s.attach == "bridge" or (s.attach is None and (bridge or networks)):

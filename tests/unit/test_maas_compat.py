@@ -627,3 +627,27 @@ def test_lxd_discovery_reads_link_speed_from_the_resources_ports():
     provider._get = lambda path, **kw: answers.get(path, {})
     res = {"network": {"cards": [{"numa_node": 0, "ports": [{"id": "eno1", "link_speed": 25000}, {"id": "eno2"}]}]}}
     assert {n.name: n.link_speed for n in provider._nics(res)} == {"eno1": 25000, "eno2": None}
+
+
+def test_several_addresses_must_all_be_on_the_interfaces_subnets():
+    nics = (Nic(name="br0", kind="bridge", addresses=("10.0.0.5/24", "2001:db8::5/64")),)
+    host = synthetic_host(nodes=1, nics=nics)
+    a = place(host, [], VmRequest.from_dict({"interfaces": "a:ip=10.0.0.9,ip=2001:db8::9"}), Policy())
+    assert (a.nics[0].parent, a.nics[0].ip, a.nics[0].more_ips) == ("br0", "10.0.0.9", ("2001:db8::9",))
+    with pytest.raises(PlacementError, match=r"subnets containing ip 10\.0\.0\.9 and 10\.9\.0\.9"):
+        place(host, [], VmRequest.from_dict({"interfaces": "a:ip=10.0.0.9,ip=10.9.0.9"}), Policy())
+
+
+def test_relation_allowed_networks_hold_for_every_address_the_vm_gets():
+    from vmhost import broker
+    from vmhost.model import Allocation
+
+    nics = (Nic("br9", kind="bridge"),)
+    s = broker.Settings(allowed_networks=("10.5.0.0/16",))
+
+    def alloc(*ips):
+        nic = NicAllocation("eth0", "bridge", "br9", ip=ips[0], more_ips=ips[1:])
+        return Allocation("x", 1, 1024**3, nics=(nic,))
+
+    assert broker.nic_policy_error(alloc("10.5.0.9", "10.5.1.9"), nics, s) is None
+    assert "allowed-networks" in broker.nic_policy_error(alloc("10.5.0.9", "192.168.0.9"), nics, s)
