@@ -1103,7 +1103,7 @@ def _place_bound_with_fallback(st, request, policy, size, ifaces):
 
 
 def _without_soft_sriov(ifaces: list[_Iface]) -> list[_Iface]:
-    """SR-IOV that was only preferred (no `type=sriov`) becomes macvlan on its fallback NICs."""
+    """SR-IOV that was only preferred (no `attach=sriov`) becomes macvlan on its fallback NICs."""
     return [_Iface(f.spec, "macvlan", f.fallback, []) if f.type == "sriov" and f.fallback else f for f in ifaces]
 
 

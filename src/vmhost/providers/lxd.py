@@ -661,7 +661,7 @@ class LxdProvider:
                 )
             if nic.type == "bridge" and kind != "bridge":
                 raise ProviderError(
-                    f"NIC {nic.label} parent {nic.parent!r} is a {kind}, not a bridge; use type=macvlan"
+                    f"NIC {nic.label} parent {nic.parent!r} is a {kind}, not a bridge; use attach=macvlan"
                 )
 
     def _delete_if_exists(self, path: str) -> None:
