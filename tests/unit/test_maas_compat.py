@@ -651,3 +651,10 @@ def test_relation_allowed_networks_hold_for_every_address_the_vm_gets():
 
     assert broker.nic_policy_error(alloc("10.5.0.9", "10.5.1.9"), nics, s) is None
     assert "allowed-networks" in broker.nic_policy_error(alloc("10.5.0.9", "192.168.0.9"), nics, s)
+
+
+def test_addresses_and_mode_survive_the_hypervisor_metadata_round_trip():
+    nic = NicAllocation("eth0", "bridge", "br0", ip="10.0.0.9", more_ips=("2001:db8::9",), mode="static")
+    assert NicAllocation.from_dict(nic.to_dict()) == nic
+    plain = NicAllocation("eth0", "bridge", "br0")
+    assert "more_ips" not in plain.to_dict() and "mode" not in plain.to_dict()  # older records read back equal
