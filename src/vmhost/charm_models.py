@@ -290,8 +290,8 @@ class ComposeParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    cores: int = Field(1, ge=1, le=MAX_VM_CORES)
-    memory: Annotated[Text, Field(max_length=64)] = "2048M"
+    cores: int | None = Field(None, ge=1, le=MAX_VM_CORES)  # None: 1, or one per pinned CPU (as MAAS)
+    memory: Annotated[Text, Field(max_length=64)] | None = None  # None: VmRequest's default, MAAS's 2048M
     pinned_cores: Text | None = None
     hugepages_backed: bool = False
     hugepage_size: str | None = Field(None, max_length=16)

@@ -30,34 +30,54 @@ def _address(ip: str, prefix: int | None) -> str:
 
 
 def static_prefixes(nics: Sequence[NicAllocation], host_addresses: Mapping[str, Sequence[str]]) -> dict[str, int]:
-    """NIC label -> prefix length of its bare static ip, from the first host address on its parent containing it."""
-    out = {}
+    """NIC label -> prefix length of its first bare static ip (further ips: the address -> its prefix),
+    from the first host address on the NIC's parent containing it."""
+    out: dict[str, int] = {}
     for nic in nics:
-        if not nic.ip or "/" in nic.ip:
-            continue  # none, or it carries its own prefix
-        ip = ipaddress.ip_address(nic.ip)
-        for addr in host_addresses.get(nic.parent, ()):
-            iface = ipaddress.ip_interface(addr)
-            if iface.version == ip.version and ip in iface.network:
-                out[nic.label] = iface.network.prefixlen
-                break
+        for i, text in enumerate(_ips(nic)):
+            if "/" in text:
+                continue  # it carries its own prefix
+            ip = ipaddress.ip_address(text)
+            for addr in host_addresses.get(nic.parent, ()):
+                iface = ipaddress.ip_interface(addr)
+                if iface.version == ip.version and ip in iface.network:
+                    out[nic.label if i == 0 else str(ip)] = iface.network.prefixlen
+                    break
     return out
 
 
+def _ips(nic: NicAllocation) -> tuple[str, ...]:
+    return ((nic.ip,) if nic.ip else ()) + tuple(nic.more_ips)
+
+
 def network_config(nics: Sequence[NicAllocation], prefixes: Mapping[str, int] | None = None) -> dict:
-    """Netplan v2: each NIC matched by MAC and named by its label; DHCP unless it has a static ip."""
+    """Netplan v2: each NIC matched by MAC and named by its label, addressed by its mode.
+
+    mode (MAAS's link modes): static (the default with ip=) gives every ip= address; dhcp (the default
+    without) asks DHCP for IPv4 and IPv6; link_up brings the link up with no address; unconfigured leaves
+    the interface out of the config, so cloud-init does not touch it.
+    """
     prefixes = prefixes or {}
     ethernets: dict[str, dict] = {}
     for nic in nics:
+        ips = _ips(nic)
+        mode = nic.mode or ("static" if ips else "dhcp")
+        if mode == "unconfigured":
+            continue
         eth: dict = {"set-name": nic.label}
         if nic.mac:
             eth["match"] = {"macaddress": nic.mac}
         else:
             eth = {"match": {"name": nic.label}}
-        if nic.ip:
-            eth["addresses"] = [_address(nic.ip, prefixes.get(nic.label))]
-        else:
+        if mode == "static":
+            eth["addresses"] = [_address(ip, prefixes.get(nic.label if i == 0 else ip)) for i, ip in enumerate(ips)]
+        elif mode == "dhcp":
             eth["dhcp4"] = True
+            if nic.mode == "dhcp":
+                eth["dhcp6"] = True
+        else:  # link_up
+            eth["dhcp4"] = False
+            eth["dhcp6"] = False
         ethernets[nic.label] = eth
     return {"version": 2, "ethernets": ethernets}
 

@@ -115,7 +115,8 @@ class Nic:
 
     `kind` is physical, bridge, vlan or bond; `bridge` is the bridge this interface is a port of;
     `vlan` its VLAN id when it is a VLAN interface (or the bridge carries one); `space` is the Juju
-    space it serves, when known; `gateways` the routers the host reaches through it (never a VM's address).
+    space it serves, when known; `gateways` the routers the host reaches through it (never a VM's address);
+    `link_speed` in Mbit/s when the kernel reports one (None: unknown, e.g. a bridge or a link that is down).
     """
 
     name: str
@@ -127,6 +128,7 @@ class Nic:
     space: str | None = None
     kind: str = "physical"
     gateways: tuple[str, ...] = ()
+    link_speed: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict) -> Nic:
@@ -140,6 +142,7 @@ class Nic:
             space=d.get("space"),
             kind=d.get("kind") or "physical",
             gateways=tuple(d.get("gateways") or ()),
+            link_speed=d.get("link_speed"),
         )
 
     def to_dict(self) -> dict:
@@ -153,6 +156,7 @@ class Nic:
             "space": self.space,
             "kind": self.kind,
             "gateways": list(self.gateways),
+            "link_speed": self.link_speed,
         }
 
 
@@ -231,6 +235,23 @@ class HostTopology:
         raise KeyError(node_id)
 
 
+def hugepages_flag(value: object) -> bool:
+    """hugepages_backed as MAAS reads it (true/false/1/0, any case); MAAS read every other word as true."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return True
+    if text in ("false", "0", ""):
+        return False
+    raise ParseError(
+        f"hugepages_backed {str(value)[:40]!r} is not true or false (MAAS read every word but false and 0, "
+        "even 'no', as true); write true or false"
+    )
+
+
+# MAAS's compose defaults (DEFAULT_COMPOSED_MEMORY, in MiB); cores: 1, or one per pinned CPU.
+DEFAULT_MEMORY = "2048M"
 _POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 
 
@@ -252,12 +273,18 @@ class VmRequest:
 
     @classmethod
     def from_dict(cls, d: dict) -> VmRequest:
-        cores = d.get("cores", 1)
-        if isinstance(cores, str) and re.fullmatch(r"[0-9]{1,6}", cores.strip()):
+        cores = d.get("cores")
+        if cores in (None, ""):
+            cores = None  # MAAS: 1, or as many as pinned_cores lists
+        elif isinstance(cores, str) and re.fullmatch(r"[0-9]{1,6}", cores.strip()):
             cores = int(cores)
-        if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_VM_CORES:
+        if cores is not None and (
+            isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_VM_CORES
+        ):
             raise ParseError(f"cores {clip(cores)} must be a whole number from 1 to {MAX_VM_CORES}")
-        raw_memory = d.get("memory", "1G")
+        raw_memory = d.get("memory")
+        if raw_memory in (None, ""):
+            raw_memory = DEFAULT_MEMORY
         memory = parse_size(raw_memory, default_unit="M" if isinstance(raw_memory, str) else "")
         check_size(f"memory {clip(raw_memory)}", memory, MIN_VM_MEMORY, MAX_VM_MEMORY)
         pinned = d.get("pinned_cores")
@@ -267,15 +294,20 @@ class VmRequest:
             pinned = "auto"
         else:
             pinned = parse_cpuset(pinned)
+            if cores is None:
+                cores = len(pinned)  # as MAAS: one vCPU per pinned CPU
             if len(pinned) != cores:
                 raise ParseError(
-                    f"pinned_cores {clip(d.get('pinned_cores'))} lists {len(pinned)} CPUs but cores is {cores}; "
-                    "list one CPU per core"
+                    f"pinned_cores {clip(d.get('pinned_cores'))} lists {len(pinned)} CPUs but cores is {cores} "
+                    "(MAAS ignored cores then); leave cores out or list one CPU per core"
                 )
+            if cores > MAX_VM_CORES:
+                raise ParseError(f"pinned_cores lists {cores} CPUs; at most {MAX_VM_CORES} are allowed")
+        cores = 1 if cores is None else cores
         numa_nodes = _numa_nodes(d.get("numa_nodes"), cores)
         hp_size = d.get("hugepage_size")
         hp_size = parse_hugepage_size(hp_size) if hp_size not in (None, "") else None
-        backed = bool(d.get("hugepages_backed", False)) or hp_size is not None
+        backed = hugepages_flag(d.get("hugepages_backed")) or hp_size is not None
         if backed and hp_size and memory % HUGEPAGE_SIZES[hp_size]:
             raise ParseError(f"memory {clip(raw_memory)} is not a whole number of {hp_size} hugepages")
         storage = d["storage"] if isinstance(d.get("storage"), tuple) else parse_storage(d.get("storage"))
@@ -463,7 +495,9 @@ class NicAllocation:
     """A guest NIC and what it attaches to on the host.
 
     type: bridge (parent is a bridge), macvlan (parent is a host interface), sriov (a VF of parent),
-    network (parent is a hypervisor-managed network).
+    network (parent is a hypervisor-managed network). `ip` and `more_ips` are the guest's static
+    addresses; `mode` (dhcp, static, link_up, unconfigured; None: static with an ip, else dhcp) is how
+    its cloud-init network config brings the interface up.
     """
 
     label: str
@@ -473,6 +507,8 @@ class NicAllocation:
     ip: str | None = None
     mac: str | None = None
     numa_node: int | None = None
+    more_ips: tuple[str, ...] = ()
+    mode: str | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -483,6 +519,9 @@ class NicAllocation:
             "ip": self.ip,
             "mac": self.mac,
             "numa_node": self.numa_node,
+            # Only when set: allocations stored before these existed read back equal.
+            **({"more_ips": list(self.more_ips)} if self.more_ips else {}),
+            **({"mode": self.mode} if self.mode else {}),
         }
 
     @classmethod
@@ -495,6 +534,8 @@ class NicAllocation:
             ip=d.get("ip"),
             mac=d.get("mac"),
             numa_node=d.get("numa_node"),
+            more_ips=tuple(str(x) for x in d.get("more_ips") or ()),
+            mode=d.get("mode"),
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
@@ -20,6 +21,7 @@ __all__ = [
     "ParseError",
     "format_cpuset",
     "format_size",
+    "guest_ifname",
     "human_size",
     "parse_cpuset",
     "parse_hugepage_size",
@@ -85,7 +87,8 @@ _UNITS = {
     "TB": 1000**4,
     "TIB": 1024**4,
 }
-_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
+# "5", "5.5", and as MAAS also reads them, "5." and ".5".
+_SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 HUGEPAGE_SIZES = {"2M": 2 * 1024**2, "1G": 1024**3}
 
@@ -103,7 +106,7 @@ def parse_size(value: str | int, *, default_unit: str = "") -> int:
     m = _SIZE_RE.match(value)
     if not m:
         raise ParseError(f"size {clip(value)} is not a size; use bytes or a number with K, M, G or T (e.g. 8G, 512MiB)")
-    number, unit = m.group(1), (m.group(2) or default_unit).upper()
+    number, unit = m.group(1).rstrip("."), (m.group(2) or default_unit).upper()
     if unit not in _UNITS:
         raise ParseError(
             f"size {clip(value)} has unknown unit {clip(m.group(2))}; allowed: B, K, M, G, T, KB, MB, GB, TB, KiB, MiB, GiB, TiB"
@@ -224,10 +227,18 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _DISK_RE = re.compile(r"^(?:([^:()]+):)?([^:()]+?)(?:\(([^()]*)\))?$")
 
 
+# MAAS's compose default when no storage is given (DEFAULT_COMPOSED_STORAGE, maasserver/forms/pods.py);
+# placement gives it to a VM on a host that has storage pools.
+DEFAULT_ROOT_DISK = DiskSpec("root", 8 * 10**9, ("local",))
+
+
 def parse_storage(value: str | None) -> tuple[DiskSpec, ...]:
     """Disks from "root:20(ssd),data:100"; sizes in GB (10^9 bytes) unless a unit is given.
 
-    Labels are optional (MAAS allows "20,50"): unnamed disks become root, disk1, disk2...
+    MAAS's reading (get_storage_constraints_from_string): labels are optional ("20,50": root, disk1...),
+    may repeat (the repeats are renamed label-2, label-3 so every volume has its own name), a bare size
+    is decimal GB cut to whole bytes, and after the first disk, disks with more tags come first.
+    Empty means "no disks asked for" here; placement then gives MAAS's default root disk (DEFAULT_ROOT_DISK).
     """
     if value is None or (isinstance(value, str) and not value.strip()):
         return ()
@@ -255,13 +266,7 @@ def parse_storage(value: str | None) -> tuple[DiskSpec, ...]:
             raise ParseError(
                 f"storage label {clip(label)} in {clip(tok)} is not valid; use letters, digits, '-', '_' or '.'"
             )
-        try:
-            size = parse_size(size_s, default_unit="GB")
-        except ParseError:
-            raise ParseError(
-                f"storage size {clip(size_s)} in {clip(tok)} is not a size; use GB as a number (20) or a unit (20G)"
-            ) from None
-        check_size(f"storage size {clip(size_s)} in {clip(tok)}", size, MIN_DISK_SIZE, MAX_DISK_SIZE)
+        size = _disk_size(size_s, tok)
         tags: tuple[str, ...] = ()
         if tags_s is not None:
             tags = tuple(t.strip() for t in tags_s.split(","))
@@ -270,10 +275,44 @@ def parse_storage(value: str | None) -> tuple[DiskSpec, ...]:
                     raise ParseError(
                         f"storage tag {clip(t)} in {clip(tok)} is not valid; use letters, digits, '-', '_' or '.'"
                     )
-        if any(d.label == label for d in disks):
-            raise ParseError(f"storage label {clip(label)} is used twice; each disk needs its own label")
         disks.append(DiskSpec(label, size, tags))
-    return tuple(disks)
+    head, tail = disks[:1], disks[1:]
+    tail.sort(key=lambda d: len(d.tags), reverse=True)  # stable, as MAAS sorts them
+    return tuple(_unique_labels(head + tail))
+
+
+def _disk_size(size_s: str, tok: str) -> int:
+    """Bytes of one disk: a bare number is decimal GB cut to whole bytes (MAAS's int(float(size) * 1000**3))."""
+    try:
+        m = _SIZE_RE.match(size_s)
+        if m and not m.group(2):
+            size = int(Fraction(size_s.strip().rstrip(".") or "0") * 10**9)
+        else:
+            size = parse_size(size_s)
+    except (ParseError, ValueError, ZeroDivisionError):
+        raise ParseError(
+            f"storage size {clip(size_s)} in {clip(tok)} is not a size; use GB as a number (20) or a unit (20G)"
+        ) from None
+    if size == 0:
+        raise ParseError(
+            f"storage size {clip(size_s)} in {clip(tok)} is 0, which MAAS composed as a 0-byte disk "
+            f"(0 means 'any size' only when MAAS filters machines); give a size of at least {human_size(MIN_DISK_SIZE)}"
+        )
+    return check_size(f"storage size {clip(size_s)} in {clip(tok)}", size, MIN_DISK_SIZE, MAX_DISK_SIZE)
+
+
+def _unique_labels(disks: list[DiskSpec]) -> list[DiskSpec]:
+    """MAAS lets two disks share a label; here each disk names a volume, so repeats become label-2, label-3."""
+    given = {d.label for d in disks}
+    out: list[DiskSpec] = []
+    used: set[str] = set()
+    for d in disks:
+        label, n = d.label, 2
+        while label in used or (label != d.label and label in given):
+            label, n = f"{d.label}-{n}", n + 1
+        used.add(label)
+        out.append(DiskSpec(label, d.size, d.tags) if label != d.label else d)
+    return out
 
 
 def _split_top_level(value: str) -> list[str]:
@@ -297,32 +336,91 @@ def _split_top_level(value: str) -> list[str]:
     return parts
 
 
-INTERFACE_TYPES = ("bridge", "macvlan", "sriov")
-_LIST_KEYS = ("space", "not_space", "subnet", "not_subnet", "vlan", "not_vlan")
-_IFACE_KEYS = (*_LIST_KEYS, "ip", "type", "name")
+# How a guest NIC attaches (ours: `attach=`); MAAS's `type=` is the host interface's kind (HOST_KINDS).
+ATTACH_TYPES = ("bridge", "macvlan", "sriov")
+HOST_KINDS = ("physical", "bond", "bridge", "vlan")
+INTERFACE_MODES = ("auto", "dhcp", "static", "link_up", "unconfigured")
+MAX_LINK_SPEED = 10**7  # Mbit/s (10 Tbit/s)
+
+# MAAS interface keys that name things only MAAS has: refused, saying what to use instead.
+_MAAS_ONLY = {
+    "id": "MAAS interface ids exist only in MAAS's database; use name=<host interface>",
+    "fabric": "MAAS fabrics exist only in MAAS; use vlan=, subnet= or space=",
+    "fabric_class": "MAAS fabric classes exist only in MAAS; use link_speed= or name=",
+    "hostname": "MAAS node hostnames select another machine; a vm-host composes on its own host, so leave it out",
+    "tag": "MAAS interface tags exist only in MAAS; use name=, type= or space=",
+}
+_LIST_KEYS = (
+    "space",
+    "not_space",
+    "subnet",
+    "not_subnet",
+    "subnet_cidr",
+    "not_subnet_cidr",
+    "vlan",
+    "not_vlan",
+    "vid",
+    "not_vid",
+    "not_ip",
+    "name_in",
+    "not_name",
+    "type",
+)
+_IFACE_KEYS = (
+    *(k for k in _LIST_KEYS if k != "name_in"),
+    "ip",
+    "name",
+    "mode",
+    "link_speed",
+    "attach",
+)
 
 
 @dataclass(frozen=True)
 class InterfaceSpec:
-    """One interface of a MAAS constraint string: `label:key=value,...`."""
+    """One interface of a MAAS constraint string: `label:key=value,...`.
+
+    `label` is the guest's interface name (MAAS's get_ifname_for_label). Repeated keys are ORs, as in
+    MAAS; repeated `not_` keys exclude each value; different keys must all hold. `type` is MAAS's host
+    interface kind (physical, bond, bridge, vlan); `attach` is how the guest NIC attaches (ours).
+    `ip` and `more_ips` are the guest's static addresses; `name` one host interface, `name_in` several.
+    """
 
     label: str
     space: tuple[str, ...] = ()
     not_space: tuple[str, ...] = ()
     subnet: tuple[str, ...] = ()
     not_subnet: tuple[str, ...] = ()
+    subnet_cidr: tuple[str, ...] = ()
+    not_subnet_cidr: tuple[str, ...] = ()
     vlan: tuple[int, ...] = ()
     not_vlan: tuple[int, ...] = ()
+    vid: tuple[int, ...] = ()
+    not_vid: tuple[int, ...] = ()
+    not_ip: tuple[str, ...] = ()
+    name_in: tuple[str, ...] = ()
+    not_name: tuple[str, ...] = ()
+    type: tuple[str, ...] = ()
     ip: str | None = None
-    type: str | None = None
+    more_ips: tuple[str, ...] = ()
     name: str | None = None
+    mode: str | None = None
+    link_speed: int | None = None
+    attach: str | None = None
+
+    @property
+    def ips(self) -> tuple[str, ...]:
+        """Every static address the guest gets on this interface, in the order given."""
+        return ((self.ip,) if self.ip else ()) + self.more_ips
 
     def to_str(self) -> str:
         parts = []
         for key in _LIST_KEYS:
             for v in getattr(self, key):
-                parts.append(f"{key}={v}")
-        for key in ("ip", "type", "name"):
+                parts.append(f"{'name' if key == 'name_in' else key}={v}")
+        for ip in self.ips:
+            parts.append(f"ip={ip}")
+        for key in ("name", "mode", "link_speed", "attach"):
             v = getattr(self, key)
             if v is not None:
                 parts.append(f"{key}={v}")
@@ -330,10 +428,29 @@ class InterfaceSpec:
 
 
 _IFNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]{0,14}")
+_IFACE_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+def guest_ifname(label: str) -> str:
+    """The guest interface name for a label, as MAAS names it (get_ifname_for_label).
+
+    A numeric label N is ethN; a name longer than 15 bytes (the kernel's limit) becomes
+    eth-<last 5 hex digits of its CRC-32>-<its last 5 characters>.
+    """
+    if label.isdigit():
+        label = f"eth{int(label)}"
+    raw = label.encode()
+    if len(raw) > 15:
+        digest = f"{zlib.crc32(raw) & 0xFFFFFFFF:05x}"[-5:]
+        label = f"eth-{digest}-{raw[-5:].decode(errors='replace')}"
+    return label
 
 
 def parse_interfaces(value: str | None) -> tuple[InterfaceSpec, ...]:
-    """Interfaces from "eth0:space=public;eth1:subnet=10.20.0.0/24,type=sriov"."""
+    """Interfaces from "eth0:space=public;eth1:subnet=10.20.0.0/24,attach=sriov" (MAAS's labeled constraint map).
+
+    Unlabeled entries (ours) are eth0, eth1... by position.
+    """
     if value is None or (isinstance(value, str) and not value.strip()):
         return ()
     if not isinstance(value, str):
@@ -354,69 +471,142 @@ def parse_interfaces(value: str | None) -> tuple[InterfaceSpec, ...]:
             label = label.strip()
         else:
             label, body = f"eth{i}", tok
-        if not _LABEL_RE.fullmatch(label):
+        if not _IFACE_LABEL_RE.fullmatch(label):
             raise ParseError(f"interface label {clip(label)} is not valid; use letters, digits, '-', '_' or '.'")
-        if any(o.label == label for o in out):
-            raise ParseError(f"interface label {clip(label)} is used twice; each interface needs its own label")
-        values: dict[str, list] = {k: [] for k in _LIST_KEYS}
-        single: dict[str, str | None] = {"ip": None, "type": None, "name": None}
-        for pair in body.split(","):
-            pair = pair.strip()
-            if not pair:
-                continue
-            if "=" not in pair:
-                raise ParseError(
-                    f"interface constraint {clip(pair)} in {clip(label)} is not key=value; keys: {', '.join(_IFACE_KEYS)}"
-                )
-            key, val = (s.strip() for s in pair.split("=", 1))
-            key = key.lower()
-            if key not in _IFACE_KEYS:
-                raise ParseError(
-                    f"interface constraint key {clip(key)} in {clip(label)} is unknown; keys: {', '.join(_IFACE_KEYS)}"
-                )
-            if not val:
-                raise ParseError(f"interface constraint {clip(key)} in {clip(label)} has no value")
-            values_or_single = _check_iface_value(label, key, val)
-            if key in values:
-                values[key].append(values_or_single)
-            elif single[key] is not None:
-                raise ParseError(f"interface constraint {clip(key)} is given twice in {clip(label)}; give it once")
-            else:
-                single[key] = values_or_single
-        out.append(
-            InterfaceSpec(
-                label=label,
-                **{k: tuple(v) for k, v in values.items()},
-                ip=single["ip"],
-                type=single["type"],
-                name=single["name"],
+        ifname = guest_ifname(label)
+        if any(o.label == ifname for o in out):
+            raise ParseError(
+                f"interface label {clip(label)} names guest interface {ifname} twice; each interface needs its own label"
             )
-        )
+        out.append(_interface(label, ifname, body))
     return tuple(out)
 
 
+def _interface(label: str, ifname: str, body: str) -> InterfaceSpec:
+    lists: dict[str, list] = {k: [] for k in _LIST_KEYS}
+    ips: list[str] = []
+    single: dict[str, object] = {}
+    for pair in body.split(","):
+        pair = pair.strip()
+        if not pair:
+            continue
+        if "=" not in pair:
+            raise ParseError(
+                f"interface constraint {clip(pair)} in {clip(label)} is not key=value; keys: {', '.join(_IFACE_KEYS)}"
+            )
+        key, val = (x.strip() for x in pair.split("=", 1))
+        key = key.lower()
+        base = key.removeprefix("not_")
+        if base in _MAAS_ONLY:
+            raise ParseError(f"interface constraint {clip(key)} in {clip(label)} is refused: {_MAAS_ONLY[base]}")
+        if key not in _IFACE_KEYS:
+            raise ParseError(
+                f"interface constraint key {clip(key)} in {clip(label)} is unknown; keys: {', '.join(_IFACE_KEYS)}"
+            )
+        if not val:
+            raise ParseError(f"interface constraint {clip(key)} in {clip(label)} has no value")
+        v = _check_iface_value(label, key, val)
+        if key == "type" and v in ("macvlan", "sriov"):
+            key = "attach"  # the old spelling of attach=: no MAAS host kind has these names
+        if key == "ip":
+            if v in ips:
+                raise ParseError(f"ip {v} is given twice in {clip(label)}; give each address once")
+            ips.append(v)
+        elif key == "name":
+            lists["name_in"].append(v)
+        elif key == "link_speed":
+            single[key] = min(v, single.get(key, v))  # link_speed>=a OR >=b: the smaller bound
+        elif key in ("mode", "attach"):
+            if single.get(key, v) != v:
+                raise ParseError(
+                    f"interface constraint {clip(key)} is given twice in {clip(label)} with different values; give it once"
+                )
+            single[key] = v
+        elif v not in lists[key]:
+            lists[key].append(v)
+    names = lists.pop("name_in")
+    mode = single.get("mode")
+    if mode == "static" and not ips:
+        raise ParseError(f"interface {clip(label)} has mode=static but no ip=; give the address with ip=")
+    if ips and mode in ("dhcp", "link_up", "unconfigured"):
+        raise ParseError(f"interface {clip(label)} has ip= and mode={mode}; an address needs mode=static (or no mode)")
+    return InterfaceSpec(
+        label=ifname,
+        **{k: tuple(v) for k, v in lists.items()},
+        name_in=tuple(names) if len(names) > 1 else (),
+        name=names[0] if len(names) == 1 else None,
+        ip=ips[0] if ips else None,
+        more_ips=tuple(ips[1:]),
+        mode=mode,  # type: ignore[arg-type]
+        link_speed=single.get("link_speed"),  # type: ignore[arg-type]
+        attach=single.get("attach"),  # type: ignore[arg-type]
+    )
+
+
+def _vid(label: str, key: str, val: str) -> int:
+    """A VLAN id as MAAS reads it: decimal, 0x hex or 0b binary, or `untagged` (0); 0-4094."""
+    text = val.lower()
+    if key in ("vlan", "not_vlan") and text.startswith("vid:"):
+        text = text[4:].strip()
+    if text == "untagged":
+        return 0
+    m = re.fullmatch(r"(0x[0-9a-f]{1,4}|0b[01]{1,16}|[0-9]{1,5})", text)
+    if m is None:
+        if key in ("vlan", "not_vlan"):
+            raise ParseError(
+                f"vlan {clip(val)} in {clip(label)} is a MAAS VLAN name or object, which exist only in MAAS; "
+                "give the VLAN id (vlan=100, vlan=0x64 or vlan=untagged)"
+            )
+        raise ParseError(f"{key} {clip(val)} in {clip(label)} is not a VLAN id; use 0-4094, 0x hex or untagged")
+    vid = int(text, 0) if text.startswith(("0x", "0b")) else int(text)
+    if not 0 <= vid <= 4094:
+        raise ParseError(f"{key} {clip(val)} in {clip(label)} is out of range; VLAN ids are 0-4094 (0 for untagged)")
+    return vid
+
+
 def _check_iface_value(label: str, key: str, val: str):
-    if key in ("subnet", "not_subnet"):
+    if key in ("subnet", "not_subnet", "subnet_cidr", "not_subnet_cidr"):
+        text = val[5:].strip() if val.lower().startswith("cidr:") else val
         try:
-            return str(ipaddress.ip_network(val, strict=False))
+            if "/" not in text:
+                raise ValueError(text)
+            return str(ipaddress.ip_network(text, strict=False))
         except ValueError:
-            raise ParseError(f"subnet {clip(val)} in {clip(label)} is not a CIDR; e.g. 10.20.0.0/24") from None
-    if key in ("vlan", "not_vlan"):
-        if not re.fullmatch(r"[0-9]{1,4}", val) or not 0 <= int(val) <= 4094:
-            raise ParseError(f"vlan {clip(val)} in {clip(label)} is not a VLAN id; use 0-4094")
-        return int(val)
-    if key == "ip":
+            raise ParseError(
+                f"subnet {clip(val)} in {clip(label)} is not a CIDR; MAAS subnet names and ids exist only in MAAS, "
+                "so give the subnet as a CIDR, e.g. 10.20.0.0/24"
+            ) from None
+    if key in ("vlan", "not_vlan", "vid", "not_vid"):
+        return _vid(label, key, val)
+    if key in ("ip", "not_ip"):
         try:
             return str(ipaddress.ip_address(val))
         except ValueError:
             raise ParseError(f"ip {clip(val)} in {clip(label)} is not an IP address; e.g. 10.20.0.50") from None
     if key == "type":
-        if val.lower() not in INTERFACE_TYPES:
+        kind = val.lower()
+        if kind not in (*HOST_KINDS, "macvlan", "sriov"):
             raise ParseError(
-                f"interface type {clip(val)} in {clip(label)} is unknown; allowed: {', '.join(INTERFACE_TYPES)}"
+                f"interface type {clip(val)} in {clip(label)} is not a host interface type; allowed: "
+                f"{', '.join(HOST_KINDS)} (MAAS's meaning); how the guest attaches is attach={'|'.join(ATTACH_TYPES)}"
             )
+        return kind
+    if key == "attach":
+        if val.lower() not in ATTACH_TYPES:
+            raise ParseError(f"attach {clip(val)} in {clip(label)} is unknown; allowed: {', '.join(ATTACH_TYPES)}")
         return val.lower()
-    if key == "name":
+    if key == "mode":
+        mode = val.lower()
+        if mode not in INTERFACE_MODES:
+            raise ParseError(f"mode {clip(val)} in {clip(label)} is unknown; allowed: {', '.join(INTERFACE_MODES)}")
+        return None if mode == "auto" else mode
+    if key == "link_speed":
+        if not re.fullmatch(r"[0-9]{1,8}", val) or int(val) > MAX_LINK_SPEED:
+            raise ParseError(
+                f"link_speed {clip(val)} in {clip(label)} is not a speed; give Mbit/s from 0 to {MAX_LINK_SPEED}"
+            )
+        return int(val)
+    if key in ("name", "not_name"):
         if not _IFNAME_RE.fullmatch(val):
             raise ParseError(f"interface name {clip(val)} in {clip(label)} is not a host interface name")
         return val

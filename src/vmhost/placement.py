@@ -23,11 +23,12 @@ from __future__ import annotations
 import ipaddress
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import filterfalse
 from types import MappingProxyType
 from typing import Any
 
+from vmhost import nic_match
 from vmhost.model import (
     Allocation,
     Cell,
@@ -39,7 +40,7 @@ from vmhost.model import (
     Policy,
     VmRequest,
 )
-from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, human_size
+from vmhost.parse import DEFAULT_ROOT_DISK, HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, human_size
 
 __all__ = ["HostUsage", "NodeUsage", "PlacementError", "UsageIndex", "compute_usage", "place"]
 
@@ -435,34 +436,9 @@ class _Iface:
     fallback: list[Nic]  # macvlan candidates when SR-IOV was only preferred, not forced
 
 
-def _in_any(addresses: Sequence[str], networks: Sequence[str]) -> bool:
-    for a in addresses:
-        try:
-            ip = ipaddress.ip_interface(a).ip
-        except ValueError:
-            continue
-        for net in networks:
-            if ip.version == ipaddress.ip_network(net).version and ip in ipaddress.ip_network(net):
-                return True
-    return False
-
-
 def _contains_ip(nic: Nic, ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
     return any(i is not None and i.version == addr.version and addr in i.network for i in map(_iface, nic.addresses))
-
-
-def _matches(nic: Nic, s: InterfaceSpec) -> bool:
-    vid = nic.vlan or 0
-    return (
-        (s.name is None or nic.name == s.name)
-        and (not s.space or nic.space in s.space)
-        and (not s.not_space or nic.space not in s.not_space)
-        and (not s.subnet or _in_any(nic.addresses, s.subnet))
-        and (not s.not_subnet or not _in_any(nic.addresses, s.not_subnet))
-        and (not s.vlan or vid in s.vlan)
-        and (not s.not_vlan or vid not in s.not_vlan)
-    )
 
 
 def _describe(s: InterfaceSpec) -> str:
@@ -474,14 +450,18 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
     by_name = {n.name: n for n in host.nics}
     out = []
     for s in specs:
-        matched = [n for n in host.nics if _matches(n, s)]
-        if s.ip is not None:
-            matched = [n for n in matched if _contains_ip(n, s.ip) or _bridge_contains(by_name, n, s.ip)]
+        matched = [n for n in host.nics if nic_match.matches(n, s)]
+        if s.ips:  # every address on the interface's subnets (MAAS ORed them and moved the NIC to the last one's VLAN)
+            matched = [
+                n for n in matched if all(_contains_ip(n, ip) or _bridge_contains(by_name, n, ip) for ip in s.ips)
+            ]
         if not matched:
-            why = f" with a subnet containing ip {s.ip}" if s.ip else ""
+            why = f" with subnets containing ip {' and '.join(s.ips)}" if s.ips else ""
             known = ", ".join(sorted(by_name)) or "none"
+            unknown = nic_match.unknown_speeds(host.nics, s)
+            speed = f" (link speed unknown on {', '.join(unknown)})" if unknown else ""
             raise PlacementError(
-                f"interface {s.label}: no host interface matches {_describe(s)}{why}; host interfaces: {known}"
+                f"interface {s.label}: no host interface matches {_describe(s)}{why}{speed}; host interfaces: {known}"
             )
         bridges: dict[str, Nic] = {}
         for n in matched:
@@ -489,7 +469,7 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
                 bridges[n.name] = n
             elif n.bridge:  # a port attaches through its bridge, which must pass the filters too
                 parent = by_name.get(n.bridge) or Nic(name=n.bridge, kind="bridge")
-                if _matches(parent, replace(s, name=None)):
+                if nic_match.matches(parent, s, as_bridge_of_port=True):
                     bridges.setdefault(n.bridge, parent)
         bridge = sorted(bridges.values(), key=lambda n: n.name)
         # Hypervisor-managed networks (libvirt's "default" NAT network, say) attach like a bridge.
@@ -499,29 +479,36 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
             key=lambda n: (vfs_used.get(n.name, 0) - n.sriov_max_vfs, n.name),
         )
         macvlan = sorted((n for n in matched if n.kind in _MACVLAN_KINDS and not n.bridge), key=lambda n: n.name)
-        if s.ip is not None:
-            bridge = [n for n in bridge if _contains_ip(n, s.ip)] or bridge
+        if s.ips:
+            bridge = [n for n in bridge if all(_contains_ip(n, ip) for ip in s.ips)] or bridge
         free_sriov = [n for n in sriov if vfs_used.get(n.name, 0) < n.sriov_max_vfs]
         names = ", ".join(sorted(n.name for n in matched))
-        if s.type == "bridge" or (s.type is None and (bridge or networks)):
+        if s.attach == "bridge" or (s.attach is None and (bridge or networks)):
             if bridge:
                 out.append(_Iface(s, "bridge", bridge, []))
             elif networks:
                 out.append(_Iface(s, "network", networks, []))
             else:
                 raise PlacementError(f"interface {s.label}: no bridge matches {_describe(s)}; matching: {names}")
-        elif s.type == "sriov" or (s.type is None and free_sriov):
+        elif s.attach == "sriov" or (s.attach is None and free_sriov):
             if not free_sriov:
                 full = ", ".join(f"{n.name} {vfs_used.get(n.name, 0)}/{n.sriov_max_vfs}" for n in sriov)
                 raise PlacementError(
                     f"interface {s.label}: sriov needs a free VF on a NIC matching {_describe(s)}; "
                     + (f"all VFs are in use ({full})" if sriov else f"none of {names} has SR-IOV VFs")
                 )
-            out.append(_Iface(s, "sriov", free_sriov, macvlan if s.type is None else []))
+            out.append(_Iface(s, "sriov", free_sriov, macvlan if s.attach is None else []))
         else:
             if not macvlan:
+                ports = sorted(f"{n.name} is a port of bridge {n.bridge}" for n in matched if n.bridge)
+                why = (
+                    f" ({'; '.join(ports)}: macvlan cannot use a bridge port, attach through the bridge)"
+                    if ports
+                    else ""
+                )
                 raise PlacementError(
-                    f"interface {s.label}: no physical or VLAN interface for macvlan matches {_describe(s)}; matching: {names}"
+                    f"interface {s.label}: no physical or VLAN interface for macvlan matches {_describe(s)}; "
+                    f"matching: {names}{why}"
                 )
             out.append(_Iface(s, "macvlan", macvlan, []))
     return out
@@ -530,7 +517,7 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
 def _check_addresses(host: HostTopology, allocations: Sequence[Allocation], specs: Sequence[InterfaceSpec]) -> None:
     """A static ip is one no one else has: not a subnet's network or broadcast address, not the host's own
     or a gateway's, not another VM's (whoever made it) nor another NIC's of this VM."""
-    wanted = [(s.label, _ip(s.ip)) for s in specs if s.ip is not None]
+    wanted = [(s.label, _ip(ip)) for s in specs for ip in s.ips]
     if not wanted:
         return
     given: dict[Any, str] = {}
@@ -620,6 +607,8 @@ def _nic_allocations(ifaces: Sequence[_Iface], vfs: dict[str, Nic]) -> tuple[Nic
                 vlan=nic.vlan,
                 ip=f.spec.ip,
                 numa_node=nic.numa_node,
+                more_ips=f.spec.more_ips,
+                mode=f.spec.mode,
             )
         )
     return tuple(out)
@@ -638,7 +627,8 @@ def _place_disks(host: HostTopology, request: VmRequest, policy: Policy, committ
         return p.total - max(p.used, committed.get(name, 0)) - taken.get(name, 0)
 
     out = []
-    for d in request.storage:
+    # No storage asked for: MAAS's default root disk, where the host has somewhere to put it.
+    for d in request.storage or ((DEFAULT_ROOT_DISK,) if pools else ()):
         named = [t for t in d.tags if t in pools]
         if named:
             pool = named[0]
@@ -1223,7 +1213,7 @@ def _place_bound_with_fallback(st, request, policy, size, ifaces):
 
 
 def _without_soft_sriov(ifaces: list[_Iface]) -> list[_Iface]:
-    """SR-IOV that was only preferred (no `type=sriov`) becomes macvlan on its fallback NICs."""
+    """SR-IOV that was only preferred (no `attach=sriov`) becomes macvlan on its fallback NICs."""
     return [_Iface(f.spec, "macvlan", f.fallback, []) if f.type == "sriov" and f.fallback else f for f in ifaces]
 
 

@@ -350,7 +350,7 @@ def _ready(vm: VmInfo, decision: RequestDecision) -> UnitResult:
         message=note,
         name=vm.name,
         mac_addresses=tuple(vm.macs) or tuple(nic.mac for nic in allocation.nics if nic.mac),
-        addresses=tuple(nic.ip for nic in allocation.nics if nic.ip),
+        addresses=tuple(ip for nic in allocation.nics for ip in ((nic.ip,) if nic.ip else ()) + tuple(nic.more_ips)),
         cores=allocation.vcpus,
         memory=allocation.memory,
     )

@@ -43,8 +43,6 @@ __all__ = [
     "vm_name",
 ]
 
-DEFAULT_CORES = 1
-DEFAULT_MEMORY = 1024**3
 FEW = 3  # how many items of a list a message names before "and N more"
 IMAGE_REJECTION = (
     "image must be a name of an image in the host's image directory "
@@ -277,8 +275,9 @@ def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSett
     try:
         request = VmRequest.from_dict(
             {
-                "cores": spec.get("cores") or DEFAULT_CORES,
-                "memory": spec.get("memory") or DEFAULT_MEMORY,
+                # Unset: VmRequest's defaults, the same as the action's and the CLI's.
+                "cores": spec.get("cores"),
+                "memory": spec.get("memory"),
                 "pinned_cores": spec.get("pinned_cores"),
                 "hugepages_backed": bool(spec.get("hugepages_backed")),
                 "hugepage_size": spec.get("hugepage_size"),
@@ -305,6 +304,18 @@ def _bare_name(image: Any) -> bool:
     return isinstance(image, str) and bool(image) and "/" not in image and "\\" not in image and ".." not in image
 
 
+def _inside(addresses: Sequence[str], cidrs: Sequence[ipaddress._BaseNetwork]) -> list[bool]:
+    """For each readable address, whether it lies in one of `cidrs`."""
+    out = []
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_interface(address).ip
+        except ValueError:
+            continue
+        out.append(any(ip.version == net.version and ip in net for net in cidrs))
+    return out
+
+
 def nic_policy_error(allocation: Allocation, *, host_nics: Sequence[Nic], settings: RelationSettings) -> str | None:
     """Why a planned VM's NICs break allowed-networks (None when they do not, or no list is set).
 
@@ -326,14 +337,9 @@ def nic_policy_error(allocation: Allocation, *, host_nics: Sequence[Nic], settin
         spaces = [host_nic.space] if host_nic and host_nic.space else []
         if _allowed_by_name(nic.parent, settings) or any(space in settings.allowed_networks for space in spaces):
             continue
-        addresses = []
-        for address in (host_nic.addresses if host_nic else ()) + ((nic.ip,) if nic.ip else ()):
-            try:
-                addresses.append(ipaddress.ip_interface(address).ip)
-            except ValueError:
-                continue
-        if any(ip.version == net.version and ip in net for ip in addresses for net in cidrs):
-            continue
+        vm_inside = _inside(((nic.ip,) if nic.ip else ()) + tuple(nic.more_ips), cidrs)
+        if any(_inside(host_nic.addresses if host_nic else (), cidrs)) or (vm_inside and all(vm_inside)):
+            continue  # the host's side is allowed, or every address the VM gets there is
         return (
             f"interfaces: {nic.label} would attach to {nic.parent}, which is not in allowed-networks "
             f"({first_few(settings.allowed_networks)})"

@@ -147,3 +147,33 @@ def test_lxd_root_smaller_than_its_image_is_refused_and_nothing_is_made(lxd_host
     with pytest.raises(ProviderError, match="exceeds specified volume size"):
         lxd_host.compose(request, boot="image", image=lxd_vm_image)
     assert test_lxd.instance_names(project) == before
+
+
+def test_lxd_several_ips_and_link_up_reach_the_guests_network_config(lxd_host, project, lxd_vm_image):
+    """Issue 16: two ip= on one interface give the guest both; mode=link_up brings a second one up bare."""
+    bridge, iface = _addressed_bridge(lxd_host)
+    first = _free_ip(iface)
+    second = next(str(h) for h in iface.network.hosts() if str(h) not in (first, str(iface.ip)) and int(h) % 7 == 3)
+    interfaces = f"0:ip={first},ip={second};1:name={bridge},mode=link_up"
+    request = VmRequest.from_dict({"cores": 1, "memory": "256M", "storage": "root:128M", "interfaces": interfaces})
+    vm = lxd_host.compose(request, boot="image", image=lxd_vm_image)
+    try:
+        shown = yaml.safe_load(test_lxd.lxc("config", "show", vm.name, "--project", project).stdout)
+        eths = yaml.safe_load(shown["config"]["cloud-init.network-config"])["ethernets"]
+        prefix = iface.network.prefixlen
+        assert eths["eth0"]["addresses"] == [f"{first}/{prefix}", f"{second}/{prefix}"]
+        assert eths["eth1"]["dhcp4"] is False and "addresses" not in eths["eth1"]
+    finally:
+        lxd_host.decompose(vm.name)
+
+
+def test_libvirt_link_speed_is_matched_against_the_hosts_interfaces(libvirt_host, vm_names, libvirt_conn):
+    """Issue 16: link_speed= needs the kernel's speed; where the host does not know it, the refusal says so."""
+    nics = libvirt_host.topology().nics
+    unknown = [n.name for n in nics if n.link_speed is None and n.kind != "network"]
+    if not unknown:
+        pytest.skip("every host interface reports a link speed here")
+    before = set(libvirt_conn.listDefinedDomains()) | {d.name() for d in libvirt_conn.listAllDomains()}
+    with pytest.raises(PlacementError, match=f"link speed unknown on .*{unknown[0]}"):
+        libvirt_host.compose(VmRequest.from_dict({"memory": "128M", "interfaces": f"a:name={unknown[0]},link_speed=1"}))
+    assert {d.name() for d in libvirt_conn.listAllDomains()} <= before

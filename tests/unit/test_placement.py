@@ -385,7 +385,7 @@ def test_sriov_vfs_are_counted_and_never_exceeded():
     with pytest.raises(PlacementError) as e:
         place(host, allocs, r, Policy())
     assert str(e.value) == (
-        "interface eth0: sriov needs a free VF on a NIC matching subnet=10.20.0.0/24,type=sriov; "
+        "interface eth0: sriov needs a free VF on a NIC matching subnet=10.20.0.0/24,attach=sriov; "
         "all VFs are in use (pf0 1/1, pf1 1/1)"
     )
 
@@ -449,12 +449,16 @@ def test_interface_static_ip_is_checked_and_copied():
     [
         ("eth0:space=nowhere", "interface eth0: no host interface matches space=nowhere; host interfaces: "),
         (
+            "eth0:space=storage,attach=bridge",
+            "interface eth0: no bridge matches space=storage,attach=bridge; matching: enp2s0",
+        ),
+        (  # type= is MAAS's host interface kind: enp2s0 is physical, not a bridge
             "eth0:space=storage,type=bridge",
-            "interface eth0: no bridge matches space=storage,type=bridge; matching: enp2s0",
+            "interface eth0: no host interface matches space=storage,type=bridge; host interfaces: ",
         ),
         (
             "eth0:space=public,type=sriov",
-            "interface eth0: sriov needs a free VF on a NIC matching space=public,type=sriov; ",
+            "interface eth0: sriov needs a free VF on a NIC matching space=public,attach=sriov; ",
         ),
     ],
 )

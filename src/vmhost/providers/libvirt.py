@@ -791,6 +791,13 @@ def _cores(cell: ET.Element) -> tuple[Core, ...]:
     )
 
 
+def _link_speed(text: str | None) -> int | None:
+    """Mbit/s from sysfs `speed`; None where the kernel does not know it (-1, a link that is down, a bridge)."""
+    if text is None or not text.strip().isdigit():
+        return None
+    return int(text) or None
+
+
 def _read(path: Path) -> str | None:
     try:
         return path.read_text().strip()
@@ -824,6 +831,7 @@ def _local_nics() -> list[Nic]:
         dev = _SYSFS_NET / name / "device"
         node = _read(dev / "numa_node")
         vfs = _read(dev / "sriov_totalvfs")
+        speed = _link_speed(_read(_SYSFS_NET / name / "speed"))
         master = link.get("master")
         bridge = master if master and (_SYSFS_NET / name / "brport").exists() else None
         vlan = ((link.get("linkinfo") or {}).get("info_data") or {}).get("id") if kind == "vlan" else None
@@ -842,6 +850,7 @@ def _local_nics() -> list[Nic]:
                 addresses=addresses,
                 kind=kind,
                 gateways=gateways.get(name, ()),
+                link_speed=speed,
             )
         )
     return [replace(n, vlan=bridge_vlan[n.name]) if n.name in bridge_vlan else n for n in nics]

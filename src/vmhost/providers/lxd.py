@@ -388,12 +388,13 @@ class LxdProvider:
         return next((k for k, v in HUGEPAGE_SIZES.items() if v == size), None)
 
     def _nics(self, res: dict) -> list[Nic]:
-        cards: dict[str, tuple[int | None, int]] = {}
+        cards: dict[str, tuple[int | None, int, int | None]] = {}
         for card in (res.get("network") or {}).get("cards") or []:
             numa = card.get("numa_node")
             vfs = int((card.get("sriov") or {}).get("maximum_vfs") or 0)
             for port in card.get("ports") or []:
-                cards[port["id"]] = (numa, vfs)
+                speed = port.get("link_speed")  # Mbit/s; 0 or absent: unknown (link down)
+                cards[port["id"]] = (numa, vfs, int(speed) if isinstance(speed, int) and speed > 0 else None)
         nics = []
         nets = self._get("/networks", recursion=1) or []
         self._network_kinds = {n["name"]: n.get("type") for n in nets}
@@ -414,7 +415,7 @@ class LxdProvider:
             name = net["name"]
             st = states.get(name, {})
             vlan = (st.get("vlan") or {}).get("vid")
-            numa, vfs = cards.get(name, (None, 0))
+            numa, vfs, speed = cards.get(name, (None, 0, None))
             addresses = tuple(
                 f"{a['address']}/{a['netmask']}" for a in st.get("addresses") or [] if a.get("scope") == "global"
             )
@@ -427,6 +428,7 @@ class LxdProvider:
                     vlan=int(vlan) if vlan else None,
                     addresses=addresses,
                     kind=kind,
+                    link_speed=speed,
                 )
             )
         self._nics_cache = nics
@@ -663,7 +665,7 @@ class LxdProvider:
                 )
             if nic.type == "bridge" and kind != "bridge":
                 raise ProviderError(
-                    f"NIC {nic.label} parent {nic.parent!r} is a {kind}, not a bridge; use type=macvlan"
+                    f"NIC {nic.label} parent {nic.parent!r} is a {kind}, not a bridge; use attach=macvlan"
                 )
 
     def _delete_if_exists(self, path: str) -> None:
