@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("name")
     st.add_argument("--force", action="store_true")
     sub.add_parser("gc", parents=[common], help="remove what a crashed compose left behind")
+    sv = sub.add_parser("serve", parents=[common], help="serve /metrics, a live page and /api/resources (read-only)")
+    sv.add_argument(
+        "--listen",
+        default=os.environ.get("VMHOST_LISTEN", "127.0.0.1:9477"),
+        help="IP:PORT to listen on (default 127.0.0.1:9477; [::]:9477 for IPv6)",
+    )
     return parser
 
 
@@ -114,6 +120,8 @@ def _emit(args: argparse.Namespace, data, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from vmhost.resources_view import render_view, vm_line
 
+    if args.command == "serve":
+        return serve(args)
     host = _host(args)
     try:
         if args.command == "resources":
@@ -153,6 +161,34 @@ def run(args: argparse.Namespace) -> int:
             _emit(args, {"removed": removed}, "\n".join(f"removed {r}" for r in removed) or "nothing to remove")
     finally:
         host.provider.close()
+    return 0
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run `vmhost serve` until SIGTERM or Ctrl-C; each read of the host opens and closes its own connection."""
+    import signal
+
+    from vmhost.exporter import make_server
+
+    _policy(args)  # a bad policy option is refused before anything listens
+
+    def read() -> dict:
+        host = _host(args)
+        try:
+            return host.resources()
+        finally:
+            host.provider.close()
+
+    server = make_server(args.listen, read)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"vmhost: serving {args.backend} resources on http://{args.listen}/", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.reader.close()
     return 0
 
 

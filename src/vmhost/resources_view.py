@@ -79,6 +79,7 @@ def resources_dict(backend: str, host: HostTopology, usage: HostUsage, vms: Sequ
             {
                 "name": v.name,
                 "state": v.state,
+                "phase": v.phase,
                 "managed": v.managed,
                 "vcpus": v.allocation.vcpus,
                 "pinned": list(v.allocation.pinned) if v.allocation.pinned else None,

@@ -257,7 +257,7 @@ class LibvirtProvider:
         if meta is None:
             alloc = allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids())
             return VmInfo(dom.name(), state, alloc, managed=False, macs=macs)
-        return VmInfo(dom.name(), state, meta[0], managed=True, macs=macs)
+        return VmInfo(dom.name(), state, meta[0], managed=True, macs=macs, phase=meta[1])
 
     def list_vms(self) -> list[VmInfo]:
         host_nodes = self._node_ids()
