@@ -8,11 +8,11 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import replace
-from html.parser import HTMLParser
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.page_dom import PageDom
 from tests.unit.fakes import FakeProvider
 from vmhost import cli
 from vmhost.exporter import CachedReader, ExporterServer, Snapshot, metric_families
@@ -316,35 +316,11 @@ def test_api_resources_says_503_with_the_reason_when_the_hypervisor_is_down(serv
 # --- the page ------------------------------------------------------------------------------------
 
 
-class _Bars(HTMLParser):
-    """The page's cards, bars and VM items as data (what a person sees, from the data-* attributes)."""
-
-    def __init__(self):
-        super().__init__()
-        self.node: str | None = None
-        self.bars: dict[tuple[str | None, str], dict[str, str]] = {}
-        self.vms: dict[str, str | None] = {}
-        self.foreign: list[str] = []
-        self._vm: str | None = None
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "section":
-            self.node = a.get("data-node")
-        if "data-kind" in a:
-            self.bars[(self.node, a["data-kind"])] = a
-        if "data-vm" in a:
-            self._vm = a["data-vm"]
-            self.vms[a["data-vm"]] = self.node
-        if tag == "span" and a.get("class") == "foreign":
-            self.foreign.append(self._vm)
-
-
 def test_the_page_shows_node_cards_with_bars_matching_the_resources(provider):
     host = VmHost(provider)
     vm = pinned_hugepage_vm(host)
     snap = snapshot(host)
-    parsed = _Bars()
+    parsed = PageDom()
     parsed.feed(render_page(snap))
     res = snap.resources
     node = str(vm.allocation.numa_nodes[0])
@@ -373,7 +349,7 @@ def test_the_page_escapes_names_from_the_hypervisor_and_marks_foreign_vms(provid
     provider.vms[evil] = VmInfo(evil, "running", replace(vm.allocation, name=evil, pinned=None), managed=False)
     html = render_page(snapshot(host))
     assert evil not in html and "&lt;img src=x onerror=&quot;alert(1)&quot;&gt;" in html
-    parsed = _Bars()
+    parsed = PageDom()
     parsed.feed(html)
     assert parsed.foreign == [evil]
 
