@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from vmhost.model import Policy
-from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size, parse_vm_name
+from vmhost.parse import (
+    ParseError,
+    parse_cpuset,
+    parse_hugepage_size,
+    parse_listen_address,
+    parse_size,
+    parse_vm_name,
+)
 
 __all__ = [
     "AddTrustedClientParams",
@@ -136,6 +143,7 @@ class CharmConfig(BaseModel):
     relation_quota: Quota = Quota()
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
+    metrics_address: str = "127.0.0.1:9477"
 
     @field_validator("lxd_snap_channel")
     @classmethod
@@ -149,6 +157,17 @@ class CharmConfig(BaseModel):
     def _uri(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", v):
             raise ValueError(f"{v!r} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://virsh@host/system")
+        return v
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, v: str) -> str:
+        v = v.strip()
+        if v:
+            try:
+                parse_listen_address(v)
+            except ParseError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @field_validator("libvirt_image_dir")
