@@ -17,6 +17,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -125,8 +126,6 @@ def _compose_pinned_hugepage_vm(host) -> dict:
     request = VmRequest.from_dict(
         {"cores": 1, "memory": "128M", "pinned_cores": "auto", "hugepages_backed": True, "hugepage_size": "2M"}
     )
-    from dataclasses import replace
-
     vm = vmhost.compose(replace(request, name=name), start=True)
     return vm.to_dict()
 
@@ -181,18 +180,12 @@ def test_prometheus_sees_pinned_threads_and_free_hugepages_move_by_exactly_the_v
     t0 = time.time()
     vm = _compose_pinned_hugepage_vm(host)
     node = str(vm["numa_nodes"][0])
-    pages = (
-        vm["hugepages"]["per_node"][node]
-        if node in vm["hugepages"]["per_node"]
-        else vm["hugepages"]["per_node"][int(node)]
-    )
-    assert len(vm["pinned"]) == 1 and pages == 64
+    assert len(vm["pinned"]) == 1 and vm["hugepages"] == {"size": "2M", "per_node": {node: 64}}
 
     want_pinned = {**pinned_before, node: pinned_before[node] + 1}
     want_free = {**free_before, node: free_before[node] - 64}
     _wait("the composed VM in Prometheus", lambda: query("vmhost_node_pinned_threads") == want_pinned, 30)
     assert _wait("its pages in Prometheus", lambda: query('vmhost_node_hugepages_free{size="2M"}') == want_free, 30)
-    t1 = time.time()
 
     vmhost.decompose(vm["name"])
     _wait("the decomposed VM gone from Prometheus", lambda: query("vmhost_node_pinned_threads") == pinned_before, 30)
@@ -207,7 +200,6 @@ def test_prometheus_sees_pinned_threads_and_free_hugepages_move_by_exactly_the_v
         free_before[node],
         free_before[node] - 64,
     }
-    assert t1 - t0 < 30 and t2 - t1 < 30
 
 
 # --- alert rules ---------------------------------------------------------------------------------
