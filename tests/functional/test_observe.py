@@ -339,7 +339,7 @@ def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
         "--disable-component-update",
         "--disable-sync",
         "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+        f"--user-data-dir={tmp_path / f'chromium-{uuid.uuid4().hex[:8]}'}",  # a new profile per run
         *args,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
@@ -379,3 +379,51 @@ def test_chromium_shows_the_pinned_hugepage_vm_on_its_node_card(host, serve, tmp
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     if os.environ.get("VMHOST_SCREENSHOT_DIR"):  # how docs/host-page.png is made
         shutil.copy(shot, Path(os.environ["VMHOST_SCREENSHOT_DIR"]) / "host-page.png")
+
+
+def test_the_page_refreshes_itself_and_reads_without_javascript(host, tmp_path):
+    """The inline script fetches the page again and swaps the cards in: a VM composed after the page loaded
+    appears without a reload. With JavaScript off the page shows the same cards, read once."""
+    import threading
+
+    from vmhost.exporter import CachedReader, ExporterServer
+
+    vmhost, _ = host
+    second_read, composed = threading.Event(), threading.Event()
+    reads = []
+
+    def read() -> dict:
+        reads.append(time.monotonic())
+        if len(reads) == 2:  # the page's own refresh: hold it until the VM exists
+            second_read.set()
+            composed.wait(120)
+        return vmhost.resources()
+
+    server = ExporterServer(("127.0.0.1", 0), CachedReader(read, ttl=0, timeout=150))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    try:
+        result: dict = {}
+        browser = threading.Thread(
+            target=lambda: result.update(r=_chromium(tmp_path, "--virtual-time-budget=8000", "--dump-dom", url))
+        )
+        browser.start()
+        assert second_read.wait(120), "the page never fetched itself again"
+        vm = _compose_pinned_hugepage_vm(host)
+        composed.set()
+        browser.join(150)
+        r = result["r"]
+        assert r.returncode == 0, r.stderr[-2000:]
+        dom = PageDom()
+        dom.feed(r.stdout)
+        assert dom.vms.get(vm["name"]) == str(vm["numa_nodes"][0]), "the refreshed cards do not show the new VM"
+
+        # Without JavaScript a browser shows the HTML as served (chromium's --dump-dom itself needs scripts):
+        raw = _get(url).decode()
+        dom = PageDom()
+        dom.feed(raw)
+        assert dom.cards and vm["name"] in dom.vms and "<noscript>" in raw and "JavaScript is off" in raw
+    finally:
+        composed.set()
+        server.shutdown()
+        server.server_close()
