@@ -242,19 +242,22 @@ def _host_families(res: dict) -> Iterator[GaugeMetricFamily]:
         g = _gauge(f"vmhost_{key}", f"The {key.replace('_', ' ')} in effect.")
         g.add_metric([], float(pol[key]))
         yield g
-    for name, key, doc in (
-        ("vmhost_shared_vcpus", "used", "Floating vCPUs given to VMs."),
-        ("vmhost_shared_vcpus_capacity", "capacity", "Floating vCPUs the free threads hold, overcommit applied."),
+    for name, (part, key), doc in (
+        ("vmhost_shared_vcpus", ("shared_vcpus", "used"), "Floating vCPUs given to VMs."),
+        (
+            "vmhost_shared_vcpus_capacity",
+            ("shared_vcpus", "capacity"),
+            "Floating vCPUs the free threads hold, overcommit applied.",
+        ),
+        ("vmhost_memory_general_committed_bytes", ("memory", "used"), "General memory given to VMs."),
+        (
+            "vmhost_memory_general_capacity_bytes",
+            ("memory", "capacity"),
+            "General memory VMs may be given, overcommit applied.",
+        ),
     ):
         g = _gauge(name, doc)
-        g.add_metric([], res["shared_vcpus"][key])
-        yield g
-    for name, key, doc in (
-        ("vmhost_memory_general_committed_bytes", "used", "General memory given to VMs."),
-        ("vmhost_memory_general_capacity_bytes", "capacity", "General memory VMs may be given, overcommit applied."),
-    ):
-        g = _gauge(name, doc)
-        g.add_metric([], res["memory"][key])
+        g.add_metric([], res[part][key])
         yield g
     pools = {
         k: _gauge(f"vmhost_storage_pool_{k}bytes", doc, ("pool",))

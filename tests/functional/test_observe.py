@@ -26,9 +26,7 @@ from tests.page_dom import PageDom
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmhost.model import Policy, VmRequest  # noqa: E402
-from vmhost.providers.base import get_provider  # noqa: E402
-from vmhost.service import VmHost  # noqa: E402
+from vmhost.model import VmRequest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "src/prometheus_alert_rules/vmhost.rules"
@@ -82,23 +80,6 @@ def _process(cmd: list[str], log: Path, **kw):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-
-
-@pytest.fixture
-def host(tmp_path):
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("no usable /dev/kvm on this machine")
-    try:
-        libvirt.open(URI).close()
-    except libvirt.libvirtError as e:
-        pytest.skip(f"libvirtd is not reachable at {URI}: {e}")
-    vmhost = VmHost(get_provider("libvirt", uri=URI), Policy(), lock_path=str(tmp_path / "lock"))
-    made: list[str] = []
-    yield vmhost, made
-    for name in made:
-        with contextlib.suppress(Exception):
-            vmhost.decompose(name)
-    vmhost.provider.close()
 
 
 @pytest.fixture
