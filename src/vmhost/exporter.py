@@ -31,6 +31,7 @@ DEFAULT_LISTEN = "127.0.0.1:9477"
 CACHE_SECONDS = 5.0  # a snapshot younger than this is served again (Prometheus scrapes every 15-60 s)
 READ_TIMEOUT = 10.0  # s a request waits for the hypervisor before it reports it as not answering
 HTTP_TIMEOUT = 15.0  # s a client connection may idle before the server drops it
+MAX_CLIENTS = 32  # connections served at once (Prometheus needs one, a few people watching the page a few more)
 
 
 @dataclass(frozen=True)
@@ -368,13 +369,32 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ExporterServer(ThreadingHTTPServer):
+    """A thread per connection, at most `max_clients` at once: one more is closed at once, not queued."""
+
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], reader: CachedReader):
+    def __init__(self, address: tuple[str, int], reader: CachedReader, max_clients: int = MAX_CLIENTS):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.reader = reader
         self.registry = registry(reader)
+        self._slots = threading.BoundedSemaphore(max_clients)
         super().__init__(address, _Handler)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def make_server(listen: str, read: Callable[[], dict], **reader_options: float) -> ExporterServer:

@@ -363,3 +363,24 @@ def test_cli_serve_refuses_a_bad_address_in_one_line(provider, capsys):
     assert cli.main(["serve", "--listen", "localhost:80"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("vmhost: error: listen address 'localhost:80' is not IP:PORT") and err.count("\n") == 1
+
+
+def test_connections_beyond_the_limit_are_closed_not_queued(provider):
+    import socket
+
+    server = ExporterServer(("127.0.0.1", 0), CachedReader(VmHost(provider).resources), max_clients=1)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    address = server.server_address
+    try:
+        idle = socket.create_connection(address, timeout=5)  # holds the one slot, sends nothing
+        time.sleep(0.2)
+        extra = socket.create_connection(address, timeout=5)
+        extra.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        assert extra.recv(100) == b""  # closed without an answer
+        idle.close()
+        time.sleep(0.2)
+        status, _, body = get(f"http://127.0.0.1:{address[1]}/metrics")
+        assert status == 200 and b"vmhost_hypervisor_up 1.0" in body  # the slot came back
+    finally:
+        server.shutdown()
+        server.server_close()
