@@ -19,10 +19,11 @@ from typing import Any
 import ops
 from pydantic import ValidationError
 
-from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, VmAllocationProvider, VmStatus
+from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES, MAX_MESSAGE, VmAllocationProvider, VmStatus, decode_json
 from vmhost import broker
 from vmhost.providers.base import ProviderError
-from vmhost.service import Refused
+from vmhost.service import HostLockError, Refused
+from vmhost.timeouts import HypervisorTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +31,29 @@ ASSIGNMENTS_KEY = "assignments"
 CAPACITY_KEY = "capacity"
 RESULTS_KEY = "results"
 INTERNAL_ERROR = "the host hit an internal error serving this request; its operator can find the cause in the unit log"
+HYPERVISOR_ERROR = "the hypervisor could not create this VM; the host's operator can find why in the unit log"
+# A unit's results cover every request it serves, of every related application.
+PEER_FIELD_BYTES = 16 * MAX_FIELD_BYTES
 
 
 def _json(data: Any, key: str, default: Any) -> Any:
-    """A JSON value from a databag, or `default` when absent or unreadable (peer data is ours, but be safe)."""
+    """A JSON value from a peer databag, or `default` when absent or unusable (ours, but read totally)."""
     try:
-        value = json.loads(data.get(key) or "null")
-    except (ValueError, TypeError):
+        value = decode_json(data.get(key), limit=PEER_FIELD_BYTES)
+    except ValueError:
         return default
     return value if isinstance(value, type(default)) else default
+
+
+def _results(data: Any) -> dict[str, broker.Result]:
+    """owner -> Result as a unit published them; an entry that is not one is left out."""
+    out = {}
+    for owner, entry in _json(data, RESULTS_KEY, {}).items():
+        try:
+            out[owner] = broker.Result.from_dict(entry)
+        except ValueError:
+            logger.warning("a peer result for %r is unreadable; ignored", owner[:200])  # %r: any text logs
+    return out
 
 
 def bounded(message: str | None, limit: int = MAX_MESSAGE) -> str | None:
@@ -68,10 +83,7 @@ def _where(e: BaseException) -> str:
 
 def _own_results(peer: ops.Relation | None, unit: ops.Unit) -> dict[str, broker.Result]:
     """What this unit published last time (to retry its failed composes elsewhere)."""
-    if peer is None:
-        return {}
-    raw = _json(peer.data[unit], RESULTS_KEY, {})
-    return {str(k): broker.Result.from_dict(v) for k, v in raw.items() if isinstance(v, dict)}
+    return _results(peer.data[unit]) if peer is not None else {}
 
 
 class AllocationRelation(ops.Object):
@@ -151,13 +163,13 @@ class AllocationRelation(ops.Object):
             for u in peer.units:
                 if u.name == me:
                     continue
-                raw = _json(peer.data[u], RESULTS_KEY, {})
-                peer_results[u.name] = {
-                    str(k): broker.Result.from_dict(v) for k, v in raw.items() if isinstance(v, dict)
-                }
+                peer_results[u.name] = _results(peer.data[u])
                 cap = _json(peer.data[u], CAPACITY_KEY, {})
-                if cap:
-                    capacities[u.name] = broker.Capacity.from_dict(cap)
+                try:
+                    if cap:
+                        capacities[u.name] = broker.Capacity.from_dict(cap)
+                except ValueError:
+                    logger.warning("the capacity %s published is unreadable; ignored", u.name)
 
         vms = host.vms()
         held = {
@@ -173,6 +185,7 @@ class AllocationRelation(ops.Object):
         accepted = [d.accepted for d in decisions if d.accepted is not None]
 
         current = _json(peer.data[self._charm.app], ASSIGNMENTS_KEY, {}) if peer else {}
+        current = {k: v for k, v in current.items() if isinstance(v, str)}
         waiting: dict[str, str] = {}
         if leader:
             capacities[me] = self._capacity(host)
@@ -183,7 +196,7 @@ class AllocationRelation(ops.Object):
             if peer is not None and assignments != current:
                 peer.data[self._charm.app][ASSIGNMENTS_KEY] = json.dumps(assignments, sort_keys=True)
         else:
-            assignments = {str(k): str(v) for k, v in current.items()}
+            assignments = current
 
         ready_elsewhere = {o for u, res in peer_results.items() for o, r in res.items() if r.status == "ready"}
         live_apps = {i.app_key for i in inputs}
@@ -229,6 +242,8 @@ class AllocationRelation(ops.Object):
             try:
                 host.decompose(name)
                 logger.info("released relation VM %s", name)
+            except (HostLockError, HypervisorTimeout):
+                raise  # this unit cannot serve now (see below)
             except ProviderError as e:
                 logger.warning("could not release relation VM %s: %s", name, e)
             except Exception as e:  # one bad release must not stop the other requests being served
@@ -248,8 +263,15 @@ class AllocationRelation(ops.Object):
                 logger.info("composed %s for %s", vm.name, acc.owner)
             except Refused as e:
                 outcomes[acc.owner] = ("rejected", bounded(str(e)))
-            except (PlacementError, ProviderError, ValueError, RuntimeError, OSError) as e:
-                outcomes[acc.owner] = ("failed", bounded(str(e)))
+            except (HostLockError, HypervisorTimeout):
+                # Not the request's fault: the unit waits (the charm says why) and the next hook serves it.
+                # Never published: the sentence names the lock holder's command line or the daemon's URI.
+                raise
+            except PlacementError as e:  # the remote model learns what was short, the log how much
+                outcomes[acc.owner] = ("failed", broker.remote_reason(str(e)))
+                logger.warning("compose for %s failed: %s", acc.owner, e)
+            except (ProviderError, ValueError, RuntimeError, OSError) as e:
+                outcomes[acc.owner] = ("failed", HYPERVISOR_ERROR)
                 logger.warning("compose for %s failed: %s", acc.owner, e)
             except Exception as e:  # a bug hit by one request must not stop the others being served
                 outcomes[acc.owner] = ("failed", INTERNAL_ERROR)

@@ -14,7 +14,9 @@ import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from vmhost.charm_models import CharmConfig, Quota
 from vmhost.model import Allocation, Nic, VmRequest
@@ -36,6 +38,7 @@ __all__ = [
     "merge_statuses",
     "nic_policy_error",
     "owner_key",
+    "remote_reason",
     "split_owner",
     "unit_actions",
     "unit_results",
@@ -153,7 +156,8 @@ class Incoming:
 
 @dataclass(frozen=True)
 class RelationInput:
-    """The requests of one related application. `app_key` is `model-uuid/app`."""
+    """The requests of one related application. `app_key` is `model-uuid/app`; `error` says why its list
+    is not served as written (unreadable, or too long), and then none of its VMs is released."""
 
     relation_id: int
     model_uuid: str
@@ -213,16 +217,44 @@ class Result:
         }
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Result:
+    def from_dict(cls, d: Any) -> Result:
+        """From what a unit published; ValueError (pydantic's) for anything else."""
+        v = _ResultData.model_validate(d)
         return cls(
-            status=str(d.get("status") or "pending"),
-            message=d.get("message"),
-            name=d.get("name"),
-            mac_addresses=tuple(str(x) for x in d.get("mac_addresses") or ()),
-            addresses=tuple(str(x) for x in d.get("addresses") or ()),
-            cores=int(d.get("cores") or 0),
-            memory=int(d.get("memory") or 0),
+            status=v.status,
+            message=v.message,
+            name=v.name,
+            mac_addresses=tuple(v.mac_addresses or ()),
+            addresses=tuple(v.addresses or ()),
+            cores=v.cores,
+            memory=v.memory,
         )
+
+
+# Peer data is re-read on every hook; these bound what one unit's entry can hold.
+_Count = Annotated[StrictInt, Field(ge=0, le=2**62)]
+_Short = Annotated[StrictStr, Field(max_length=64)]
+
+
+class _ResultData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    status: Literal["pending", "ready", "failed", "rejected"] = "pending"
+    message: StrictStr | None = Field(None, max_length=4096)
+    name: _Short | None = None
+    mac_addresses: list[_Short] | None = Field(None, max_length=64)
+    addresses: list[_Short] | None = Field(None, max_length=64)
+    cores: _Count = 0
+    memory: _Count = 0
+
+
+class _CapacityData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    threads: _Count = 0
+    vcpus: _Count = 0
+    memory: _Count = 0
+    hugepages: dict[_Short, _Count] | None = Field(None, max_length=16)
 
 
 class Rejected(ValueError):
@@ -361,6 +393,35 @@ def nic_policy_error(allocation: Allocation, host_nics: Sequence[Nic], settings:
     return None
 
 
+# What a remote model is told when placement fails: the resource that was short, from the first words
+# of placement's message (rule 7 names the resource first), never the host's free amounts or topology.
+_LABEL = r"[A-Za-z0-9_.-]{1,32}"
+_SHORTAGES = (
+    (re.compile(r"pinned cpus?\b"), "not enough pinned threads"),
+    (re.compile(r"shared vCPUs\b"), "not enough shared vCPUs"),
+    (re.compile(r"hugepages (?P<size>1G|2M)\b"), "not enough {size} hugepages"),
+    (
+        re.compile(r"memory \S+ is not a whole number of (?P<size>1G|2M) hugepages"),
+        "memory is not a whole number of {size} hugepages",
+    ),
+    (re.compile(r"memory\b"), "not enough memory"),
+    (re.compile(r"no even split over NUMA nodes\b"), "no set of NUMA nodes has room for its CPUs and memory together"),
+    (re.compile(rf"disk (?P<label>{_LABEL}):"), "disk {label}: not enough storage"),
+    (re.compile(rf"interface (?P<label>{_LABEL}): sriov\b"), "interface {label}: no free SR-IOV VF"),
+    (re.compile(rf"interface (?P<label>{_LABEL}):"), "interface {label}: no host network matches it"),
+    (re.compile(r"sriov\b"), "not enough free SR-IOV VFs"),
+)
+
+
+def remote_reason(placement_error: str) -> str:
+    """The sentence a requirer gets for a placement failure (the operator's log keeps the detail)."""
+    for pattern, short in _SHORTAGES:
+        m = pattern.match(placement_error)
+        if m:
+            return "the host cannot place this VM now: " + short.format(**m.groupdict())
+    return "the host cannot place this VM now"
+
+
 @dataclass(frozen=True)
 class Held:
     """A VM that already exists for an owner: where it is and what it takes (for quotas)."""
@@ -438,13 +499,15 @@ class Capacity:
         return {"threads": self.threads, "vcpus": self.vcpus, "memory": self.memory, "hugepages": dict(self.hugepages)}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Capacity:
-        hp = d.get("hugepages") or {}
+    def from_dict(cls, d: Any) -> Capacity:
+        """From what a unit published; ValueError (pydantic's) for anything else."""
+        v = _CapacityData.model_validate(d)
+        hp = v.hugepages or {}
         return cls(
-            threads=int(d.get("threads") or 0),
-            vcpus=int(d.get("vcpus") or 0),
-            memory=int(d.get("memory") or 0),
-            hugepages={str(k): int(v) for k, v in hp.items() if k in HUGEPAGE_SIZES},
+            threads=v.threads,
+            vcpus=v.vcpus,
+            memory=v.memory,
+            hugepages={k: n for k, n in hp.items() if k in HUGEPAGE_SIZES},
         )
 
     @classmethod
@@ -556,7 +619,8 @@ def unit_actions(
     Released: a relation VM whose application is no longer related, whose request id is no longer
     listed, a second VM for one owner, or one that another unit already serves. Nothing else is touched
     (VMs made by the operator carry no relation owner key), nor the VMs of an application whose list
-    cannot be read at all (a broken write on the remote side must not delete its VMs).
+    cannot be read at all or is longer than the library reads (a broken write on the remote side must
+    not delete its VMs).
     """
     live = set(live_apps)
     unreadable = set(unreadable_apps)

@@ -118,22 +118,14 @@ def _origin(vm: dict) -> str:
 
 
 def shared_with_foreign(res: dict) -> dict[int, int]:
-    """Per NUMA node: threads a vm-host VM pins that a running VM made by others may also run on.
-
-    From the resources' `shared_pinned_threads` report where the workload gives one; else from the VMs
-    made by others that pin themselves onto threads ours pin (what the allocations alone can show).
-    """
+    """Per NUMA node: threads a vm-host VM pins that a running VM made by others may also run on
+    (from the resources' `shared_pinned_threads` report)."""
     node_of = {int(t): n["id"] for n in res["nodes"] for t in n.get("pinned", {})}
     foreign = {v["name"] for v in res["vms"] if not v.get("managed", True)}
-    if "shared_pinned_threads" in res:
-        threads = {s["thread"] for s in res["shared_pinned_threads"] if foreign & set(s["shared_with"])}
-    else:
-        threads = {
-            t for v in res["vms"] if v["name"] in foreign and v["state"] == "running" for t in v.get("pinned") or ()
-        } & set(node_of)
     out = {n["id"]: 0 for n in res["nodes"]}
-    for t in threads:
-        out[node_of[t]] += 1
+    for s in res.get("shared_pinned_threads") or ():
+        if foreign & set(s["shared_with"]) and s["thread"] in node_of:
+            out[node_of[s["thread"]]] += 1
     return out
 
 

@@ -30,7 +30,7 @@ header p{margin:4px 0 0;color:#ccc}main{display:flex;flex-wrap:wrap;gap:16px;pad
 ul.vms{list-style:none;padding:0;margin:6px 0 0}ul.vms li{border-top:1px solid #eee;padding:3px 0;font-size:13px}
 .foreign{background:#c7162b;color:#fff;border-radius:2px;padding:0 4px;font-size:11px;margin-left:4px}
 .phase{background:#f99b11;border-radius:2px;padding:0 4px;font-size:11px;margin-left:4px}
-.error{background:#c7162b;color:#fff;padding:12px 20px}.muted{color:#666}
+.warn{color:#c7162b;font-size:12px;margin:4px 0}.error{background:#c7162b;color:#fff;padding:12px 20px}.muted{color:#666}
 """
 
 _SCRIPT = (
@@ -83,7 +83,7 @@ def _vm_item(vm: dict) -> str:
     )
 
 
-def node_card(node: dict, vms: dict[str, dict], nics: list[dict]) -> str:
+def node_card(node: dict, vms: dict[str, dict], nics: list[dict], shared: list[dict] = ()) -> str:
     t, m = node["threads"], node["memory"]
     out = [f'<section class="card node" data-node="{node["id"]}"><h2>NUMA node {node["id"]}</h2>']
     out.append(
@@ -121,6 +121,12 @@ def node_card(node: dict, vms: dict[str, dict], nics: list[dict]) -> str:
     for nic in nics:
         if nic["sriov_max_vfs"] and nic["numa_node"] == node["id"]:
             out.append(_vf_bar(nic))
+    for s in shared:
+        if str(s["thread"]) in node.get("pinned", {}):
+            out.append(
+                f'<p class="warn" data-shared-thread="{s["thread"]}">pinned thread {s["thread"]} of '
+                f"{escape(s['pinned_by'])} is shared with {escape(', '.join(s['shared_with']))}</p>"
+            )
     names = node.get("vms") or []
     items = "".join(_vm_item(vms[n]) for n in names if n in vms)
     out.append(f'<ul class="vms">{items}</ul>' if items else '<p class="muted">no VMs on this node</p>')
@@ -197,7 +203,8 @@ def render_page(snap) -> str:
             f"<p>read at {when} in {snap.duration:.2f} s; refreshes every {REFRESH_SECONDS} s</p></header>"
         )
         vms = {v["name"]: v for v in res["vms"]}
-        cards = [node_card(n, vms, res["nics"]) for n in res["nodes"]]
+        shared = res.get("shared_pinned_threads") or []
+        cards = [node_card(n, vms, res["nics"], shared) for n in res["nodes"]]
         body = f'<main id="host">{"".join(cards)}{host_card(res)}</main>'
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'

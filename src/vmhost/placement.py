@@ -32,7 +32,7 @@ from vmhost.model import (
     Policy,
     VmRequest,
 )
-from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, format_size
+from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, human_size
 
 __all__ = ["HostUsage", "NodeUsage", "PlacementError", "compute_usage", "place"]
 
@@ -376,11 +376,6 @@ def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
 # Messages
 
 
-def _size(n: int) -> str:
-    """Memory: "8G", "512M", else bytes."""
-    return format_size(n) if n and n % 1024**2 == 0 else f"{n} bytes"
-
-
 def _gb(n: int) -> str:
     """Disks are sized in decimal GB (MAAS storage syntax)."""
     return f"{round(n / 10**9, 2):g} GB"
@@ -418,14 +413,7 @@ def _in_any(addresses: Sequence[str], networks: Sequence[str]) -> bool:
 
 def _contains_ip(nic: Nic, ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
-    for a in nic.addresses:
-        try:
-            iface = ipaddress.ip_interface(a)
-        except ValueError:
-            continue
-        if iface.version == addr.version and addr in iface.network:
-            return True
-    return False
+    return any(i is not None and i.version == addr.version and addr in i.network for i in map(_iface, nic.addresses))
 
 
 def _matches(nic: Nic, s: InterfaceSpec) -> bool:
@@ -501,6 +489,59 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
                 )
             out.append(_Iface(s, "macvlan", macvlan, []))
     return out
+
+
+def _check_addresses(host: HostTopology, allocations: Sequence[Allocation], specs: Sequence[InterfaceSpec]) -> None:
+    """A static ip is one no one else has: not a subnet's network or broadcast address, not the host's own
+    or a gateway's, not another VM's (whoever made it) nor another NIC's of this VM."""
+    wanted = [(s.label, _ip(s.ip)) for s in specs if s.ip is not None]
+    if not wanted:
+        return
+    given: dict[Any, str] = {}
+    for a in allocations:
+        for n in a.nics:
+            if n.ip and (ip := _ip(n.ip)) is not None:
+                given.setdefault(ip, a.name)
+    for i, (label, ip) in enumerate(wanted):
+        why = next(filter(None, (_host_conflict(nic, ip) for nic in host.nics)), None)
+        if why is None and ip in given:
+            why = f"is already given to VM {given[ip]}"
+        if why is None and (twice := next((lb for lb, other in wanted[:i] if other == ip), None)):
+            why = f"is already given to interface {twice} of this VM"
+        if why:
+            raise PlacementError(f"interface {label}: ip {ip} {why}; choose another address")
+
+
+def _host_conflict(nic: Nic, ip: Any) -> str | None:
+    """Why `ip` is not free on the subnets of host interface `nic` (None when it is)."""
+    for addr in nic.addresses:
+        iface = _iface(addr)
+        if iface is None or iface.version != ip.version:
+            continue
+        net = iface.network
+        if ip == iface.ip:
+            return f"is an address of this host ({nic.name})"
+        if ip in net and net.num_addresses > 2:
+            if ip == net.network_address:
+                return f"is the network address of {net}"
+            if net.version == 4 and ip == net.broadcast_address:
+                return f"is the broadcast address of {net}"
+    if any(_ip(g) == ip for g in nic.gateways):
+        return f"is the gateway on {nic.name}"
+    return None
+
+
+def _iface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        return None
+
+
+def _ip(text: str) -> Any:
+    """The address of "10.0.0.5" or "10.0.0.5/24" (allocations may carry a prefix); None when malformed."""
+    iface = _iface(text)
+    return iface.ip if iface is not None else None
 
 
 def _bridge_contains(by_name: dict[str, Nic], nic: Nic, ip: str) -> bool:
@@ -819,14 +860,14 @@ def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
         if need.size:
             have = _per_node([(n.id, str(n.amount)) for n in free])
             return f"hugepages {need.size}: need {need.amount}, {have}{span}"
-        have = _per_node([(n.id, _size(n.amount)) for n in free])
-        return f"memory: need {_size(need.amount)} on NUMA nodes, {have}{span}"
+        have = _per_node([(n.id, human_size(n.amount)) for n in free])
+        return f"memory: need {human_size(need.amount)} on NUMA nodes, {have}{span}"
     what = [f"{need.vcpus} pinned cpus" if need.pin else f"{need.vcpus} vCPUs"]
-    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{_size(need.amount)} memory")
+    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{human_size(need.amount)} memory")
     if sriov:
         what.append("a NUMA-local SR-IOV VF")
     cpus = (lambda n: f"{n.threads} cpus and ") if need.pin else (lambda n: "")
-    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: _size(n.amount))
+    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: human_size(n.amount))
     have = _per_node([(n.id, cpus(n) + amount(n)) for n in free])
     return f"no even split over NUMA nodes holds {' and '.join(what)} together; {have}"
 
@@ -853,8 +894,8 @@ def _check_shared(usage: HostUsage, vcpus: int, policy: Policy) -> None:
 def _check_memory(usage: HostUsage, memory: int, policy: Policy) -> None:
     if usage.memory_used + memory > usage.memory_capacity:
         raise PlacementError(
-            f"memory: need {_size(memory)}, the host has {_size(usage.memory_free)} of general memory free "
-            f"({_size(usage.memory_used)} of {_size(usage.memory_capacity)} in use at memory overcommit "
+            f"memory: need {human_size(memory)}, the host has {human_size(usage.memory_free)} of general memory free "
+            f"({human_size(usage.memory_used)} of {human_size(usage.memory_capacity)} in use at memory overcommit "
             f"{policy.memory_overcommit_ratio:g}; hugepages and reserved memory excluded)"
         )
 
@@ -980,9 +1021,9 @@ def _place_explicit(
                 f"({', '.join(f'{amt[i]} on node {i}' for i in ids)}), " + _per_node([(i, str(have[i])) for i in ids])
             )
         raise PlacementError(
-            f"memory: need {_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
-            f"({', '.join(f'{_size(amt[i])} on node {i}' for i in ids)}), "
-            + _per_node([(i, _size(have[i])) for i in ids])
+            f"memory: need {human_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
+            f"({', '.join(f'{human_size(amt[i])} on node {i}' for i in ids)}), "
+            + _per_node([(i, human_size(have[i])) for i in ids])
         )
     vfs: dict[str, Nic] = {}
     if any(f.type == "sriov" for f in ifaces):
@@ -1005,7 +1046,7 @@ def _hugepage_sizes(request: VmRequest) -> list[str]:
     if not sizes:
         smallest = _SIZES_LARGEST_FIRST[-1]
         raise PlacementError(
-            f"memory {_size(request.memory)} is not a whole number of {smallest} hugepages; "
+            f"memory {human_size(request.memory)} is not a whole number of {smallest} hugepages; "
             f"use a multiple of {smallest} for hugepages_backed"
         )
     return sizes
@@ -1021,6 +1062,7 @@ def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequ
     usage = st.usage
     disks = _place_disks(host, request, policy, usage.storage_committed)
     ifaces = _resolve_interfaces(host, request.interfaces, usage.vfs_used)
+    _check_addresses(host, allocations, request.interfaces)
     name = request.name or DEFAULT_NAME
     common = {"name": name, "vcpus": request.cores, "memory": request.memory, "disks": disks}
     common.update(pool=request.pool, owner=request.owner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -349,3 +350,100 @@ def test_image_that_is_not_a_bare_name_is_rejected(image):
 def test_image_names_pass_as_names(image):
     (d,) = broker.evaluate([rel(spec("a", image=image))], Settings(), {})
     assert d.accepted is not None and d.accepted.image == image
+
+
+# ---------------------------------------------------------------------------------------------
+# What remote models are told, and peer data read totally
+
+
+def _placement_error(request: VmRequest, hugepages=None, reserved=()) -> str:
+    from tests.unit.hosts import synthetic_host
+    from vmhost.model import Policy, StoragePool
+    from vmhost.placement import PlacementError, place
+
+    topo = synthetic_host(
+        nodes=2,
+        cores_per_node=2,
+        memory_per_node=3 * GiB,
+        hugepages=hugepages or {"2M": 77},
+        nics=(Nic(name="br7", kind="bridge", addresses=("10.7.0.1/24",)), Nic(name="enp9", kind="physical")),
+        storage_pools=(StoragePool(name="default", total=55 * 10**9),),
+    )
+    with pytest.raises(PlacementError) as e:
+        place(topo, [], request, Policy(reserved_cores=reserved))
+    return str(e.value)
+
+
+HUGE_1G = {"memory": GiB, "hugepages_backed": True}
+# node 0 has the threads, node 1 (its threads reserved) the hugepages: each fits alone, not together
+SPLIT = {"hugepages": [{"2M": 0}, {"2M": 600}], "reserved": (2, 3, 6, 7)}
+
+
+@pytest.mark.parametrize(
+    "request_kw, host, short",
+    [
+        ({"cores": 9, "pinned_cores": "auto"}, {}, "not enough pinned threads"),
+        ({"cores": 9}, {}, "not enough shared vCPUs"),
+        ({"memory": 7 * GiB}, {}, "not enough memory"),
+        ({"memory": 3 * GiB, "pinned_cores": "auto"}, {}, "not enough memory"),
+        ({**HUGE_1G, "hugepage_size": "2M"}, {}, "not enough 2M hugepages"),
+        ({**HUGE_1G, "hugepage_size": "1G"}, {}, "not enough 1G hugepages"),
+        ({**HUGE_1G, "memory": GiB + 1024**2}, {}, "memory is not a whole number of 2M hugepages"),
+        ({**HUGE_1G, "pinned_cores": "auto"}, SPLIT, "no set of NUMA nodes has room for its CPUs and memory together"),
+        ({"storage": "root:99"}, {}, "disk root: not enough storage"),
+        ({"interfaces": "lan:name=br9"}, {}, "interface lan: no host network matches it"),
+        ({"interfaces": "lan:type=sriov"}, {}, "interface lan: no free SR-IOV VF"),
+    ],
+)
+def test_remote_reason_names_what_placement_found_short_and_nothing_the_host_has(request_kw, host, short):
+    detail = _placement_error(VmRequest.from_dict({"cores": 1, "memory": GiB, **request_kw}), **host)
+    said = broker.remote_reason(detail)
+    assert said == "the host cannot place this VM now: " + short, detail
+    assert not re.search(r"\d", said.replace("2M", "").replace("1G", "")), said
+    assert not any(w in said for w in ("br7", "enp9", "node ", "default")), said
+
+
+def test_remote_reason_for_a_message_it_does_not_know_says_nothing_more():
+    assert broker.remote_reason("lvm: vg0 has 12G free") == "the host cannot place this VM now"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [],
+        "x",
+        None,
+        {"status": "odd"},
+        {"cores": "1"},
+        {"cores": True},
+        {"memory": 1e308},
+        {"cores": -1},
+        {"memory": 2**70},
+        {"addresses": "10.0.0.1"},
+        {"mac_addresses": [1]},
+        {"name": "x" * 65},
+    ],
+)
+def test_result_from_dict_refuses_what_no_unit_writes(value):
+    with pytest.raises(ValueError):
+        Result.from_dict(value)
+
+
+def test_result_round_trips():
+    r = Result("ready", "m", "vm-1", ("52:54:00:00:00:01",), ("10.0.0.5",), 2, GiB)
+    assert Result.from_dict(r.to_dict()) == r
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[], "x", {"threads": "1"}, {"threads": 1.5}, {"memory": -1}, {"hugepages": [1]}, {"hugepages": {"2M": "x"}}],
+)
+def test_capacity_from_dict_refuses_what_no_unit_writes(value):
+    with pytest.raises(ValueError):
+        Capacity.from_dict(value)
+
+
+def test_capacity_round_trips_and_drops_unknown_page_sizes():
+    c = Capacity(threads=3, vcpus=4, memory=GiB, hugepages={"2M": 5})
+    assert Capacity.from_dict(c.to_dict()) == c
+    assert Capacity.from_dict({"hugepages": {"4M": 1, "2M": 2}}).hugepages == {"2M": 2}

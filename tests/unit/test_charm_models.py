@@ -66,8 +66,12 @@ def test_strings_parse_into_typed_values():
     ("option", "value", "says"),
     [
         ("backend", "xen", "config backend: 'xen' is not allowed: input should be 'lxd' or 'libvirt'"),
-        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0.0 is not allowed"),
-        ("memory_overcommit_ratio", -1.0, "config memory-overcommit-ratio: -1.0 is not allowed"),
+        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0 is not allowed; use a number from 0.1 to 64"),
+        (
+            "memory_overcommit_ratio",
+            -1.0,
+            "config memory-overcommit-ratio: -1 is not allowed; use a number from 0.1 to 4",
+        ),
         ("lxd_storage_driver", "ceph", "config lxd-storage-driver: 'ceph' is not allowed"),
         ("reserved_cores", "0-x", "config reserved-cores: cpu set token '0-x'"),
         ("reserved_memory", "lots", "config reserved-memory: size 'lots' is not a size"),
@@ -211,3 +215,14 @@ def test_a_boolean_where_text_is_expected_is_refused_with_one_sentence():
     assert error_message(exc.value, "parameter") == (
         "parameter hostname: True is not allowed: input should be a valid string"
     )
+
+
+def test_confine_foreign_vms_option_reaches_the_policy_and_config_yaml_declares_it():
+    from pathlib import Path
+
+    import yaml
+
+    options = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())["options"]
+    assert options["confine-foreign-vms"]["type"] == "boolean" and options["confine-foreign-vms"]["default"] is True
+    assert CharmConfig().policy().confine_foreign_vms is True
+    assert CharmConfig(confine_foreign_vms=False).policy().confine_foreign_vms is False

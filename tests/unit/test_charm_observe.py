@@ -70,7 +70,8 @@ def test_install_writes_a_restarting_unit_running_vmhost_serve_with_the_units_co
     assert argv[0].endswith("/venv/bin/python") and argv[1:4] == ["-m", "vmhost.cli", "serve"]
     args = cli.build_parser().parse_args(argv[3:])  # what vmhost itself makes of it
     assert (args.backend, args.listen, args.uri) == ("libvirt", "0.0.0.0:9555", "qemu:///system")
-    assert (args.reserved_cores, args.cpu_overcommit_ratio, cli._policy(args).reserved_memory) == ("0-1", 2.5, 0)
+    policy = cli._policy(args)
+    assert (policy.reserved_cores, policy.cpu_overcommit_ratio, policy.reserved_memory) == ((0, 1), 2.5, 0)
     assert 'Environment="PYTHONPATH=' in unit and "/lib:" in unit
     assert systemctl(machine) == [["daemon-reload"], ["enable", SERVE_UNIT], ["restart", SERVE_UNIT]]
 

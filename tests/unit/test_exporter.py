@@ -200,9 +200,11 @@ def test_a_foreign_vm_running_on_a_pinned_thread_is_counted_on_its_node(provider
     provider.vms["alien"] = VmInfo("alien", "running", alien, managed=False)
     assert value(samples(snapshot(host)), "vmhost_node_pinned_threads_shared_foreign", node=node) == 1
     assert value(samples(snapshot(host)), "vmhost_vms", state="running", origin="foreign") == 1
+    html = render_page(snapshot(host))
+    assert f'data-shared-thread="{thread}">pinned thread {thread} of web is shared with alien' in html
 
 
-def test_the_shared_pinned_threads_report_is_used_when_the_workload_gives_it():
+def test_only_threads_shared_with_foreign_vms_count():
     res = {
         "nodes": [{"id": 0, "pinned": {"2": "web", "3": "web"}}, {"id": 1, "pinned": {}}],
         "vms": [

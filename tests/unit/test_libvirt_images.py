@@ -142,7 +142,7 @@ def test_charm_passes_its_image_directory_to_the_libvirt_provider(monkeypatch):
     ctx = charm_context()
     config = {"backend": "libvirt", "libvirt-image-dir": "/srv/images"}
     ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
-    assert made and all(m == ("libvirt", "qemu:///system", {"image_dir": "/srv/images"}) for m in made)
+    assert made and all(m == ("libvirt", "qemu:///system", {"image_dir": "/srv/images", "timeout": 30.0}) for m in made)
     made.clear()
     ctx.run(ctx.on.action("list-vms"), testing.State(config={"backend": "libvirt"}))
-    assert made[0][2] == {"image_dir": DEFAULT_IMAGE_DIR}
+    assert made[0][2] == {"image_dir": DEFAULT_IMAGE_DIR, "timeout": 30.0}

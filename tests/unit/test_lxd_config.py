@@ -331,3 +331,20 @@ def test_remote_uri_without_client_certificate_is_refused(monkeypatch, tmp_path)
         LxdProvider(uri="https://10.0.0.5:8443")
     with pytest.raises(ProviderError, match="not usable"):
         LxdProvider(uri="qemu:///system")
+
+
+def test_instance_is_ours_only_when_our_record_names_its_own_volatile_uuid():
+    """lxc copy keeps user.* keys but gives the copy a new volatile.uuid: the copy reads as foreign."""
+    body = cfg.instance_body(ComposePlan(Allocation(name="vm-a", vcpus=1, memory=2**30)), profile="default", uuid="u-1")
+    config = body["config"]
+    assert config["volatile.uuid"] == config[cfg.UUID_KEY] == "u-1"
+    assert cfg.owned(config)
+    copy = {**config, "volatile.uuid": "u-2"}
+    assert not cfg.owned(copy)
+    assert not cfg.owned({k: v for k, v in config.items() if k != cfg.UUID_KEY})  # written by hand
+    stripped = cfg.foreign_config({**copy, "user.other": "x"})
+    assert not any(k.startswith("user.vmhost.") for k in stripped) and stripped["user.other"] == "x"
+    # A foreign VM's allocation never carries a copied relation owner key.
+    owner = Allocation(name="vm-a", vcpus=1, memory=2**30, owner="model-uuid/app/req-1")
+    copied = {**copy, cfg.ALLOCATION_KEY: cfg.encode_allocation(owner)}
+    assert cfg.allocation_from_config("vm-b", cfg.foreign_config(copied)).owner is None

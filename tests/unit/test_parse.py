@@ -491,7 +491,7 @@ def test_allocation_to_dict_has_the_design_keys():
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"cpu_overcommit_ratio": 0}, "cpu_overcommit_ratio 0 must be a number above 0"),
+        ({"cpu_overcommit_ratio": 0}, "cpu_overcommit_ratio 0 must be a number from 0.1 to 64"),
         ({"cpu_overcommit_ratio": float("nan")}, "cpu_overcommit_ratio nan"),
         ({"memory_overcommit_ratio": "lots"}, "memory_overcommit_ratio 'lots'"),
         ({"reserved_cores": "0-x"}, "'0-x'"),

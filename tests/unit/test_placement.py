@@ -95,8 +95,8 @@ def test_hugepages_are_consumed_exactly_and_never_past_total():
     allocs = run(host, [req(cores=1, memory="1G", hugepage_size="2M")] * 2)
     usage = compute_usage(host, allocs, Policy())
     assert usage.nodes[0].hugepages["2M"] == (1024, 1024)
-    with pytest.raises(PlacementError, match=r"^hugepages 2M: need 1, node 0 has 0 free$"):
-        place(host, allocs, req(cores=1, memory="2M", hugepage_size="2M"), Policy())
+    with pytest.raises(PlacementError, match=r"^hugepages 2M: need 32, node 0 has 0 free$"):
+        place(host, allocs, req(cores=1, memory="64M", hugepage_size="2M"), Policy())
 
 
 def test_general_memory_excludes_hugepages_and_reserved_and_applies_ratio():
@@ -108,7 +108,7 @@ def test_general_memory_excludes_hugepages_and_reserved_and_applies_ratio():
     allocs = run(host, [req(cores=1, memory="30G")], policy)
     with pytest.raises(PlacementError) as e:
         place(host, allocs, req(cores=1, memory="1G"), policy)
-    assert str(e.value).startswith("memory: need 1G, the host has 0 bytes of general memory free (30G of 30G in use")
+    assert str(e.value).startswith("memory: need 1G, the host has 0B of general memory free (30G of 30G in use")
     # Hugepage memory is separate: a hugepage VM still fits.
     hp = place(host, allocs, req(cores=1, memory="4G", hugepage_size="1G"), policy)
     assert hp.hugepages.per_node == {0: 4}
@@ -123,7 +123,7 @@ def test_auto_hugepage_size_prefers_1g_then_2m():
     c = place(host, [], req(cores=1, memory="512M", hugepages_backed=True), Policy())
     assert c.hugepages.size == "2M"  # 512M is not a whole number of 1G pages
     with pytest.raises(PlacementError, match=r"is not a whole number of 2M hugepages"):
-        place(host, [], replace(req(cores=1, memory="1M"), hugepages_backed=True), Policy())
+        place(host, [], replace(req(cores=1, memory="65M"), hugepages_backed=True), Policy())
 
 
 # --- rule 4: one node when possible, else fewest nodes, even split, mirrored cells, best fit --------
