@@ -408,3 +408,41 @@ def test_the_page_refreshes_itself_and_reads_without_javascript(host, tmp_path):
         composed.set()
         server.shutdown()
         server.server_close()
+
+
+def test_a_compose_killed_half_way_is_served_as_unfinished_until_gc(host, serve, tmp_path):
+    """A compose that died after defining its domain (the test-only fault point) is a composing VM whose age
+    grows in /metrics and is marked on the page; gc removes it and the series goes."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from vmhost.providers.base import FAULT_ENV, FAULT_EXIT
+
+    vmhost, made = host
+    if not any(n["threads"]["free"] for n in vmhost.resources()["nodes"]):
+        pytest.skip("every thread on this host is pinned by other VMs")
+    name = f"obs-{uuid.uuid4().hex[:6]}"
+    made.append(name)
+    env = {**os.environ, FAULT_ENV: "kill-at:start domain", "PYTHONPATH": str(ROOT / "src")}
+    env.pop("JUJU_UNIT_NAME", None)
+    env["VMHOST_LOCK_FILE"] = str(tmp_path / "lock")
+    cmd = [sys.executable, "-m", "vmhost.cli", "compose", "--backend", "libvirt", "--cores", "1", "--memory", "128M",
+           "--pinned-cores", "auto", "--hugepages-backed", "--start", "--hostname", name]  # fmt: skip
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=120).returncode == FAULT_EXIT
+
+    def unfinished() -> dict[tuple[str, str], float]:
+        families = text_string_to_metric_families(_get(serve + "/metrics").decode())
+        return {
+            (s.labels["vm"], s.labels["phase"]): s.value
+            for f in families
+            for s in f.samples
+            if s.name == "vmhost_vm_unfinished_seconds"
+        }
+
+    _wait("the unfinished VM in /metrics", lambda: (name, "composing") in unfinished(), 15)
+    first = unfinished()[(name, "composing")]
+    _wait("its age growing", lambda: unfinished()[(name, "composing")] > first, 15)
+    page = _get(serve + "/").decode()
+    assert f'data-vm="{name}"' in page and '<span class="phase">composing</span>' in page
+
+    assert name in vmhost.gc()
+    _wait("the series gone after gc", lambda: (name, "composing") not in unfinished(), 15)
