@@ -227,6 +227,7 @@ class VmHostCharm(ops.CharmBase):
         argv += ["--cpu-overcommit-ratio", repr(config.cpu_overcommit_ratio)]
         argv += ["--memory-overcommit-ratio", repr(config.memory_overcommit_ratio)]
         argv += ["--reserved-memory", f"{config.reserved_memory}B"]
+        argv += ["--timeout", repr(config.hypervisor_timeout)]
         if config.reserved_cores:
             argv += ["--reserved-cores", format_cpuset(config.reserved_cores)]
         if config.default_storage_pool:

@@ -544,8 +544,8 @@ class Host:
         if it is not running, so a config-changed hook never bounces it for nothing.
         """
         path = self._p(f"etc/systemd/system/{name}")
-        old = path.read_text() if path.exists() else None
         try:
+            old = path.read_text() if path.exists() else None
             if unit is None:
                 if old is None:
                     return ""

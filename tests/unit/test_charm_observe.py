@@ -59,6 +59,7 @@ def run(event_name: str, config: dict, machine, **state):
 
 def test_install_writes_a_restarting_unit_running_vmhost_serve_with_the_units_config(fake, machine):
     config = {**LIBVIRT, "metrics-address": "0.0.0.0:9555", "reserved-cores": "0-1", "cpu-overcommit-ratio": 2.5}
+    config["hypervisor-timeout"] = 45.0
     run("install", config, machine)
     unit = unit_path(machine).read_text()
     assert (
@@ -72,6 +73,7 @@ def test_install_writes_a_restarting_unit_running_vmhost_serve_with_the_units_co
     assert (args.backend, args.listen, args.uri) == ("libvirt", "0.0.0.0:9555", "qemu:///system")
     policy = cli._policy(args)
     assert (policy.reserved_cores, policy.cpu_overcommit_ratio, policy.reserved_memory) == ((0, 1), 2.5, 0)
+    assert float(args.timeout) == 45
     assert 'Environment="PYTHONPATH=' in unit and "/lib:" in unit
     assert systemctl(machine) == [["daemon-reload"], ["enable", SERVE_UNIT], ["restart", SERVE_UNIT]]
 
