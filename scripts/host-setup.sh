@@ -8,7 +8,8 @@ want_lxd=0
 [[ ${1:-} == --lxd ]] && want_lxd=1
 
 PKGS=(libvirt-daemon-system libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients
-      libvirt-dev pkg-config genisoimage dnsmasq-base bridge-utils iproute2 iptables ovmf)
+      libvirt-dev pkg-config genisoimage dnsmasq-base bridge-utils iproute2 iptables ovmf
+      prometheus chromium)  # prometheus (+ promtool) and headless chromium: the observability tests
 ((want_lxd)) && PKGS+=(lxd)
 missing=()
 for p in "${PKGS[@]}"; do [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"ok installed"* ]] || missing+=("$p"); done

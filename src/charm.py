@@ -18,6 +18,7 @@ import ops
 import pydantic
 
 from allocation_relation import AllocationRelation
+from charms.grafana_agent.v0.cos_agent import COSAgentProvider
 from vmhost import host as hostmod
 from vmhost.charm_models import (
     AddTrustedClientParams,
@@ -31,6 +32,7 @@ from vmhost.charm_models import (
     vm_results,
 )
 from vmhost.model import VmRequest
+from vmhost.parse import format_cpuset, parse_listen_address
 from vmhost.providers.base import ProviderError, get_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
 from vmhost.service import HostLockError, VmHost
@@ -42,6 +44,7 @@ NO_KVM = "no /dev/kvm: enable virtualisation in firmware"
 # Errors that mean "this request cannot be served" (ParseError and PlacementError are ValueErrors):
 # the action fails with their one-sentence message and nothing is created.
 REQUEST_ERRORS = (ValueError, ProviderError)
+SERVE_UNIT = "vmhost-serve.service"  # `vmhost serve`: metrics, the host page and /api/resources
 
 
 def make_host() -> hostmod.Host:
@@ -84,6 +87,16 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(on.add_trusted_client_action, self._on_add_trusted_client)
         framework.observe(on.get_client_token_action, self._on_get_client_token)
         framework.observe(on.secret_expired, self._on_secret_expired)  # only join-token secrets are ours
+        # COS: what vmhost-serve exposes, with the alert rules and dashboard under src/, to the cos-agent subordinate.
+        self.cos_agent = COSAgentProvider(
+            self,
+            relation_name="cos-agent",
+            scrape_configs=self._scrape_configs,
+            metrics_rules_dir="./src/prometheus_alert_rules",
+            dashboard_dirs=["./src/grafana_dashboards"],
+            refresh_events=[on.config_changed, on.upgrade_charm],
+        )
+        framework.observe(on.remove, self._on_remove)
 
     # --- the workload ---------------------------------------------------------------------------
 
@@ -123,6 +136,7 @@ class VmHostCharm(ops.CharmBase):
         config = self._config()
         if config is None or not self.host.kvm_available():
             return []  # collect-status names the bad option, or the missing /dev/kvm: nothing is installed
+        self._ensure_serve(config, restart=isinstance(_event, ops.UpgradeCharmEvent))
         try:
             self._prepare_host(config)
         except hostmod.HostSetupError as e:
@@ -203,6 +217,58 @@ class VmHostCharm(ops.CharmBase):
             logger.info("LXD set-up created what was missing: %s", ", ".join(sorted(report.applied)))
         if report.notes:  # the host serves VMs as it is; the operator should put the option back
             self._problem = ops.BlockedStatus(report.notes[0])
+
+    # --- observability: vmhost serve as a systemd unit, scraped over cos-agent --------------------
+
+    def _serve_argv(self, config: CharmConfig) -> list[str]:
+        """`vmhost serve` with this unit's backend and policy, from the charm's own venv and source."""
+        argv = [str(self.charm_dir / "venv/bin/python"), "-m", "vmhost.cli", "serve", "--backend", config.backend]
+        argv += ["--listen", config.metrics_address]
+        argv += ["--cpu-overcommit-ratio", repr(config.cpu_overcommit_ratio)]
+        argv += ["--memory-overcommit-ratio", repr(config.memory_overcommit_ratio)]
+        argv += ["--reserved-memory", f"{config.reserved_memory}B"]
+        argv += ["--timeout", repr(config.hypervisor_timeout)]
+        if config.reserved_cores:
+            argv += ["--reserved-cores", format_cpuset(config.reserved_cores)]
+        if config.default_storage_pool:
+            argv += ["--default-storage-pool", config.default_storage_pool]
+        if config.backend == "libvirt":
+            argv += ["--uri", config.libvirt_uri]
+        return argv
+
+    def _ensure_serve(self, config: CharmConfig, restart: bool = False) -> None:
+        """Run vmhost serve on metrics-address (none when it is empty); a failure is shown, never raised."""
+        unit = None
+        if config.metrics_address:
+            env = {"PYTHONPATH": f"{self.charm_dir / 'lib'}:{self.charm_dir / 'src'}"}
+            after = ("libvirtd.service",) if config.backend == "libvirt" else ("snap.lxd.daemon.service",)
+            unit = hostmod.systemd_unit("vm-host resources: metrics, page, API", self._serve_argv(config), env, after)
+        try:
+            changed = self.host.ensure_service(SERVE_UNIT, unit, restart=restart)
+        except hostmod.HostSetupError as e:
+            logger.error("%s", e)
+            self._problem = ops.BlockedStatus(str(e))
+            return
+        if changed:
+            logger.info("%s %s (%s)", SERVE_UNIT, changed, config.metrics_address or "metrics-address empty")
+
+    def _scrape_configs(self) -> list[dict]:
+        """Where the cos-agent subordinate, on this same machine, scrapes vmhost serve."""
+        config = self._config()
+        if config is None or not config.metrics_address:
+            return []
+        import ipaddress
+
+        host, port = parse_listen_address(config.metrics_address)
+        ip = ipaddress.ip_address(host)
+        target = "localhost" if ip.is_unspecified else (f"[{host}]" if ip.version == 6 else host)
+        return [{"metrics_path": "/metrics", "static_configs": [{"targets": [f"{target}:{port}"]}]}]
+
+    def _on_remove(self, _event: ops.RemoveEvent) -> None:
+        try:
+            self.host.ensure_service(SERVE_UNIT, None)
+        except Exception as e:  # never out of a hook; the unit is going away either way
+            logger.warning("could not remove %s: %s", SERVE_UNIT, e)
 
     # --- status ---------------------------------------------------------------------------------
 

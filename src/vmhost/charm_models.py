@@ -25,6 +25,7 @@ from vmhost.parse import (
     clip,
     parse_cpuset,
     parse_hugepage_size,
+    parse_listen_address,
     parse_size,
     parse_vm_name,
 )
@@ -144,6 +145,7 @@ class CharmConfig(BaseModel):
     relation_quota: Quota = Quota()
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
+    metrics_address: str = "127.0.0.1:9477"
     hypervisor_timeout: float = DEFAULT_CALL_TIMEOUT
 
     @field_validator("hypervisor_timeout", mode="before")
@@ -163,6 +165,17 @@ class CharmConfig(BaseModel):
     def _uri(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", v):
             raise ValueError(f"{v!r} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://virsh@host/system")
+        return v
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, v: str) -> str:
+        v = v.strip()
+        if v:
+            try:
+                parse_listen_address(v)
+            except ParseError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @field_validator("libvirt_image_dir")

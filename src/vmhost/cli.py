@@ -109,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for the guest to shut down (0-3600, default {STOP_WAIT:g}); still running after it is an error",
     )
     sub.add_parser("gc", parents=[common], help="remove what a crashed compose left behind")
+    sv = sub.add_parser("serve", parents=[common], help="serve /metrics, a live page and /api/resources (read-only)")
+    sv.add_argument(
+        "--listen",
+        default=os.environ.get("VMHOST_LISTEN", "127.0.0.1:9477"),
+        help="IP:PORT to listen on (default 127.0.0.1:9477; [::]:9477 for IPv6)",
+    )
     return parser
 
 
@@ -187,6 +193,8 @@ def _emit(args: argparse.Namespace, data, text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from vmhost.resources_view import render_view, vm_line
 
+    if args.command == "serve":
+        return serve(args)
     host = _host(args)
     try:
         if args.command == "resources":
@@ -240,6 +248,34 @@ def _hint(e: BaseException) -> str:
             return "; to wait longer, raise --lock-timeout (VMHOST_LOCK_TIMEOUT)"
         e = e.__cause__
     return ""
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run `vmhost serve` until SIGTERM or Ctrl-C; each read of the host opens and closes its own connection."""
+    import signal
+
+    from vmhost.exporter import make_server
+
+    _policy(args)  # a bad policy option is refused before anything listens
+
+    def read() -> dict:
+        host = _host(args)
+        try:
+            return host.resources()
+        finally:
+            host.provider.close()
+
+    server = make_server(args.listen, read)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"vmhost: serving {args.backend} resources on http://{args.listen}/", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+        server.reader.close()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,6 +34,7 @@ __all__ = [
     "SpaceMappedProvider",
     "libvirt_packages",
     "older_channel",
+    "systemd_unit",
 ]
 
 GRUB_DROPIN = "etc/default/grub.d/60-vmhost-hugepages.cfg"
@@ -534,6 +535,53 @@ class Host:
             self.run(["systemctl", "try-restart", "libvirtd.service"])
         except (OSError, subprocess.CalledProcessError) as e:
             log.warning("could not restart libvirtd (%s); restart it to use the new hugetlbfs mounts", e)
+
+    def ensure_service(self, name: str, unit: str | None, *, restart: bool = False) -> str:
+        """Make systemd unit `name` exactly `unit` and running (None: stopped and removed).
+
+        Returns what changed ("installed", "restarted", "removed" or ""). A changed unit, or `restart`
+        (new charm code behind the same unit), restarts the service; an unchanged one is only started
+        if it is not running, so a config-changed hook never bounces it for nothing.
+        """
+        path = self._p(f"etc/systemd/system/{name}")
+        try:
+            old = path.read_text() if path.exists() else None
+            if unit is None:
+                if old is None:
+                    return ""
+                self.run(["systemctl", "disable", "--now", name])
+                path.unlink()
+                self.run(["systemctl", "daemon-reload"])
+                return "removed"
+            if old != unit:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(unit)
+                self.run(["systemctl", "daemon-reload"])
+            self.run(["systemctl", "enable", name])
+            if old != unit or restart:
+                self.run(["systemctl", "restart", name])
+                return "installed" if old is None else "restarted"
+            self.run(["systemctl", "start", name])
+            return ""
+        except (OSError, subprocess.CalledProcessError) as e:
+            raise HostSetupError(f"could not run {name}: {_detail(e)}; see journalctl -u {name}") from e
+
+
+def systemd_unit(description: str, argv: Sequence[str], environment: dict[str, str], after: Sequence[str] = ()) -> str:
+    """A simple service unit that restarts on failure; every word quoted so systemd takes it literally."""
+
+    def quote(word: str, command: bool = True) -> str:  # "$" is only expanded on command lines
+        word = word.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+        return f'"{word.replace("$", "$$") if command else word}"'
+
+    env = "".join(f"Environment={quote(f'{k}={v}', command=False)}\n" for k, v in sorted(environment.items()))
+    return (
+        f"# Written by the vm-host charm; changes are overwritten.\n[Unit]\nDescription={description}\n"
+        f"After=network-online.target {' '.join(after)}\nWants=network-online.target\n\n"
+        f"[Service]\nType=simple\n{env}ExecStart={' '.join(quote(a) for a in argv)}\n"
+        "Restart=on-failure\nRestartSec=5\nNoNewPrivileges=yes\nProtectSystem=full\nProtectHome=yes\nPrivateTmp=yes\n\n"
+        "[Install]\nWantedBy=multi-user.target\n"
+    )
 
 
 def _even_split(total: int, parts: int) -> list[int]:

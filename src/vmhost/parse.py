@@ -26,6 +26,7 @@ __all__ = [
     "parse_cpuset",
     "parse_hugepage_size",
     "parse_interfaces",
+    "parse_listen_address",
     "parse_size",
     "parse_storage",
     "parse_vm_name",
@@ -152,6 +153,25 @@ def parse_vm_name(value: str) -> str:
     if not isinstance(value, str) or not _VM_NAME_RE.fullmatch(value):
         raise ParseError(f"{clip(value)} is not a valid host name; use lower-case letters, digits and '-' (at most 63)")
     return value
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """`IP:PORT` or `[IPv6]:PORT` (the `vmhost serve` address) -> (ip, port); a name is refused, so the
+    address the service binds is exactly the one the operator typed."""
+    text = str(value).strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]{2,45})\]:([0-9]{1,5})|([0-9.]{7,15}):([0-9]{1,5})", text)
+    if not m:
+        raise ParseError(
+            f"listen address {text[:60]!r} is not IP:PORT; use e.g. 127.0.0.1:9477, 0.0.0.0:9477 or [::1]:9477"
+        )
+    host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ParseError(f"listen address {text!r} has no valid IP address; use e.g. 127.0.0.1:9477") from None
+    if not 1 <= int(port) <= 65535:
+        raise ParseError(f"listen port {port} is out of range; allowed: 1 to 65535")
+    return host, int(port)
 
 
 def parse_hugepage_size(value: str) -> str:

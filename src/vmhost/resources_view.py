@@ -111,6 +111,7 @@ def resources_dict(
             {
                 "name": v.name,
                 "state": v.state,
+                "phase": v.phase,
                 "managed": v.managed,
                 "vcpus": v.allocation.vcpus,
                 "pinned": list(v.allocation.pinned) if v.allocation.pinned else None,

@@ -50,6 +50,22 @@ def libvirt_provider(libvirt_uri):
 
 
 @pytest.fixture
+def host(libvirt_uri, tmp_path):
+    """A VmHost on the real libvirtd (default policy, a per-test lock file) and a list of VM names to decompose."""
+    from vmhost.model import Policy
+    from vmhost.providers.base import get_provider
+    from vmhost.service import VmHost
+
+    vmhost = VmHost(get_provider("libvirt", uri=libvirt_uri), Policy(), lock_path=str(tmp_path / "lock"))
+    made: list[str] = []
+    yield vmhost, made
+    for name in made:
+        with contextlib.suppress(Exception):
+            vmhost.decompose(name)
+    vmhost.provider.close()
+
+
+@pytest.fixture
 def vm_names(libvirt_conn) -> Iterator[list[str]]:
     """Hands out per-test unique VM names and removes whatever carries them afterwards, pass or fail."""
     names: list[str] = []

@@ -6,7 +6,6 @@ Collisions, hugepage exhaustion and two processes racing are refused or serialis
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -18,9 +17,8 @@ import pytest
 
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
-from vmhost.model import Policy, VmRequest  # noqa: E402
+from vmhost.model import VmRequest  # noqa: E402
 from vmhost.placement import PlacementError  # noqa: E402
-from vmhost.providers.base import get_provider  # noqa: E402
 from vmhost.service import VmHost  # noqa: E402
 
 URI = "qemu:///system"
@@ -32,20 +30,6 @@ def _conn():
         return libvirt.open(URI)
     except libvirt.libvirtError as e:
         pytest.skip(f"libvirtd is not reachable at {URI}: {e}")
-
-
-@pytest.fixture
-def host(tmp_path):
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        pytest.skip("no usable /dev/kvm on this machine")
-    _conn().close()
-    vmhost = VmHost(get_provider("libvirt", uri=URI), Policy(), lock_path=str(tmp_path / "lock"))
-    made: list[str] = []
-    yield vmhost, made
-    for name in made:
-        with contextlib.suppress(Exception):
-            vmhost.decompose(name)
-    vmhost.provider.close()
 
 
 def _name(prefix: str = "ft") -> str:

@@ -63,6 +63,9 @@ def test_layout_is_a_charm_and_nothing_else(unpacked):
     assert manifest["bases"][0]["name"] == "ubuntu" and manifest["bases"][0]["channel"] == "24.04"
     metadata = yaml.safe_load((unpacked / "metadata.yaml").read_text())
     assert metadata["name"] == "vm-host" and "juju >= 3.6" in metadata["assumes"]
+    # What the cos-agent relation sends: the alert rules and the dashboard, read from these paths at runtime.
+    assert (unpacked / "src/prometheus_alert_rules/vmhost.rules").is_file()
+    assert (unpacked / "src/grafana_dashboards/vm-host.json").is_file()
 
 
 def test_every_file_dispatch_executes_is_executable(unpacked):
@@ -76,7 +79,8 @@ def test_every_file_dispatch_executes_is_executable(unpacked):
         assert os.access(hook, os.X_OK), hook
 
 
-RUNTIME = ["ops", "pydantic", "pylxd", "libvirt", "tenacity", "yaml", "charmlibs.apt", "charmlibs.snap", "vmhost"]
+RUNTIME = ["ops", "pydantic", "pylxd", "libvirt", "tenacity", "yaml", "charmlibs.apt", "charmlibs.snap", "vmhost",
+           "vmhost.exporter", "prometheus_client", "cosl", "charms.grafana_agent.v0.cos_agent"]  # fmt: skip
 
 
 def test_venv_alone_imports_the_runtime(unpacked):
@@ -127,7 +131,9 @@ def juju_env(unpacked, tmp_path):
         (bin_dir / tool).chmod(0o755)
     state = tmp_path / "juju"
     state.mkdir()
-    (state / "config.json").write_text(json.dumps({"backend": "libvirt"}))
+    # No systemd runs as PID 1 here, so the vmhost-serve unit is left out (tests/unit/test_charm_observe.py
+    # checks it, tests/functional/test_observe.py runs the process itself).
+    (state / "config.json").write_text(json.dumps({"backend": "libvirt", "metrics-address": ""}))
     (state / "params.json").write_text("{}")
     env = {
         "PATH": f"{bin_dir}:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin",

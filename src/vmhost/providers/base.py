@@ -90,10 +90,13 @@ class VmInfo:
     allocation: Allocation
     managed: bool = True
     macs: tuple[str, ...] = ()
+    phase: str = "ready"  # vm-host's own record: composing | decomposing until that finished, then ready
 
     def to_dict(self) -> dict:
         d = self.allocation.to_dict()
-        d.update(name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs))
+        d.update(
+            name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs), phase=self.phase
+        )
         return d
 
 

@@ -338,18 +338,19 @@ class LibvirtProvider:
         The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
         read back as that VM pinning itself to the shared threads.
         """
-        alloc, managed, macs = self._parsed.get(
+        alloc, managed, macs, phase = self._parsed.get(
             dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), lambda text: self._read(text, host_nodes)
         )
-        return VmInfo(dom.name(), _STATES.get(dom.state()[0], "unknown"), alloc, managed=managed, macs=macs)
+        state = _STATES.get(dom.state()[0], "unknown")
+        return VmInfo(dom.name(), state, alloc, managed=managed, macs=macs, phase=phase)
 
-    def _read(self, text: str, host_nodes: tuple[int, ...] | None) -> tuple[Allocation, bool, tuple[str, ...]]:
+    def _read(self, text: str, host_nodes: tuple[int, ...] | None) -> tuple[Allocation, bool, tuple[str, ...], str]:
         xml = ET.fromstring(text)
         rec = read_record(xml)
         macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
         if rec is None:
-            return allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids()), False, macs
-        return rec.allocation, True, macs
+            return allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids()), False, macs, "ready"
+        return rec.allocation, True, macs, rec.state
 
     def list_vms(self) -> list[VmInfo]:
         host_nodes = self._node_ids()

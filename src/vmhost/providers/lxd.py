@@ -558,6 +558,7 @@ class LxdProvider:
             allocation=alloc,
             managed=ours,
             macs=tuple(m for m in macs if m),
+            phase=(inst.get("config") or {}).get(cfg.STATE_KEY, cfg.STATE_READY) if ours else cfg.STATE_READY,
         )
 
     def _read_profile(self, name: str) -> dict | None:
