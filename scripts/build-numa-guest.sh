@@ -3,12 +3,13 @@
 # numactl) that tests/numa boots under TCG with 2 or 4 NUMA nodes, and a small chroot holding QEMU 10
 # from bookworm-backports (the first QEMU that emulates the SR-IOV NIC `-device igb`), so this
 # machine's own QEMU is left alone. Both are cached outside the repository, keyed by a hash of this
-# script (the package lists are in it): a later run reuses them. Prints the guest's cache directory,
+# script (the package lists are in it; the chroot by its package list): a later run reuses them. Prints the guest's cache directory,
 # which holds vmlinuz, initrd.img, rootfs.img, ssh_host_ed25519_key.pub and `qemu10` (the chroot's
 # directory). Installs what it needs (debootstrap) itself: CI starts from a fresh machine. Idempotent;
 # concurrent runs wait for each other (bounded).
 set -euo pipefail
-GUEST_PACKAGES=linux-image-amd64,systemd-sysv,libpam-systemd,libvirt-daemon-system,libvirt-clients,qemu-system-x86,openssh-server,python3,numactl,iproute2,pciutils
+# dbus: debootstrap does not resolve systemd-container's `default-dbus-system-bus | dbus-system-bus`.
+GUEST_PACKAGES=linux-image-amd64,systemd-sysv,libpam-systemd,dbus,libvirt-daemon-system,libvirt-clients,qemu-system-x86,openssh-server,python3,numactl,iproute2,pciutils
 QEMU_PACKAGES=qemu-system-x86
 SUITE=bookworm
 MIRROR=${VMHOST_DEBIAN_MIRROR:-http://deb.debian.org/debian}
@@ -17,10 +18,12 @@ cache=${VMHOST_CACHE:-/var/cache/vmhost}
 here=$(cd "$(dirname "$0")" && pwd)
 key=$( (cat "$here/build-numa-guest.sh"; echo "$GUEST_PACKAGES $QEMU_PACKAGES") | sha256sum | cut -c1-16)
 guest=$cache/numa-guest/$key
-qemu10=$cache/numa-guest/qemu10-$key
+# The QEMU chroot depends on its package list only, so editing the guest's part does not rebuild it.
+qemu10=$cache/numa-guest/qemu10-$(echo "$SUITE-backports $QEMU_PACKAGES" | sha256sum | cut -c1-16)
+debs=$cache/numa-guest/debs  # downloaded .debs (named by version), so a rebuild after an edit fetches less
 log() { echo "build-numa-guest: $*" >&2; }
 
-mkdir -p "$cache/numa-guest"
+mkdir -p "$cache/numa-guest" "$debs"
 exec 9>"$cache/numa-guest/.lock"
 flock -w 1800 9 || { log "another build held the lock for 30 minutes; giving up"; exit 1; }
 
@@ -50,7 +53,7 @@ trap cleanup EXIT
 if [[ ! -e $qemu10/.complete ]]; then
   log "QEMU 10 chroot from $SUITE-backports"
   root=$work/qemu10
-  debootstrap --variant=minbase "$SUITE" "$root" "$MIRROR" >&2
+  debootstrap --cache-dir="$debs" --variant=minbase "$SUITE" "$root" "$MIRROR" >&2
   echo "deb $MIRROR $SUITE-backports main" >"$root/etc/apt/sources.list.d/backports.list"
   chroot "$root" apt-get update -q >/dev/null
   DEBIAN_FRONTEND=noninteractive chroot "$root" apt-get install -y -q --no-install-recommends \
@@ -65,7 +68,7 @@ fi
 if [[ ! -e $guest/.complete ]]; then
   log "guest root file system ($SUITE, $GUEST_PACKAGES)"
   root=$work/rootfs
-  debootstrap --include="$GUEST_PACKAGES" "$SUITE" "$root" "$MIRROR" >&2
+  debootstrap --cache-dir="$debs" --include="$GUEST_PACKAGES" "$SUITE" "$root" "$MIRROR" >&2
   chroot "$root" apt-get clean
   echo numa-guest >"$root/etc/hostname"
   printf '127.0.0.1 localhost\n127.0.1.1 numa-guest\n' >"$root/etc/hosts"

@@ -17,7 +17,7 @@ from tests.numa.guest import Guest
 # Runs in the guest (python3 is in its image); prints one JSON object.
 _PROBE = r"""
 import glob, json, re, subprocess, sys
-name = sys.argv[1]
+name = sys.argv[1] if len(sys.argv) > 1 else ""
 out = {"nodes": {}, "free": {}, "total": {}}
 for d in sorted(glob.glob("/sys/devices/system/node/node[0-9]*")):
     n = int(d.rsplit("node", 1)[1])
