@@ -128,9 +128,10 @@ class Guest:
         cmd = self._qemu() + self.profile.qemu_args(g)
         cmd += ["-nodefaults", "-display", "none", "-serial", f"file:{self.console}", "-monitor", "none"]
         cmd += ["-kernel", str(g / "vmlinuz"), "-initrd", str(g / "initrd.img"), "-append", self.profile.cmdline()]
-        cmd += ["-drive", f"file={g / 'rootfs.img'},format=raw,if=virtio,snapshot=on"]
+        cmd += ["-drive", f"file={g / 'rootfs.img'},format=raw,if=none,id=d0,snapshot=on"]
+        cmd += ["-device", "virtio-blk-pci,drive=d0,bus=pcie.0"]
         cmd += ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.port}-:22"]
-        cmd += ["-device", "virtio-net-pci,netdev=n0,romfile="]
+        cmd += ["-device", "virtio-net-pci,netdev=n0,romfile=,bus=pcie.0"]
         cmd += ["-fw_cfg", f"name=opt/vmhost/authorized_keys,file={self.dir / 'id_ed25519.pub'}"]
         env = dict(os.environ)
         if self.profile.igb:

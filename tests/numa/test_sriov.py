@@ -12,6 +12,8 @@ import pytest
 from tests.numa.inside import probe, vmhost
 
 MAX_VFS = 7
+# Seven floating 1-vCPU VMs on 4 threads: overcommit, so the VFs, not the CPUs, are what runs out.
+FLOATING = ("--cpu-overcommit-ratio", "4")
 
 
 @pytest.fixture
@@ -23,7 +25,11 @@ def pf(guest_igb) -> str:
     assert guest_igb.ssh(f"cat {dev}/sriov_totalvfs").strip() == str(MAX_VFS)
     assert guest_igb.ssh(f"cat {dev}/numa_node").strip() == "1"
     if guest_igb.ssh(f"cat {dev}/sriov_numvfs").strip() != str(MAX_VFS):
-        guest_igb.ssh(f"echo {MAX_VFS} > {dev}/sriov_numvfs && udevadm settle")
+        # As an operator would: the PF up (libvirt will not configure a VF of a PF that is down), VFs on.
+        guest_igb.ssh(f"ip link set {name} up && echo {MAX_VFS} > {dev}/sriov_numvfs")
+        guest_igb.ssh(
+            f"for i in $(seq 60); do [ $(ls -d {dev}/virtfn*/net/* | wc -l) = {MAX_VFS} ] && break; sleep 1; done"
+        )
     return name
 
 
@@ -97,6 +103,7 @@ def test_vfs_are_never_handed_out_past_the_nics_maximum(guest_igb, pf, vm_names)
             "64M",
             "--interfaces",
             "eth0:type=sriov",
+            *FLOATING,
         )
         assert rc == 0, f"VF {i + 1} of {MAX_VFS}: {err}"
     assert _vfs(guest_igb, pf)["vfs_used"] == MAX_VFS
@@ -122,6 +129,7 @@ def test_vfs_are_never_handed_out_past_the_nics_maximum(guest_igb, pf, vm_names)
         "eth0:type=sriov",
         "--storage",
         "root:1",
+        *FLOATING,
     )
     assert rc == 1
     assert f"all VFs are in use ({pf} {MAX_VFS}/{MAX_VFS})" in err, err
