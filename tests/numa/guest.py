@@ -7,6 +7,7 @@ for the test and the guest's host key pinned. Its own QEMU is stopped by its own
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shlex
 import signal
@@ -75,6 +76,11 @@ def build_guest() -> Path:
     return Path(out.stdout.strip().splitlines()[-1])
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills this QEMU if pytest dies without running its finalizers."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -139,7 +145,13 @@ class Guest:
         (self.dir / "qemu.cmd").write_text(shlex.join(cmd) + "\n")
         with open(self.dir / "qemu.stderr", "wb") as err:
             self.proc = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env, start_new_session=True
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=err,
+                stderr=err,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + BOOT_TIMEOUT
         while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ from tests.numa.inside import probe, vmhost
 MAX_VFS = 7
 # Seven floating 1-vCPU VMs on 4 threads: overcommit, so the VFs, not the CPUs, are what runs out.
 FLOATING = ("--cpu-overcommit-ratio", "4")
+SRIOV = "eth0:type=sriov"
 
 
 @pytest.fixture
@@ -90,52 +91,37 @@ def test_sriov_vm_pinned_on_node_1_gets_a_node_1_vf_and_gives_it_back(guest_igb,
 
 
 def test_vfs_are_never_handed_out_past_the_nics_maximum(guest_igb, pf, vm_names):
-    names = [vm_names() for _ in range(MAX_VFS)]
-    for i, name in enumerate(names):
-        rc, _, err = vmhost(
-            guest_igb,
-            "compose",
-            "--hostname",
-            name,
-            "--cores",
-            "1",
-            "--memory",
-            "64M",
-            "--interfaces",
-            "eth0:type=sriov",
-            *FLOATING,
-        )
-        assert rc == 0, f"VF {i + 1} of {MAX_VFS}: {err}"
-    assert _vfs(guest_igb, pf)["vfs_used"] == MAX_VFS
-    addresses = set(
-        guest_igb.ssh(
-            "for d in " + " ".join(names) + "; do virsh dumpxml $d | grep -A1 '<source>' | grep address; done"
-        ).splitlines()
-    )
-    assert len(addresses) == MAX_VFS  # seven distinct VFs, none given twice
+    from vmhost.model import Policy, VmRequest
+    from vmhost.providers.libvirt import LibvirtProvider
+    from vmhost.service import VmHost
 
-    domains = guest_igb.ssh("virsh list --all --name").split()
-    volumes = guest_igb.ssh("virsh vol-list default --details").strip()
-    rc, _, err = vmhost(
-        guest_igb,
-        "compose",
-        "--hostname",
-        vm_names(),
-        "--cores",
-        "1",
-        "--memory",
-        "64M",
-        "--interfaces",
-        "eth0:type=sriov",
-        "--storage",
-        "root:1",
-        *FLOATING,
-    )
-    assert rc == 1
-    assert f"all VFs are in use ({pf} {MAX_VFS}/{MAX_VFS})" in err, err
-    assert guest_igb.ssh("virsh list --all --name").split() == domains  # nothing was created
-    assert guest_igb.ssh("virsh vol-list default --details").strip() == volumes
-    for name in names:
-        rc, _, err = vmhost(guest_igb, "decompose", name)
-        assert rc == 0, err
-    assert _vfs(guest_igb, pf)["vfs_used"] == 0
+    names = [vm_names() for _ in range(MAX_VFS)]
+    # The first six through one connection (the same service the CLI runs, without six ssh set-ups),
+    # the last VF and the refusal through the CLI.
+    host = VmHost(LibvirtProvider(uri=guest_igb.uri), Policy(cpu_overcommit_ratio=4))
+    try:
+        for name in names[:-1]:
+            host.compose(VmRequest.from_dict({"cores": 1, "memory": "64M", "interfaces": SRIOV, "name": name}))
+        args = ("--cores", "1", "--memory", "64M", "--interfaces", SRIOV, *FLOATING)
+        rc, _, err = vmhost(guest_igb, "compose", "--hostname", names[-1], *args)
+        assert rc == 0, f"VF {MAX_VFS} of {MAX_VFS}: {err}"
+        assert _vfs(guest_igb, pf)["vfs_used"] == MAX_VFS
+        addresses = set(
+            guest_igb.ssh(
+                "for d in " + " ".join(names) + "; do virsh dumpxml $d | grep -A1 '<source>' | grep address; done"
+            ).splitlines()
+        )
+        assert len(addresses) == MAX_VFS  # seven distinct VFs, none given twice
+
+        domains = guest_igb.ssh("virsh list --all --name").split()
+        volumes = guest_igb.ssh("virsh vol-list default --details").strip()
+        rc, _, err = vmhost(guest_igb, "compose", "--hostname", vm_names(), "--storage", "root:1", *args)
+        assert rc == 1
+        assert f"all VFs are in use ({pf} {MAX_VFS}/{MAX_VFS})" in err, err
+        assert guest_igb.ssh("virsh list --all --name").split() == domains  # nothing was created
+        assert guest_igb.ssh("virsh vol-list default --details").strip() == volumes
+        for name in names:
+            host.decompose(name)
+        assert _vfs(guest_igb, pf)["vfs_used"] == 0
+    finally:
+        host.provider.close()
