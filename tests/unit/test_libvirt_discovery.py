@@ -37,7 +37,11 @@ class _Err(Exception):
 
 
 FAKE_LIBVIRT = SimpleNamespace(
-    libvirtError=_Err, VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET=1, VIR_ERR_NO_SUPPORT=3, VIR_ERR_NO_INTERFACE=11
+    libvirtError=_Err,
+    VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET=1,
+    VIR_ERR_NO_SUPPORT=3,
+    VIR_ERR_NO_INTERFACE=11,
+    VIR_ERR_NO_NODE_DEVICE=9,
 )
 
 
@@ -55,7 +59,7 @@ class FakeConn:
 
     def nodeDeviceLookupByName(self, name):
         if name not in self.devices:
-            raise _Err(9)
+            raise _Err(FAKE_LIBVIRT.VIR_ERR_NO_NODE_DEVICE)
         return _obj(self.devices[name])
 
     def listAllInterfaces(self, flags):
@@ -128,3 +132,12 @@ def test_cell_hugepages_reads_every_size_and_unit():
         "<pages unit='KiB' size='1048576'>2</pages></cell>"
     )
     assert disc.cell_hugepages(cell) == {"2M": 128, "1G": 2}
+
+
+def test_a_node_device_gone_between_list_and_lookup_is_left_out_but_a_broken_connection_is_not():
+    gone = FakeConn({k: v for k, v in DEVICES.items() if k != "pci_0000_00_02_0"}, NETS, [])
+    assert [n.name for n in disc.remote_nics(gone, _call, FAKE_LIBVIRT)] == ["enp129s0"]
+    broken = FakeConn(DEVICES, NETS, [])
+    broken.nodeDeviceLookupByName = lambda name: (_ for _ in ()).throw(_Err(38))
+    with pytest.raises(_Err):
+        disc.remote_nics(broken, _call, FAKE_LIBVIRT)

@@ -49,7 +49,9 @@ def remote_nics(conn: Any, call: Callable[..., Any], libvirt: Any) -> list[Nic]:
         if name not in pci_cache:
             try:
                 xml = ET.fromstring(call(conn.nodeDeviceLookupByName, name).XMLDesc(0))
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as e:
+                if e.get_error_code() != libvirt.VIR_ERR_NO_NODE_DEVICE:
+                    raise
                 xml = None  # vanished meanwhile
             pci_cache[name] = xml if xml is not None and xml.find("capability[@type='pci']") is not None else None
         return pci_cache[name]
@@ -92,7 +94,7 @@ def _interfaces(
     try:
         ifaces = call(conn.listAllInterfaces, 0)
     except libvirt.libvirtError as e:
-        if e.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, getattr(libvirt, "VIR_ERR_NO_INTERFACE", -1)):
+        if e.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:  # a daemon without an interface driver
             return {}, {}
         raise
     groups: dict[str, tuple[str, int | None, list[str]]] = {}
@@ -100,7 +102,9 @@ def _interfaces(
     for iface in ifaces:
         try:
             xml = ET.fromstring(iface.XMLDesc(0))
-        except libvirt.libvirtError:
+        except libvirt.libvirtError as e:
+            if e.get_error_code() != libvirt.VIR_ERR_NO_INTERFACE:
+                raise
             continue  # removed between list and read
         name, kind = xml.get("name"), xml.get("type")
         if not name:
