@@ -1,14 +1,11 @@
-"""Packing under churn (runs in /work/main/.venv): a seeded stream of arrivals and departures.
+"""The churn stream of the packing benchmark (bench/packing.py): seeded arrivals and departures.
 
-Writes the workload (results/churn_workload.json) that nova_runner.py replays on Nova, replays it
-on our engine, and checks DESIGN.md §4 rules 1-3 independently of the engine after every step.
-Every arrival carries its departure step, so both engines see the same stream whatever they accept.
+Every arrival carries its departure step, so every engine sees the same stream whatever it accepts;
+`check` recomputes DESIGN.md §4 rules 1-3 independently of the engine after every step.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import random
 import sys
@@ -18,11 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from hosts_bench import GiB, host_dict
 
-from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.parse import HUGEPAGE_SIZES
-from vmhost.placement import PlacementError, place
+from vmhost.model import Allocation, HostTopology, Policy
 
-RESULTS = Path(__file__).parent / "results"
 HOST = {"nodes": 4, "cores_per_node": 8, "threads_per_core": 2, "memory_per_node": 64 * GiB, "hugepages": {"2M": 8192}}
 KINDS = (("pinned", 35), ("hugepage", 25), ("shared", 40))
 
@@ -88,69 +82,3 @@ def check(host: HostTopology, allocs: list[Allocation], policy: Policy) -> list[
     if used > general * policy.memory_overcommit_ratio:
         bad.append(f"rule 3: general memory {used} over capacity {general * policy.memory_overcommit_ratio:.0f}")
     return bad
-
-
-def run(w: dict) -> dict:
-    host = HostTopology.from_dict(w["host"])
-    policy = Policy.from_dict(w["policy"])
-    live: dict[int, Allocation] = {}
-    steps = []
-    violations: list[str] = []
-    arrivals = accepted = 0
-    by_kind: dict[str, list[int]] = {}
-    for ev in w["events"]:
-        if ev["op"] == "depart":
-            live.pop(ev["id"], None)
-        else:
-            arrivals += 1
-            k = by_kind.setdefault(ev["kind"], [0, 0])
-            k[0] += 1
-            req = VmRequest.from_dict({**ev["request"], "name": f"vm{ev['id']}"})
-            try:
-                live[ev["id"]] = place(host, list(live.values()), req, policy)
-                accepted += 1
-                k[1] += 1
-            except PlacementError:
-                pass
-        allocs = list(live.values())
-        violations += check(host, allocs, policy)
-        pinned = sum(len(a.pinned or ()) for a in allocs)
-        hp = sum(a.hugepages.pages for a in allocs if a.hugepages and a.hugepages.size == "2M")
-        steps.append({"pinned_threads": pinned, "hugepages_2M": hp, "live": len(allocs)})
-    return {
-        "engine": "vmhost",
-        "arrivals": arrivals,
-        "accepted": accepted,
-        "by_kind": by_kind,
-        "checked_steps": len(steps),
-        "violations": violations[:20],
-        "violation_count": len(violations),
-        "pinnable_threads": len(host.thread_node) - len(policy.reserved_cores),
-        "hugepages_2M_total": sum(n.hugepages.get("2M", 0) for n in host.nodes),
-        "page_bytes_2M": HUGEPAGE_SIZES["2M"],
-        "steps": steps,
-    }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--mean-life", type=float, default=25.0)
-    ap.add_argument("--workload", type=Path, default=RESULTS / "churn_workload.json")
-    ap.add_argument("--out", type=Path, default=RESULTS / "ours_churn.json")
-    a = ap.parse_args()
-    w = workload(a.seed, a.steps, a.mean_life)
-    a.workload.parent.mkdir(parents=True, exist_ok=True)
-    a.workload.write_text(json.dumps(w))
-    res = run(w)
-    a.out.write_text(json.dumps(res))
-    print(
-        f"  churn ours: accepted {res['accepted']}/{res['arrivals']}, {res['violation_count']} rule 1-3 violations "
-        f"over {res['checked_steps']} steps",
-        file=sys.stderr,
-    )
-
-
-if __name__ == "__main__":
-    main()

@@ -106,7 +106,9 @@ def instance_request(
     specs = {}
     if pinned:
         specs["hw:cpu_policy"] = "dedicated"
-    if hugepage_size:
+    if hugepage_size == "small":  # general memory, counted in the node's 4K pool (not its hugepages)
+        specs["hw:mem_page_size"] = "small"
+    elif hugepage_size:
         specs["hw:mem_page_size"] = str(PAGE_KB[hugepage_size])
     if numa_nodes:
         specs["hw:numa_nodes"] = str(numa_nodes)
@@ -141,4 +143,33 @@ def used(host_topo) -> dict:
             if p.size_kb in (2048, 1024 * 1024):
                 key = "2M" if p.size_kb == 2048 else "1G"
                 out["hugepages"][key] = out["hugepages"].get(key, 0) + int(p.used)
+    return out
+
+
+def node_states(host_topo) -> list[dict]:
+    """Free and capacity per node in the shape bench/packing_metrics.py scores (threads, bytes).
+
+    General memory is the 4K pool (node memory less its hugepages), hugepages every larger pool:
+    with `hw:mem_page_size` set on every request, Nova accounts each VM in exactly one of them.
+    """
+    out = []
+    for c in host_topo.cells:
+        cap = len(c.cpuset | c.pcpuset)
+        general = huge = (0, 0)
+        for p in c.mempages:
+            total, free = p.total * p.size_kb * KiB, (p.total - p.used) * p.size_kb * KiB
+            if p.size_kb == 4:
+                general = (total, free)
+            else:
+                huge = (huge[0] + total, huge[1] + free)
+        out.append(
+            {
+                "free_threads": cap - len(c.pinned_cpus),
+                "thread_cap": cap,
+                "free_general": general[1],
+                "general_cap": general[0],
+                "free_huge": huge[1],
+                "huge_cap": huge[0],
+            }
+        )
     return out

@@ -1,7 +1,7 @@
-"""The Nova side of the benchmarks (runs in bench/.nova-venv): latency cases and the churn workload.
+"""The Nova side of the benchmarks (runs in bench/.nova-venv): latency cases and the packing streams.
 
-Reads the same JSON files our side reads (cases.json from placement_bench.py, churn_workload.json
-from churn.py) and writes its timings/outcomes next to ours. Every call to Nova's
+Reads the same JSON files our side reads (cases.json from placement_bench.py, packing_workload.json
+from packing.py) and writes its timings/outcomes next to ours. Every call to Nova's
 `numa_fit_instance_to_host` runs under a time limit (an interval timer); a call that does not
 finish is recorded as a timeout and reported as "> limit".
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import nova_adapter as na
+import packing_metrics as pm
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -105,13 +106,14 @@ def latency(cases: Path, out: Path, reps: int, budget: float, limit: float) -> N
     out.write_text(json.dumps({"engine": "nova", "results": results}, indent=1))
 
 
-def churn_mode(w: dict, mode: str, limit: float) -> dict:
+def churn_mode(w: dict, mode: str, limit: float, small: bool = False) -> dict:
     """Replay the seeded churn on Nova: placement-service inventory (VCPU, PCPU, MEMORY_MB) + NUMA fit.
 
     split: a modern host, cpu_dedicated_set = first half of each node's cores, cpu_shared_set = the rest
     (Nova needs this partition up front). legacy: every thread in both sets (the old vcpu_pin_set way):
     one VCPU inventory for all, so shared vCPUs can land on pinned threads; those steps are counted
-    as rule 2 violations.
+    as rule 2 violations. `small`: pinned VMs without hugepages ask for `hw:mem_page_size=small`, so
+    Nova counts them in each node's 4K pool and never on memory that is set aside as hugepages.
     """
     hd = w["host"]
     ratio_cpu, ratio_ram = w["policy"]["cpu_overcommit_ratio"], w["policy"]["memory_overcommit_ratio"]
@@ -132,6 +134,7 @@ def churn_mode(w: dict, mode: str, limit: float) -> dict:
     inv = {"VCPU": 0, "PCPU": 0, "MEMORY_MB": 0}
     live: dict[int, tuple] = {}
     steps = []
+    states: list[dict] = []
     by_kind: dict[str, list[int]] = {}
     accepted = arrivals = timeouts = violations = 0
     for ev in w["events"]:
@@ -158,7 +161,8 @@ def churn_mode(w: dict, mode: str, limit: float) -> dict:
             )
             fitted = None
             if ok:
-                inst = na.instance_request(r["cores"], r["memory"], pinned, r.get("hugepage_size"))
+                page = r.get("hugepage_size") or ("small" if small and pinned else None)
+                inst = na.instance_request(r["cores"], r["memory"], pinned, page)
                 if inst is not None:
                     fitted, _, _ = timed_fit(host, inst, lim, limit)
                     if isinstance(fitted, Timeout):
@@ -180,6 +184,9 @@ def churn_mode(w: dict, mode: str, limit: float) -> dict:
         steps.append(
             {"pinned_threads": u["pinned_threads"], "hugepages_2M": u["hugepages"].get("2M", 0), "live": len(live)}
         )
+        if small:
+            # Threads of the shared set count as free: unpinned, as vmhost counts its unpinned threads.
+            states.append(pm.state_figures(na.node_states(host)))
     return {
         "engine": "nova",
         "mode": mode,
@@ -191,22 +198,62 @@ def churn_mode(w: dict, mode: str, limit: float) -> dict:
         "dedicated_threads": pcpu_total,
         "shared_threads": vcpu_total,
         "steps": steps,
+        "figures": pm.mean_figures(states),
     }
 
 
-def churn(workload: Path, out: Path, limit: float) -> None:
+def fill(host_dict: dict, requests: list[dict], limit: float) -> dict:
+    """The fill-only stream on Nova: every thread dedicated (all requests are pinned), placement
+    inventory (PCPU, MEMORY_MB) then the NUMA fit; general memory asks for 4K pages (see churn_mode)."""
+    host = na.nova_host(host_dict, {n["id"]: {t for c in n["cores"] for t in c["threads"]} for n in host_dict["nodes"]})
+    pcpu_total = sum(len(c.pcpuset) for c in host.cells)
+    mem_total_mb = sum(n["memory"] for n in host_dict["nodes"]) // na.MiB
+    lim = na.limits(1.0, 1.0)
+    pcpu = mem = accepted = vcpus = timeouts = 0
+    for r in requests:
+        if pcpu + r["cores"] > pcpu_total or mem + r["memory"] // na.MiB > mem_total_mb:
+            continue
+        inst = na.instance_request(r["cores"], r["memory"], True, r.get("hugepage_size") or "small")
+        fitted, _, _ = timed_fit(host, inst, lim, limit)
+        if isinstance(fitted, Timeout):
+            timeouts += 1
+            continue
+        if fitted is None:
+            continue
+        host = na.claim(host, fitted)
+        pcpu += r["cores"]
+        mem += r["memory"] // na.MiB
+        accepted += 1
+        vcpus += r["cores"]
+    return {
+        "accepted": accepted,
+        "arrivals": len(requests),
+        "vcpus": vcpus,
+        "memory_gib": mem / 1024,
+        "timeouts": timeouts,
+        **pm.state_figures(na.node_states(host)),
+    }
+
+
+def packing(workload: Path, out: Path, limit: float) -> None:
     w = json.loads(workload.read_text())
-    res = {m: churn_mode(w, m, limit) for m in ("split", "legacy")}
-    for m, r in res.items():
-        print(f"  churn nova ({m}): accepted {r['accepted']}/{r['arrivals']}", file=sys.stderr)
-    out.write_text(json.dumps(res))
+    res: dict = {"engine": "nova", "fill": {}, "churn": {}}
+    for s, reqs in w["fill"]["seeds"].items():
+        res["fill"][s] = r = fill(w["fill"]["host"], reqs, limit)
+        print(f"  fill nova seed {s}: {r['accepted']}/{r['arrivals']}, {r['vcpus']} vCPUs", file=sys.stderr)
+    for s, cw in w["churn"].items():
+        r = churn_mode(cw, "split", limit, small=True)
+        res["churn"][s] = {"accepted": r["accepted"], "arrivals": r["arrivals"], "timeouts": r["timeouts"]}
+        res["churn"][s] |= {"rule2_violation_steps": r["rule2_violation_steps"], **r["figures"]}
+        print(f"  churn nova seed {s}: {r['accepted']}/{r['arrivals']}", file=sys.stderr)
+    out.write_text(json.dumps(res, indent=1))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("command", choices=("latency", "churn"))
+    ap.add_argument("command", choices=("latency", "packing"))
     ap.add_argument("--cases", type=Path, default=RESULTS / "cases.json")
-    ap.add_argument("--workload", type=Path, default=RESULTS / "churn_workload.json")
+    ap.add_argument("--workload", type=Path, default=RESULTS / "packing_workload.json")
     ap.add_argument("--out", type=Path)
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--budget", type=float, default=2.0, help="seconds per shape at most (after the first call)")
@@ -215,7 +262,7 @@ def main() -> None:
     if a.command == "latency":
         latency(a.cases, a.out or RESULTS / "nova_latency.json", a.reps, a.budget, a.limit)
     else:
-        churn(a.workload, a.out or RESULTS / "nova_churn.json", a.limit)
+        packing(a.workload, a.out or RESULTS / "nova_packing.json", a.limit)
 
 
 if __name__ == "__main__":

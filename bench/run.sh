@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# `make bench`: placement vs Nova, packing under churn, compose cost vs the bare hypervisor, scaling.
+# `make bench`: placement vs Nova, packing (fill-only and churn, vs Nova and an exact packer), compose cost
+# vs the bare hypervisor, scaling.
 # Prints one markdown report on stdout; JSON and PNG go to bench/results/. Progress goes to stderr.
 # Knobs (env): BENCH_REPS (ours, per shape; 300), BENCH_NOVA_REPS (100), BENCH_NOVA_LIMIT (s per Nova call; 30),
-# BENCH_BUDGET (s per shape; 3), BENCH_RUNS (compose/scaling runs; 5), BENCH_SKIP_HYPERVISOR=1 (placement only).
+# BENCH_BUDGET (s per shape; 3), BENCH_RUNS (compose/scaling runs; 5), BENCH_SKIP_HYPERVISOR=1 (placement only),
+# BENCH_EXACT_SECONDS (CP-SAT time per fill-only seed; 8).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +25,16 @@ if [ ! -x "$NOVA_PY" ] || ! cmp -s "$REQ" "$NOVA_VENV/.requirements"; then
     cp "$REQ" "$NOVA_VENV/.requirements"
 fi
 
+EXACT_REQ=bench/requirements-exact.txt
+if ! cmp -s "$EXACT_REQ" "$NOVA_VENV/.requirements-exact"; then
+    echo "== installing the exact packer (ortools) into $NOVA_VENV" >&2
+    if "$NOVA_PY" -m pip install -q -r "$EXACT_REQ"; then
+        cp "$EXACT_REQ" "$NOVA_VENV/.requirements-exact"
+    else
+        echo "== ortools could not be installed: the packing section runs without the exact packer" >&2
+    fi
+fi
+
 # Byte-compile once: with PYTHONDONTWRITEBYTECODE set (as on these machines) every `vmhost` run would
 # otherwise recompile the package, a cost an installed wheel never pays.
 "$PY" -m compileall -q src lib >/dev/null
@@ -34,9 +46,11 @@ echo "== placement latency: vmhost" >&2
 echo "== placement latency: Nova (limit ${BENCH_NOVA_LIMIT:-30} s per call)" >&2
 "$NOVA_PY" bench/nova_runner.py latency --reps "${BENCH_NOVA_REPS:-100}" --budget "${BENCH_BUDGET:-3}" \
     --limit "${BENCH_NOVA_LIMIT:-30}"
-echo "== packing under churn" >&2
-"$PY" bench/churn.py
-"$NOVA_PY" bench/nova_runner.py churn --limit "${BENCH_NOVA_LIMIT:-30}"
+echo "== packing: fill-only and churn streams, 20 seeds each" >&2
+"$PY" bench/packing.py
+"$NOVA_PY" bench/nova_runner.py packing --limit "${BENCH_NOVA_LIMIT:-30}"
+echo "== packing: offline exact packer (CP-SAT, ${BENCH_EXACT_SECONDS:-8} s per seed; optional)" >&2
+"$NOVA_PY" bench/exact_packer.py --seconds "${BENCH_EXACT_SECONDS:-8}"
 
 if [ "${BENCH_SKIP_HYPERVISOR:-0}" = 1 ]; then
     echo "== compose/scaling skipped: BENCH_SKIP_HYPERVISOR=1" >&2

@@ -1,4 +1,4 @@
-"""Charm glue for `vm-allocation`: gather what Juju knows, let vmhost.broker decide, carry it out.
+"""Charm glue for `vm-allocation`: gather what Juju and the host know, decide (vmhost.relation), execute, publish.
 
 Data flow with several units (Juju is the distributed engine):
 - every unit publishes its free capacity and its results (owner key -> status) in its peer unit databag;
@@ -13,16 +13,30 @@ from __future__ import annotations
 import json
 import logging
 import traceback
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
 import ops
 from pydantic import ValidationError
 
-from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, VmAllocationProvider, VmStatus
-from vmhost import broker
+from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES, MAX_MESSAGE, VmAllocationProvider, VmStatus, decode_json
+from vmhost.charm_models import CharmConfig
+from vmhost.placement import PlacementError, compute_usage
 from vmhost.providers.base import ProviderError
-from vmhost.service import Refused
+from vmhost.relation import PeerUnit, Plan, Snapshot, decide, report
+from vmhost.relation_assignment import Capacity, ComposeFailure, UnitResult
+from vmhost.relation_policy import (
+    AcceptedRequest,
+    Binding,
+    IncomingRequest,
+    RelationRequests,
+    RelationSettings,
+    nic_policy_error,
+    remote_reason,
+)
+from vmhost.service import HostLockError, Refused, VmHost
+from vmhost.timeouts import HypervisorTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +44,29 @@ ASSIGNMENTS_KEY = "assignments"
 CAPACITY_KEY = "capacity"
 RESULTS_KEY = "results"
 INTERNAL_ERROR = "the host hit an internal error serving this request; its operator can find the cause in the unit log"
+HYPERVISOR_ERROR = "the hypervisor could not create this VM; the host's operator can find why in the unit log"
+# A unit's results cover every request it serves, of every related application.
+PEER_FIELD_BYTES = 16 * MAX_FIELD_BYTES
 
 
-def _json(data: Any, key: str, default: Any) -> Any:
-    """A JSON value from a databag, or `default` when absent or unreadable (peer data is ours, but be safe)."""
+def _json(data: Mapping[str, str], key: str, default: Any) -> Any:
+    """A JSON value from a peer databag, or `default` when absent or unusable (ours, but read totally)."""
     try:
-        value = json.loads(data.get(key) or "null")
-    except (ValueError, TypeError):
+        value = decode_json(data.get(key), limit=PEER_FIELD_BYTES)
+    except ValueError:
         return default
     return value if isinstance(value, type(default)) else default
+
+
+def _results(data: Mapping[str, str]) -> dict[str, UnitResult]:
+    """owner -> UnitResult as a unit published them; an entry that is not one is left out."""
+    out = {}
+    for owner, entry in _json(data, RESULTS_KEY, {}).items():
+        try:
+            out[owner] = UnitResult.from_dict(entry)
+        except ValueError:
+            logger.warning("a peer result for %r is unreadable; ignored", owner[:200])  # %r: any text logs
+    return out
 
 
 def bounded(message: str | None, limit: int = MAX_MESSAGE) -> str | None:
@@ -66,14 +94,6 @@ def _where(e: BaseException) -> str:
     return f"{type(e).__name__}{at}"
 
 
-def _own_results(peer: ops.Relation | None, unit: ops.Unit) -> dict[str, broker.Result]:
-    """What this unit published last time (to retry its failed composes elsewhere)."""
-    if peer is None:
-        return {}
-    raw = _json(peer.data[unit], RESULTS_KEY, {})
-    return {str(k): broker.Result.from_dict(v) for k, v in raw.items() if isinstance(v, dict)}
-
-
 class AllocationRelation(ops.Object):
     """Serves VM requests from remote applications over `vm-allocation`."""
 
@@ -94,21 +114,67 @@ class AllocationRelation(ops.Object):
         if event.departing_unit == self._charm.unit:
             self._departing = True
 
-    # -----------------------------------------------------------------------------------------
+    def reconcile(self, host: VmHost, config: CharmConfig) -> None:
+        """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
+        try:
+            settings = relation_settings(config, self._binding())
+        except ValueError as e:  # e.g. network-get answered with something that is not JSON
+            logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
+            return
+        snapshot = self._gather(host, settings)
+        plan = decide(snapshot)
+        failures = self._execute(host, snapshot, plan)
+        self._publish(host, snapshot, plan, failures)
 
-    def _inputs(self) -> list[broker.RelationInput]:
+    # --- gather -------------------------------------------------------------------------------
+
+    def _gather(self, host: VmHost, settings: RelationSettings) -> Snapshot:
+        """Everything decide() needs, read once: the requests, this host's VMs, what the peers published."""
+        unit = self._charm.unit
+        leader = unit.is_leader()
+        peer = self.model.get_relation(self.peer_name)
+        return Snapshot(
+            unit=unit.name,
+            leader=leader,
+            settings=settings,
+            relations=tuple(self._requests()),
+            vms=tuple(host.vms()),
+            peers=tuple(self._peer_unit(peer, other) for other in peer.units if other.name != unit.name)
+            if peer
+            else (),
+            own_results=_results(peer.data[unit]) if peer is not None else {},
+            capacity=self._capacity(host) if leader else None,
+            assignments=_assignments(peer.data[self._charm.app]) if peer is not None else {},
+            departing=self._departing,
+        )
+
+    def _requests(self) -> list[RelationRequests]:
         out = []
-        for rel in self.provider.relations:
-            if rel.app is None:
+        for relation in self.provider.relations:
+            if relation.app is None:
                 continue
-            parsed, error = self.provider.requests(rel)
-            incoming = tuple(broker.Incoming(p.id, p.spec.model_dump() if p.spec else None, p.error) for p in parsed)
-            out.append(
-                broker.RelationInput(rel.id, self.provider.remote_model_uuid(rel), rel.app.name, incoming, error)
+            parsed, error = self.provider.requests(relation)
+            incoming = tuple(
+                IncomingRequest(entry.id, entry.spec.model_dump() if entry.spec else None, entry.error)
+                for entry in parsed
             )
+            model_uuid = self.provider.remote_model_uuid(relation)
+            out.append(RelationRequests(relation.id, model_uuid, relation.app.name, incoming, error))
         return out
 
-    def _binding(self) -> broker.Binding:
+    def _peer_unit(self, peer: ops.Relation, unit: ops.Unit) -> PeerUnit:
+        """What another unit published: its results and its capacity (an unreadable one is left out)."""
+        data = peer.data[unit]
+        capacity = None
+        published = _json(data, CAPACITY_KEY, {})
+        try:
+            if published:
+                capacity = Capacity.from_dict(published)
+        except ValueError:
+            logger.warning("the capacity %s published is unreadable; ignored", unit.name)
+        return PeerUnit(unit.name, _results(data), capacity)
+
+    def _binding(self) -> Binding:
         """The host interfaces and subnets Juju bound this endpoint to (`--bind vm-allocation=SPACE`).
 
         Each unit reads its own, so every host resolves requests onto its own interface names.
@@ -121,137 +187,109 @@ class AllocationRelation(ops.Object):
                 self.relation_name,
                 e,
             )
-            return broker.Binding()
-        names = dict.fromkeys(i.name for i in network.interfaces if i.name)
-        subnets = dict.fromkeys(str(i.subnet) for i in network.interfaces if i.subnet is not None)
-        return broker.Binding(tuple(names), tuple(subnets))
+            return Binding()
+        names = dict.fromkeys(interface.name for interface in network.interfaces if interface.name)
+        subnets = dict.fromkeys(
+            str(interface.subnet) for interface in network.interfaces if interface.subnet is not None
+        )
+        return Binding(tuple(names), tuple(subnets))
 
-    def _capacity(self, host: Any) -> broker.Capacity:
-        from vmhost.placement import compute_usage
+    def _capacity(self, host: VmHost) -> Capacity:
+        return Capacity.from_usage(compute_usage(host.topology(), host.allocations(), host.policy))
 
-        return broker.Capacity.from_usage(compute_usage(host.topology(), host.allocations(), host.policy))
+    # --- execute ------------------------------------------------------------------------------
 
-    def reconcile(self, host: Any, config: Any) -> None:
-        """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
-        try:
-            settings = replace(broker.Settings.from_config(config), binding=self._binding())
-        except ValueError as e:
-            logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
-            return
-        unit, me = self._charm.unit, self._charm.unit.name
-        leader = unit.is_leader()
+    def _execute(self, host: VmHost, snapshot: Snapshot, plan: Plan) -> dict[str, ComposeFailure]:
+        """Record the leader's assignments (first: other units act on them even if this one cannot),
+        release, then compose; owner -> ComposeFailure for composes that did not happen."""
         peer = self.model.get_relation(self.peer_name)
-        inputs = self._inputs()
+        if peer is not None and plan.assignments_changed:
+            peer.data[self._charm.app][ASSIGNMENTS_KEY] = json.dumps(dict(plan.assignments), sort_keys=True)
+        for name in plan.release:
+            self._release(host, name)
+        failures: dict[str, ComposeFailure] = {}
+        for accepted in plan.compose:
+            failure = self._compose(host, snapshot.settings, accepted)
+            if failure is not None:
+                failures[accepted.owner] = failure
+        return failures
 
-        others = {u.name for u in peer.units if u.name != me} if peer else set()
-        live_units = {me} | others
-        peer_results: dict[str, dict[str, broker.Result]] = {}
-        capacities: dict[str, broker.Capacity] = {}
-        if peer is not None:
-            for u in peer.units:
-                if u.name == me:
-                    continue
-                raw = _json(peer.data[u], RESULTS_KEY, {})
-                peer_results[u.name] = {
-                    str(k): broker.Result.from_dict(v) for k, v in raw.items() if isinstance(v, dict)
-                }
-                cap = _json(peer.data[u], CAPACITY_KEY, {})
-                if cap:
-                    capacities[u.name] = broker.Capacity.from_dict(cap)
+    def _release(self, host: VmHost, name: str) -> None:
+        try:
+            host.decompose(name)
+            logger.info("released relation VM %s", name)
+        except (HostLockError, HypervisorTimeout):
+            raise  # this unit cannot serve now (see _compose)
+        except ProviderError as e:
+            logger.warning("could not release relation VM %s: %s", name, e)
+        except Exception as e:  # one bad release must not stop the other requests being served
+            logger.error("could not release relation VM %s: unexpected %s", name, _where(e))
 
-        vms = host.vms()
-        held = {
-            o: broker.Held(u, r.cores, r.memory)
-            for u, res in sorted(peer_results.items(), reverse=True)
-            for o, r in res.items()
-            if r.status == "ready"
-        }
-        for vm in vms:
-            if broker.split_owner(vm.allocation.owner):
-                held[vm.allocation.owner] = broker.Held(me, vm.allocation.vcpus, vm.allocation.memory)
-        decisions = broker.evaluate(inputs, settings, held)
-        accepted = [d.accepted for d in decisions if d.accepted is not None]
-
-        current = _json(peer.data[self._charm.app], ASSIGNMENTS_KEY, {}) if peer else {}
-        waiting: dict[str, str] = {}
-        if leader:
-            capacities[me] = self._capacity(host)
-            located = {o: h.unit for o, h in held.items()}
-            failed = {o for res in peer_results.values() for o, r in res.items() if r.status == "failed"}
-            failed |= {o for o, r in _own_results(peer, unit).items() if r.status == "failed"}
-            assignments, waiting = broker.assign(accepted, current, live_units, capacities, located, failed)
-            if peer is not None and assignments != current:
-                peer.data[self._charm.app][ASSIGNMENTS_KEY] = json.dumps(assignments, sort_keys=True)
-        else:
-            assignments = {str(k): str(v) for k, v in current.items()}
-
-        ready_elsewhere = {o for u, res in peer_results.items() for o, r in res.items() if r.status == "ready"}
-        live_apps = {i.app_key for i in inputs}
-        unreadable = {i.app_key for i in inputs if i.error}
-        compose, release = broker.unit_actions(me, decisions, assignments, vms, live_apps, ready_elsewhere, unreadable)
-        if self._departing:
-            compose = []
-            release = sorted(vm.name for vm in vms if broker.split_owner(vm.allocation.owner))
-
-        outcomes = self._execute(host, settings, compose, release)
-        if compose or release:
-            vms = host.vms()
-        results = broker.unit_results(me, decisions, assignments, vms, outcomes)
-        if self._departing:
-            results = {}
-        if peer is not None:
-            mine = peer.data[unit]
-            mine[RESULTS_KEY] = json.dumps(
-                {o: replace(r, message=bounded(r.message)).to_dict() for o, r in sorted(results.items())}
+    def _compose(self, host: VmHost, settings: RelationSettings, accepted: AcceptedRequest) -> ComposeFailure | None:
+        """Compose one accepted request; why not, when it did not happen."""
+        try:
+            vm = host.compose(
+                accepted.request,
+                start=True,
+                boot=accepted.boot,
+                image=accepted.image,
+                cloud_init=accepted.cloud_init,
+                # checked on the very plan that is created, under the host lock
+                accept=lambda planned, topology: nic_policy_error(planned, host_nics=topology.nics, settings=settings),
             )
+            logger.info("composed %s for %s", vm.name, accepted.owner)
+        except Refused as e:
+            return ComposeFailure("rejected", bounded(str(e)) or "")
+        except (HostLockError, HypervisorTimeout):
+            # Not the request's fault: the unit waits (the charm says why) and the next hook serves it.
+            # Never published: the sentence names the lock holder's command line or the daemon's URI.
+            raise
+        except PlacementError as e:  # the remote model learns what was short, the log how much
+            logger.warning("compose for %s failed: %s", accepted.owner, e)
+            return ComposeFailure("failed", remote_reason(str(e)))
+        except (ProviderError, ValueError, RuntimeError, OSError) as e:
+            logger.warning("compose for %s failed: %s", accepted.owner, e)
+            return ComposeFailure("failed", HYPERVISOR_ERROR)
+        except Exception as e:  # a bug hit by one request must not stop the others being served
+            logger.error("compose for %s failed: unexpected %s", accepted.owner, _where(e))
+            return ComposeFailure("failed", INTERNAL_ERROR)
+        return None
+
+    # --- publish ------------------------------------------------------------------------------
+
+    def _publish(self, host: VmHost, snapshot: Snapshot, plan: Plan, failures: dict[str, ComposeFailure]) -> None:
+        """This unit's results and capacity on the peer relation; on the leader, each requirer's statuses."""
+        vms = tuple(host.vms()) if plan.compose or plan.release else snapshot.vms
+        published = report(snapshot, plan, vms=vms, failures=failures)
+        peer = self.model.get_relation(self.peer_name)
+        if peer is not None:
+            mine = peer.data[self._charm.unit]
+            results = {
+                owner: replace(result, message=bounded(result.message)).to_dict()
+                for owner, result in sorted(published.results.items())
+            }
+            mine[RESULTS_KEY] = json.dumps(results)
             mine[CAPACITY_KEY] = json.dumps(self._capacity(host).to_dict())
+        if not snapshot.leader:
+            return
+        errors = {relation.relation_id: relation.error for relation in snapshot.relations}
+        for relation in self.provider.relations:
+            if relation.id in published.statuses:
+                statuses = [_status(entry) for entry in published.statuses[relation.id]]
+                self.provider.publish(relation, statuses, error=bounded(errors.get(relation.id)))
 
-        if leader:
-            all_results = {u: r for u, r in peer_results.items() if u in live_units} | {me: results}
-            merged = broker.merge_statuses(inputs, decisions, assignments, all_results, waiting)
-            errors = {i.relation_id: i.error for i in inputs}
-            for rel in self.provider.relations:
-                if rel.id in merged:
-                    statuses = [_status(e) for e in merged[rel.id]]
-                    self.provider.publish(rel, statuses, error=bounded(errors.get(rel.id)))
 
-    def _execute(
-        self,
-        host: Any,
-        settings: broker.Settings,
-        compose: list[broker.Accepted],
-        release: list[str],
-    ) -> dict[str, tuple[str, str]]:
-        """Release, then compose; owner -> (failed | rejected, why) for composes that did not happen."""
-        from vmhost.placement import PlacementError
+def relation_settings(config: CharmConfig, binding: Binding) -> RelationSettings:
+    """The relation policy as plain values, from the charm's config and this unit's binding."""
+    return RelationSettings(
+        quota=config.relation_quota,
+        allowed_networks=tuple(config.allowed_networks),
+        space_bridges=dict(config.space_bridges),
+        binding=binding,
+    )
 
-        for name in release:
-            try:
-                host.decompose(name)
-                logger.info("released relation VM %s", name)
-            except ProviderError as e:
-                logger.warning("could not release relation VM %s: %s", name, e)
-            except Exception as e:  # one bad release must not stop the other requests being served
-                logger.error("could not release relation VM %s: unexpected %s", name, _where(e))
-        outcomes: dict[str, tuple[str, str]] = {}
-        for acc in compose:
-            try:
-                vm = host.compose(
-                    acc.request,
-                    start=True,
-                    boot=acc.boot,
-                    image=acc.image,
-                    cloud_init=acc.cloud_init,
-                    # checked on the very plan that is created, under the host lock
-                    accept=lambda planned, topo: broker.nic_policy_error(planned, topo.nics, settings),
-                )
-                logger.info("composed %s for %s", vm.name, acc.owner)
-            except Refused as e:
-                outcomes[acc.owner] = ("rejected", bounded(str(e)))
-            except (PlacementError, ProviderError, ValueError, RuntimeError, OSError) as e:
-                outcomes[acc.owner] = ("failed", bounded(str(e)))
-                logger.warning("compose for %s failed: %s", acc.owner, e)
-            except Exception as e:  # a bug hit by one request must not stop the others being served
-                outcomes[acc.owner] = ("failed", INTERNAL_ERROR)
-                logger.error("compose for %s failed: unexpected %s", acc.owner, _where(e))
-        return outcomes
+
+def _assignments(data: Mapping[str, str]) -> dict[str, str]:
+    """owner -> unit as the leader recorded them (entries that are not names are left out)."""
+    current = _json(data, ASSIGNMENTS_KEY, {})
+    return {owner: unit for owner, unit in current.items() if isinstance(unit, str)}

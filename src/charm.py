@@ -34,7 +34,8 @@ from vmhost.model import VmRequest
 from vmhost.providers.base import ProviderError, get_provider
 from vmhost.providers.libvirt_discovery import is_remote
 from vmhost.resources_view import render_view, summary_line, vm_line
-from vmhost.service import VmHost
+from vmhost.service import HostLockError, VmHost
+from vmhost.timeouts import HypervisorTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +98,21 @@ class VmHostCharm(ops.CharmBase):
         """The one place a VmHost is built: provider from config, policy from config."""
         uri = config.libvirt_uri if config.backend == "libvirt" else None
         options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
-        provider = get_provider(config.backend, uri=uri, **options)
+        provider = get_provider(config.backend, uri=uri, timeout=config.hypervisor_timeout, **options)
         if config.space_bridges:
             provider = hostmod.SpaceMappedProvider(provider, config.space_bridges)
         return VmHost(provider, config.policy())
 
     @contextmanager
     def _session(self, config: CharmConfig) -> Iterator[VmHost]:
+        """A VmHost for one use case. A silent daemon or a busy host lock also sets the unit Waiting with
+        the reason, so collect-status does not ask the daemon again (a second full wait) in this dispatch."""
         vmhost = self._vmhost(config)
         try:
             yield vmhost
+        except (HostLockError, HypervisorTimeout) as e:
+            self._problem = ops.WaitingStatus(str(e))
+            raise
         finally:
             vmhost.provider.close()
 
@@ -130,6 +136,10 @@ class VmHostCharm(ops.CharmBase):
             logger.error("host set-up: %s", e)
             self._problem = ops.WaitingStatus(str(e)) if e.transient else ops.BlockedStatus(str(e))
             return []
+        except HypervisorTimeout as e:  # a hung daemon: wait for it, the set-up itself may be fine
+            logger.error("host set-up: %s", e)
+            self._problem = ops.WaitingStatus(str(e))
+            return []
         except Exception as e:  # never out of a hook: say what happened, the log has the traceback
             logger.exception("host set-up failed")
             self._problem = ops.BlockedStatus(f"host set-up failed: {e}; see juju debug-log, then run refresh")
@@ -140,6 +150,8 @@ class VmHostCharm(ops.CharmBase):
                 if removed:
                     logger.info("removed orphans of crashed composes: %s", ", ".join(removed))
                 self.vm_allocation.reconcile(vmhost, config)
+        except (HostLockError, HypervisorTimeout):  # _session set Waiting with their sentence
+            return []
         except ProviderError as e:
             self._problem = ops.WaitingStatus(f"{config.backend} not reachable: {e}")
             return []
@@ -190,7 +202,9 @@ class VmHostCharm(ops.CharmBase):
             storage_pool=config.default_storage_pool or "default",
         )
         try:
-            report = lxd_setup.ensure_host(cfg)
+            report = lxd_setup.ensure_host(cfg, timeout=config.hypervisor_timeout)
+        except HypervisorTimeout:
+            raise
         except Exception as e:  # LXD's own words are the most useful message for the operator
             logger.exception("LXD set-up failed")
             raise hostmod.HostSetupError(f"LXD set-up failed: {e}") from e
@@ -223,7 +237,7 @@ class VmHostCharm(ops.CharmBase):
 
     def _summary(self, config: CharmConfig) -> ops.StatusBase:
         try:
-            if config.backend == "lxd" and not hostmod.lxd_supports_vms():
+            if config.backend == "lxd" and not hostmod.lxd_supports_vms(timeout=config.hypervisor_timeout):
                 return ops.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
             with self._session(config) as vmhost:
                 res = vmhost.resources()
@@ -375,7 +389,9 @@ class VmHostCharm(ops.CharmBase):
 
         try:
             projects = self._trust_projects(config, params.admin)
-            fingerprint = lxd_setup.add_trusted_client(params.cert, params.name, projects=projects)
+            fingerprint = lxd_setup.add_trusted_client(
+                params.cert, params.name, projects=projects, timeout=config.hypervisor_timeout
+            )
         except Exception as e:  # LXD refused (bad cert, trusted under another name): its message, one line
             event.fail(f"LXD did not trust the certificate: {e}")
             return
@@ -391,7 +407,9 @@ class VmHostCharm(ops.CharmBase):
 
         try:
             projects = self._trust_projects(config, params.admin)
-            token = lxd_setup.create_join_token(params.name, expiry_s=params.expiry_seconds, projects=projects)
+            token = lxd_setup.create_join_token(
+                params.name, expiry_s=params.expiry_seconds, projects=projects, timeout=config.hypervisor_timeout
+            )
         except Exception as e:
             event.fail(f"LXD did not issue a token: {e}")
             return

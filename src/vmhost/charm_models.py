@@ -14,10 +14,22 @@ import re
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from vmhost.model import Policy
-from vmhost.parse import ParseError, parse_cpuset, parse_hugepage_size, parse_size, parse_vm_name
+from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, Policy
+from vmhost.parse import (
+    MAX_TEXT,
+    MAX_VM_CORES,
+    ParseError,
+    check_size,
+    clip,
+    parse_cpuset,
+    parse_hugepage_size,
+    parse_size,
+    parse_vm_name,
+)
+from vmhost.relation_policy import Quota
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, seconds
 
 __all__ = [
     "AddTrustedClientParams",
@@ -43,7 +55,7 @@ def _digits_as_text(v: Any) -> Any:
 
 
 # An action parameter people may type as a number (actions.yaml declares it `type: [string, integer]`).
-Text = Annotated[str, BeforeValidator(_digits_as_text), Field(max_length=4096)]
+Text = Annotated[str, BeforeValidator(_digits_as_text), Field(max_length=MAX_TEXT)]
 
 
 @dataclass(frozen=True)
@@ -53,15 +65,6 @@ class HugepageSetting:
     size: str
     count: int
     node: int | None = None
-
-
-@dataclass(frozen=True)
-class Quota:
-    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
-
-    vms: int | None = None
-    cores: int | None = None
-    memory: int | None = None
 
 
 def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:
@@ -76,22 +79,26 @@ def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:
         elif len(parts) == 3:
             node_s, size_s, count_s = parts
         else:
-            raise ValueError(f"entry {tok!r} is not size:count or node:size:count (e.g. 2M:4096 or 0:1G:8)")
+            raise ValueError(f"entry {clip(tok)} is not size:count or node:size:count (e.g. 2M:4096 or 0:1G:8)")
         node = None
         if node_s is not None:
-            if not node_s.isdigit():
-                raise ValueError(f"node {node_s!r} in {tok!r} is not a NUMA node number")
+            if not (node_s.isascii() and node_s.isdigit()) or len(node_s) > 4:
+                raise ValueError(f"node {clip(node_s)} in {clip(tok)} is not a NUMA node number")
             node = int(node_s)
         try:
             size = parse_hugepage_size(size_s)
         except ParseError as e:
             raise ValueError(str(e)) from None
-        if not count_s.isdigit():
-            raise ValueError(f"count {count_s!r} in {tok!r} is not a whole number of pages")
+        if not (count_s.isascii() and count_s.isdigit()) or len(count_s) > 12:
+            raise ValueError(f"count {clip(count_s)} in {clip(tok)} is not a whole number of pages (at most 12 digits)")
         if any(s.size == size and (s.node is None or node is None or s.node == node) for s in out):
-            raise ValueError(f"{size} pages are given twice in {tok!r}; give each size once, or once per node")
+            raise ValueError(f"{size} pages are given twice in {clip(tok)}; give each size once, or once per node")
         out.append(HugepageSetting(size=size, count=int(count_s), node=node))
     return tuple(out)
+
+
+# Ceilings of relation-quota: far above any one host, low enough that sums stay small integers.
+QUOTA_MAX = {"vms": 100_000, "cores": 1_000_000, "memory": 1024**5}
 
 
 def _parse_quota(value: str) -> Quota:
@@ -105,13 +112,13 @@ def _parse_quota(value: str) -> Quota:
             raise ValueError(f"entry {tok!r} is not vms=N, cores=N or memory=SIZE")
         if key == "memory":
             try:
-                found[key] = parse_size(val, default_unit="M")
+                found[key] = check_size("memory", parse_size(val, default_unit="M"), 0, QUOTA_MAX[key])
             except ParseError as e:
                 raise ValueError(str(e)) from None
-        elif val.isdigit():
+        elif val.isascii() and val.isdigit() and int(val[:12]) <= QUOTA_MAX[key]:
             found[key] = int(val)
         else:
-            raise ValueError(f"{key} {val!r} is not a whole number")
+            raise ValueError(f"{key} {clip(val)} is not a whole number from 0 to {QUOTA_MAX[key]}")
     return Quota(**found)
 
 
@@ -125,10 +132,11 @@ class CharmConfig(BaseModel):
     lxd_listen_address: str = ""
     lxd_storage_driver: Literal["dir", "zfs", "btrfs", "lvm"] = "dir"
     bridge: str = ""
-    cpu_overcommit_ratio: float = Field(1.0, gt=0)
-    memory_overcommit_ratio: float = Field(1.0, gt=0)
+    cpu_overcommit_ratio: float = 1.0
+    memory_overcommit_ratio: float = 1.0
     reserved_cores: tuple[int, ...] = ()
     reserved_memory: int = 0
+    confine_foreign_vms: bool = True
     hugepages: tuple[HugepageSetting, ...] = ()
     default_storage_pool: str = ""
     space_bridges: dict[str, str] = Field(default_factory=dict)
@@ -136,6 +144,12 @@ class CharmConfig(BaseModel):
     relation_quota: Quota = Quota()
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
+    hypervisor_timeout: float = DEFAULT_CALL_TIMEOUT
+
+    @field_validator("hypervisor_timeout", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> float:
+        return seconds(v, "value")
 
     @field_validator("lxd_snap_channel")
     @classmethod
@@ -159,6 +173,14 @@ class CharmConfig(BaseModel):
             raise ValueError(f"{v!r} is not an absolute directory path; use e.g. /var/lib/vmhost/images")
         return v
 
+    @field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
+    @classmethod
+    def _ratio(cls, v: float, info: ValidationInfo) -> float:
+        lo, hi = RATIO_BOUNDS[info.field_name]
+        if not lo <= v <= hi:  # false for nan too
+            raise ValueError(f"{v:g} is not allowed; use a number from {lo:g} to {hi:g} (1.0 means no overcommit)")
+        return v
+
     @field_validator("reserved_cores", mode="before")
     @classmethod
     def _cpuset(cls, v: Any) -> tuple[int, ...]:
@@ -176,7 +198,7 @@ class CharmConfig(BaseModel):
     def _size(cls, v: Any) -> int:
         if isinstance(v, str):
             try:
-                return parse_size(v or "0", default_unit="M")
+                return check_size("reserved memory", parse_size(v or "0", default_unit="M"), 0, MAX_RESERVED_MEMORY)
             except ParseError as e:
                 raise ValueError(str(e)) from None
         return v
@@ -259,6 +281,7 @@ class CharmConfig(BaseModel):
             reserved_cores=self.reserved_cores,
             reserved_memory=self.reserved_memory,
             default_storage_pool=self.default_storage_pool or None,
+            confine_foreign_vms=self.confine_foreign_vms,
         )
 
 
@@ -267,11 +290,12 @@ class ComposeParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    cores: int = Field(1, ge=1)
-    memory: Text = "2048M"
+    cores: int = Field(1, ge=1, le=MAX_VM_CORES)
+    memory: Annotated[Text, Field(max_length=64)] = "2048M"
     pinned_cores: Text | None = None
     hugepages_backed: bool = False
-    hugepage_size: str | None = None
+    hugepage_size: str | None = Field(None, max_length=16)
+    numa_nodes: int | None = None  # bounds (1-64, at most cores) are VmRequest's, one rule for every caller
     storage: Text | None = None
     interfaces: Text | None = None
     hostname: Text | None = None
@@ -300,6 +324,7 @@ class ComposeParams(BaseModel):
             "pinned_cores": self.pinned_cores,
             "hugepages_backed": self.hugepages_backed,
             "hugepage_size": self.hugepage_size,
+            "numa_nodes": self.numa_nodes,
             "storage": self.storage,
             "interfaces": self.interfaces,
             "name": self.hostname,
@@ -372,6 +397,20 @@ class ClientTokenParams(BaseModel):
         return int(self.expiry[:-1]) * _EXPIRY_UNITS[self.expiry[-1]]
 
 
+# pydantic errors whose message does not show the value given; error_message puts it in front.
+_SHOW_INPUT = (
+    "literal_error",
+    "greater_than",
+    "greater_than_equal",
+    "less_than_equal",
+    "string_pattern_mismatch",
+    "string_too_long",
+    "missing",
+    "int_parsing",
+    "string_type",
+)
+
+
 def error_message(e: ValidationError, kind: str = "config") -> str:
     """One sentence for the first problem: "config hugepages: <why>; ..." with the Juju (hyphenated) name."""
     parts = []
@@ -380,16 +419,9 @@ def error_message(e: ValidationError, kind: str = "config") -> str:
         msg = err.get("msg", "invalid")
         msg = msg.removeprefix("Value error, ")
         given = err.get("input")
-        if err.get("type") in (
-            "literal_error",
-            "greater_than",
-            "string_pattern_mismatch",
-            "missing",
-            "int_parsing",
-            "string_type",
-        ):
+        if err.get("type") in _SHOW_INPUT:
             msg = (
-                f"{given!r} is not allowed: {msg[0].lower()}{msg[1:]}"
+                f"{clip(given)} is not allowed: {msg[0].lower()}{msg[1:]}"
                 if err.get("type") != "missing"
                 else "is required"
             )

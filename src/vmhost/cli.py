@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -11,7 +12,15 @@ from collections.abc import Sequence
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.providers.base import ProviderError, get_provider
-from vmhost.service import BOOT_MODES, VmHost
+from vmhost.service import BOOT_MODES, STOP_WAIT, HostLockBusy, VmHost
+from vmhost.timeouts import (
+    CALL_TIMEOUT_RANGE,
+    DEFAULT_CALL_TIMEOUT,
+    DEFAULT_LOCK_TIMEOUT,
+    LOCK_TIMEOUT_RANGE,
+    HypervisorTimeout,
+    seconds,
+)
 
 
 def _common() -> argparse.ArgumentParser:
@@ -23,8 +32,9 @@ def _common() -> argparse.ArgumentParser:
     p.add_argument("--server-cert", help="LXD server certificate (PEM) to trust for a remote https URI")
     p.add_argument("--project", help="LXD project (default: vmhost)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--cpu-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_CPU_OVERCOMMIT", 1.0)))
-    p.add_argument("--memory-overcommit-ratio", type=float, default=float(os.environ.get("VMHOST_MEM_OVERCOMMIT", 1.0)))
+    # Read as text and checked by Policy.from_dict, so a bad value from the environment is one sentence too.
+    p.add_argument("--cpu-overcommit-ratio", default=os.environ.get("VMHOST_CPU_OVERCOMMIT", "1.0"), help="0.1 to 64")
+    p.add_argument("--memory-overcommit-ratio", default=os.environ.get("VMHOST_MEM_OVERCOMMIT", "1.0"), help="0.1 to 4")
     p.add_argument("--reserved-cores", default=os.environ.get("VMHOST_RESERVED_CORES", ""), help="e.g. 0-1")
     p.add_argument(
         "--reserved-memory",
@@ -32,12 +42,40 @@ def _common() -> argparse.ArgumentParser:
         help="e.g. 2G (a bare number is MiB)",
     )
     p.add_argument("--default-storage-pool", default=os.environ.get("VMHOST_DEFAULT_POOL"))
+    p.add_argument(
+        "--timeout",
+        metavar="SECONDS",
+        help=f"time limit on each hypervisor call (env VMHOST_TIMEOUT; default {DEFAULT_CALL_TIMEOUT:g}, "
+        f"{CALL_TIMEOUT_RANGE[0]:g}-{CALL_TIMEOUT_RANGE[1]:g})",
+    )
+    p.add_argument(
+        "--lock-timeout",
+        metavar="SECONDS",
+        help=f"how long to wait for another vmhost process to release the host lock (env VMHOST_LOCK_TIMEOUT; "
+        f"default {DEFAULT_LOCK_TIMEOUT:g}, {LOCK_TIMEOUT_RANGE[0]:g}-{LOCK_TIMEOUT_RANGE[1]:g})",
+    )
+    p.add_argument(
+        "--confine-foreign-vms",
+        default=os.environ.get("VMHOST_CONFINE_FOREIGN_VMS", "true"),
+        help="true (default) keeps running VMs vm-host did not make off pinned threads; false only reports them",
+    )
     return p
+
+
+def _seconds(given: str | None, flag: str, env: str, default: float, limits: tuple[float, float]) -> float:
+    """A time limit from its flag, else its environment variable, else the default; one sentence if bad."""
+    if given is not None:
+        return seconds(given, flag, limits)
+    if os.environ.get(env):
+        return seconds(os.environ[env], env, limits)
+    return default
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="vmhost", description="Compose NUMA-aware VMs on LXD or libvirt/KVM.")
+    # `vmhost --json list` as well as `vmhost list --json` (its own dest: a subcommand's default would overwrite it).
+    parser.add_argument("--json", action="store_true", dest="json_before", help="machine-readable output")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("resources", parents=[common], help="per NUMA node cores, memory, hugepages, VFs, VMs")
     c = sub.add_parser("compose", parents=[common], help="place and create a VM")
@@ -46,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pinned-cores", help="auto, or host CPUs such as 2,3 or 4-7")
     c.add_argument("--hugepages-backed", action="store_true")
     c.add_argument("--hugepage-size", help="2M or 1G")
+    c.add_argument("--numa-nodes", help="exactly this many NUMA nodes, 1 to never span (default: the fewest)")
     c.add_argument("--storage", help="MAAS storage, e.g. root:20(ssd),data:100")
     c.add_argument("--interfaces", help="MAAS interfaces, e.g. eth0:space=public;eth1:subnet=10.20.0.0/24")
     c.add_argument("--hostname", help="VM name and guest hostname (default: generated)")
@@ -62,25 +101,57 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     st = sub.add_parser("stop", parents=[common], help="stop a VM")
     st.add_argument("name")
-    st.add_argument("--force", action="store_true")
+    st.add_argument("--force", action="store_true", help="power off instead of asking the guest to shut down")
+    st.add_argument(
+        "--wait",
+        type=_wait_seconds,
+        default=STOP_WAIT,
+        help=f"seconds to wait for the guest to shut down (0-3600, default {STOP_WAIT:g}); still running after it is an error",
+    )
     sub.add_parser("gc", parents=[common], help="remove what a crashed compose left behind")
     return parser
 
 
+def _wait_seconds(text: str) -> float:
+    try:
+        return seconds(text, "--wait", (0, 3600))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+# Where each policy value comes from, for the error that names a bad one.
+_POLICY_SOURCES = {
+    "cpu_overcommit_ratio": "--cpu-overcommit-ratio or VMHOST_CPU_OVERCOMMIT",
+    "memory_overcommit_ratio": "--memory-overcommit-ratio or VMHOST_MEM_OVERCOMMIT",
+    "reserved_cores": "--reserved-cores or VMHOST_RESERVED_CORES",
+    "reserved_memory": "--reserved-memory or VMHOST_RESERVED_MEMORY",
+    "confine_foreign_vms": "--confine-foreign-vms or VMHOST_CONFINE_FOREIGN_VMS",
+}
+
+
 def _policy(args: argparse.Namespace) -> Policy:
-    return Policy.from_dict(
-        {
-            "cpu_overcommit_ratio": args.cpu_overcommit_ratio,
-            "memory_overcommit_ratio": args.memory_overcommit_ratio,
-            "reserved_cores": args.reserved_cores or None,
-            "reserved_memory": args.reserved_memory,
-            "default_storage_pool": args.default_storage_pool,
-        }
-    )
+    values = {
+        "cpu_overcommit_ratio": args.cpu_overcommit_ratio,
+        "memory_overcommit_ratio": args.memory_overcommit_ratio,
+        "reserved_cores": args.reserved_cores or None,
+        "reserved_memory": args.reserved_memory,
+        "confine_foreign_vms": args.confine_foreign_vms,
+    }
+    for key, source in _POLICY_SOURCES.items():
+        try:
+            Policy.from_dict({key: values[key]})
+        except ParseError as e:
+            raise ParseError(f"{e} (set by {source})") from None
+    return Policy.from_dict({**values, "default_storage_pool": args.default_storage_pool})
 
 
 def _host(args: argparse.Namespace) -> VmHost:
-    options = {}
+    options = {
+        "timeout": _seconds(args.timeout, "--timeout", "VMHOST_TIMEOUT", DEFAULT_CALL_TIMEOUT, CALL_TIMEOUT_RANGE)
+    }
+    lock_timeout = _seconds(
+        args.lock_timeout, "--lock-timeout", "VMHOST_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_RANGE
+    )
     if args.backend == "lxd":
         if args.cert and args.key:
             options["cert"] = (args.cert, args.key)
@@ -88,7 +159,8 @@ def _host(args: argparse.Namespace) -> VmHost:
             options["project"] = args.project
         if args.server_cert:
             options["verify"] = args.server_cert
-    return VmHost(get_provider(args.backend, uri=args.uri, **options), _policy(args))
+    policy = _policy(args)  # before connecting: a bad value is refused without touching the hypervisor
+    return VmHost(get_provider(args.backend, uri=args.uri, **options), policy, lock_timeout=lock_timeout)
 
 
 def _request(args: argparse.Namespace) -> VmRequest:
@@ -99,6 +171,7 @@ def _request(args: argparse.Namespace) -> VmRequest:
             "pinned_cores": args.pinned_cores,
             "hugepages_backed": args.hugepages_backed,
             "hugepage_size": args.hugepage_size,
+            "numa_nodes": args.numa_nodes,
             "storage": args.storage,
             "interfaces": args.interfaces,
             "name": args.hostname,
@@ -144,11 +217,13 @@ def run(args: argparse.Namespace) -> int:
         elif args.command in ("start", "stop"):
             if args.command == "start":
                 host.start(args.name)
+                state = host.find(args.name).state
             else:
-                host.stop(args.name, force=args.force)
-            state = host.find(args.name).state
+                state = host.stop(args.name, force=args.force, wait=args.wait)
             _emit(args, {"name": args.name, "state": state}, f"{args.name}: {state}")
         elif args.command == "gc":
+            # What gc skipped, and why, goes to stderr; stdout lists what it removed.
+            logging.basicConfig(level=logging.INFO, format="vmhost: %(message)s", stream=sys.stderr)
             removed = host.gc()
             _emit(args, {"removed": removed}, "\n".join(f"removed {r}" for r in removed) or "nothing to remove")
     finally:
@@ -156,14 +231,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hint(e: BaseException) -> str:
+    """How to wait longer, when what failed was a time limit (possibly inside a failed compose step)."""
+    while e is not None:
+        if isinstance(e, HypervisorTimeout):
+            return "; if it is only slow, raise --timeout (VMHOST_TIMEOUT)"
+        if isinstance(e, HostLockBusy):
+            return "; to wait longer, raise --lock-timeout (VMHOST_LOCK_TIMEOUT)"
+        e = e.__cause__
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from vmhost.placement import PlacementError
 
     args = build_parser().parse_args(argv)
+    args.json = args.json or args.json_before
     try:
-        return run(args)
+        code = run(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`vmhost resources | head`): stop quietly, as other commands do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ParseError, PlacementError, ProviderError, ValueError) as e:
-        print(f"vmhost: error: {e}", file=sys.stderr)
+        print(f"vmhost: error: {e}{_hint(e)}", file=sys.stderr)
         return 1
     except Exception as e:  # a backend library error we did not classify: still one line, no traceback
         print(f"vmhost: error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -21,7 +21,8 @@ from typing import Any, TypeVar
 
 from vmhost.charm_models import HugepageSetting
 from vmhost.model import HostTopology, Nic
-from vmhost.parse import HUGEPAGE_SIZES
+from vmhost.parse import HUGEPAGE_SIZES, human_size
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,10 @@ __all__ = [
 ]
 
 GRUB_DROPIN = "etc/default/grub.d/60-vmhost-hugepages.cfg"
+# Hugepages never take the memory the host runs in: each NUMA node keeps at least max(2G, 10%) of its
+# memory for the OS, at runtime and in the GRUB drop-in alike (README "Hugepages").
+HOST_KEEPS_MIN = 2 * 1024**3
+HOST_KEEPS_PERCENT = 10
 _KB = {"2M": "2048kB", "1G": "1048576kB"}
 Runner = Callable[[Sequence[str]], subprocess.CompletedProcess]
 T = TypeVar("T")
@@ -260,21 +265,55 @@ class Host:
         return out
 
     def wanted_hugepages(self, settings: Iterable[HugepageSetting]) -> dict[tuple[int, str], int]:
-        """Per (node, size) counts; a host-wide count is split evenly, the remainder to the lowest nodes."""
+        """Per (node, size) counts; a host-wide count is split evenly, the remainder to the lowest nodes.
+
+        Refused (HostSetupError naming the setting and the largest allowed value) when a node would be
+        left less than max(2G, 10%) of its memory: nothing that large ever reaches sysfs or GRUB.
+        """
         nodes = self.numa_nodes()
+        room = {n: self.hugepage_room(n) for n in nodes}
+        held = self.hugepages()  # sizes not configured keep what they hold
+        sizes = {s.size for s in settings}
+        used = {n: sum(HUGEPAGE_SIZES[z] * c for (m, z), c in held.items() if m == n and z not in sizes) for n in nodes}
         wanted: dict[tuple[int, str], int] = {}
         for s in settings:
-            if s.node is None:
-                share, extra = divmod(s.count, len(nodes))
-                for i, n in enumerate(nodes):
-                    wanted[(n, s.size)] = share + (1 if i < extra else 0)
-            else:
-                if s.node not in nodes:
-                    raise HostSetupError(
-                        f"hugepages names NUMA node {s.node} but this host has nodes {','.join(map(str, nodes))}"
-                    )
-                wanted[(s.node, s.size)] = s.count
+            if s.node is not None and s.node not in nodes:
+                raise HostSetupError(
+                    f"hugepages names NUMA node {s.node} but this host has nodes {','.join(map(str, nodes))}"
+                )
+            targets = nodes if s.node is None else [s.node]
+            page = HUGEPAGE_SIZES[s.size]
+            fit = [(room[n] - used[n]) // page for n in targets]  # pages of this size each node can still take
+            shares = _even_split(s.count, len(targets))
+            if any(share > max(0, f) for share, f in zip(shares, fit, strict=True)):
+                largest = _largest_even_split([max(0, f) for f in fit])
+                where = "this machine" if s.node is None else f"NUMA node {s.node}"
+                prefix = "" if s.node is None else f"{s.node}:"
+                raise HostSetupError(
+                    f"hugepages {prefix}{s.size}:{s.count} is more than {where} can hold; at most "
+                    f"{prefix}{s.size}:{largest} (each NUMA node keeps max({human_size(HOST_KEEPS_MIN)}, "
+                    f"{HOST_KEEPS_PERCENT}%) of its memory for the host)"
+                )
+            for n, share in zip(targets, shares, strict=True):
+                wanted[(n, s.size)] = share
+                used[n] += share * page
         return wanted
+
+    def node_memory(self, node: int) -> int:
+        """Total memory of a NUMA node in bytes: sysfs, else /proc/meminfo on a single-node host."""
+        path = self._p(f"sys/devices/system/node/node{node}/meminfo")
+        pattern = rf"^Node {node} MemTotal:\s+(\d+) kB"
+        if not path.exists() and self.numa_nodes() == [node]:
+            path, pattern = self._p("proc/meminfo"), r"^MemTotal:\s+(\d+) kB"
+        m = re.search(pattern, path.read_text() if path.exists() else "", re.M)
+        if not m:
+            raise HostSetupError(f"cannot read the memory of NUMA node {node}; hugepages are bounded by it")
+        return int(m.group(1)) * 1024
+
+    def hugepage_room(self, node: int) -> int:
+        """Bytes of hugepages a node may hold: its memory less what the host keeps, max(2G, 10%)."""
+        memory = self.node_memory(node)
+        return max(0, memory - max(HOST_KEEPS_MIN, memory * HOST_KEEPS_PERCENT // 100))
 
     def apply_hugepages(self, settings: Iterable[HugepageSetting]) -> HugepageReport:
         """Set the configured pages at runtime, read back what the kernel gave, drop-in for the rest."""
@@ -497,12 +536,27 @@ class Host:
             log.warning("could not restart libvirtd (%s); restart it to use the new hugetlbfs mounts", e)
 
 
-def lxd_supports_vms(client=None) -> bool:
+def _even_split(total: int, parts: int) -> list[int]:
+    """`total` in `parts` shares differing by at most one, the larger shares first (lowest nodes)."""
+    share, extra = divmod(total, parts)
+    return [share + (1 if i < extra else 0) for i in range(parts)]
+
+
+def _largest_even_split(fit: list[int]) -> int:
+    """The largest total whose even split (larger shares first) gives no part more than its `fit`."""
+    low = min(fit)
+    extra = 0
+    while extra < len(fit) - 1 and fit[extra] > low:
+        extra += 1
+    return low * len(fit) + extra
+
+
+def lxd_supports_vms(client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> bool:
     """Whether the LXD server can run virtual machines (it lists "virtual-machine" among instance types)."""
     if client is None:
         import pylxd
 
-        client = pylxd.Client()
+        client = pylxd.Client(timeout=timeout)
     env = client.host_info.get("environment", {})
     return "virtual-machine" in (env.get("instance_types") or ())
 

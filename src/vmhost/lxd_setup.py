@@ -13,11 +13,14 @@ import json
 import logging
 import re
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, HypervisorTimeout, no_answer
 
 log = logging.getLogger(__name__)
 
@@ -130,16 +133,17 @@ def build_preseed(cfg: LxdHostConfig, existing: LxdHostState | None = None) -> d
     return preseed
 
 
-def read_state(client=None) -> LxdHostState:
+def read_state(client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> LxdHostState:
     """The pools, managed networks, default profile devices and HTTPS address the daemon has now."""
     from pylxd import exceptions as pe
 
     try:
-        c = _client(client)
-        pools = c.api["storage-pools"].get(params={"recursion": 1}).json()["metadata"] or []
-        nets = c.api.networks.get(params={"recursion": 1}).json()["metadata"] or []
-        profile = c.api.profiles["default"].get().json()["metadata"] or {}
-        server = c.api.get().json()["metadata"] or {}
+        with _answered("reading its set-up", timeout):
+            c = _client(client, timeout)
+            pools = c.api["storage-pools"].get(params={"recursion": 1}).json()["metadata"] or []
+            nets = c.api.networks.get(params={"recursion": 1}).json()["metadata"] or []
+            profile = c.api.profiles["default"].get().json()["metadata"] or {}
+            server = c.api.get().json()["metadata"] or {}
     except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
         raise LxdSetupError(f"cannot read LXD's pools, networks and default profile: {e}") from e
     return LxdHostState(
@@ -150,14 +154,14 @@ def read_state(client=None) -> LxdHostState:
     )
 
 
-def ensure_host(cfg: LxdHostConfig, client=None) -> SetupReport:
+def ensure_host(cfg: LxdHostConfig, client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> SetupReport:
     """Create what the host lacks, never touching what it has; safe to run on every hook.
 
     A pool that exists with another driver is kept (its volumes live there): the report says so
     instead, since lxd-storage-driver only applies when the pool is first made.
     """
     _check(cfg)
-    state = read_state(client)
+    state = read_state(client, timeout)
     preseed = build_preseed(cfg, state)
     if preseed:
         apply_preseed(preseed)
@@ -192,15 +196,24 @@ def apply_preseed(preseed: dict) -> None:
         raise LxdSetupError(f"lxd init --preseed failed: {detail[-1] if detail else f'exit code {proc.returncode}'}")
 
 
-CLIENT_TIMEOUT = 30  # s, per LXD API request
-
-
-def _client(client):
+def _client(client, timeout: float = DEFAULT_CALL_TIMEOUT):
+    """`client` (tests pass a fake), else a client on the local unix socket whose every request has `timeout`."""
     if client is not None:
         return client
     import pylxd
 
-    return pylxd.Client(timeout=CLIENT_TIMEOUT)
+    return pylxd.Client(timeout=timeout)
+
+
+@contextmanager
+def _answered(what: str, timeout: float) -> Iterator[None]:
+    """LXD's silence past `timeout` (requests' timeout) as one HypervisorTimeout sentence."""
+    import requests
+
+    try:
+        yield
+    except requests.Timeout:
+        raise HypervisorTimeout(no_answer("LXD at the local unix socket", what, timeout)) from None
 
 
 def cert_fingerprint(cert_pem: str) -> tuple[str, str]:
@@ -241,7 +254,14 @@ def _restriction(projects: Sequence[str] | None) -> dict[str, Any]:
     return {"restricted": True, "projects": list(projects)} if projects is not None else {"restricted": False}
 
 
-def add_trusted_client(cert_pem: str, name: str, *, projects: Sequence[str] | None = None, client=None) -> str:
+def add_trusted_client(
+    cert_pem: str,
+    name: str,
+    *,
+    projects: Sequence[str] | None = None,
+    client=None,
+    timeout: float = DEFAULT_CALL_TIMEOUT,
+) -> str:
     """Trust a client certificate (remote `vmhost --uri https://...`); returns its fingerprint.
 
     `projects` restricts it to those LXD projects; None gives full access. Adding the same certificate
@@ -252,9 +272,10 @@ def add_trusted_client(cert_pem: str, name: str, *, projects: Sequence[str] | No
 
     _check_name(name)
     fingerprint, der_b64 = cert_fingerprint(cert_pem)
-    c = _client(client)
+    c = _client(client, timeout)
     try:
-        have = c.api.certificates[fingerprint].get().json()["metadata"] or {}
+        with _answered("reading its trusted certificates", timeout):
+            have = c.api.certificates[fingerprint].get().json()["metadata"] or {}
     except pe.NotFound:
         have = None
     except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
@@ -271,7 +292,8 @@ def add_trusted_client(cert_pem: str, name: str, *, projects: Sequence[str] | No
             f"(lxc config trust remove {fingerprint[:12]})"
         )
     try:
-        c.api.certificates.post(json={"type": "client", "name": name, "certificate": der_b64, **want})
+        with _answered("adding a trusted client", timeout):
+            c.api.certificates.post(json={"type": "client", "name": name, "certificate": der_b64, **want})
     except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
         raise LxdSetupError(f"LXD refused the client certificate: {e}") from e
     return fingerprint
@@ -290,7 +312,12 @@ TOKEN_EXPIRY_MAX = 7 * 86400  # s
 
 
 def create_join_token(
-    name: str, *, expiry_s: int = 3600, projects: Sequence[str] | None = None, client=None
+    name: str,
+    *,
+    expiry_s: int = 3600,
+    projects: Sequence[str] | None = None,
+    client=None,
+    timeout: float = DEFAULT_CALL_TIMEOUT,
 ) -> JoinToken:
     """A one-time join token for `name` that LXD refuses after `expiry_s` seconds; the server must listen on HTTPS.
 
@@ -304,22 +331,24 @@ def create_join_token(
     _check_name(name)
     if not isinstance(expiry_s, int) or not 1 <= expiry_s <= TOKEN_EXPIRY_MAX:
         raise LxdSetupError(f"token expiry {expiry_s!r} s is not allowed; give 1 s to {TOKEN_EXPIRY_MAX} s (7 days)")
-    c = _client(client)
+    c = _client(client, timeout)
     try:
-        server = c.api.get().json()["metadata"] or {}
+        with _answered("issuing a join token", timeout):
+            server = c.api.get().json()["metadata"] or {}
         if "remote_token_expiry" not in (server.get("api_extensions") or ()):
             raise LxdSetupError(
                 "this LXD cannot make join tokens expire (no remote_token_expiry API extension; LXD 5.0 or later "
                 "has it); no token issued: use add-trusted-client with the client's certificate instead"
             )
         before = str((server.get("config") or {}).get(EXPIRY_KEY) or "")
-        c.api.patch(json={"config": {EXPIRY_KEY: f"{expiry_s}S"}})
-        try:
-            resp = c.api.certificates.post(
-                json={"type": "client", "name": name, "token": True, **_restriction(projects)}
-            )
-        finally:
-            c.api.patch(json={"config": {EXPIRY_KEY: before}})  # "" removes the key again
+        with _answered("issuing a join token", timeout):
+            c.api.patch(json={"config": {EXPIRY_KEY: f"{expiry_s}S"}})
+            try:
+                resp = c.api.certificates.post(
+                    json={"type": "client", "name": name, "token": True, **_restriction(projects)}
+                )
+            finally:
+                c.api.patch(json={"config": {EXPIRY_KEY: before}})  # "" removes the key again
     except (pe.LXDAPIException, pe.ClientConnectionFailed) as e:
         raise LxdSetupError(f"LXD cannot issue a join token: {e}") from e
     body = resp.json()

@@ -15,9 +15,16 @@ from typing import Any
 
 from vmhost.parse import (
     HUGEPAGE_SIZES,
+    MAX_DISKS,
+    MAX_INTERFACES,
+    MAX_VM_CORES,
+    MAX_VM_MEMORY,
+    MIN_VM_MEMORY,
     DiskSpec,
     InterfaceSpec,
     ParseError,
+    check_size,
+    clip,
     parse_cpuset,
     parse_hugepage_size,
     parse_interfaces,
@@ -28,6 +35,7 @@ from vmhost.parse import (
 
 __all__ = [
     "HUGEPAGE_SIZES",
+    "RATIO_BOUNDS",
     "Allocation",
     "Cell",
     "Core",
@@ -40,6 +48,7 @@ __all__ = [
     "Policy",
     "StoragePool",
     "VmRequest",
+    "overcommit_ratio",
 ]
 
 
@@ -106,7 +115,7 @@ class Nic:
 
     `kind` is physical, bridge, vlan or bond; `bridge` is the bridge this interface is a port of;
     `vlan` its VLAN id when it is a VLAN interface (or the bridge carries one); `space` is the Juju
-    space it serves, when known.
+    space it serves, when known; `gateways` the routers the host reaches through it (never a VM's address).
     """
 
     name: str
@@ -117,6 +126,7 @@ class Nic:
     addresses: tuple[str, ...] = ()
     space: str | None = None
     kind: str = "physical"
+    gateways: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, d: dict) -> Nic:
@@ -129,6 +139,7 @@ class Nic:
             addresses=tuple(d.get("addresses") or ()),
             space=d.get("space"),
             kind=d.get("kind") or "physical",
+            gateways=tuple(d.get("gateways") or ()),
         )
 
     def to_dict(self) -> dict:
@@ -141,6 +152,7 @@ class Nic:
             "addresses": list(self.addresses),
             "space": self.space,
             "kind": self.kind,
+            "gateways": list(self.gateways),
         }
 
 
@@ -219,6 +231,9 @@ class HostTopology:
         raise KeyError(node_id)
 
 
+_POOL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+
+
 @dataclass(frozen=True)
 class VmRequest:
     """What an operator (or a remote model) asks for. Parsed and checked on construction via from_dict."""
@@ -233,17 +248,18 @@ class VmRequest:
     name: str | None = None
     pool: str | None = None
     owner: str | None = None
+    numa_nodes: int | None = None  # exactly this many NUMA nodes (1: never span); None: the fewest that hold it
 
     @classmethod
     def from_dict(cls, d: dict) -> VmRequest:
         cores = d.get("cores", 1)
         if isinstance(cores, str) and re.fullmatch(r"[0-9]{1,6}", cores.strip()):
             cores = int(cores)
-        if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
-            raise ParseError(f"cores {cores!r} must be a whole number of 1 or more")
-        memory = parse_size(d.get("memory", "1G"), default_unit="M" if isinstance(d.get("memory"), str) else "")
-        if memory <= 0:
-            raise ParseError(f"memory {d.get('memory')!r} must be more than 0")
+        if isinstance(cores, bool) or not isinstance(cores, int) or not 1 <= cores <= MAX_VM_CORES:
+            raise ParseError(f"cores {clip(cores)} must be a whole number from 1 to {MAX_VM_CORES}")
+        raw_memory = d.get("memory", "1G")
+        memory = parse_size(raw_memory, default_unit="M" if isinstance(raw_memory, str) else "")
+        check_size(f"memory {clip(raw_memory)}", memory, MIN_VM_MEMORY, MAX_VM_MEMORY)
         pinned = d.get("pinned_cores")
         if pinned in (None, "", False):
             pinned = None
@@ -253,26 +269,39 @@ class VmRequest:
             pinned = parse_cpuset(pinned)
             if len(pinned) != cores:
                 raise ParseError(
-                    f"pinned_cores {d.get('pinned_cores')!r} lists {len(pinned)} CPUs but cores is {cores}; list one CPU per core"
+                    f"pinned_cores {clip(d.get('pinned_cores'))} lists {len(pinned)} CPUs but cores is {cores}; "
+                    "list one CPU per core"
                 )
+        numa_nodes = _numa_nodes(d.get("numa_nodes"), cores)
         hp_size = d.get("hugepage_size")
         hp_size = parse_hugepage_size(hp_size) if hp_size not in (None, "") else None
         backed = bool(d.get("hugepages_backed", False)) or hp_size is not None
         if backed and hp_size and memory % HUGEPAGE_SIZES[hp_size]:
-            raise ParseError(f"memory {d.get('memory')!r} is not a whole number of {hp_size} hugepages")
+            raise ParseError(f"memory {clip(raw_memory)} is not a whole number of {hp_size} hugepages")
+        storage = d["storage"] if isinstance(d.get("storage"), tuple) else parse_storage(d.get("storage"))
+        interfaces = (
+            d["interfaces"] if isinstance(d.get("interfaces"), tuple) else parse_interfaces(d.get("interfaces"))
+        )
+        # Parsed strings are counted by the parsers; specs built in code (the relation's) are counted here.
+        if len(storage) > MAX_DISKS:
+            raise ParseError(f"storage lists {len(storage)} disks; at most {MAX_DISKS} are allowed")
+        if len(interfaces) > MAX_INTERFACES:
+            raise ParseError(f"interfaces lists {len(interfaces)} interfaces; at most {MAX_INTERFACES} are allowed")
+        pool = d.get("pool") or None
+        if pool is not None and not (isinstance(pool, str) and _POOL_RE.fullmatch(pool)):
+            raise ParseError(f"pool {clip(pool)} is not a pool name; use letters, digits, '-', '_' or '.' (at most 63)")
         return cls(
             cores=cores,
             memory=memory,
             pinned_cores=pinned,
             hugepages_backed=backed,
             hugepage_size=hp_size,
-            storage=d["storage"] if isinstance(d.get("storage"), tuple) else parse_storage(d.get("storage")),
-            interfaces=d["interfaces"]
-            if isinstance(d.get("interfaces"), tuple)
-            else parse_interfaces(d.get("interfaces")),
+            storage=storage,
+            interfaces=interfaces,
             name=parse_vm_name(d["name"]) if d.get("name") else None,
-            pool=d.get("pool") or None,
+            pool=pool,
             owner=d.get("owner") or None,
+            numa_nodes=numa_nodes,
         )
 
     def to_dict(self) -> dict:
@@ -287,12 +316,60 @@ class VmRequest:
             "name": self.name,
             "pool": self.pool,
             "owner": self.owner,
+            "numa_nodes": self.numa_nodes,
         }
 
     @property
     def numa_bound(self) -> bool:
-        """Pinned or hugepage VMs are placed on NUMA nodes (rule 4); others float."""
-        return self.pinned_cores is not None or self.hugepages_backed
+        """Pinned, hugepage and `numa_nodes` VMs are placed on NUMA nodes (rule 4); others float."""
+        return self.pinned_cores is not None or self.hugepages_backed or self.numa_nodes is not None
+
+
+MAX_NUMA_NODES = 64  # more than any host vm-host runs on has; the host's own node count is checked at placement
+
+
+def _numa_nodes(value: object, cores: int) -> int | None:
+    """`numa_nodes` (Nova's hw:numa_nodes): absent or empty for the fewest nodes, else a whole number of nodes."""
+    if value is None or value == "":
+        return None
+    n = value
+    if isinstance(n, str) and re.fullmatch(r"\s*[0-9]{1,3}\s*", n):
+        n = int(n)
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_NUMA_NODES:
+        raise ParseError(f"numa_nodes {value!r} must be a whole number from 1 to {MAX_NUMA_NODES} (1: never span)")
+    if n > cores:
+        raise ParseError(f"numa_nodes {n} needs at least {n} cores (one per guest NUMA cell); cores is {cores}")
+    return n
+
+
+# Overcommit ratios an operator may set (README "Limits"): finite, and far enough from 0 and from
+# infinity that capacity arithmetic stays exact in floats and ints.
+RATIO_BOUNDS = {"cpu_overcommit_ratio": (0.1, 64.0), "memory_overcommit_ratio": (0.1, 4.0)}
+MAX_RESERVED_MEMORY = 1024**5
+
+
+def overcommit_ratio(key: str, raw: Any) -> float:
+    """The ratio `raw` as a float inside RATIO_BOUNDS[key], else ParseError naming it and the range."""
+    lo, hi = RATIO_BOUNDS[key]
+    try:
+        value = float(raw) if not isinstance(raw, bool) else math.nan
+    except (TypeError, ValueError, OverflowError):
+        value = math.nan
+    if not lo <= value <= hi:  # also false for nan
+        raise ParseError(f"{key} {clip(raw)} must be a number from {lo:g} to {hi:g} (1.0 means no overcommit)")
+    return value
+
+
+def _flag(value: object, key: str) -> bool:
+    """A yes/no setting: a bool, or true/false/yes/no/1/0 as text (environment variables, CLI)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ParseError(f"{key} {str(value)[:40]!r} is not a yes/no value; use true or false")
 
 
 @dataclass(frozen=True)
@@ -304,26 +381,22 @@ class Policy:
     reserved_cores: tuple[int, ...] = ()
     reserved_memory: int = 0
     default_storage_pool: str | None = None
+    # Keep running VMs made by others off pinned threads too (libvirt, live affinity only); off: report them.
+    confine_foreign_vms: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> Policy:
         reserved = d.get("reserved_cores") or ()
         reserved_mem = d.get("reserved_memory", 0) or 0
-        ratios = {}
-        for key in ("cpu_overcommit_ratio", "memory_overcommit_ratio"):
-            raw = d.get(key, 1.0)
-            try:
-                ratios[key] = float(raw)
-            except (TypeError, ValueError):
-                ratios[key] = math.nan
-            if not (0 < ratios[key] <= 1000):
-                raise ParseError(f"{key} {raw!r} must be a number above 0 (1.0 means no overcommit)")
+        ratios = {key: overcommit_ratio(key, d.get(key, 1.0)) for key in RATIO_BOUNDS}
+        # A bare number in a string is MiB, as for VM memory and the charm option (MAAS habit); ints are bytes.
+        reserved_bytes = parse_size(reserved_mem, default_unit="M" if isinstance(reserved_mem, str) else "")
         return cls(
             **ratios,
             reserved_cores=parse_cpuset(reserved) if reserved else (),
-            # A bare number in a string is MiB, as for VM memory and the charm option (MAAS habit); ints are bytes.
-            reserved_memory=parse_size(reserved_mem, default_unit="M" if isinstance(reserved_mem, str) else ""),
+            reserved_memory=check_size(f"reserved_memory {clip(reserved_mem)}", reserved_bytes, 0, MAX_RESERVED_MEMORY),
             default_storage_pool=d.get("default_storage_pool") or None,
+            confine_foreign_vms=_flag(d.get("confine_foreign_vms", True), "confine_foreign_vms"),
         )
 
     def to_dict(self) -> dict:
@@ -333,6 +406,7 @@ class Policy:
             "reserved_cores": list(self.reserved_cores),
             "reserved_memory": self.reserved_memory,
             "default_storage_pool": self.default_storage_pool,
+            "confine_foreign_vms": self.confine_foreign_vms,
         }
 
 

@@ -4,11 +4,18 @@ Pure and deterministic (no I/O; ties broken by node id, thread id, name). Usage 
 recomputed from the allocations the hypervisor reports (DESIGN.md §3), and placement uses the
 very same `compute_usage` that the resources view shows, so the two can never disagree.
 
+Rule 4's best fit (DESIGN.md §4, reworded by issue 12): among the node sets that hold the VM, split
+evenly over the fewest nodes (or exactly `numa_nodes`), each node is scored by the shares of its
+threads and of its memory (general memory and hugepages of every size together, in bytes) that it
+would have left free: first the node whose two shares end up closest (to the percent), so no node is
+left with threads but no memory or memory but no threads; then the one left fullest. The same score
+gives a spanning VM's larger shares to nodes. SR-IOV locality and not splitting a whole core come first.
+
 Cost (rule 6): nodes are never permuted. For k = 1, 2, ... nodes, counting the nodes that can
 take the low and the high even shares decides exactly whether some k nodes hold the VM, and the
-best-fitting such k are taken in one sorted pass (O(nodes log nodes) per k; see `_choose`). Per-allocation
-contributions are cached by object identity, and the sums over a list of allocations by the
-identities of its members, so 2,000 resident VMs cost a few tuple operations per request.
+best-fitting such k are taken in one sorted pass (O(nodes log nodes) per k; see `_choose`). Summing
+2,000 residents costs about a millisecond; a caller deciding repeatedly passes a `UsageIndex`, which
+counts again only the VMs that changed since its last call.
 """
 
 from __future__ import annotations
@@ -32,9 +39,9 @@ from vmhost.model import (
     Policy,
     VmRequest,
 )
-from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, format_size
+from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, human_size
 
-__all__ = ["HostUsage", "NodeUsage", "PlacementError", "compute_usage", "place"]
+__all__ = ["HostUsage", "NodeUsage", "PlacementError", "UsageIndex", "compute_usage", "place"]
 
 DEFAULT_NAME = "vm"
 # Largest first: fewer, bigger pages mean fewer TLB misses.
@@ -157,14 +164,6 @@ class _Totals:
         self.count = 0
         self.conflict = False  # two VMs pin one thread (only VMs made by others can): no removal then
 
-    def copy(self) -> _Totals:
-        t = _Totals()
-        t.pinned, t.node_memory, t.pages = dict(self.pinned), dict(self.node_memory), dict(self.pages)
-        t.node_vms = {n: list(v) for n, v in self.node_vms.items()}
-        t.vfs, t.disks = dict(self.vfs), dict(self.disks)
-        t.shared, t.memory, t.count, t.conflict = self.shared, self.memory, self.count, self.conflict
-        return t
-
     def add(self, allocations: Iterable[Allocation], sign: int = 1) -> None:
         """One pass; floating VMs (the many) take the short path. sign=-1 removes."""
         pinned, node_memory, pages, node_vms = self.pinned, self.node_memory, self.pages, self.node_vms
@@ -227,97 +226,130 @@ class _Totals:
 
 
 class _State:
-    """Usage of one (host, allocations, policy) plus what placement derives from it, computed once."""
+    """Usage of one (host, totals, policy) plus what placement derives from it, computed once.
+
+    `prev` and `touched`: a state these totals were updated from, and the nodes the update touched;
+    what the others had (their NodeUsage, their free cores and amounts) is taken over unchanged.
+    """
 
     def __init__(
-        self,
-        host: HostTopology,
-        allocations: tuple[Allocation, ...],
-        policy: Policy,
-        totals: _Totals,
-        by_id: dict[int, Allocation] | None = None,
+        self, host: HostTopology, policy: Policy, totals: _Totals, prev: _State | None = None, touched=frozenset()
     ):
         self.host = host
-        self.allocations = allocations  # also keeps the objects alive, so their ids stay theirs
         self.policy = policy
         self.totals = totals
-        self.usage = _compute_usage(host, totals, policy)
+        self.prev, self.touched = prev, touched
+        self.usage = _compute_usage(host, totals, policy, prev.usage if prev else None, touched)
         self.node_free: dict[tuple[bool, str | None], list[_NodeFree]] = {}
-        self._by_id: dict[int, Allocation] | None = by_id
-
-    @property
-    def by_id(self) -> dict[int, Allocation]:
-        if self._by_id is None:
-            self._by_id = dict(zip(map(id, self.allocations), self.allocations, strict=True))
-        return self._by_id
-
-    def same(self, host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> bool:
-        mine = self.allocations
-        if self.host is not host or len(mine) != len(allocations) or self.policy != policy:
-            return False
-        if mine and (mine[0] is not allocations[0] or mine[-1] is not allocations[-1]):
-            return False  # fresh objects (re-read from the hypervisor): recompute rather than compare deeply
-        # Element identity short-cuts tuple equality in C; equal-by-value members are equally valid.
-        return mine == (allocations if isinstance(allocations, tuple) else tuple(allocations))
-
-    def derive(self, allocations: tuple[Allocation, ...], by_id: dict[int, Allocation]) -> _Totals | None:
-        """Totals for `allocations` from ours when they differ by a few objects (compose/decompose churn)."""
-        mine = self.by_id
-        if self.totals.conflict or len(by_id) != len(allocations) or len(mine) != len(self.allocations):
-            return None
-        gone = mine.keys() - by_id.keys()
-        new = by_id.keys() - mine.keys()
-        if len(gone) + len(new) > max(8, len(allocations) // 8):
-            return None
-        totals = self.totals.copy()
-        totals.add((mine[i] for i in gone), -1)
-        totals.add(by_id[i] for i in new)
-        return totals
 
 
-# The last few states, newest last: a caller asking again about the same objects (a benchmark, a
-# retry, the resources view after a compose) pays one identity check per allocation.
-_STATES: list[_State] = []
-_STATES_MAX = 4
+class UsageIndex:
+    """Usage of one host kept by VM name and content between decisions: opt-in, owned and passed in by
+    its caller (the service keeps one per VmHost), never module state, so placement stays pure.
+
+    Each call compares the allocations it is given with those it holds, by name: the very object
+    (a parse cache hands back the same object for unchanged metadata) or an equal one costs a lookup,
+    and only the VMs that appeared, changed or went are added to or taken from the totals. Another
+    host or policy, a VM name seen twice or a thread pinned twice rebuilds from scratch.
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, Allocation] = {}
+        self._seq: tuple[Allocation, ...] = ()  # the allocations of the last call, as given
+        self._state: _State | None = None
+
+    def state(self, host: HostTopology, allocations: Iterable[Allocation], policy: Policy) -> _State:
+        allocations = allocations if isinstance(allocations, tuple) else tuple(allocations)
+        st = self._state
+        if st is None or st.policy != policy or (host is not st.host and host != st.host):
+            return self._rebuild(host, allocations, policy)
+        if allocations == self._seq:  # the same objects again: one identity test each, in C
+            return st
+        self._seq = allocations
+        by_name = self._by_name
+        gone = by_name.copy()
+        added: list[Allocation] = []
+        removed: list[Allocation] = []
+        for a in allocations:
+            old = gone.pop(a.name, None)
+            if old is a:
+                continue
+            if old is None:
+                if a.name in by_name:  # a name seen twice: no per-name bookkeeping can hold that
+                    return self._rebuild(host, allocations, policy)
+                added.append(a)
+            elif old == a:
+                by_name[a.name] = a  # equal content in a new object: nothing to count
+            else:
+                removed.append(old)
+                added.append(a)
+        removed += gone.values()
+        if not added and not removed:
+            return st
+        if st.totals.conflict:
+            return self._rebuild(host, allocations, policy)
+        totals = st.totals  # the old state is replaced below, so its totals can be updated in place
+        totals.add(removed, -1)
+        totals.add(added)
+        for a in gone.values():
+            del by_name[a.name]
+        for a in added:
+            by_name[a.name] = a
+        touched = _nodes_of(st.host, (*removed, *added))
+        st.prev = None  # the chain is one state long: its node tables are taken over, not kept
+        # An equal host keeps the object already measured (its derived tables are cached on it).
+        self._state = _State(st.host, policy, totals, st, touched)
+        return self._state
+
+    def _rebuild(self, host: HostTopology, allocations: tuple[Allocation, ...], policy: Policy) -> _State:
+        by_name = {a.name: a for a in allocations}
+        st = _state(host, allocations, policy, None)
+        # Duplicate names cannot be tracked by name: such a state is used once and never updated.
+        ok = len(by_name) == len(allocations)
+        self._by_name, self._seq, self._state = (by_name, allocations, st) if ok else ({}, (), None)
+        return st
 
 
-def _state(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> _State:
-    for i in range(len(_STATES) - 1, -1, -1):
-        if _STATES[i].same(host, allocations, policy):
-            return _STATES[i]
-    allocs = tuple(allocations)
-    by_id = None
-    totals = None
-    for prev in reversed(_STATES):
-        if prev.host is host and prev.policy == policy:
-            old = prev.allocations
-            if not (allocs and old and (allocs[0] is old[0] or allocs[-1] is old[-1])):
-                break  # fresh objects (re-read from the hypervisor): nothing to derive from
-            by_id = dict(zip(map(id, allocs), allocs, strict=True))
-            totals = prev.derive(allocs, by_id)
-            break
-    if totals is None:
-        totals = _Totals()
-        totals.add(allocs)
-    st = _State(host, allocs, policy, totals, by_id)
-    _STATES.append(st)
-    del _STATES[:-_STATES_MAX]
-    return st
+def _nodes_of(host: HostTopology, allocations: Iterable[Allocation]) -> frozenset[int]:
+    """The NUMA nodes whose use these allocations change (none for floating VMs)."""
+    out: set[int] = set()
+    thread_node = host.thread_node
+    for a in allocations:
+        out.update(a.numa_nodes)
+        out.update(c.node for c in a.cells)
+        if a.hugepages is not None:
+            out.update(a.hugepages.per_node)
+        if a.pinned is not None:
+            out.update(thread_node.get(t, -1) for t in a.pinned)
+    return frozenset(out)
+
+
+def _state(host: HostTopology, allocations: Iterable[Allocation], policy: Policy, index: UsageIndex | None) -> _State:
+    if index is not None:
+        return index.state(host, allocations, policy)
+    totals = _Totals()
+    totals.add(allocations)
+    return _State(host, policy, totals)
 
 
 def _shared_capacity(free_threads: int, ratio: float) -> int:
     return max(0, math.floor(free_threads * ratio + _EPS))
 
 
-def compute_usage(host: HostTopology, allocations: Sequence[Allocation], policy: Policy) -> HostUsage:
+def compute_usage(
+    host: HostTopology, allocations: Iterable[Allocation], policy: Policy, *, index: UsageIndex | None = None
+) -> HostUsage:
     """Capacity and use per NUMA node and host-wide, from the host and every VM on it (ours or not).
 
-    The result is shared between calls with the same inputs: treat it as read-only.
+    With an `index`, only what changed since its last call is counted again (the result is then
+    shared with later calls: treat it as read-only).
     """
-    return _state(host, allocations, policy).usage
+    return _state(host, allocations, policy, index).usage
 
 
-def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
+def _compute_usage(
+    host: HostTopology, t: _Totals, policy: Policy, prev: HostUsage | None = None, touched=frozenset()
+) -> HostUsage:
     reserved = set(policy.reserved_cores)
     thread_node = host.thread_node
     node_threads = host.node_threads
@@ -334,6 +366,10 @@ def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
     nodes = []
     free_total = 0
     for i, node in enumerate(host.nodes):
+        if prev is not None and node.id not in touched:
+            nodes.append(prev.nodes[i])
+            free_total += len(prev.nodes[i].free_threads)
+            continue
         threads = node_threads[node.id]
         pinned = dict(sorted(node_pinned.get(node.id, {}).items()))
         if reserved:
@@ -376,11 +412,6 @@ def _compute_usage(host: HostTopology, t: _Totals, policy: Policy) -> HostUsage:
 # Messages
 
 
-def _size(n: int) -> str:
-    """Memory: "8G", "512M", else bytes."""
-    return format_size(n) if n and n % 1024**2 == 0 else f"{n} bytes"
-
-
 def _gb(n: int) -> str:
     """Disks are sized in decimal GB (MAAS storage syntax)."""
     return f"{round(n / 10**9, 2):g} GB"
@@ -418,14 +449,7 @@ def _in_any(addresses: Sequence[str], networks: Sequence[str]) -> bool:
 
 def _contains_ip(nic: Nic, ip: str) -> bool:
     addr = ipaddress.ip_address(ip)
-    for a in nic.addresses:
-        try:
-            iface = ipaddress.ip_interface(a)
-        except ValueError:
-            continue
-        if iface.version == addr.version and addr in iface.network:
-            return True
-    return False
+    return any(i is not None and i.version == addr.version and addr in i.network for i in map(_iface, nic.addresses))
 
 
 def _matches(nic: Nic, s: InterfaceSpec) -> bool:
@@ -501,6 +525,59 @@ def _resolve_interfaces(host: HostTopology, specs: Sequence[InterfaceSpec], vfs_
                 )
             out.append(_Iface(s, "macvlan", macvlan, []))
     return out
+
+
+def _check_addresses(host: HostTopology, allocations: Sequence[Allocation], specs: Sequence[InterfaceSpec]) -> None:
+    """A static ip is one no one else has: not a subnet's network or broadcast address, not the host's own
+    or a gateway's, not another VM's (whoever made it) nor another NIC's of this VM."""
+    wanted = [(s.label, _ip(s.ip)) for s in specs if s.ip is not None]
+    if not wanted:
+        return
+    given: dict[Any, str] = {}
+    for a in allocations:
+        for n in a.nics:
+            if n.ip and (ip := _ip(n.ip)) is not None:
+                given.setdefault(ip, a.name)
+    for i, (label, ip) in enumerate(wanted):
+        why = next(filter(None, (_host_conflict(nic, ip) for nic in host.nics)), None)
+        if why is None and ip in given:
+            why = f"is already given to VM {given[ip]}"
+        if why is None and (twice := next((lb for lb, other in wanted[:i] if other == ip), None)):
+            why = f"is already given to interface {twice} of this VM"
+        if why:
+            raise PlacementError(f"interface {label}: ip {ip} {why}; choose another address")
+
+
+def _host_conflict(nic: Nic, ip: Any) -> str | None:
+    """Why `ip` is not free on the subnets of host interface `nic` (None when it is)."""
+    for addr in nic.addresses:
+        iface = _iface(addr)
+        if iface is None or iface.version != ip.version:
+            continue
+        net = iface.network
+        if ip == iface.ip:
+            return f"is an address of this host ({nic.name})"
+        if ip in net and net.num_addresses > 2:
+            if ip == net.network_address:
+                return f"is the network address of {net}"
+            if net.version == 4 and ip == net.broadcast_address:
+                return f"is the broadcast address of {net}"
+    if any(_ip(g) == ip for g in nic.gateways):
+        return f"is the gateway on {nic.name}"
+    return None
+
+
+def _iface(text: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface | None:
+    try:
+        return ipaddress.ip_interface(text)
+    except ValueError:
+        return None
+
+
+def _ip(text: str) -> Any:
+    """The address of "10.0.0.5" or "10.0.0.5/24" (allocations may carry a prefix); None when malformed."""
+    iface = _iface(text)
+    return iface.ip if iface is not None else None
 
 
 def _bridge_contains(by_name: dict[str, Nic], nic: Nic, ip: str) -> bool:
@@ -604,11 +681,29 @@ class _NodeFree:
     amount: int  # free hugepages of the requested size, or free general memory (bytes)
     threads: int = 0
     core_size: int = 0  # threads per whole core when all are alike, else 0
+    # For the fit measure (rule 4): capacities and what the other memory pools have free, in bytes.
+    thread_cap: int = 0  # threads not reserved
+    unit_bytes: int = 1  # bytes per unit of `amount`
+    other_free: int = 0  # free bytes of every memory pool the request does not draw on
+    memory_cap: int = 0  # bytes of every memory pool (general capacity + all hugepages)
+    free_threads: int = 0  # every free thread, also for an unpinned request (which takes none)
 
     def __post_init__(self) -> None:
         self.threads = sum(map(len, self.whole)) + len(self.lone)
         sizes = {len(c) for c in self.whole}
         self.core_size = sizes.pop() if len(sizes) == 1 else 0
+
+    def left(self, c: int, a: int) -> tuple[float, float]:
+        """The fit measure (rule 4) after taking `c` threads and `a` units here, lower is better.
+
+        t and m are the shares of the node's threads and of its memory (every pool: general memory and
+        hugepages of each size, in bytes) left free. First: |t - m| to the percent, so the node keeps
+        threads and memory in proportion and neither is stranded without the other; then t + m, so
+        among balanced nodes the fullest is filled (best fit).
+        """
+        t = (self.free_threads - c) / self.thread_cap if self.thread_cap else 0.0
+        m = ((self.amount - a) * self.unit_bytes + self.other_free) / self.memory_cap if self.memory_cap else 0.0
+        return round(abs(t - m), 2), t + m
 
     def breaks(self, n: int) -> int:
         """How many whole cores taking `n` threads would split (0 or 1); arithmetic when cores are alike."""
@@ -655,6 +750,14 @@ class _Need:
     size: str | None  # hugepage size, None for general memory
     amount: int  # pages (hugepages) or bytes (general memory)
     unit: int  # split granularity of `amount`
+    nodes: int | None = None  # exactly this many nodes (the request's numa_nodes); None: the fewest
+
+    def spans(self, n_nodes: int) -> range:
+        """The node counts to try, fewest first: each guest cell needs a vCPU and a unit of memory."""
+        top = min(n_nodes, self.vcpus, self.amount // self.unit)
+        if self.nodes is not None:
+            return range(self.nodes, self.nodes + 1) if self.nodes <= top else range(0)
+        return range(1, top + 1)
 
 
 def _node_free(st: _State, need: _Need) -> list[_NodeFree]:
@@ -662,13 +765,21 @@ def _node_free(st: _State, need: _Need) -> list[_NodeFree]:
     key = (need.pin, need.size)
     got = st.node_free.get(key)
     if got is None:
-        got = st.node_free[key] = _node_free_uncached(st.host, st.usage, need)
+        old = st.prev.node_free.get(key) if st.prev is not None else None
+        got = st.node_free[key] = _node_free_uncached(st.host, st.usage, need, old, st.touched)
     return got
 
 
-def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> list[_NodeFree]:
+def _node_free_uncached(
+    host: HostTopology, usage: HostUsage, need: _Need, old: list[_NodeFree] | None = None, touched=frozenset()
+) -> list[_NodeFree]:
+    """`old`: the same table of a previous state, taken over for the nodes not `touched` since."""
     out = []
-    for node, nu in zip(host.nodes, usage.nodes, strict=False):
+    unit_bytes = HUGEPAGE_SIZES[need.size] if need.size else 1
+    for i, (node, nu) in enumerate(zip(host.nodes, usage.nodes, strict=False)):
+        if old is not None and node.id not in touched:
+            out.append(old[i])
+            continue
         whole: list[tuple[int, ...]] = []
         lone: list[int] = []
         if need.pin:
@@ -684,7 +795,21 @@ def _node_free_uncached(host: HostTopology, usage: HostUsage, need: _Need) -> li
             whole.sort()
             lone.sort()
         amount = nu.hugepages_free(need.size) if need.size else nu.memory_free
-        out.append(_NodeFree(nu.node, whole, lone, amount))
+        pages = {s: (HUGEPAGE_SIZES[s] * t, HUGEPAGE_SIZES[s] * max(0, t - u)) for s, (t, u) in nu.hugepages.items()}
+        other = sum(free for s, (_, free) in pages.items() if s != need.size)
+        out.append(
+            _NodeFree(
+                nu.node,
+                whole,
+                lone,
+                amount,
+                thread_cap=len(nu.threads) - len(nu.reserved),
+                unit_bytes=unit_bytes,
+                other_free=other + (nu.memory_free if need.size else 0),
+                memory_cap=nu.memory_capacity + sum(t for t, _ in pages.values()),
+                free_threads=len(nu.free_threads),
+            )
+        )
     return out
 
 
@@ -750,7 +875,7 @@ def _choose(
     """
     sriov = [f for f in ifaces if f.type == "sriov"]
     # Every guest cell needs at least one vCPU and one unit of memory (a page): never a cell with nothing in it.
-    for k in range(1, min(len(free), need.vcpus, need.amount // need.unit) + 1):
+    for k in need.spans(len(free)):
         cpu = _even(need.vcpus, k)
         amt = _even(need.amount, k, need.unit)
         lo_c, hi_c = cpu[-1], cpu[0]
@@ -766,10 +891,13 @@ def _choose(
         if not _completes(counts, k, r_c, r_a):
             continue
 
-        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a, lo: int = lo_c) -> tuple:
+        def score(n: _NodeFree, c: int = hi_c, a: int = hi_a, lo: int = lo_c, lo_a: int = lo_a) -> tuple:
             local = -sum(1 for f in sriov if any(x.numa_node in (None, n.id) for x in f.nics))
-            thr = (n.breaks(c if n.threads >= c else lo), n.threads - c) if need.pin else (0, 0)
-            return (local, *thr, n.amount - a, n.id)
+            c = c if n.threads >= c else lo
+            a = a if n.amount >= a else lo_a
+            if not need.pin:
+                return (local, 0, n.left(0, a), n.id)
+            return (local, n.breaks(c), n.left(c, a), n.id)
 
         cand.sort(key=score)
         cls = [_klass(n, r_c, hi_c, r_a, hi_a) for n in cand]
@@ -784,13 +912,13 @@ def _choose(
             if not picked:
                 continue
         picked.sort(key=lambda n: n.id)
-        # High shares to the nodes that hold them with least left over (best fit); unpinned vCPUs
-        # are bound by no node resource and go by node id.
-        by_cpu = (lambda n, c=hi_c: (n.threads < c, n.breaks(c), n.threads, n.id)) if need.pin else None
+        # High shares to the nodes that hold them and are left best by them (the fit measure); unpinned
+        # vCPUs are bound by no node resource and go by node id.
+        by_cpu = (lambda n, c=hi_c, a=lo_a: (n.threads < c, n.breaks(c), n.left(c, a), n.id)) if need.pin else None
         return (
             picked,
             _assign_shares(picked, cpu, by_cpu),
-            _assign_shares(picked, amt, lambda n, a=hi_a: (n.amount < a, n.amount, n.id)),
+            _assign_shares(picked, amt, lambda n, a=hi_a, c=lo_c * need.pin: (n.amount < a, n.left(c, a), n.id)),
         )
     return None
 
@@ -801,34 +929,42 @@ def _assign_shares(nodes: list[_NodeFree], shares: list[int], key) -> dict[int, 
     return {n.id: s for n, s in zip(order, shares, strict=True)}
 
 
-def _splits_fit(have: list[int], total: int, k_max: int, unit: int = 1) -> bool:
-    """Whether `total`, split evenly over some k <= k_max nodes, fits the free amounts `have`."""
+def _splits_fit(have: list[int], total: int, ks: Iterable[int], unit: int = 1) -> bool:
+    """Whether `total`, split evenly over some k in `ks` nodes, fits the free amounts `have`."""
     have = sorted(have, reverse=True)
-    return any(
-        all(h >= s for h, s in zip(have, _even(total, k, unit), strict=False))
-        for k in range(1, min(len(have), k_max) + 1)
-    )
+    return any(all(h >= s for h, s in zip(have, _even(total, k, unit), strict=False)) for k in ks if k <= len(have))
 
 
 def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
     """The one-sentence reason no node set worked (rule 7): the first resource short on its own."""
     span = "" if need.vcpus >= len(free) else f" (a {need.vcpus}-vCPU VM spans at most {need.vcpus} nodes)"
-    if need.pin and not _splits_fit([n.threads for n in free], need.vcpus, need.vcpus):
-        return f"pinned cpus: need {need.vcpus}, " + _per_node([(n.id, str(n.threads)) for n in free])
-    if not _splits_fit([n.amount for n in free], need.amount, need.vcpus, need.unit):
+    ks = range(1, need.vcpus + 1)
+    if need.nodes is not None:
+        span = f" (split evenly over numa_nodes={need.nodes})"
+        ks = range(need.nodes, need.nodes + 1)
+        if need.nodes > len(free):
+            return f"numa_nodes {need.nodes}: the host has {len(free)} NUMA node(s)"
+        if need.amount // need.unit < need.nodes:
+            what = f"{need.amount} {need.size} hugepages" if need.size else human_size(need.amount)
+            return f"numa_nodes {need.nodes}: {what} cannot be split over {need.nodes} nodes (each cell needs some)"
+    if need.pin and not _splits_fit([n.threads for n in free], need.vcpus, ks):
+        pinned = f"pinned cpus: need {need.vcpus}, " + _per_node([(n.id, str(n.threads)) for n in free])
+        return pinned + (span if need.nodes is not None else "")
+    if not _splits_fit([n.amount for n in free], need.amount, ks, need.unit):
         if need.size:
             have = _per_node([(n.id, str(n.amount)) for n in free])
             return f"hugepages {need.size}: need {need.amount}, {have}{span}"
-        have = _per_node([(n.id, _size(n.amount)) for n in free])
-        return f"memory: need {_size(need.amount)} on NUMA nodes, {have}{span}"
+        have = _per_node([(n.id, human_size(n.amount)) for n in free])
+        return f"memory: need {human_size(need.amount)} on NUMA nodes, {have}{span}"
     what = [f"{need.vcpus} pinned cpus" if need.pin else f"{need.vcpus} vCPUs"]
-    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{_size(need.amount)} memory")
+    what.append(f"{need.amount} {need.size} hugepages" if need.size else f"{human_size(need.amount)} memory")
     if sriov:
         what.append("a NUMA-local SR-IOV VF")
     cpus = (lambda n: f"{n.threads} cpus and ") if need.pin else (lambda n: "")
-    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: _size(n.amount))
+    amount = (lambda n: f"{n.amount} pages") if need.size else (lambda n: human_size(n.amount))
     have = _per_node([(n.id, cpus(n) + amount(n)) for n in free])
-    return f"no even split over NUMA nodes holds {' and '.join(what)} together; {have}"
+    over = f"{need.nodes} NUMA nodes (numa_nodes)" if need.nodes is not None else "NUMA nodes"
+    return f"no even split over {over} holds {' and '.join(what)} together; {have}"
 
 
 def _max_pin(usage: HostUsage, ratio: float) -> int:
@@ -853,8 +989,8 @@ def _check_shared(usage: HostUsage, vcpus: int, policy: Policy) -> None:
 def _check_memory(usage: HostUsage, memory: int, policy: Policy) -> None:
     if usage.memory_used + memory > usage.memory_capacity:
         raise PlacementError(
-            f"memory: need {_size(memory)}, the host has {_size(usage.memory_free)} of general memory free "
-            f"({_size(usage.memory_used)} of {_size(usage.memory_capacity)} in use at memory overcommit "
+            f"memory: need {human_size(memory)}, the host has {human_size(usage.memory_free)} of general memory free "
+            f"({human_size(usage.memory_used)} of {human_size(usage.memory_capacity)} in use at memory overcommit "
             f"{policy.memory_overcommit_ratio:g}; hugepages and reserved memory excluded)"
         )
 
@@ -914,9 +1050,9 @@ def _place_bound(
     pin = request.pinned_cores is not None
     if size:
         page = HUGEPAGE_SIZES[size]
-        need = _Need(request.cores, pin, size, request.memory // page, 1)
+        need = _Need(request.cores, pin, size, request.memory // page, 1, request.numa_nodes)
     else:
-        need = _Need(request.cores, pin, None, request.memory, 1024)
+        need = _Need(request.cores, pin, None, request.memory, 1024, request.numa_nodes)
         _check_memory(usage, request.memory, policy)
     if not pin:
         _check_shared(usage, request.cores, policy)
@@ -965,6 +1101,11 @@ def _place_explicit(
     _check_pin(usage, len(cpus), policy)
     thread_node = host.thread_node
     ids = sorted({thread_node[t] for t in cpus})
+    if need.nodes is not None and len(ids) != need.nodes:
+        raise PlacementError(
+            f"numa_nodes {need.nodes}: pinned cores {format_cpuset(cpus)} are on {len(ids)} NUMA node(s) "
+            f"({format_cpuset(ids)}); list cpus of exactly {need.nodes} node(s) or leave numa_nodes out"
+        )
     groups = {i: sorted(t for t in cpus if thread_node[t] == i) for i in ids}
     shares = _even(need.amount, len(ids), need.unit)
     free = {nu.node: nu for nu in usage.nodes}
@@ -980,9 +1121,9 @@ def _place_explicit(
                 f"({', '.join(f'{amt[i]} on node {i}' for i in ids)}), " + _per_node([(i, str(have[i])) for i in ids])
             )
         raise PlacementError(
-            f"memory: need {_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
-            f"({', '.join(f'{_size(amt[i])} on node {i}' for i in ids)}), "
-            + _per_node([(i, _size(have[i])) for i in ids])
+            f"memory: need {human_size(need.amount)} on the nodes of cpus {format_cpuset(cpus)} "
+            f"({', '.join(f'{human_size(amt[i])} on node {i}' for i in ids)}), "
+            + _per_node([(i, human_size(have[i])) for i in ids])
         )
     vfs: dict[str, Nic] = {}
     if any(f.type == "sriov" for f in ifaces):
@@ -1005,22 +1146,33 @@ def _hugepage_sizes(request: VmRequest) -> list[str]:
     if not sizes:
         smallest = _SIZES_LARGEST_FIRST[-1]
         raise PlacementError(
-            f"memory {_size(request.memory)} is not a whole number of {smallest} hugepages; "
+            f"memory {human_size(request.memory)} is not a whole number of {smallest} hugepages; "
             f"use a multiple of {smallest} for hugepages_backed"
         )
     return sizes
 
 
-def place(host: HostTopology, allocations: Sequence[Allocation], request: VmRequest, policy: Policy) -> Allocation:
-    """The allocation for `request` on `host` next to `allocations`, or PlacementError saying what is short."""
+def place(
+    host: HostTopology,
+    allocations: Iterable[Allocation],
+    request: VmRequest,
+    policy: Policy,
+    *,
+    index: UsageIndex | None = None,
+) -> Allocation:
+    """The allocation for `request` on `host` next to `allocations`, or PlacementError saying what is short.
+
+    `index` (optional, the caller's) keeps usage between calls, so only VMs that changed are counted again.
+    """
     if request.cores < 1 or request.memory <= 0:
         raise PlacementError(
             f"a VM needs at least 1 core and some memory; got cores={request.cores}, memory={request.memory}"
         )
-    st = _state(host, allocations, policy)
+    st = _state(host, allocations, policy, index)
     usage = st.usage
     disks = _place_disks(host, request, policy, usage.storage_committed)
     ifaces = _resolve_interfaces(host, request.interfaces, usage.vfs_used)
+    _check_addresses(host, allocations, request.interfaces)
     name = request.name or DEFAULT_NAME
     common = {"name": name, "vcpus": request.cores, "memory": request.memory, "disks": disks}
     common.update(pool=request.pool, owner=request.owner)

@@ -19,8 +19,40 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f}".rstrip("0").rstrip(".")
 
 
-def resources_dict(backend: str, host: HostTopology, usage: HostUsage, vms: Sequence[VmInfo], policy: Policy) -> dict:
-    """Capacity and use per NUMA node and host-wide, JSON-ready (the `resources` action and `vmhost resources`)."""
+def shared_pinned_threads(vms: Sequence[VmInfo], kept_off: tuple[bool, bool] = (True, True)) -> list[dict]:
+    """Threads a vm-host VM pins that another running VM may also run on, and which VMs those are.
+
+    kept_off: (our floating VMs, VMs made by others) are kept off pinned threads by the provider. A VM that
+    is not may run anywhere; a VM made by others that pins itself shares exactly the threads it pins.
+    """
+    pinned = {t: v.name for v in vms if v.managed and v.allocation.pinned for t in v.allocation.pinned}
+    sharers: dict[int, list[str]] = {}
+    for v in vms:
+        if v.state != "running" or (v.managed and v.allocation.pinned):
+            continue
+        if v.allocation.pinned:
+            threads = [t for t in v.allocation.pinned if t in pinned]
+        elif not kept_off[0 if v.managed else 1]:
+            threads = list(pinned)
+        else:
+            threads = []
+        for t in threads:
+            sharers.setdefault(t, []).append(v.name)
+    return [{"thread": t, "pinned_by": pinned[t], "shared_with": sorted(sharers[t])} for t in sorted(sharers)]
+
+
+def resources_dict(
+    backend: str,
+    host: HostTopology,
+    usage: HostUsage,
+    vms: Sequence[VmInfo],
+    policy: Policy,
+    kept_off: tuple[bool, bool] = (True, True),
+) -> dict:
+    """Capacity and use per NUMA node and host-wide, JSON-ready (the `resources` action and `vmhost resources`).
+
+    kept_off: whether floating VMs (ours, others') are kept off pinned threads; see shared_pinned_threads.
+    """
     nodes = []
     for node in host.nodes:
         nu = usage.node(node.id)
@@ -89,6 +121,7 @@ def resources_dict(backend: str, host: HostTopology, usage: HostUsage, vms: Sequ
             }
             for v in vms
         ],
+        "shared_pinned_threads": shared_pinned_threads(vms, kept_off),
         "policy": policy.to_dict(),
     }
 
@@ -103,10 +136,18 @@ def summary_line(res: dict) -> str:
             hp_total += hp["total"] * HUGEPAGE_SIZES[size]
             hp_used += hp["used"] * HUGEPAGE_SIZES[size]
     vms = len(res["vms"])
-    return (
+    line = (
         f"{res['backend']}: {vms} VM{'s' if vms != 1 else ''}, {pinned}/{threads} threads pinned, "
         f"{_gib(hp_used)}/{_gib(hp_total)} GiB hugepages"
     )
+    shared = res.get("shared_pinned_threads") or []
+    if shared:
+        names = sorted({n for s in shared for n in s["shared_with"]})
+        more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+        line += (
+            f"; pinned threads {format_cpuset(s['thread'] for s in shared)} shared with {', '.join(names[:3])}{more}"
+        )
+    return line
 
 
 def vm_line(vm: dict) -> str:
@@ -152,6 +193,8 @@ def render_view(res: dict) -> str:
             f"pool {p['name']} ({p['driver']}): {_gib(p['used'])}/{_gib(p['total'])} GiB used, "
             f"{_gib(p['committed'])} GiB committed to VMs"
         )
+    for s in res.get("shared_pinned_threads") or []:
+        lines.append(f"pinned thread {s['thread']} of {s['pinned_by']} is shared with {', '.join(s['shared_with'])}")
     lines.append("")
     lines.extend(vm_line(v) for v in res["vms"])
     if not res["vms"]:

@@ -1,41 +1,56 @@
 """The use cases the `vmhost` command and the charm share.
 
 Plan and compose happen under one host-wide file lock, so two processes composing at once can never
-be handed the same threads or pages. Every call recomputes usage from what the hypervisor reports
-(DESIGN.md §3): there is no side state to drift.
+be handed the same threads or pages. Every call reads usage from what the hypervisor reports
+(DESIGN.md §3): there is no side state to drift. Under the lock, a usage index (placement.UsageIndex,
+one per VmHost) counts again only the VMs whose allocation changed since the last compose or decompose
+of this VmHost, and the provider's parse cache hands back unchanged allocations without parsing them.
 """
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import secrets
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
+from typing import TYPE_CHECKING
 
+from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.providers.base import CloudInit, ComposePlan, NotFound, Provider, VmInfo, confine_floating
+from vmhost.providers.base import (
+    CloudInit,
+    ComposePlan,
+    FloatingConfinement,
+    NotFound,
+    Provider,
+    ProviderError,
+    VmInfo,
+    confine_floating,
+    fault_point,
+)
+from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
+
+if TYPE_CHECKING:
+    from vmhost.placement import UsageIndex
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LOCK = "/run/lock/vmhost.lock"
 BOOT_MODES = ("network", "image")
+__all__ = [
+    "BOOT_MODES",
+    "DEFAULT_LOCK",
+    "HostLockBusy",
+    "HostLockError",
+    "Refused",
+    "VmHost",
+    "host_lock",
+    "new_vm_name",
+]
 
-
-@contextmanager
-def host_lock(path: str | None = None) -> Iterator[None]:
-    """Exclusive lock across processes on this machine (plan + compose must be atomic)."""
-    lock_path = Path(path or os.environ.get("VMHOST_LOCK_FILE") or DEFAULT_LOCK)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+STOP_WAIT = 60.0  # seconds a stopping guest gets to shut down before stop reports it still running
+STOP_POLL = 0.5
 
 
 class Refused(ValueError):
@@ -57,6 +72,31 @@ class VmHost:
     provider: Provider
     policy: Policy = field(default_factory=Policy)
     lock_path: str | None = None
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    _lock_busy: bool = field(default=False, init=False, repr=False)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The host lock. Once a wait for it ran out, this VmHost does not wait again: the holder is still
+        there, and a hook serving many requests would otherwise wait the full bound for each."""
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(host_lock(self.lock_path, 0.0 if self._lock_busy else self.lock_timeout))
+            except HostLockBusy:
+                self._lock_busy = True
+                raise
+            yield
+
+    # Used only under the host lock (compose, decompose): threads sharing a VmHost never race on it.
+    _usage_index: UsageIndex | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def _index(self) -> UsageIndex:
+        if self._usage_index is None:
+            from vmhost.placement import UsageIndex
+
+            self._usage_index = UsageIndex()
+        return self._usage_index
 
     def topology(self) -> HostTopology:
         return self.provider.discover()
@@ -74,14 +114,16 @@ class VmHost:
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
+        return self._plan(request, *(snapshot or self._snapshot()), None)
+
+    def _plan(self, request: VmRequest, host: HostTopology, vms: list[VmInfo], index: UsageIndex | None) -> Allocation:
         from vmhost.placement import place
 
-        host, vms = snapshot or self._snapshot()
         if request.name is None:
             request = replace(request, name=new_vm_name({v.name for v in vms}))
         elif any(v.name == request.name for v in vms):
             raise ValueError(f"a VM named {request.name!r} already exists on this host; choose another name")
-        return place(host, [v.allocation for v in vms], request, self.policy)
+        return place(host, [v.allocation for v in vms], request, self.policy, index=index)
 
     def compose(
         self,
@@ -102,15 +144,16 @@ class VmHost:
             raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
         if boot == "image" and not image:
             raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
-        if cloud_init is None and boot == "image" and request.name:
-            cloud_init = CloudInit(hostname=request.name)  # an image boots with its given name as hostname
-        with host_lock(self.lock_path):
+        with self._locked():
             host, vms = self._snapshot()
-            allocation = self.plan(request, (host, vms))
+            allocation = self._plan(request, host, vms, self._index)
+            if cloud_init is None and boot == "image":
+                # An image boots with its name as hostname and its static addresses, generated name or not.
+                cloud_init = CloudInit(hostname=allocation.name)
             if accept is not None and (reason := accept(allocation, host)):
                 raise Refused(reason)
             allocations = [v.allocation for v in vms]
-            shared = self._shared_threads(host, allocations)
+            shared = self._shared_threads(host, allocations, self._index)
             plan = ComposePlan(
                 allocation=allocation,
                 start=start,
@@ -124,11 +167,12 @@ class VmHost:
             # Rule 1: floating VMs leave the new VM's threads before it can start on them, and get them
             # back if the compose fails (placement already left the shared capacity they need).
             try:
-                confine_floating(self.provider, self._shared_threads(host, [*allocations, allocation]))
+                self._confine(self._shared_threads(host, [*allocations, allocation], self._index))
+                fault_point("provider compose")
                 return self.provider.compose(plan)
             except BaseException:
                 try:
-                    confine_floating(self.provider, shared)
+                    self._confine(shared)
                 except Exception as e:
                     log.warning("could not give floating VMs back threads %s: %s", shared, e)
                 raise
@@ -140,7 +184,7 @@ class VmHost:
         raise NotFound(f"no VM named {name!r} on this host")
 
     def decompose(self, name: str) -> None:
-        with host_lock(self.lock_path):
+        with self._locked():
             host, vms = self._snapshot()
             vm = next((v for v in vms if v.name == name), None)
             if vm is None:
@@ -152,31 +196,61 @@ class VmHost:
             # until the next pinned compose or decompose confines them again, so it is not an error here.
             try:
                 rest = [v.allocation for v in vms if v.name != name]
-                confine_floating(self.provider, self._shared_threads(host, rest))
+                fault_point("widen floating VMs")
+                self._confine(self._shared_threads(host, rest, self._index))
             except Exception as e:
                 log.warning("could not give floating VMs the threads of %s back: %s", name, e)
+
+    def _confine(self, threads: tuple[int, ...]) -> None:
+        """Keep floating VMs (and, unless the policy opts out, running VMs made by others) to `threads`."""
+        confine_floating(self.provider, threads, foreign=self.policy.confine_foreign_vms)
 
     def shared_threads(self) -> tuple[int, ...]:
         """Where floating VMs may run now: online threads neither reserved nor pinned."""
         host, vms = self._snapshot()
         return self._shared_threads(host, [v.allocation for v in vms])
 
-    def _shared_threads(self, host: HostTopology, allocations: list[Allocation]) -> tuple[int, ...]:
+    def _shared_threads(
+        self, host: HostTopology, allocations: list[Allocation], index: UsageIndex | None = None
+    ) -> tuple[int, ...]:
         """Online threads neither reserved nor pinned: where floating VMs may run."""
         from vmhost.placement import compute_usage
 
-        usage = compute_usage(host, allocations, self.policy)
+        usage = compute_usage(host, allocations, self.policy, index=index)
         return tuple(sorted(t for node in usage.nodes for t in node.free_threads))
 
     def start(self, name: str) -> None:
         self.provider.start(name)
 
-    def stop(self, name: str, force: bool = False) -> None:
+    def stop(self, name: str, force: bool = False, wait: float = STOP_WAIT) -> str:
+        """Stop a VM and wait, at most `wait` seconds, until it is down; returns its state.
+
+        A guest may ignore the shutdown request (no ACPI, or busy): still running after the wait is an
+        error that says so, never a quiet success.
+        """
         self.provider.stop(name, force=force)
+        deadline = time.monotonic() + max(0.0, wait)
+        while (state := self.find(name).state) in ("running", "stopping"):
+            if time.monotonic() >= deadline:
+                raise ProviderError(
+                    f"VM {name!r} is still {state} {wait:g}s after it was asked to stop; wait longer, "
+                    "or stop it with force (power off)"
+                )
+            time.sleep(min(STOP_POLL, max(0.0, deadline - time.monotonic())))
+        return state
 
     def gc(self) -> list[str]:
-        with host_lock(self.lock_path):
-            return self.provider.gc()
+        """Remove what crashes left unfinished (only what vm-host can prove it made), then confine floating
+        VMs to what is really free now: a crash mid-compose leaves them confined as if the dead VM's threads
+        were pinned. Returns what was removed; what was skipped, and why, is logged."""
+        with self._locked():
+            removed = self.provider.gc()
+            try:
+                host, vms = self._snapshot()
+                self._confine(self._shared_threads(host, [v.allocation for v in vms]))
+            except Exception as e:
+                log.warning("gc could not confine floating VMs to the shared threads: %s", e)
+            return removed
 
     def resources(self) -> dict:
         """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
@@ -186,4 +260,12 @@ class VmHost:
         host = self.provider.discover()
         vms = self.vms()
         usage = compute_usage(host, [v.allocation for v in vms], self.policy)
-        return resources_dict(self.provider.name, host, usage, vms, self.policy)
+        ours = isinstance(self.provider, FloatingConfinement)
+        return resources_dict(
+            self.provider.name,
+            host,
+            usage,
+            vms,
+            self.policy,
+            kept_off=(ours, ours and self.policy.confine_foreign_vms),
+        )

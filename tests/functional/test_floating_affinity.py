@@ -156,3 +156,72 @@ def test_confine_floating_is_idempotent_refuses_bad_sets_and_leaves_foreign_doma
     finally:
         with contextlib.suppress(Exception):
             vmhost.decompose(floating.name)
+
+
+def _foreign_running(libvirt_conn, name: str) -> None:
+    """A VM defined and started with plain virsh-style XML: no vm-host metadata, no pins of its own."""
+    dom = libvirt_conn.defineXML(
+        f"<domain type='kvm'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64'>hvm</type></os><devices><memballoon model='none'/></devices></domain>"
+    )
+    dom.create()
+
+
+def test_foreign_running_vm_is_kept_off_a_pinned_thread_live_and_its_definition_is_left_alone(
+    vmhost, vm_names, libvirt_conn
+):
+    """Defect 5: a VM vm-host did not make leaves the thread vm-host pins (live), and gets it back after."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm on this machine")
+    foreign = vm_names("fx")
+    _foreign_running(libvirt_conn, foreign)
+    before = _virsh("dumpxml", "--inactive", foreign)
+    shared = set(vmhost.shared_threads())
+    if len(shared) < 2:
+        pytest.skip(f"other VMs pin all but {sorted(shared)} of this host's threads; need two unpinned threads")
+    thread = max(shared)
+    assert any(thread in a for a in _live_vcpu_affinity(foreign))  # it runs anywhere to begin with
+    pinned = vmhost.compose(
+        VmRequest.from_dict({"cores": 1, "memory": "64M", "pinned_cores": [thread], "name": vm_names("fp")}),
+        start=True,
+    )
+    try:
+        assert _live_vcpu_affinity(foreign) == [shared - {thread}]
+        assert _emulator_affinity(foreign, "--live") == shared - {thread}
+        assert _virsh("dumpxml", "--inactive", foreign) == before  # its definition is not ours to change
+        assert vmhost.resources()["shared_pinned_threads"] == []
+    finally:
+        vmhost.decompose(pinned.name)
+    assert _live_vcpu_affinity(foreign) == [shared]
+
+
+def test_opting_out_leaves_foreign_vms_where_they_are_and_reports_the_shared_thread(
+    libvirt_uri, vm_names, libvirt_conn, tmp_path
+):
+    from vmhost.resources_view import render_view, summary_line
+
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no usable /dev/kvm on this machine")
+    policy = Policy(cpu_overcommit_ratio=8.0, confine_foreign_vms=False)
+    host = VmHost(get_provider("libvirt", uri=libvirt_uri), policy, lock_path=str(tmp_path / "lock"))
+    foreign = vm_names("fx")
+    _foreign_running(libvirt_conn, foreign)
+    everywhere = _live_vcpu_affinity(foreign)
+    shared = set(host.shared_threads())
+    if len(shared) < 2:
+        pytest.skip(f"other VMs pin all but {sorted(shared)} of this host's threads; need two unpinned threads")
+    thread = max(shared)
+    pinned = host.compose(
+        VmRequest.from_dict({"cores": 1, "memory": "64M", "pinned_cores": [thread], "name": vm_names("fp")}),
+        start=True,
+    )
+    try:
+        assert _live_vcpu_affinity(foreign) == everywhere and thread in everywhere[0]
+        res = host.resources()
+        mine = [s for s in res["shared_pinned_threads"] if s["pinned_by"] == pinned.name]
+        assert mine == [{"thread": thread, "pinned_by": pinned.name, "shared_with": [foreign]}]
+        assert f"pinned thread {thread} of {pinned.name} is shared with {foreign}" in render_view(res)
+        assert foreign in summary_line(res) and "shared with" in summary_line(res)
+    finally:
+        host.decompose(pinned.name)
+        host.provider.close()

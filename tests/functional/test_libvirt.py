@@ -10,6 +10,8 @@ import contextlib
 import re
 import shutil
 import subprocess
+import uuid
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ import pytest
 from vmhost.model import Allocation, Cell, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import parse_cpuset
 from vmhost.providers.base import NAME_PREFIX, CloudInit, ComposeError, ComposePlan, NotFound, ProviderError
-from vmhost.providers.libvirt_xml import STATE_COMPOSING, domain_xml, volume_name
+from vmhost.providers.libvirt_xml import METADATA_NS, STATE_COMPOSING, STATE_DECOMPOSING, domain_xml, volume_name
 
 pytestmark = pytest.mark.libvirt
 
@@ -134,7 +136,9 @@ def test_compose_failing_after_its_first_step_leaves_nothing(libvirt_provider, l
     assert _our_volumes(libvirt_conn, name) == []
 
 
-def test_compose_failing_at_a_later_volume_removes_the_earlier_one(libvirt_provider, libvirt_conn, vm_names):
+def test_compose_with_a_missing_pool_for_a_later_volume_is_refused_before_anything_is_made(
+    libvirt_provider, libvirt_conn, vm_names
+):
     name = vm_names()
     alloc = Allocation(
         name=name,
@@ -142,12 +146,27 @@ def test_compose_failing_at_a_later_volume_removes_the_earlier_one(libvirt_provi
         memory=64 * M,
         disks=(DiskAllocation("root", 8 * M, "default"), DiskAllocation("data", 8 * M, f"nopool-{name}")),
     )
-    with pytest.raises(ComposeError) as err:
+    with pytest.raises(ProviderError, match=f"storage pool 'nopool-{name}' does not exist"):
         libvirt_provider.compose(ComposePlan(alloc))
-    assert err.value.step == f"create volume data in pool nopool-{name}"
-    assert "does not exist" in str(err.value)
     assert name not in _domains(libvirt_conn)
     assert _our_volumes(libvirt_conn, name) == []
+
+
+def test_compose_refuses_to_take_over_an_existing_volume_of_its_name(libvirt_provider, libvirt_conn, vm_names):
+    """A volume already carrying the name vm-host would give is not ours: compose refuses, and it survives."""
+    name = vm_names()
+    taken = volume_name(name, "data")
+    _virsh_volume(taken)
+    alloc = Allocation(
+        name=name,
+        vcpus=1,
+        memory=64 * M,
+        disks=(DiskAllocation("root", 8 * M, "default"), DiskAllocation("data", 8 * M, "default")),
+    )
+    with pytest.raises(ProviderError, match=f"a volume named '{taken}' already exists in pool 'default'"):
+        libvirt_provider.compose(ComposePlan(alloc))
+    assert name not in _domains(libvirt_conn)
+    assert _our_volumes(libvirt_conn, name) == [taken]
 
 
 def test_discover_reports_this_hosts_cpus_memory_hugepages_pools_and_bridge(libvirt_provider):
@@ -202,38 +221,81 @@ def test_domain_defined_outside_vmhost_is_listed_as_other_and_not_decomposed(lib
     assert name in _domains(libvirt_conn)
 
 
-def test_gc_removes_orphan_volumes_and_unfinished_composes_only(libvirt_provider, libvirt_conn, vm_names):
+def _virsh_volume(vol: str, pool: str = "default") -> None:
+    """A volume made the way an operator would, with plain virsh."""
+    subprocess.run(
+        ["virsh", "-c", "qemu:///system", "vol-create-as", pool, vol, "1M", "--format", "raw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
+def _crashed_compose(libvirt_conn, name: str, state: str = STATE_COMPOSING) -> None:
+    """What a compose killed after its volume leaves: our record (bound to its uuid, naming the volume), the volume."""
+    alloc = Allocation(name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", M, "default"),))
+    vol = volume_name(name, "root")
+    libvirt_conn.defineXML(
+        domain_xml(ComposePlan(alloc), state=state, uuid=str(uuid.uuid4()), owned_volumes=[("default", vol)])
+    )
+    _virsh_volume(vol)
+
+
+def test_gc_removes_unfinished_vms_and_their_recorded_volumes_only(libvirt_provider, libvirt_conn, vm_names):
+    """gc proves ownership: a volume named like ours that no record names survives, whatever its name."""
     import libvirt
 
+    orphan_vm, crashed, undone, kept = vm_names(), vm_names(), vm_names(), vm_names()
+    lookalike = volume_name(orphan_vm, "root")
+    _virsh_volume(lookalike)  # plain virsh, named exactly as vm-host would name it
+    anything = f"{NAME_PREFIX}anything-{orphan_vm}"
+    _virsh_volume(anything)
+    _crashed_compose(libvirt_conn, crashed)
+    _crashed_compose(libvirt_conn, undone, state=STATE_DECOMPOSING)
+    libvirt_provider.compose(
+        ComposePlan(Allocation(name=kept, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", M, "default"),)))
+    )
     pool = libvirt_conn.storagePoolLookupByName("default")
-
-    def volume(vol: str) -> None:
-        pool.createXML(
-            f"<volume><name>{vol}</name><capacity unit='bytes'>{M}</capacity>"
-            "<target><format type='raw'/></target></volume>",
-            0,
-        )
-
-    orphan_vm, crashed, kept = vm_names(), vm_names(), vm_names()
-    volume(volume_name(orphan_vm, "root"))
-    # A compose that crashed after define: domain still says "composing", its volume exists.
-    volume(volume_name(crashed, "root"))
-    crashed_alloc = Allocation(name=crashed, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", M, "default"),))
-    libvirt_conn.defineXML(domain_xml(ComposePlan(crashed_alloc), state=STATE_COMPOSING))
-    libvirt_provider.compose(ComposePlan(Allocation(name=kept, vcpus=1, memory=64 * M, disks=crashed_alloc.disks)))
-    unrelated = f"not-ours-{kept}"
-    volume(unrelated)
     try:
         removed = libvirt_provider.gc()
-        assert volume_name(orphan_vm, "root") in removed and crashed in removed
-        assert _our_volumes(libvirt_conn, orphan_vm) == [] and _our_volumes(libvirt_conn, crashed) == []
-        assert crashed not in _domains(libvirt_conn)
+        assert sorted(removed) == sorted(
+            [crashed, f"default/{volume_name(crashed, 'root')}", undone, f"default/{volume_name(undone, 'root')}"]
+        )
+        assert crashed not in _domains(libvirt_conn) and undone not in _domains(libvirt_conn)
+        assert _our_volumes(libvirt_conn, orphan_vm) == [lookalike]  # not provably ours: kept
+        pool.storageVolLookupByName(anything)
         assert kept in _domains(libvirt_conn) and _our_volumes(libvirt_conn, kept) == [volume_name(kept, "root")]
-        pool.storageVolLookupByName(unrelated)  # gc only ever touches NAME_PREFIX objects
-        assert not unrelated.startswith(NAME_PREFIX)
+        assert libvirt_provider.gc() == []
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.storageVolLookupByName(unrelated).delete(0)
+        for vol in (anything,):
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.storageVolLookupByName(vol).delete(0)
+
+
+def test_a_clone_carrying_our_metadata_is_foreign_and_never_touches_the_original(
+    libvirt_provider, libvirt_conn, vm_names
+):
+    """Defect 8 on libvirt: a domain defined from a dump of ours (new name, new uuid) keeps our metadata,
+    but the record names the original's uuid, so the clone is listed as not ours and gc and decompose of it
+    never remove the original's volumes."""
+    orig, clone = vm_names(), vm_names()
+    owner = "model-uuid/app/req-1"
+    alloc = Allocation(name=orig, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", M, "default"),), owner=owner)
+    libvirt_provider.compose(ComposePlan(alloc))
+    xml = ET.fromstring(libvirt_conn.lookupByName(orig).XMLDesc(0))
+    xml.find("name").text = clone
+    xml.remove(xml.find("uuid"))
+    # The clone is even marked unfinished, as a copy taken mid-compose would be.
+    xml.find(f"metadata/{{{METADATA_NS}}}allocation").set("state", STATE_COMPOSING)
+    libvirt_conn.defineXML(ET.tostring(xml, encoding="unicode"))
+    vms = {v.name: v for v in libvirt_provider.list_vms()}
+    assert vms[orig].managed and vms[orig].allocation.owner == owner
+    assert not vms[clone].managed and vms[clone].allocation.owner is None
+    assert libvirt_provider.gc() == []
+    with pytest.raises(ProviderError, match="not made by vm-host"):
+        libvirt_provider.decompose(clone)
+    assert {orig, clone} <= _domains(libvirt_conn)
+    assert _our_volumes(libvirt_conn, orig) == [volume_name(orig, "root")]
 
 
 @pytest.mark.skipif(not shutil.which("isoinfo"), reason="isoinfo (genisoimage package) is not installed")

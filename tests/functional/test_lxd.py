@@ -162,7 +162,8 @@ def test_composed_vm_record_has_exactly_the_planned_config_devices_and_volumes(p
     assert inst.profiles == ["default"]
     assert inst.devices == expected_devices
     ours = {k: v for k, v in inst.config.items() if not k.startswith("volatile.")}
-    assert ours == {**expected_limits, cfg.ALLOCATION_KEY: ours[cfg.ALLOCATION_KEY]}
+    assert ours == {**expected_limits, cfg.ALLOCATION_KEY: ours[cfg.ALLOCATION_KEY], cfg.UUID_KEY: ours[cfg.UUID_KEY]}
+    assert ours[cfg.UUID_KEY] == inst.config["volatile.uuid"]  # the record is bound to this instance
     assert Allocation.from_dict(json.loads(ours[cfg.ALLOCATION_KEY])) == alloc
     proj = client.projects.get(project)
     assert proj.config["features.images"] == "false"
@@ -367,25 +368,56 @@ def test_vm_made_outside_vmhost_is_listed_as_other(provider, names):
     assert lxc("info", name, "--project", "default", check=False).returncode == 0
 
 
-def test_gc_removes_orphan_volumes_and_half_composed_vms_only(provider, project, names):
+def _crashed(project: str, name: str, state: str = cfg.STATE_COMPOSING) -> None:
+    """What a compose (or decompose) killed midway leaves: our record, bound to the instance's volatile.uuid."""
+    uid = str(uuid.uuid4())
+    lxc(
+        "init", "--empty", "--vm", name, "--project", project, "-c", f"volatile.uuid={uid}", "-c", f"{cfg.UUID_KEY}={uid}",
+        "-c", f"{cfg.STATE_KEY}={state}", "-c", f"{cfg.ALLOCATION_KEY}={cfg.encode_allocation(planned(name))}",
+    )  # fmt: skip
+
+
+def test_gc_removes_orphan_volumes_and_unfinished_vms_only(provider, project, names):
     keep = names()
     provider.compose(ComposePlan(planned(keep)))  # makes the project too
-    ghost, crashed, foreign = names(), names(), names()
+    ghost, crashed, undone, foreign, forged = names(), names(), names(), names(), names()
     lxc("storage", "volume", "create", "default", f"{ghost}-data", "size=1GB", "--type=block", "--project", project)
     lxc("storage", "volume", "set", "default", f"{ghost}-data", f"{cfg.OWNER_KEY}={ghost}", "--project", project)
+    # Named exactly like ours, without our tag: not provably ours.
     lxc("storage", "volume", "create", "default", f"{foreign}-data", "size=1GB", "--type=block", "--project", project)
+    _crashed(project, crashed)
+    _crashed(project, undone, cfg.STATE_DECOMPOSING)
+    # Our record, unfinished, but not bound to this instance (written by hand, or copied): left alone.
     lxc(
-        "init", "--empty", "--vm", crashed, "--project", project,
-        "-c", f"{cfg.STATE_KEY}=composing", "-c", f"{cfg.ALLOCATION_KEY}={cfg.encode_allocation(planned(crashed))}",
+        "init", "--empty", "--vm", forged, "--project", project,
+        "-c", f"{cfg.STATE_KEY}=composing", "-c", f"{cfg.ALLOCATION_KEY}={cfg.encode_allocation(planned(forged))}",
     )  # fmt: skip
     removed = provider.gc()
-    assert sorted(removed) == sorted([crashed, f"default/{ghost}-data"])
-    assert crashed not in instance_names(project)
+    assert sorted(removed) == sorted([crashed, undone, f"default/{ghost}-data"])
+    assert not {crashed, undone} & instance_names(project)
     assert f"{ghost}-data" not in volume_names(project)
-    # Ours and untagged ones stay.
-    assert keep in instance_names(project)
+    # Ours, the untagged look-alike and the unbound record stay.
+    assert {keep, forged} <= instance_names(project)
     assert {f"{keep}-data", f"{foreign}-data"} <= volume_names(project)
+    assert {v.name: v.managed for v in provider.list_vms()}[forged] is False
     assert provider.gc() == []
+
+
+def test_lxc_copy_of_a_relation_vm_is_foreign_and_the_original_stays(provider, project, names):
+    """Defect 8: a copy carries our record and the relation owner key, but not the original's volatile.uuid."""
+    orig, copy = names(), names()
+    owner = "model-uuid/app/req-1"
+    provider.compose(ComposePlan(planned(orig, owner=owner, disks=(DiskAllocation("root", 10 * 10**9, "default"),))))
+    lxc("copy", orig, copy, "--project", project)
+    shown = yaml.safe_load(lxc("config", "show", copy, "--project", project).stdout)
+    assert shown["config"][cfg.ALLOCATION_KEY]  # the copy does carry our record and owner key...
+    vms = {v.name: v for v in provider.list_vms()}
+    assert vms[orig].managed and vms[orig].allocation.owner == owner
+    assert not vms[copy].managed and vms[copy].allocation.owner is None  # ...but reads as made by others
+    assert provider.gc() == []
+    with pytest.raises(ProviderError, match="not made by vm-host"):
+        provider.decompose(copy)
+    assert {orig, copy} <= instance_names(project)
 
 
 def test_discover_reports_this_hosts_cpus_memory_hugepages_and_pools(provider):

@@ -49,6 +49,7 @@ class FakeProvider:
         self.orphans: list[str] = []
         self.fail_compose: Exception | None = None
         self.confined: list[tuple[int, ...]] = []  # every confine_floating call, in order
+        self.confined_foreign: list[bool] = []  # its foreign flag
         self.fail_confine: Exception | None = None
         self.closed = 0
         self.uri = uri
@@ -104,8 +105,9 @@ class FakeProvider:
     def close(self) -> None:
         self.closed += 1
 
-    def confine_floating(self, threads: tuple[int, ...]) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
         self.confined.append(tuple(threads))
+        self.confined_foreign.append(foreign)
         if self.fail_confine:
             raise self.fail_confine
 

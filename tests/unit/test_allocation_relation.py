@@ -11,11 +11,13 @@ import ops
 import pytest
 from ops import testing
 
-from allocation_relation import AllocationRelation
+from allocation_relation import HYPERVISOR_ERROR, AllocationRelation, relation_settings
 from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
+from vmhost.charm_models import CharmConfig
 from vmhost.model import Allocation, Nic, Policy, StoragePool
 from vmhost.providers.base import ProviderError, VmInfo
+from vmhost.relation_policy import Binding, Quota, RelationSettings
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
@@ -61,11 +63,12 @@ class HostCharm(ops.CharmBase):
             self.on["vm-host-peers"].relation_departed,
             self.on.leader_elected,
             self.on.update_status,
+            self.on.config_changed,
         ):
             framework.observe(ev, self._reconcile)
 
     def _reconcile(self, _event):
-        self.allocation.reconcile(ENV["host"], ENV["config"])
+        self.allocation.reconcile(ENV["host"], CharmConfig.model_validate(vars(ENV["config"])))
 
 
 @pytest.fixture
@@ -104,6 +107,19 @@ def run(relation, state: testing.State | None = None, *, leader=True, unit_id=0,
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def test_relation_settings_are_the_charm_config_parsed_plus_the_binding():
+    config = CharmConfig.model_validate(
+        {"relation_quota": "vms=2,memory=4G", "allowed_networks": "br0 public", "space_bridges": "public=br0"}
+    )
+    settings = relation_settings(config, Binding(("br5",)))
+    assert settings.quota == Quota(vms=2, memory=4 * GiB)
+    assert settings.allowed_networks == ("br0", "public") and dict(settings.space_bridges) == {"public": "br0"}
+    assert settings.binding == Binding(("br5",))
+    assert relation_settings(CharmConfig(), Binding()) == RelationSettings()
+    with pytest.raises(ValueError):
+        CharmConfig.model_validate({"relation_quota": "vms=lots"})
 
 
 def test_new_request_composes_one_vm_owned_by_the_remote_app(provider):
@@ -501,19 +517,18 @@ def test_over_long_rejection_is_rejected_with_a_bounded_message_and_the_hook_sur
     assert st["ok"]["status"] == "ready"
 
 
-def test_every_published_message_is_cut_to_the_librarys_bound(provider):
-    from charms.vm_host.v0.vm_allocation import MAX_MESSAGE
-
+def test_a_hypervisor_failure_tells_the_requirer_that_and_the_log_the_detail(provider, caplog):
     class LongFailure(type(provider)):
         def compose(self, plan):
-            raise ProviderError("disk trouble: " + "y" * 5000)
+            raise ProviderError("disk trouble in /var/lib/secret-path: " + "y" * 5000)
 
     provider.__class__ = LongFailure
     r = rel([req("a")])
     out = run(r)
     st = statuses(out, r)["a"]
     assert st["status"] == "failed"
-    assert st["message"].startswith("disk trouble: y") and len(st["message"]) == MAX_MESSAGE
+    assert st["message"] == HYPERVISOR_ERROR
+    assert "disk trouble in /var/lib/secret-path" in caplog.text
 
 
 def test_a_provider_bug_fails_only_its_own_request(provider, caplog):
@@ -534,3 +549,177 @@ def test_a_provider_bug_fails_only_its_own_request(provider, caplog):
     assert st["good"]["status"] == "ready"
     assert {v.allocation.owner for v in provider.vms.values()} == {f"{MODEL_A}/client/good"}
     assert "AAAAC3" not in caplog.text and "KeyError" in caplog.text
+
+
+def test_a_busy_host_lock_stops_the_hook_instead_of_failing_the_request(provider, tmp_path):
+    """Not the request's fault, and its sentence names the lock holder's command: never published."""
+    from vmhost.hostlock import HostLockBusy, host_lock
+
+    ENV["host"].lock_timeout = 0.1
+    r = rel([req("web-0")])
+    with host_lock(ENV["host"].lock_path, timeout=0), pytest.raises(testing.errors.UncaughtCharmError) as e:
+        # (held through another open file description: flock excludes it as it would another process)
+        run(r)
+    assert isinstance(e.value.__cause__, HostLockBusy)
+    assert provider.composed == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote data is decoded totally and answered in bounded space
+
+HOSTILE = {
+    "deep": "[" * 1000 + "]" * 1000,
+    "deep-inside": json.dumps([{"id": "a", "tags": "TAGS"}]).replace('"TAGS"', "[" * 900 + "]" * 900),
+    "megabytes": json.dumps([{"id": "a", "user_data": "x" * (2 * 1024 * 1024)}]),
+    "object": json.dumps({"id": "a"}),
+    "number": "5",
+    "huge-int": json.dumps([{"id": "a", "cores": 10**4000}])[:4400],
+    "huge-int-json": json.dumps([{"id": "a", "cores": 10**400, "memory": 10**300}]),
+    "nan": '[{"id": "a", "cores": NaN, "memory": Infinity}]',
+    "surrogates": '[{"id": "\\udc80", "image": "\\ud800x", "user_data": "\\udfff"}, "\\udc80"]',
+    "nul-and-newlines": json.dumps([{"id": "a\x00", "storage": "root:1\n"}]),
+    "wrong-types": json.dumps([{"id": ["a"], "cores": {}, "memory": [], "tags": "x", "ssh_authorized_keys": {}}]),
+    "empty": "",
+}
+
+
+@pytest.mark.parametrize("payload", list(HOSTILE.values()), ids=list(HOSTILE))
+@pytest.mark.parametrize("event", ["relation_changed", "update_status", "leader_elected", "config_changed"])
+def test_any_payload_is_answered_in_bounds_and_never_raises_nor_releases(provider, payload, event):
+    from charms.vm_host.v0.vm_allocation import MAX_MESSAGE
+
+    r = rel([req("a")])
+    out = run(r)
+    assert len(provider.vms) == 1
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": payload})
+    state = replace(out, relations=[r2])
+    c = ctx()
+    trigger = c.on.relation_changed(r2) if event == "relation_changed" else getattr(c.on, event)()
+    out = c.run(trigger, state)  # RecursionError escaped every one of these hooks before the fix
+    data = out.get_relation(r.id).local_app_data
+    assert len(data.get("error", "")) <= MAX_MESSAGE + 2
+    for st in statuses(out, r2).values():
+        assert len(st["message"] or "") <= MAX_MESSAGE
+        assert st["status"] in ("rejected", "ready")
+    assert len(provider.composed) == 1  # nothing new made from hostile data
+
+
+def test_a_deep_list_is_refused_in_one_sentence_and_keeps_existing_vms(provider):
+    r = rel([req("a")])
+    out = run(r)
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": HOSTILE["deep"]})
+    out = run(r2, replace(out, relations=[r2]))
+    assert (
+        json.loads(out.get_relation(r.id).local_app_data["error"]) == "requests is nested too deeply; at most 16 levels"
+    )
+    assert len(provider.vms) == 1 and provider.decomposed == []
+
+
+def test_a_list_over_the_size_bound_is_refused_unread(provider):
+    from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES
+
+    r = rel(None, raw=HOSTILE["megabytes"])
+    out = run(r)
+    error = json.loads(out.get_relation(r.id).local_app_data["error"])
+    assert error.startswith("requests is ") and f"at most {MAX_FIELD_BYTES}" in error
+    assert provider.composed == []
+
+
+def test_ten_thousand_requests_publish_a_bounded_answer_and_release_nothing(provider):
+    from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, MAX_REQUESTS
+
+    r = rel([req("keep")])
+    out = run(r)
+    (kept,) = provider.vms
+    # 10,000 entries (within the size bound): the first ones rejected with the longest message the
+    # host writes, the rest rejected too; "keep" is listed last
+    noisy = {"interfaces": "eth0:" + ",".join(f"space={i:02d}" + "x" * 40 for i in range(20))}
+    many = [req(f"n{i}", **noisy) for i in range(100)] + [{"id": f"r{i}", "cores": 0} for i in range(9_899)]
+    many.append(req("keep"))
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": json.dumps(many)})
+    out = run(r2, replace(out, relations=[r2]))
+    data = out.get_relation(r.id).local_app_data
+    vms = json.loads(data["vms"])
+    assert len(vms) == MAX_REQUESTS
+    assert all(v["status"] == "rejected" for v in vms)
+    assert len(data["vms"]) + len(data["error"]) < MAX_REQUESTS * (MAX_MESSAGE + 256)
+    assert "too many requests: 10000 entries, at most 64" in json.loads(data["error"])
+    # the list is not served as written, so no VM of this application is released
+    assert list(provider.vms) == [kept] and provider.decomposed == []
+    assert len(provider.composed) == 1
+
+
+def distinctive_provider() -> FakeProvider:
+    """A host whose free amounts are numbers no message would hold by chance."""
+    return FakeProvider(
+        synthetic_host(
+            nodes=1,
+            cores_per_node=3,
+            threads_per_core=2,
+            memory_per_node=13 * GiB + 333 * 2 * 1024**2,
+            hugepages={"2M": 333},
+            nics=(Nic(name="br0", kind="bridge", addresses=("10.20.0.1/24",)),),
+            storage_pools=(StoragePool(name="default", total=77 * 10**9),),
+        )
+    )
+
+
+SHORT = {
+    "pinned": (req("pinned", cores=7, pinned_cores="auto"), "not enough pinned threads"),
+    "shared": (req("shared", cores=7), "not enough shared vCPUs"),
+    "memory": (req("memory", memory="14G"), "not enough memory"),
+    "2M": (req("two", memory="1G", hugepages_backed=True, hugepage_size="2M"), "not enough 2M hugepages"),
+    "1G": (req("one", memory="2G", hugepages_backed=True, hugepage_size="1G"), "not enough 1G hugepages"),
+    "disk": (req("disk", storage="root:99"), "disk root: not enough storage"),
+    "nic": (req("nic", interfaces="eth0:name=br9"), "interface eth0: no host network matches it"),
+}
+
+
+def test_remote_models_learn_what_was_short_never_what_the_host_has(tmp_path, caplog):
+    p = distinctive_provider()
+    ENV["host"] = VmHost(provider=p, policy=Policy(), lock_path=str(tmp_path / "lock"))
+    ENV["config"] = SimpleNamespace(relation_quota="", allowed_networks="", space_bridges="")
+    r = rel([spec for spec, _ in SHORT.values()])
+    out = run(r)
+    st = statuses(out, r)
+    for key, (spec, words) in SHORT.items():
+        assert st[spec["id"]]["status"] == "failed", key
+        assert st[spec["id"]]["message"] == f"the host cannot place this VM now: {words}", key
+    said = json.dumps(dict(out.get_relation(r.id).local_app_data))
+    for number in ("333", "666", "13", "12", "77", "6 ", "5 "):
+        assert number not in said.replace("2M", "").replace("1G", "")
+    assert "br0" not in said
+    # the operator's log keeps the detail
+    assert "333" in caplog.text and "br0" in caplog.text and "77" in caplog.text
+    ENV.clear()
+
+
+@pytest.mark.parametrize(
+    "peer_unit, peer_app",
+    [
+        ({"results": "[" * 1000 + "]" * 1000, "capacity": "[" * 1000 + "]" * 1000}, {}),
+        ({"results": json.dumps({"o": {"cores": "x", "memory": 1e308}}), "capacity": '{"threads": 1e999}'}, {}),
+        ({"results": json.dumps({"o": [], "p": {"status": "odd"}}), "capacity": '{"hugepages": [1]}'}, {}),
+        ({"capacity": json.dumps({"threads": 2**70, "hugepages": {"2M": -1}})}, {}),
+        ({}, {"assignments": json.dumps({f"{MODEL_A}/client/a": ["vm-host/1"], "x": {}})}),
+        ({}, {"assignments": "[" * 1000 + "]" * 1000}),
+    ],
+    ids=["deep", "wrong-types", "wrong-shapes", "huge-ints", "assignment-types", "deep-assignments"],
+)
+@pytest.mark.parametrize("leader", [True, False])
+def test_garbage_in_the_peer_relation_never_raises(provider, peer_unit, peer_app, leader):
+    r = rel([req("a")])
+    peers = testing.PeerRelation("vm-host-peers", local_app_data=peer_app, peers_data={1: peer_unit})
+    out = run(r, leader=leader, peers=[peers])  # raised ValueError / TypeError / RecursionError before
+    if leader:
+        assert statuses(out, r)["a"]["status"] in ("ready", "pending")
+
+
+def test_a_binding_network_get_cannot_read_pauses_the_relation_without_failing_the_hook(provider, monkeypatch):
+    def unreadable(self, name, relation_id=None):
+        raise json.JSONDecodeError("Expecting value", "", 0)  # what ops raises for output that is not JSON
+
+    monkeypatch.setattr(ops.model.Binding, "_network_get", unreadable)
+    r = rel([req("a")])
+    out = run(r)  # the hook completes
+    assert provider.vms == {} and statuses(out, r) == {}  # nothing composed on a guess about the network

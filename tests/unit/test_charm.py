@@ -63,6 +63,7 @@ class Machine:
         (root / "proc/cmdline").write_text("root=/dev/sda1\n")
         (root / "proc/mounts").write_text("hugetlbfs /dev/hugepages hugetlbfs rw 0 0\n")
         (root / "proc/meminfo").write_text("Hugepagesize:       2048 kB\n")
+        (root / "sys/devices/system/node/node0/meminfo").write_text("Node 0 MemTotal:       8388608 kB\n")  # 8G
         (root / "dev").mkdir()
         if kvm:
             (root / "dev/kvm").touch()
@@ -104,7 +105,7 @@ class FakeLxdDaemon:
         self.applied: list[dict] = []
         self.fail_preseed: Exception | None = None
 
-    def read_state(self, client=None) -> LxdHostState:
+    def read_state(self, client=None, timeout=None) -> LxdHostState:
         return self.state
 
     def apply_preseed(self, preseed: dict) -> None:
@@ -134,7 +135,7 @@ def fake(monkeypatch) -> FakeProvider:
         return provider
 
     monkeypatch.setattr(charm, "get_provider", get_provider)
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: True)
+    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: True)
     return provider
 
 
@@ -151,7 +152,7 @@ def lxd_setup(monkeypatch) -> FakeLxdDaemon:
     for name in ("read_state", "apply_preseed"):
         monkeypatch.setattr(lxd_setup_mod, name, getattr(daemon, name))
     daemon.trust = FakeLxdTrust()  # certificates and tokens go through the real lxd_setup to this
-    monkeypatch.setattr(lxd_setup_mod, "_client", lambda client=None: daemon.trust)
+    monkeypatch.setattr(lxd_setup_mod, "_client", lambda client=None, timeout=None: daemon.trust)
     return daemon
 
 
@@ -280,7 +281,7 @@ def test_changed_storage_driver_is_not_applied_and_status_says_why(fake, machine
 
 
 def test_lxd_without_vm_support_is_blocked(fake, machine, lxd_setup, monkeypatch):
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: False)
+    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: False)
     c = ctx()
     out = c.run(c.on.update_status(), testing.State())
     assert out.unit_status == testing.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
@@ -301,8 +302,21 @@ def test_no_kvm_is_blocked_with_the_fix(fake, monkeypatch, tmp_path):
         ({"hugepages": "3M:8"}, "config hugepages: hugepage size '3M' is not supported; allowed: 2M, 1G"),
         (
             {"cpu-overcommit-ratio": 0.0},
-            "config cpu-overcommit-ratio: 0.0 is not allowed: input should be greater than 0",
+            "config cpu-overcommit-ratio: 0 is not allowed; use a number from 0.1 to 64 (1.0 means no overcommit)",
         ),
+        (
+            {"cpu-overcommit-ratio": 1e308},
+            "config cpu-overcommit-ratio: 1e+308 is not allowed; use a number from 0.1 to 64",
+        ),
+        ({"cpu-overcommit-ratio": float("inf")}, "config cpu-overcommit-ratio: inf is not allowed"),
+        ({"cpu-overcommit-ratio": float("nan")}, "config cpu-overcommit-ratio: nan is not allowed"),
+        (
+            {"memory-overcommit-ratio": 4.5},
+            "config memory-overcommit-ratio: 4.5 is not allowed; use a number from 0.1 to 4",
+        ),
+        ({"reserved-memory": "9" * 400}, "config reserved-memory: reserved memory is too large"),
+        ({"relation-quota": "vms=" + "9" * 400}, "config relation-quota: vms '999"),
+        ({"hugepages": "2M:" + "9" * 5000}, "config hugepages: count '999"),
         ({"reserved-memory": "lots"}, "config reserved-memory: size 'lots' is not a size"),
         ({"relation-quota": "vms=x"}, "config relation-quota: vms 'x' is not a whole number"),
     ],
@@ -333,6 +347,30 @@ def test_1g_hugepages_the_kernel_cannot_give_wait_for_reboot(fake, monkeypatch, 
     assert "hugepagesz=1G hugepages=4" in (m.root / GRUB_DROPIN).read_text()
     assert ["update-grub"] in m.runner.calls
     assert ["mount", "-t", "hugetlbfs", "-o", "pagesize=1G", "hugetlbfs", "/dev/hugepages-1G"] in m.runner.calls
+
+
+@pytest.mark.parametrize(
+    ("hugepages", "status"),
+    [
+        ("2M:99999999999", "hugepages 2M:99999999999 is more than this machine can hold; at most 2M:3072 "),
+        ("1G:100000", "hugepages 1G:100000 is more than this machine can hold; at most 1G:6 "),
+        ("0:1G:7", "hugepages 0:1G:7 is more than NUMA node 0 can hold; at most 0:1G:6 "),
+    ],
+)
+def test_hugepages_past_the_machine_block_naming_the_largest_and_touch_nothing(fake, machine, hugepages, status):
+    c = ctx()
+    out = c.run(c.on.config_changed(), testing.State(config={**LIBVIRT, "hugepages": hugepages}))
+    assert out.unit_status.name == "blocked"
+    assert out.unit_status.message.startswith(status)
+    assert machine.nr("2048kB") == 0 and machine.nr("1048576kB") == 0
+    assert not (machine.root / GRUB_DROPIN).exists() and ["update-grub"] not in machine.runner.calls
+
+
+def test_overcommit_ratio_1e308_never_raises_in_any_hook(fake, machine):
+    for event in ("config_changed", "update_status", "leader_elected"):
+        c = ctx()
+        out = c.run(getattr(c.on, event)(), testing.State(config={**LIBVIRT, "cpu-overcommit-ratio": 1e308}))
+        assert out.unit_status.name == "blocked"
 
 
 def test_hugepages_on_a_node_the_host_lacks_blocks(fake, machine):

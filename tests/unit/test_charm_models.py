@@ -22,6 +22,7 @@ from vmhost.charm_models import (
     vm_results,
 )
 from vmhost.model import Policy, VmRequest
+from vmhost.parse import ParseError
 
 
 def test_defaults_are_a_working_lxd_host():
@@ -66,8 +67,12 @@ def test_strings_parse_into_typed_values():
     ("option", "value", "says"),
     [
         ("backend", "xen", "config backend: 'xen' is not allowed: input should be 'lxd' or 'libvirt'"),
-        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0.0 is not allowed"),
-        ("memory_overcommit_ratio", -1.0, "config memory-overcommit-ratio: -1.0 is not allowed"),
+        ("cpu_overcommit_ratio", 0.0, "config cpu-overcommit-ratio: 0 is not allowed; use a number from 0.1 to 64"),
+        (
+            "memory_overcommit_ratio",
+            -1.0,
+            "config memory-overcommit-ratio: -1 is not allowed; use a number from 0.1 to 4",
+        ),
         ("lxd_storage_driver", "ceph", "config lxd-storage-driver: 'ceph' is not allowed"),
         ("reserved_cores", "0-x", "config reserved-cores: cpu set token '0-x'"),
         ("reserved_memory", "lots", "config reserved-memory: size 'lots' is not a size"),
@@ -112,6 +117,13 @@ def test_compose_params_map_to_a_vm_request():
     assert (req.name, req.pool) == ("web-1", "tenant-a")
     assert req.storage[0].label == "root" and req.storage[0].tags == ("ssd",)
     assert req.interfaces[0].space == ("public",)
+
+
+def test_compose_params_numa_nodes_reach_the_request_with_its_bounds():
+    assert VmRequest.from_dict(ComposeParams(cores=4, numa_nodes=2).request_dict()).numa_nodes == 2
+    assert VmRequest.from_dict(ComposeParams(cores=4).request_dict()).numa_nodes is None
+    with pytest.raises(ParseError, match="numa_nodes 3 needs at least 3 cores"):
+        VmRequest.from_dict(ComposeParams(cores=2, numa_nodes=3).request_dict())
 
 
 def test_compose_params_refuse_bad_hostname_and_cores():
@@ -211,3 +223,14 @@ def test_a_boolean_where_text_is_expected_is_refused_with_one_sentence():
     assert error_message(exc.value, "parameter") == (
         "parameter hostname: True is not allowed: input should be a valid string"
     )
+
+
+def test_confine_foreign_vms_option_reaches_the_policy_and_config_yaml_declares_it():
+    from pathlib import Path
+
+    import yaml
+
+    options = yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())["options"]
+    assert options["confine-foreign-vms"]["type"] == "boolean" and options["confine-foreign-vms"]["default"] is True
+    assert CharmConfig().policy().confine_foreign_vms is True
+    assert CharmConfig(confine_foreign_vms=False).policy().confine_foreign_vms is False

@@ -31,10 +31,19 @@ from vmhost.model import HostTopology
 KB = {"2M": "2048kB", "1G": "1048576kB"}
 
 
-def make_root(root: Path, nodes=(0,), cmdline="BOOT_IMAGE=/vmlinuz root=/dev/sda1", mounts="") -> Path:
+GiB = 1024**3
+
+
+def make_root(
+    root: Path, nodes=(0,), cmdline="BOOT_IMAGE=/vmlinuz root=/dev/sda1", mounts="", node_memory=32 * GiB
+) -> Path:
     for size in KB.values():
         (root / f"sys/kernel/mm/hugepages/hugepages-{size}").mkdir(parents=True)
     for n in nodes:
+        (root / f"sys/devices/system/node/node{n}").mkdir(parents=True)
+        (root / f"sys/devices/system/node/node{n}/meminfo").write_text(
+            f"Node {n} MemTotal:       {node_memory // 1024} kB\nNode {n} MemFree:        1000 kB\n"
+        )
         for size in KB.values():
             d = root / f"sys/devices/system/node/node{n}/hugepages/hugepages-{size}"
             d.mkdir(parents=True)
@@ -131,6 +140,64 @@ def test_unknown_node_and_unsupported_size_are_refused(tmp_path):
     with pytest.raises(HostSetupError, match="no 1G hugepages"):
         host.apply_hugepages(parse_hugepages_setting("1G:1"))
     assert nr(root, 0, "2M") == 0  # nothing half-applied by the refused settings
+
+
+# --- hugepages are bounded by the machine --------------------------------------------------------
+
+
+def test_absurd_hugepage_count_is_refused_naming_the_largest_and_never_reaches_sysfs(tmp_path):
+    root = make_root(tmp_path, node_memory=32 * GiB)  # keeps 3.2G (10%): 28.8G of 2M pages = 14745
+    run = CommandRecorder()
+    host = Host(root=root, run=run)
+    with pytest.raises(HostSetupError) as e:
+        host.apply_hugepages(parse_hugepages_setting("2M:99999999999"))
+    assert str(e.value) == (
+        "hugepages 2M:99999999999 is more than this machine can hold; at most 2M:14745 "
+        "(each NUMA node keeps max(2G, 10%) of its memory for the host)"
+    )
+    assert nr(root, 0, "2M") == 0
+    host.apply_hugepages(parse_hugepages_setting("2M:14745"))  # the largest allowed is allowed
+    assert nr(root, 0, "2M") == 14745
+    with pytest.raises(HostSetupError, match="at most 2M:14745 "):
+        host.apply_hugepages(parse_hugepages_setting("2M:14746"))
+
+
+def test_1g_pages_past_the_machine_never_reach_the_grub_dropin(tmp_path):
+    root = make_root(tmp_path, nodes=(0, 1), node_memory=16 * GiB)  # each node keeps 2G: 14 1G pages each
+    run = CommandRecorder()
+    host = CappedHost(root=root, run=run)
+    host.cap = {"1G": 0}  # the kernel gives none at runtime: everything would go to GRUB
+    with pytest.raises(HostSetupError, match=r"1G:100000 is more than this machine can hold; at most 1G:28 "):
+        host.apply_hugepages(parse_hugepages_setting("1G:100000"))
+    assert not (root / GRUB_DROPIN).exists() and ["update-grub"] not in run.calls
+    with pytest.raises(HostSetupError, match=r"1:1G:15 is more than NUMA node 1 can hold; at most 1:1G:14 "):
+        host.apply_hugepages(parse_hugepages_setting("1:1G:15"))
+    host.apply_hugepages(parse_hugepages_setting("1G:28"))
+    assert "hugepagesz=1G hugepages=0:14,1:14" in (root / GRUB_DROPIN).read_text()
+
+
+def test_hugepage_bound_counts_every_size_a_node_holds(tmp_path):
+    root = make_root(tmp_path, node_memory=32 * GiB)
+    (root / f"sys/devices/system/node/node0/hugepages/hugepages-{KB['1G']}/nr_hugepages").write_text("20\n")
+    host = Host(root=root, run=CommandRecorder())
+    # 1G pages not configured keep their 20G: 8.8G is left for 2M pages (4505 of them).
+    with pytest.raises(HostSetupError, match=r"at most 2M:4505 "):
+        host.apply_hugepages(parse_hugepages_setting("2M:4506"))
+    # Both sizes configured: the later one gets what the earlier one leaves.
+    with pytest.raises(HostSetupError, match=r"at most 2M:9625 "):
+        host.apply_hugepages(parse_hugepages_setting("1G:10,2M:9626"))
+    assert nr(root, 0, "2M") == 0 and nr(root, 0, "1G") == 20
+
+
+def test_uneven_split_largest_value_gives_the_extra_pages_to_the_roomier_lowest_nodes(tmp_path):
+    root = make_root(tmp_path, nodes=(0, 1), node_memory=16 * GiB)
+    (root / f"sys/devices/system/node/node1/hugepages/hugepages-{KB['1G']}/nr_hugepages").write_text("1\n")
+    host = Host(root=root, run=CommandRecorder())
+    # node 0 can take 7168 2M pages, node 1 7168 - 512: an even split of 2 * 6656 + 1 still fits.
+    with pytest.raises(HostSetupError, match=r"at most 2M:13313 "):
+        host.apply_hugepages(parse_hugepages_setting("2M:13314"))
+    host.apply_hugepages(parse_hugepages_setting("2M:13313"))
+    assert (nr(root, 0, "2M"), nr(root, 1, "2M")) == (6657, 6656)
 
 
 def test_hugetlbfs_mounted_once_and_per_extra_size(tmp_path):

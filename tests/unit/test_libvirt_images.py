@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -142,7 +143,41 @@ def test_charm_passes_its_image_directory_to_the_libvirt_provider(monkeypatch):
     ctx = charm_context()
     config = {"backend": "libvirt", "libvirt-image-dir": "/srv/images"}
     ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
-    assert made and all(m == ("libvirt", "qemu:///system", {"image_dir": "/srv/images"}) for m in made)
+    assert made and all(m == ("libvirt", "qemu:///system", {"image_dir": "/srv/images", "timeout": 30.0}) for m in made)
     made.clear()
     ctx.run(ctx.on.action("list-vms"), testing.State(config={"backend": "libvirt"}))
-    assert made[0][2] == {"image_dir": DEFAULT_IMAGE_DIR}
+    assert made[0][2] == {"image_dir": DEFAULT_IMAGE_DIR, "timeout": 30.0}
+
+
+class _Dom:
+    """A domain as listAllDomains hands it out: every read returns its XML as a fresh string."""
+
+    def __init__(self, xml: str):
+        self.xml = xml
+
+    def XMLDesc(self, flags: int) -> str:
+        return "".join(self.xml)
+
+    def state(self):
+        return (1, 0)
+
+    def name(self) -> str:
+        return "vm-1"
+
+
+def test_an_unchanged_domain_is_not_parsed_again(monkeypatch):
+    from vmhost.providers import libvirt as lv
+    from vmhost.providers.libvirt_xml import domain_xml
+
+    a = Allocation(name="vm-1", vcpus=2, memory=512 * M, disks=(DiskAllocation("root", 10**9, "default"),))
+    dom = _Dom(domain_xml(ComposePlan(a)))
+    p = LibvirtProvider("qemu:///system")
+    parsed: list[str] = []
+    real = lv.read_record
+    monkeypatch.setattr(lv, "read_record", lambda xml: parsed.append("x") or real(xml))
+    first = p._info(dom, (0,))
+    again = p._info(dom, (0,))
+    assert again.allocation is first.allocation and first.allocation == a and first.managed
+    assert parsed == ["x"]
+    dom.xml = domain_xml(ComposePlan(replace(a, vcpus=3)))
+    assert p._info(dom, (0,)).allocation.vcpus == 3 and parsed == ["x", "x"]

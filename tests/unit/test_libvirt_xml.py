@@ -237,3 +237,31 @@ def test_shared_threads_do_not_change_a_pinned_vm_and_empty_is_refused():
     assert domain_xml(replace(pinned, shared_threads=(0, 1, 3))) == domain_xml(pinned)
     with pytest.raises(ValueError, match="'vm-float' floats but shared_threads is empty"):
         build_domain(ComposePlan(FLOATING, shared_threads=()))
+
+
+def test_record_is_bound_to_its_own_domain_uuid_and_names_its_volumes():
+    """A clone that kept our metadata (other uuid) reads as foreign; so does a record without a uuid."""
+    from vmhost.providers.libvirt_xml import METADATA_NS, read_record
+
+    uid = "0b9d3d5e-2f5c-4b8e-9a55-6d1c1d2f0a11"
+    owned = [("default", "vmhost-vm-one-root"), ("ssd", "vmhost-vm-one-cidata")]
+    dom = ET.fromstring(domain_xml(ComposePlan(ONE_NODE), uuid=uid, owned_volumes=owned))
+    assert dom.findtext("uuid") == uid
+    rec = read_record(dom)
+    assert (rec.allocation, rec.state, rec.uuid, rec.volumes) == (ONE_NODE, STATE_COMPOSING, uid, tuple(owned))
+    dom.find("uuid").text = "5f0e7a43-0000-4000-8000-000000000001"  # the clone libvirt gave a new uuid
+    assert read_record(dom) is None and read_metadata(dom) is None
+    dom.find(f"metadata/{{{METADATA_NS}}}allocation").attrib.pop("uuid")
+    assert read_record(dom) is None  # a defined domain always has a uuid; a record must name it
+
+
+def test_a_record_that_does_not_decode_proves_nothing():
+    from vmhost.providers.libvirt_xml import METADATA_NS, read_record
+
+    dom = ET.fromstring(domain_xml(ComposePlan(ONE_NODE), uuid="u-1", owned_volumes=[("default", "v")]))
+    el = dom.find(f"metadata/{{{METADATA_NS}}}allocation")
+    el.set("volumes", "[[1]]")
+    assert read_record(dom) is None
+    el.set("volumes", "[]")
+    el.text = "{not json"
+    assert read_record(dom) is None

@@ -140,7 +140,7 @@ class FakeLxd:
                 "name": name,
                 "type": json["type"],
                 "status": "Stopped",
-                "config": {**json["config"], "volatile.uuid": "u"},
+                "config": {"volatile.uuid": "u", **json["config"]},  # LXD keeps a volatile.uuid given at create
                 "devices": json["devices"],
                 "expanded_devices": json["devices"],
             }
@@ -232,6 +232,7 @@ def test_decompose_costs_the_snapshot_one_read_the_delete_and_one_volume_listing
     assert lxd.calls == [
         *SNAPSHOT,
         ("GET", "/1.0/instances/vm-a"),  # is it ours, is it running
+        ("PATCH", "/1.0/instances/vm-a"),  # marked decomposing: gc finishes it after a crash from here on
         ("DELETE", "/1.0/instances/vm-a"),
         ("GET", "/1.0/operations/op-2/wait"),
         ("GET", "/1.0/storage-pools/default/volumes/custom"),  # pool names known from discover

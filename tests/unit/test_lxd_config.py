@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.parse import ParseCache
 from vmhost.providers import lxd_config as cfg
 from vmhost.providers.base import CloudInit, ComposePlan
 
@@ -229,6 +230,17 @@ def test_our_allocation_round_trips_through_the_config():
     assert back.other is False
 
 
+def test_an_unchanged_allocation_is_not_parsed_again_and_keeps_its_object():
+    a = alloc(vcpus=2, nics=(NicAllocation("eth0", "bridge", "br0", mac="52:54:00:00:00:01"),))
+    config = cfg.instance_body(ComposePlan(a), profile="default")["config"]
+    cache = ParseCache()
+    first = cfg.allocation_from_config("vm-1", config, cache=cache)
+    again = cfg.allocation_from_config("vm-1", {k: "".join(v) for k, v in config.items()}, cache=cache)
+    assert again is first and first == a
+    assert cfg.with_macs(first, {"eth0": "52:54:00:00:00:01"}) is first  # nothing new: the same object
+    assert cfg.with_macs(first, {"eth0": "52:54:00:00:00:02"}).nics[0].mac == "52:54:00:00:00:02"
+
+
 def test_a_vm_made_by_others_is_counted_from_its_own_limits():
     config = {"limits.cpu": "4-5", "limits.memory": "2GiB", "limits.memory.hugepages": "true"}
     devices = {
@@ -331,3 +343,20 @@ def test_remote_uri_without_client_certificate_is_refused(monkeypatch, tmp_path)
         LxdProvider(uri="https://10.0.0.5:8443")
     with pytest.raises(ProviderError, match="not usable"):
         LxdProvider(uri="qemu:///system")
+
+
+def test_instance_is_ours_only_when_our_record_names_its_own_volatile_uuid():
+    """lxc copy keeps user.* keys but gives the copy a new volatile.uuid: the copy reads as foreign."""
+    body = cfg.instance_body(ComposePlan(Allocation(name="vm-a", vcpus=1, memory=2**30)), profile="default", uuid="u-1")
+    config = body["config"]
+    assert config["volatile.uuid"] == config[cfg.UUID_KEY] == "u-1"
+    assert cfg.owned(config)
+    copy = {**config, "volatile.uuid": "u-2"}
+    assert not cfg.owned(copy)
+    assert not cfg.owned({k: v for k, v in config.items() if k != cfg.UUID_KEY})  # written by hand
+    stripped = cfg.foreign_config({**copy, "user.other": "x"})
+    assert not any(k.startswith("user.vmhost.") for k in stripped) and stripped["user.other"] == "x"
+    # A foreign VM's allocation never carries a copied relation owner key.
+    owner = Allocation(name="vm-a", vcpus=1, memory=2**30, owner="model-uuid/app/req-1")
+    copied = {**copy, cfg.ALLOCATION_KEY: cfg.encode_allocation(owner)}
+    assert cfg.allocation_from_config("vm-b", cfg.foreign_config(copied)).owner is None

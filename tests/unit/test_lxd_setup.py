@@ -146,7 +146,7 @@ def test_listen_address_is_applied_only_when_it_differs():
 def daemon(monkeypatch):
     """read_state/apply_preseed of a daemon that has SET_UP; `applied` records what ensure_host sent."""
     applied: list[dict] = []
-    monkeypatch.setattr(lxd_setup, "read_state", lambda client=None: SET_UP)
+    monkeypatch.setattr(lxd_setup, "read_state", lambda client=None, timeout=None: SET_UP)
     monkeypatch.setattr(lxd_setup, "apply_preseed", applied.append)
     return applied
 

@@ -22,6 +22,7 @@ from vmhost.model import (
 from vmhost.parse import (
     DiskSpec,
     InterfaceSpec,
+    ParseCache,
     ParseError,
     format_cpuset,
     format_size,
@@ -491,7 +492,7 @@ def test_allocation_to_dict_has_the_design_keys():
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [
-        ({"cpu_overcommit_ratio": 0}, "cpu_overcommit_ratio 0 must be a number above 0"),
+        ({"cpu_overcommit_ratio": 0}, "cpu_overcommit_ratio 0 must be a number from 0.1 to 64"),
         ({"cpu_overcommit_ratio": float("nan")}, "cpu_overcommit_ratio nan"),
         ({"memory_overcommit_ratio": "lots"}, "memory_overcommit_ratio 'lots'"),
         ({"reserved_cores": "0-x"}, "'0-x'"),
@@ -528,3 +529,22 @@ def test_vm_request_name_is_checked_in_the_workload_package():
     assert parse_vm_name("a" * 63) == "a" * 63
     with pytest.raises(ParseError, match=r"'x/\.\./y'"):
         VmRequest.from_dict({"name": "x/../y"})
+
+
+def test_parse_cache_parses_each_text_once_and_forgets_what_a_read_did_not_see():
+    calls: list[str] = []
+
+    def parse(text: str) -> dict:
+        calls.append(text)
+        return {"text": text}
+
+    cache: ParseCache[dict] = ParseCache()
+    a = cache.get("".join(["{", "a", "}"]), parse)  # equal texts in distinct string objects
+    assert cache.get("{a}", parse) is a and calls == ["{a}"]
+    cache.end_read()
+    assert cache.get("{a}", parse) is a and cache.get("{b}", parse) == {"text": "{b}"}
+    assert calls == ["{a}", "{b}"]
+    cache.end_read()
+    cache.end_read()  # a read that saw neither: both are forgotten
+    cache.get("{a}", parse)
+    assert calls == ["{a}", "{b}", "{a}"]

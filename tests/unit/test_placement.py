@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from tests.unit.hosts import GiB, MiB, synthetic_host
-from vmhost.model import Allocation, Nic, Policy, StoragePool, VmRequest
+from vmhost.model import Allocation, HugepageAllocation, Nic, Policy, StoragePool, VmRequest
 from vmhost.parse import ParseError
 from vmhost.placement import HostUsage, PlacementError, compute_usage, place
 
@@ -95,8 +95,8 @@ def test_hugepages_are_consumed_exactly_and_never_past_total():
     allocs = run(host, [req(cores=1, memory="1G", hugepage_size="2M")] * 2)
     usage = compute_usage(host, allocs, Policy())
     assert usage.nodes[0].hugepages["2M"] == (1024, 1024)
-    with pytest.raises(PlacementError, match=r"^hugepages 2M: need 1, node 0 has 0 free$"):
-        place(host, allocs, req(cores=1, memory="2M", hugepage_size="2M"), Policy())
+    with pytest.raises(PlacementError, match=r"^hugepages 2M: need 32, node 0 has 0 free$"):
+        place(host, allocs, req(cores=1, memory="64M", hugepage_size="2M"), Policy())
 
 
 def test_general_memory_excludes_hugepages_and_reserved_and_applies_ratio():
@@ -108,7 +108,7 @@ def test_general_memory_excludes_hugepages_and_reserved_and_applies_ratio():
     allocs = run(host, [req(cores=1, memory="30G")], policy)
     with pytest.raises(PlacementError) as e:
         place(host, allocs, req(cores=1, memory="1G"), policy)
-    assert str(e.value).startswith("memory: need 1G, the host has 0 bytes of general memory free (30G of 30G in use")
+    assert str(e.value).startswith("memory: need 1G, the host has 0B of general memory free (30G of 30G in use")
     # Hugepage memory is separate: a hugepage VM still fits.
     hp = place(host, allocs, req(cores=1, memory="4G", hugepage_size="1G"), policy)
     assert hp.hugepages.per_node == {0: 4}
@@ -123,7 +123,7 @@ def test_auto_hugepage_size_prefers_1g_then_2m():
     c = place(host, [], req(cores=1, memory="512M", hugepages_backed=True), Policy())
     assert c.hugepages.size == "2M"  # 512M is not a whole number of 1G pages
     with pytest.raises(PlacementError, match=r"is not a whole number of 2M hugepages"):
-        place(host, [], replace(req(cores=1, memory="1M"), hugepages_backed=True), Policy())
+        place(host, [], replace(req(cores=1, memory="65M"), hugepages_backed=True), Policy())
 
 
 # --- rule 4: one node when possible, else fewest nodes, even split, mirrored cells, best fit --------
@@ -161,15 +161,115 @@ def test_uneven_split_differs_by_at_most_one():
 
 def test_best_fit_picks_the_node_with_least_left_over():
     host = synthetic_host(nodes=3, cores_per_node=4, threads_per_core=1, memory_per_node=16 * GiB)
-    # Leave node 0 with 4 free, node 1 with 2 free, node 2 with 3 free.
+    # Node 0 all free; node 1 with 2 threads and 8G free; node 2 with 1 thread and 12G free: each in proportion.
     allocs = [
-        Allocation(name="x", vcpus=2, memory=GiB, pinned=(4, 5), numa_nodes=(1,)),
-        Allocation(name="y", vcpus=1, memory=GiB, pinned=(8,), numa_nodes=(2,)),
+        Allocation(name="x", vcpus=2, memory=8 * GiB, pinned=(4, 5), numa_nodes=(1,)),
+        Allocation(name="y", vcpus=3, memory=4 * GiB, pinned=(8, 9, 10), numa_nodes=(2,)),
     ]
-    a = place(host, allocs, req(cores=2, pinned_cores="auto"), Policy())
+    a = place(host, allocs, req(cores=2, memory="8G", pinned_cores="auto"), Policy())
     assert a.numa_nodes == (1,) and set(a.pinned) == {6, 7}
-    b = place(host, allocs, req(cores=3, pinned_cores="auto"), Policy())
-    assert b.numa_nodes == (2,)
+
+
+def test_fit_keeps_threads_and_memory_of_a_node_in_proportion():
+    # Node 0: 1 thread and 12G free; node 1: 3 threads and 4G free. Threads-first best fit would take
+    # node 0's last thread and strand its 10G; weighing both leaves node 0 for a memory-heavy VM.
+    host = synthetic_host(nodes=2, cores_per_node=4, threads_per_core=1, memory_per_node=16 * GiB)
+    allocs = [
+        Allocation(name="x", vcpus=3, memory=4 * GiB, pinned=(0, 1, 2), numa_nodes=(0,)),
+        Allocation(name="y", vcpus=1, memory=12 * GiB, pinned=(4,), numa_nodes=(1,)),
+    ]
+    a = place(host, allocs, req(cores=1, memory="2G", pinned_cores="auto"), Policy())
+    assert a.numa_nodes == (1,)
+    # Hugepages count as the node's memory too. Node 0: 7G general free, no pages; node 1: 5G general
+    # and 8G of pages free. General-memory best fit alone would take node 1.
+    host = synthetic_host(
+        nodes=2, cores_per_node=4, threads_per_core=1, memory_per_node=16 * GiB, hugepages={"2M": 4096}
+    )
+    allocs = [
+        Allocation(name="x", vcpus=2, memory=GiB, pinned=(0, 1), numa_nodes=(0,)),
+        Allocation(name="h", vcpus=1, memory=8 * GiB, numa_nodes=(0,), hugepages=HugepageAllocation("2M", {0: 4096})),
+        Allocation(name="y", vcpus=2, memory=3 * GiB, pinned=(4, 5), numa_nodes=(1,)),
+    ]
+    b = place(host, allocs, req(cores=2, memory="4G", pinned_cores="auto"), Policy())
+    assert b.numa_nodes == (0,)  # node 1 would keep 9G with no thread free
+
+
+# --- numa_nodes (Nova's hw:numa_nodes): 1 never spans, N takes exactly N nodes ------------------------
+
+
+def test_numa_nodes_1_never_spans_and_says_so():
+    host = synthetic_host(
+        nodes=2, cores_per_node=4, threads_per_core=2, memory_per_node=16 * GiB, hugepages={"2M": 4096}
+    )
+    spanning = req(cores=4, memory="12G", pinned_cores="auto", hugepage_size="2M")
+    assert place(host, [], spanning, Policy()).numa_nodes == (0, 1)  # absent: the fewest nodes, here 2
+    with pytest.raises(PlacementError) as e:
+        place(host, [], replace(spanning, numa_nodes=1), Policy())
+    assert (
+        str(e.value)
+        == "hugepages 2M: need 6144, node 0 has 4096 free, node 1 has 4096 (split evenly over numa_nodes=1)"
+    )
+
+
+def test_numa_nodes_n_takes_exactly_n_nodes_split_evenly_with_matching_cells():
+    host = synthetic_host(nodes=4, cores_per_node=4, threads_per_core=2, memory_per_node=16 * GiB, hugepages={"1G": 8})
+    a = place(host, [], req(cores=6, memory="4G", pinned_cores="auto", hugepage_size="1G", numa_nodes=2), Policy())
+    assert len(a.numa_nodes) == 2 and sorted(a.hugepages.per_node.values()) == [2, 2]
+    assert [len(c.vcpus) for c in a.cells] == [3, 3] and [c.memory for c in a.cells] == [2 * GiB, 2 * GiB]
+    for cell in a.cells:
+        assert {host.thread_node[a.pinned[v]] for v in cell.vcpus} == {cell.node}
+    b = place(host, [], req(cores=5, memory="3G", numa_nodes=3), Policy())  # general memory, not pinned
+    assert len(b.numa_nodes) == 3 and b.pinned is None and b.hugepages is None
+    assert sorted(len(c.vcpus) for c in b.cells) == [1, 2, 2] and sum(c.memory for c in b.cells) == 3 * GiB
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        ({"cores": 8, "pinned_cores": "auto", "numa_nodes": 4}, "numa_nodes 4: the host has 2 NUMA node(s)"),
+        (
+            {"cores": 2, "memory": "1G", "hugepage_size": "1G", "numa_nodes": 2},
+            "numa_nodes 2: 1 1G hugepages cannot be split over 2 nodes (each cell needs some)",
+        ),
+        (
+            {"cores": 2, "pinned_cores": [0, 1], "numa_nodes": 2},
+            "numa_nodes 2: pinned cores 0-1 are on 1 NUMA node(s) (0); list cpus of exactly 2 node(s) "
+            "or leave numa_nodes out",
+        ),
+        (
+            {"cores": 10, "pinned_cores": "auto", "numa_nodes": 1},
+            "pinned cpus: need 10, node 0 has 8 free, node 1 has 8 (split evenly over numa_nodes=1)",
+        ),
+    ],
+)
+def test_numa_nodes_refusals_name_the_constraint(request_, message):
+    host = synthetic_host(nodes=2, cores_per_node=4, threads_per_core=2, memory_per_node=16 * GiB, hugepages={"1G": 1})
+    with pytest.raises(PlacementError) as e:
+        place(host, [], req(**request_), Policy())
+    assert str(e.value) == message
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "numa_nodes 0 must be a whole number from 1 to 64 (1: never span)"),
+        (65, "numa_nodes 65 must be a whole number from 1 to 64 (1: never span)"),
+        ("two", "numa_nodes 'two' must be a whole number from 1 to 64 (1: never span)"),
+        (True, "numa_nodes True must be a whole number from 1 to 64 (1: never span)"),
+        (1.5, "numa_nodes 1.5 must be a whole number from 1 to 64 (1: never span)"),
+        (5, "numa_nodes 5 needs at least 5 cores (one per guest NUMA cell); cores is 4"),
+    ],
+)
+def test_numa_nodes_bounds(value, message):
+    with pytest.raises(ParseError) as e:
+        req(cores=4, numa_nodes=value)
+    assert str(e.value) == message
+
+
+def test_numa_nodes_parses_text_round_trips_and_binds_the_vm():
+    r = req(cores=4, numa_nodes=" 2 ")
+    assert r.numa_nodes == 2 and r.numa_bound and VmRequest.from_dict(r.to_dict()) == r
+    assert req(cores=4, numa_nodes="").numa_nodes is None and not req(cores=4).numa_bound
 
 
 def test_unpinned_hugepage_vm_is_numa_placed_and_counts_as_shared():
@@ -430,9 +530,13 @@ def test_compute_usage_matches_what_was_placed_and_serialises():
     assert isinstance(usage, HostUsage)
     d = usage.to_dict()
     n0 = d["nodes"][0]
-    assert n0["pinned"] == {"0": "vm0", "4": "vm0", "1": "vm1"}
+    n1 = d["nodes"][1]
+    assert n0["pinned"] == {"0": "vm0", "4": "vm0"}
+    # vm1 goes to node 1: on node 0 it would leave 1 thread free to 6.5G of memory (rule 4's fit measure).
+    assert n1["pinned"] == {"2": "vm1"}
     assert n0["hugepages"]["2M"] == {"total": 512, "used": 256, "free": 256}
-    assert n0["memory_bound"] == GiB and n0["vms"] == ["vm0", "vm1"]
+    assert n0["memory_bound"] == 0 and n0["vms"] == ["vm0"]
+    assert n1["memory_bound"] == GiB and n1["vms"] == ["vm1"]
     assert d["shared_vcpus"] == {"used": 2, "capacity": 5, "free": 3}
     assert d["memory"]["used"] == 2 * GiB
     assert d["vms"] == 3

@@ -40,7 +40,9 @@ def fits(shares: list[int], have: list[int]) -> bool:
 
 
 def oracle(host: HostTopology, allocs: list[Allocation], r: VmRequest, policy: Policy) -> tuple[str | None, int]:
-    """(hugepage size, fewest nodes) the request can be placed on, or (None, 0) when nothing fits."""
+    """(hugepage size, fewest nodes) the request can be placed on, or (None, 0) when nothing fits.
+
+    With `numa_nodes` set, only that many nodes count (rule 4 as the request narrows it)."""
     usage = compute_usage(host, allocs, policy)
     pin = r.pinned_cores is not None
     if pin:
@@ -62,7 +64,9 @@ def oracle(host: HostTopology, allocs: list[Allocation], r: VmRequest, policy: P
             continue
         amount = r.memory // HUGEPAGE_SIZES[size] if size else r.memory
         unit = 1 if size else 1024
-        for k in range(1, min(len(usage.nodes), r.cores, amount // unit) + 1):
+        top = min(len(usage.nodes), r.cores, amount // unit)
+        ks = range(1, top + 1) if r.numa_nodes is None else [r.numa_nodes] if r.numa_nodes <= top else []
+        for k in ks:
             cpu, amt = even(r.cores, k), even(amount, k, unit)
             for nodes in combinations(usage.nodes, k):
                 if pin and not fits(cpu, [len(n.free_threads) for n in nodes]):
@@ -141,6 +145,8 @@ def bound_requests(draw, host: HostTopology, allocs: list[Allocation], policy: P
         hugepages_backed=kind != "pinned",
         hugepage_size=size,
         name="new",
+        # A third of the requests name their node count (often one that does not fit), like Nova's hw:numa_nodes.
+        numa_nodes=draw(st.one_of(st.none(), st.none(), st.integers(1, len(ids)))),
     )
 
 
@@ -268,12 +274,16 @@ def test_remainders_that_need_a_node_holding_both_move_to_more_nodes():
     assert oracle(host, allocs, r, Policy(cpu_overcommit_ratio=4.0)) == ("1G", 4)
 
 
-def test_high_shares_go_to_the_tightest_node_that_holds_them():
-    # 2 nodes x 4 threads: node 0 has 3 free, node 1 has 4. 5 vCPUs over 2: the 3 goes to node 0,
-    # leaving node 1 a 2-thread hole instead of two 1-thread holes.
+def test_high_shares_go_to_the_node_the_fit_measure_prefers():
+    # 2 nodes x 4 threads, 8G each: node 0 has 3 threads and 7G free, node 1 has 4 and 8G. 5 vCPUs over 2:
+    # the 3 goes to node 1; on node 0 it would take every thread and strand its 6.5G (rule 4's fit measure).
     host = synthetic_host(nodes=2, cores_per_node=4, threads_per_core=1, memory_per_node=8 * GiB)
     a = place(host, [pin("a", (0,), 0)], VmRequest(cores=5, memory=GiB, pinned_cores="auto"), Policy())
-    assert {n: c for n, (c, _) in shares(a).items()} == {0: 3, 1: 2}
+    assert {n: c for n, (c, _) in shares(a).items()} == {0: 2, 1: 3}
+    # With node 0's memory in proportion to its threads (3 of 4 free), it takes the 3: nothing is stranded.
+    heavy = Allocation(name="a", vcpus=1, memory=2 * GiB, pinned=(0,), numa_nodes=(0,))
+    b = place(host, [heavy], VmRequest(cores=5, memory=2 * GiB, pinned_cores="auto"), Policy())
+    assert {n: c for n, (c, _) in shares(b).items()} == {0: 3, 1: 2}
 
 
 def test_sriov_local_node_is_in_the_fewest_node_set_even_when_it_takes_only_low_shares():

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tests.unit.hosts import GiB, MiB, hosts, policies
 from vmhost.model import Allocation, HostTopology, Policy, VmRequest
 from vmhost.parse import HUGEPAGE_SIZES
-from vmhost.placement import PlacementError, compute_usage, place
+from vmhost.placement import PlacementError, UsageIndex, compute_usage, place
 
 SETTINGS = settings(
     max_examples=200,
@@ -193,8 +193,10 @@ def step_compose(host, policy, allocs, r: VmRequest, name: str) -> Allocation | 
         assert a.hugepages.pages * HUGEPAGE_SIZES[a.hugepages.size] == r.memory
     if r.numa_bound and r.pinned_cores in ("auto", None):
         size = a.hugepages.size if a.hugepages else None
-        # Rule 4: one node whenever one node could hold it all.
-        if single_node_fits(before, policy, r, size):
+        # Rule 4: one node whenever one node could hold it all (exactly numa_nodes when the request says).
+        if r.numa_nodes is not None:
+            assert len(a.numa_nodes) == r.numa_nodes
+        elif single_node_fits(before, policy, r, size):
             assert len(a.numa_nodes) == 1, (a, single_node_fits(before, policy, r, size))
     if r.pinned_cores == "auto":
         # Rule 5: whole cores first. Per node, at most one core is split leaving a free sibling behind.
@@ -216,6 +218,8 @@ def assert_truly_infeasible(host, policy, allocs, before: Free, r: VmRequest) ->
             or before.memory_used + r.memory > before.memory_capacity
         )
         return
+    if r.numa_nodes not in (None, 1):
+        return  # exactly N nodes: test_placement_minimal's oracle checks that split
     if r.pinned_cores in ("auto", None):
         sizes = [None]
         if r.hugepages_backed:
@@ -234,6 +238,8 @@ def assert_truly_infeasible(host, policy, allocs, before: Free, r: VmRequest) ->
     if before.free_total - len(cpus) < keep:
         return
     nodes = sorted({host.thread_node[t] for t in cpus})
+    if r.numa_nodes is not None and len(nodes) != r.numa_nodes:
+        return
     sizes = [None]
     if r.hugepages_backed:
         sizes = [r.hugepage_size] if r.hugepage_size else [s for s in ("1G", "2M") if r.memory % HUGEPAGE_SIZES[s] == 0]
@@ -263,6 +269,50 @@ def test_rules_hold_over_compose_decompose_sequences(data):
             if a is not None:
                 allocs.append(a)
         check_invariants(host, policy, allocs)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_a_usage_index_always_agrees_with_counting_from_scratch(data):
+    """The index is updated by name and content: VMs added, removed, changed in place (same name,
+    other resources), re-read as equal new objects, listed in another order, under another policy."""
+    host = data.draw(hosts(max_nodes=8))
+    policy = data.draw(policies(host))
+    index = UsageIndex()
+    allocs: list[Allocation] = []
+    for i in range(data.draw(st.integers(1, 20), label="steps")):
+        op = data.draw(st.sampled_from(["compose", "compose", "decompose", "change", "reread", "shuffle", "policy"]))
+        if op == "decompose" and allocs:
+            allocs.pop(data.draw(st.integers(0, len(allocs) - 1)))
+        elif op == "change" and allocs:
+            j = data.draw(st.integers(0, len(allocs) - 1))
+            a = step_compose(host, policy, allocs[:j] + allocs[j + 1 :], data.draw(requests(host)), allocs[j].name)
+            if a is not None:
+                allocs[j] = a
+        elif op == "reread":
+            allocs = [Allocation.from_dict(a.to_dict()) for a in allocs]
+        elif op == "shuffle":
+            allocs = data.draw(st.permutations(allocs))
+        elif op == "policy":
+            policy = data.draw(policies(host))
+        else:
+            r = data.draw(requests(host))
+            if data.draw(st.booleans()):  # numa_nodes binds even a VM neither pinned nor on hugepages
+                r = replace(r, numa_nodes=data.draw(st.integers(1, min(len(host.nodes), r.cores))))
+            a = step_compose(host, policy, allocs, r, f"vm{i}")
+            if a is not None:
+                allocs.append(a)
+        event(op)
+        assert compute_usage(host, allocs, policy, index=index) == compute_usage(host, allocs, policy)
+        r = data.draw(requests(host))
+        assert outcome(host, allocs, r, policy, index) == outcome(host, allocs, r, policy, None)
+
+
+def outcome(host, allocs, r, policy, index) -> dict | str:
+    try:
+        return place(host, allocs, r, policy, index=index).to_dict()
+    except PlacementError as e:
+        return str(e)
 
 
 @SETTINGS

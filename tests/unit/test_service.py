@@ -51,6 +51,23 @@ def test_second_compose_never_reuses_pinned_threads(host):
     assert set(a.allocation.pinned).isdisjoint(b.allocation.pinned)
 
 
+def test_composes_and_decomposes_keep_the_usage_index_in_step_with_the_hypervisor(host):
+    from dataclasses import replace
+
+    from vmhost.placement import compute_usage
+
+    made = [host.compose(req(cores=2, pinned_cores="auto", name=f"vm-{i}")).name for i in range(3)]
+    host.decompose(made[1])
+    # Changed behind vm-host's back (another tool, a restore): the index sees it on the next read.
+    vm = host.provider.vms["vm-0"]
+    host.provider.vms["vm-0"] = replace(vm, allocation=replace(vm.allocation, pinned=(9, 10)))
+    d = host.compose(req(cores=2, pinned_cores="auto", name="vm-3"))
+    allocations = host.allocations()
+    fresh = compute_usage(host.topology(), allocations, host.policy)
+    assert host._index.state(host.topology(), allocations, host.policy).usage == fresh
+    assert set(d.allocation.pinned).isdisjoint({9, 10, *host.provider.vms["vm-2"].allocation.pinned})
+
+
 def test_explicit_collision_names_the_owner_and_creates_nothing(host):
     first = host.compose(req(cores=1, pinned_cores=[3], name="first"))
     with pytest.raises(PlacementError, match="first"):
@@ -149,6 +166,15 @@ def test_cli_compose_json_prints_the_allocation(fake, capsys):
     assert out["memory"] == GIB
 
 
+def test_cli_numa_nodes_places_on_exactly_that_many_nodes(fake, capsys):
+    argv = ["compose", "--cores", "2", "--memory", "1G", "--pinned-cores", "auto", "--dry-run", "--json"]
+    assert cli.main([*argv, "--numa-nodes", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["numa_nodes"]) == 2 and len(out["cells"]) == 2
+    assert cli.main(argv) == 0
+    assert len(json.loads(capsys.readouterr().out)["numa_nodes"]) == 1
+
+
 def test_cli_dry_run_creates_nothing(fake, capsys):
     assert cli.main(["compose", "--cores", "2", "--pinned-cores", "auto", "--dry-run", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["vcpus"] == 2
@@ -162,6 +188,8 @@ def test_cli_dry_run_creates_nothing(fake, capsys):
         (["compose", "--pinned-cores", "0-1", "--cores", "3"], "lists 2 CPUs but cores is 3"),
         (["compose", "--hostname", "Bad_Name"], "'Bad_Name' is not a valid host name"),
         (["compose", "--cores", "64", "--pinned-cores", "auto"], "need 64"),
+        (["compose", "--cores", "2", "--numa-nodes", "0"], "numa_nodes '0' must be a whole number from 1 to 64"),
+        (["compose", "--cores", "2", "--numa-nodes", "2", "--memory", "1G", "--hugepage-size", "1G"], "numa_nodes 2"),
         (["decompose", "ghost"], "no VM named 'ghost'"),
     ],
 )
@@ -287,3 +315,93 @@ def test_accept_sees_the_plan_under_the_lock_and_a_refusal_creates_nothing(host)
     assert host.vms() == []
     vm = host.compose(req(name="y"), accept=lambda planned, topo: None)
     assert vm.name == "y"
+
+
+def test_gc_confines_floating_vms_to_what_is_really_pinned_after_a_crash(reserved_host):
+    """Defect 4: a crash left floating VMs confined as if a dead VM's threads were pinned; gc recomputes."""
+    fake = reserved_host.provider
+    reserved_host.compose(req(name="float"))
+    pinned = reserved_host.compose(req(cores=1, pinned_cores=[5], name="pinned"))
+    assert fake.confined[-1] == _without(0, 8, 5)
+    del fake.vms[pinned.name]  # what the provider's gc removes: an unfinished VM
+    fake.orphans = [pinned.name]
+    assert reserved_host.gc() == [pinned.name]
+    assert fake.confined[-1] == _without(0, 8)
+
+
+def test_gc_still_returns_what_it_removed_when_confining_fails(reserved_host):
+    from vmhost.providers.base import ProviderError
+
+    fake = reserved_host.provider
+    fake.orphans = ["vm-dead"]
+    fake.fail_confine = ProviderError("libvirt could not confine floating VMs")
+    assert reserved_host.gc() == ["vm-dead"]
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_policy_decides_whether_foreign_vms_are_confined_too(tmp_path, flag):
+    h = VmHost(FakeProvider(), Policy(confine_foreign_vms=flag), lock_path=str(tmp_path / "lock"))
+    h.compose(req(cores=1, pinned_cores=[5], name="pinned"))
+    assert h.provider.confined_foreign == [flag]
+
+
+def test_confine_foreign_vms_setting_from_cli_env_and_dict(fake, monkeypatch, capsys):
+    assert Policy.from_dict({}).confine_foreign_vms is True
+    assert Policy.from_dict({"confine_foreign_vms": "false"}).confine_foreign_vms is False
+    with pytest.raises(ValueError, match="confine_foreign_vms 'maybe' is not a yes/no value; use true or false"):
+        Policy.from_dict({"confine_foreign_vms": "maybe"})
+    assert cli._policy(cli.build_parser().parse_args(["resources"])).confine_foreign_vms is True
+    args = cli.build_parser().parse_args(["resources", "--confine-foreign-vms", "no"])
+    assert cli._policy(args).confine_foreign_vms is False
+    monkeypatch.setenv("VMHOST_CONFINE_FOREIGN_VMS", "false")
+    assert cli._policy(cli.build_parser().parse_args(["resources"])).confine_foreign_vms is False
+
+
+def _vm(name, *, pinned=None, managed=True, state="running"):
+    from vmhost.model import Allocation
+    from vmhost.providers.base import VmInfo
+
+    alloc = Allocation(name=name, vcpus=len(pinned or (1,)), memory=GIB, pinned=pinned, other=not managed)
+    return VmInfo(name, state, alloc, managed=managed)
+
+
+def test_shared_pinned_threads_name_the_vms_that_may_run_there():
+    from vmhost.resources_view import shared_pinned_threads
+
+    vms = [
+        _vm("ours-pinned", pinned=(2, 3)),
+        _vm("ours-float"),
+        _vm("theirs-float", managed=False),
+        _vm("theirs-stopped", managed=False, state="stopped"),
+        _vm("theirs-on-3", pinned=(3, 9), managed=False),
+    ]
+    # libvirt confining both: only a foreign VM that pins itself onto our thread shares it.
+    assert shared_pinned_threads(vms, (True, True)) == [
+        {"thread": 3, "pinned_by": "ours-pinned", "shared_with": ["theirs-on-3"]}
+    ]
+    # libvirt with the opt-out: running foreign floating VMs too (never a stopped one, never ours).
+    assert shared_pinned_threads(vms, (True, False)) == [
+        {"thread": 2, "pinned_by": "ours-pinned", "shared_with": ["theirs-float"]},
+        {"thread": 3, "pinned_by": "ours-pinned", "shared_with": ["theirs-float", "theirs-on-3"]},
+    ]
+    # LXD: nothing is kept off, our floating VMs included.
+    assert shared_pinned_threads(vms, (False, False))[0] == {
+        "thread": 2,
+        "pinned_by": "ours-pinned",
+        "shared_with": ["ours-float", "theirs-float"],
+    }
+
+
+def test_resources_and_status_say_which_pinned_threads_are_shared(tmp_path):
+    class Unconfined(FakeProvider):  # a backend without per-VM affinity (LXD)
+        confine_floating = None
+
+    provider = Unconfined()
+    h = VmHost(provider, Policy(), lock_path=str(tmp_path / "lock"))
+    pinned = h.compose(req(cores=1, pinned_cores=[5], name="pinned"), start=True)
+    assert h.resources()["shared_pinned_threads"] == []
+    provider.vms["other"] = _vm("other", managed=False)
+    res = h.resources()
+    assert res["shared_pinned_threads"] == [{"thread": 5, "pinned_by": pinned.name, "shared_with": ["other"]}]
+    assert summary_line(res).endswith("; pinned threads 5 shared with other")
+    assert "pinned thread 5 of pinned is shared with other" in render_view(res)

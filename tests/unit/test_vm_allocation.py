@@ -17,7 +17,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh
 
 def test_library_metadata():
     assert len(lib.LIBID) == 32 and int(lib.LIBID, 16)
-    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 1)
+    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 2)
     assert lib.PYDEPS == ["pydantic>=2"]
 
 
@@ -48,6 +48,13 @@ def test_spec_fields_absent_are_none_and_unknown_are_ignored():
     assert s.to_databag() == {"id": "a", "memory": 2 * 1024**3, "pinned_cores": "auto"}
 
 
+@pytest.mark.parametrize("value", [0, 65, "2", True, 1.5])
+def test_spec_numa_nodes_is_a_bounded_whole_number(value):
+    assert VmRequestSpec.model_validate({"id": "a", "numa_nodes": 2}).numa_nodes == 2
+    with pytest.raises(ValidationError, match="numa_nodes"):
+        VmRequestSpec.model_validate({"id": "a", "numa_nodes": value})
+
+
 def test_secrets_stay_out_of_repr_and_errors():
     s = VmRequestSpec(id="a", user_data="password: hunter2", ssh_authorized_keys=[KEY])
     assert "hunter2" not in repr(s) and "AAAAC3" not in repr(s)
@@ -61,9 +68,9 @@ def test_parse_requests_collapses_replays_and_rejects_conflicts_and_excess():
     assert err is None
     assert [(e.id, e.spec is not None) for e in entries] == [("a", True), ("b", False)]
     assert "more than once" in entries[1].error
-    entries, _ = parse_requests([{"id": f"r{i}"} for i in range(5)], max_requests=3)
-    assert [e.error is None for e in entries] == [True, True, True, False, False]
-    assert "at most 3" in entries[4].error
+    entries, err = parse_requests([{"id": f"r{i}"} for i in range(5)], max_requests=3)
+    assert [(e.id, e.error) for e in entries] == [("r0", None), ("r1", None), ("r2", None)]
+    assert "5 entries, at most 3" in err
     assert parse_requests({"id": "a"})[1] and parse_requests(None) == ([], None)
 
 
@@ -173,3 +180,114 @@ def test_statuses_tolerate_unknown_fields_and_garbage():
     )
     with c(c.on.update_status(), testing.State(relations=[bad])) as mgr:
         assert mgr.charm.vms.statuses() == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Remote data is decoded totally
+
+DEEP = "[" * 1000 + "]" * 1000
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        (DEEP, "nested too deeply"),
+        ("[" * (lib.MAX_DEPTH + 1) + "]" * (lib.MAX_DEPTH + 1), "nested too deeply"),
+        ("x" * (lib.MAX_FIELD_BYTES + 1), f"at most {lib.MAX_FIELD_BYTES}"),
+        ("{not json", "not valid JSON"),
+        ("1" * 5000, "not valid JSON"),  # past Python's int-from-string limit
+        (b"[]", "not a string"),
+    ],
+    ids=["deep", "too-deep", "megabytes", "invalid", "huge-int", "bytes"],
+)
+def test_decode_json_turns_every_bad_value_into_one_bounded_sentence(value, words):
+    with pytest.raises(ValueError, match=words) as e:
+        lib.decode_json(value)
+    assert len(str(e.value)) < 100
+
+
+def test_decode_json_keeps_what_is_within_bounds():
+    depth = lib.MAX_DEPTH
+    assert lib.decode_json("[" * depth + "]" * depth) is not None
+    assert lib.decode_json(None) is None
+    assert lib.decode_json('[{"id": "a"}]') == [{"id": "a"}]
+
+
+def test_validation_errors_name_the_first_few_fields_only():
+    bad = {"id": "a", "cores": "x", "memory": "x", "pinned_cores": 5, "hugepages_backed": 3, "image": "/x"}
+    entries, _ = parse_requests([bad])
+    assert "cores" in entries[0].error and "and 2 more" in entries[0].error
+    assert len(entries[0].error) <= lib.MAX_MESSAGE + 20
+
+
+def test_a_request_may_list_at_most_max_interfaces():
+    ok = ";".join(f"eth{i}:" for i in range(lib.MAX_INTERFACES))
+    assert VmRequestSpec(id="a", interfaces=ok).interfaces == ok
+    with pytest.raises(ValidationError, match="more than 16 interfaces"):
+        VmRequestSpec(id="a", interfaces=ok + ";eth99:")
+
+
+def test_statuses_are_read_entry_by_entry_and_capped():
+    good = {"id": "a", "status": "ready"}
+    raw = [good, {"id": "b", "status": "odd"}, {"id": "c", "status": "failed", "message": "m" * 5000}, "junk"]
+    raw += [{"id": "d", "status": "ready", "addresses": ["10.0.0.1"] * 17}, {"id": "e", "status": "pending"}]
+    assert sorted(lib.parse_statuses(raw)) == ["a", "e"]
+    many = [{"id": f"r{i}", "status": "pending"} for i in range(10_000)]
+    assert len(lib.parse_statuses(many)) == lib.MAX_REQUESTS
+    assert lib.parse_statuses({"id": "a"}) == {} and lib.parse_statuses(None) == {}
+
+
+@pytest.mark.parametrize(
+    "vms",
+    [
+        DEEP,
+        "x" * (lib.MAX_FIELD_BYTES + 1),
+        json.dumps([{"id": f"r{i}", "status": "failed", "message": "no"} for i in range(10_000)]),
+        json.dumps([{"id": 10**400, "status": float("nan")}]),
+        json.dumps({"vms": "nested"}),
+        '[{"id": "\\udc80", "status": "ready"}]',
+    ],
+    ids=["deep", "megabytes", "10k-statuses", "huge-int-nan", "wrong-type", "lone-surrogate"],
+)
+def test_requirer_survives_any_provider_payload_and_fires_bounded_events(vms):
+    r = testing.Relation("vm-host", remote_app_name="vm-host", remote_app_data={"vms": vms})
+    c = ctx()
+    out = c.run(c.on.relation_changed(r), testing.State(relations=[r]))  # raised RecursionError before
+    assert len(SEEN) <= lib.MAX_REQUESTS
+    with c(c.on.update_status(), out) as mgr:
+        assert len(mgr.charm.vms.statuses()) <= lib.MAX_REQUESTS
+
+
+def test_requirer_reads_its_own_unreadable_list_as_empty_and_rewrites_it():
+    r = testing.Relation("vm-host", remote_app_name="vm-host", local_app_data={"requests": DEEP})
+    c = ctx()
+    with c(c.on.update_status(), testing.State(leader=True, relations=[r])) as mgr:
+        assert mgr.charm.vms.requests() == []
+        mgr.charm.vms.request_vm("a")
+        assert [s.id for s in mgr.charm.vms.requests()] == ["a"]
+
+
+def test_requirer_refuses_to_write_more_than_the_provider_reads():
+    r = testing.Relation("vm-host", remote_app_name="vm-host")
+    c = ctx()
+    with c(c.on.update_status(), testing.State(leader=True, relations=[r])) as mgr:
+        big = "#cloud-config\n" + "x" * (lib.MAX_USER_DATA - 20)
+        with pytest.raises(ValueError, match="at most 1048576"):
+            for i in range(lib.MAX_REQUESTS):
+                mgr.charm.vms.request_vm(f"r{i}", user_data=big)
+        assert 10 < len(mgr.charm.vms.requests()) < lib.MAX_REQUESTS
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("user_data", "#cloud-config\n\ud800"),
+        ("user_data", "a\x00b"),
+        ("ssh_authorized_keys", [KEY + " \udc80"]),
+        ("ssh_authorized_keys", [KEY + "\x00"]),
+    ],
+    ids=["user-data-surrogate", "user-data-nul", "key-surrogate", "key-nul"],
+)
+def test_text_that_cannot_be_written_out_is_rejected_naming_the_field(field, value):
+    entries, _ = parse_requests([{"id": "a", field: value}])
+    assert entries[0].spec is None and field in entries[0].error

@@ -7,8 +7,10 @@ reverse so a failed compose leaves nothing behind.
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +23,23 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "vmhost.providers"
 # Prefix of every object (domain, volume, instance) vm-host creates; gc only ever touches these.
 NAME_PREFIX = "vmhost-"
+
+
+# Test-only fault point (tests/functional/test_faults.py): VMHOST_TEST_FAULT=kill-at:<step glob> makes the
+# process exit at once (os._exit, as a kill -9 would leave things) when it reaches a matching named step of
+# compose or decompose. Anything without the kill-at: prefix is ignored, and so is everything inside a Juju
+# hook (JUJU_UNIT_NAME set), so no charm and no stray variable can set it off.
+FAULT_ENV = "VMHOST_TEST_FAULT"
+FAULT_PREFIX = "kill-at:"
+FAULT_EXIT = 97
+
+
+def fault_point(step: str) -> None:
+    """Exit here when the test-only fault point names this step (see FAULT_ENV); otherwise nothing."""
+    spec = os.environ.get(FAULT_ENV, "")
+    armed = spec.startswith(FAULT_PREFIX) and "JUJU_UNIT_NAME" not in os.environ
+    if armed and fnmatch.fnmatchcase(step, spec[len(FAULT_PREFIX) :]):
+        os._exit(FAULT_EXIT)
 
 
 class ProviderError(Exception):
@@ -115,18 +134,22 @@ class Provider(Protocol):
 class FloatingConfinement(Protocol):
     """A provider that can keep floating VMs off the threads pinned VMs own (DESIGN.md §4 rule 1)."""
 
-    def confine_floating(self, threads: tuple[int, ...]) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
         """Give every floating VM that vm-host manages exactly these host threads (vCPUs and emulator),
-        now and across restarts. Idempotent; VMs made by others are left alone."""
+        now and across restarts. Idempotent. With `foreign`, running VMs made by others that pin nothing
+        themselves are kept to these threads too (live only); without, they are left alone."""
         ...
 
 
-def confine_floating(provider: object, threads: tuple[int, ...]) -> bool:
-    """Call `provider.confine_floating(threads)`; False (a no-op) for a provider without it, whose
-    backend offers no per-VM affinity that leaves the vCPU count alone (the kernel then floats them)."""
+def confine_floating(provider: object, threads: tuple[int, ...], foreign: bool = False) -> bool:
+    """Call `provider.confine_floating(threads, foreign=...)`; False (a no-op) for a provider without it,
+    whose backend offers no per-VM affinity that leaves the vCPU count alone (the kernel then floats them)."""
     if not isinstance(provider, FloatingConfinement):
         return False
-    provider.confine_floating(tuple(threads))
+    if foreign:
+        provider.confine_floating(tuple(threads), foreign=True)
+    else:
+        provider.confine_floating(tuple(threads))
     return True
 
 
@@ -138,12 +161,14 @@ class Transaction:
     """
 
     undos: list[tuple[str, Callable[[], object]]] = field(default_factory=list)
+    undo_failures: int = 0  # undos that failed so far: a later undo may keep the record gc needs
 
     def on_undo(self, what: str, fn: Callable[[], object]) -> None:
         self.undos.append((what, fn))
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        fault_point(name)
         try:
             yield
         except Exception as e:
@@ -156,6 +181,7 @@ class Transaction:
             try:
                 fn()
             except Exception as e:  # keep unwinding; the orphan is tagged and gc will find it
+                self.undo_failures += 1
                 log.warning("undo %s failed: %s", what, e)
 
 

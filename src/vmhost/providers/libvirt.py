@@ -1,8 +1,9 @@
 """The libvirt/KVM provider: discovery, compose as a transaction, and reading allocations back.
 
-libvirt is the only database (DESIGN.md §3): each domain carries its Allocation in `<metadata>` and
-each volume carries NAME_PREFIX + VM name, so usage is recomputed from libvirt and orphans of a
-crashed compose are found by `gc`. The XML itself comes from the pure builder in libvirt_xml.
+libvirt is the only database (DESIGN.md §3): each domain carries its Allocation in `<metadata>`, bound
+to the domain's own uuid, with the list of volumes made for it written before any of them is created
+(volumes have no metadata of their own). Usage is recomputed from libvirt, and `gc` finishes what a crash
+left unfinished from those records alone, never from names. The XML itself comes from the pure builder in libvirt_xml.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import random
 import re
 import subprocess
 import tempfile
+import time
+import uuid as uuid_mod
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -23,8 +26,8 @@ from typing import Any, TypeVar
 
 import tenacity
 
-from vmhost.model import Core, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
+from vmhost.model import Allocation, Core, DiskAllocation, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, format_size, human_size, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
     ComposeError,
@@ -33,6 +36,7 @@ from vmhost.providers.base import (
     ProviderError,
     Transaction,
     VmInfo,
+    fault_point,
 )
 from vmhost.providers.libvirt_discovery import cell_hugepages, is_remote, remote_nics
 from vmhost.providers.libvirt_xml import (
@@ -40,13 +44,18 @@ from vmhost.providers.libvirt_xml import (
     METADATA_PREFIX,
     SEED_LABEL,
     STATE_COMPOSING,
+    STATE_DECOMPOSING,
     STATE_READY,
+    UNFINISHED,
+    Record,
     VolumeRef,
     allocation_from_foreign_xml,
     domain_xml,
-    read_metadata,
+    read_record,
+    record_element,
     volume_name,
 )
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, OPERATION_TIMEOUT, BoundedRunner, HypervisorTimeout
 
 try:
     import libvirt
@@ -96,13 +105,73 @@ RETRY_ATTEMPTS = 5
 RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # ~3 s in all before giving up
 
 
-def _retrying(pred: Callable[[BaseException], bool]) -> tenacity.Retrying:
+def _retrying(pred: Callable[[BaseException], bool], budget: float) -> tenacity.Retrying:
+    """Retries while `pred` holds: RETRY_ATTEMPTS at most, and none once `budget` s have passed.
+
+    A call that overran its time limit is never retried (HypervisorTimeout is no libvirtError), so a
+    call with its retries takes at most about twice the limit.
+    """
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception(pred),
-        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS),
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
         wait=RETRY_WAIT,
         reraise=True,
     )
+
+
+# Calls that do real work on the host (start or stop a VM, create, grow, wipe or delete a volume, flush
+# an upload) are allowed OPERATION_TIMEOUT s at least; everything else gets the call limit.
+_SLOW_CALLS = frozenset(
+    {
+        "create",
+        "createWithFlags",
+        "destroy",
+        "destroyFlags",
+        "createXML",
+        "delete",
+        "resize",
+        "wipe",
+        "refresh",
+        "finish",
+    }
+)
+# Answered by the binding itself, no round trip to the daemon.
+_LOCAL_CALLS = frozenset({"name", "UUIDString", "UUID"})
+UPLOAD_CHUNK = 256 * 1024
+
+
+class _Bounded:
+    """A libvirt object whose calls run on the connection's worker with a time limit (see vmhost.timeouts).
+
+    Objects the calls return (domains, pools, volumes, streams, lists of them) come back wrapped the same
+    way, so no call on the connection can block its caller past the limit.
+    """
+
+    __slots__ = ("_obj", "_provider")
+
+    def __init__(self, obj: Any, provider: LibvirtProvider):
+        self._obj = obj
+        self._provider = provider
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._obj, name)
+        if name.startswith("_") or name in _LOCAL_CALLS or not callable(attr):
+            return attr
+        p = self._provider
+        bound = max(p.timeout, OPERATION_TIMEOUT) if name in _SLOW_CALLS else p.timeout
+
+        def call(*args: Any) -> Any:
+            return _bounded(p._runner.call(attr, *args, bound=bound, what=name), p)
+
+        return call
+
+
+def _bounded(value: Any, provider: LibvirtProvider) -> Any:
+    if isinstance(value, list):
+        return [_bounded(v, provider) for v in value]
+    if type(value).__module__ == "libvirt" and type(value).__name__.startswith("vir"):
+        return _Bounded(value, provider)
+    return value
 
 
 def _msg(e: BaseException) -> str:
@@ -126,12 +195,21 @@ class LibvirtProvider:
 
     name = "libvirt"
 
-    def __init__(self, uri: str | None = None, image_dir: str | None = None, **options: Any):
+    def __init__(
+        self,
+        uri: str | None = None,
+        image_dir: str | None = None,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
+        **options: Any,
+    ):
         self.uri = uri or DEFAULT_URI
         self.image_dir = image_dir or DEFAULT_IMAGE_DIR
+        self.timeout = float(timeout)
         self.options = options
+        self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
         self._caps: ET.Element | None = None
+        self._parsed: ParseCache[tuple[Allocation, bool, tuple[str, ...]]] = ParseCache()  # by domain XML
         # sysfs describes this machine only; a remote host is read through libvirt alone (libvirt_discovery).
         self.local = not is_remote(self.uri)
 
@@ -143,13 +221,16 @@ class LibvirtProvider:
             if libvirt is None:
                 raise ProviderError("libvirt-python is not installed; install the libvirt-python package")
             try:
-                self._conn = _retrying(_transient_connect)(libvirt.open, self.uri)
+                raw = _retrying(_transient_connect, self.timeout)(
+                    self._runner.call, libvirt.open, self.uri, what="the connection"
+                )
+                self._conn = _Bounded(raw, self)
             except libvirt.libvirtError as e:
                 raise ProviderError(f"cannot connect to libvirt at {self.uri}: {_msg(e)}") from e
         return self._conn
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return _retrying(_transient)(fn, *args)
+        return _retrying(_transient, self.timeout)(fn, *args)
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -171,6 +252,8 @@ class LibvirtProvider:
     def _domain(self, name: str):
         try:
             return self._call(self.conn.lookupByName, name)
+        except ProviderError:
+            raise
         except Exception as e:
             if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
                 raise NotFound(f"no VM named {name!r} on this host") from e
@@ -239,14 +322,23 @@ class LibvirtProvider:
         return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
 
     def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
-        xml = ET.fromstring(dom.XMLDesc(0))
-        meta = read_metadata(xml)
+        """One domain; its definition is parsed only when it changed since the last read (self._parsed).
+
+        The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
+        read back as that VM pinning itself to the shared threads.
+        """
+        alloc, managed, macs = self._parsed.get(
+            dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), lambda text: self._read(text, host_nodes)
+        )
+        return VmInfo(dom.name(), _STATES.get(dom.state()[0], "unknown"), alloc, managed=managed, macs=macs)
+
+    def _read(self, text: str, host_nodes: tuple[int, ...] | None) -> tuple[Allocation, bool, tuple[str, ...]]:
+        xml = ET.fromstring(text)
+        rec = read_record(xml)
         macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
-        state = _STATES.get(dom.state()[0], "unknown")
-        if meta is None:
-            alloc = allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids())
-            return VmInfo(dom.name(), state, alloc, managed=False, macs=macs)
-        return VmInfo(dom.name(), state, meta[0], managed=True, macs=macs)
+        if rec is None:
+            return allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids()), False, macs
+        return rec.allocation, True, macs
 
     def list_vms(self) -> list[VmInfo]:
         host_nodes = self._node_ids()
@@ -258,6 +350,7 @@ class LibvirtProvider:
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished between list and read
                         raise
+        self._parsed.end_read()
         return sorted(out, key=lambda v: v.name)
 
     # -- compose --------------------------------------------------------------------------------
@@ -273,6 +366,8 @@ class LibvirtProvider:
             raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
         if plan.image:
             plan = replace(plan, image=resolve_image(plan.image, self.image_dir))
+            if a.disks:
+                _check_root_holds_image(a.disks[0], plan.image)
         with contextlib.suppress(NotFound):
             self._domain(a.name)
             raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
@@ -280,18 +375,19 @@ class LibvirtProvider:
         nics = tuple(replace(n, mac=n.mac or _random_mac()) for n in a.nics)
         plan = replace(plan, allocation=replace(a, nics=nics))
         a = plan.allocation
-        tx = Transaction()
+        # Every volume is planned, checked free and recorded in the domain's metadata BEFORE it is created,
+        # so a volume vm-host deletes is one its own record names (gc never goes by name alone).
         volumes: dict[str, VolumeRef] = {}
+        sizes: dict[str, tuple[int, int]] = {}  # label -> (capacity at creation, size to grow to)
         for i, disk in enumerate(a.disks):
-            with tx.step(f"create volume {disk.label} in pool {disk.pool}"):
-                image = plan.image if i == 0 and plan.image else None
-                volumes[disk.label] = self._create_volume(
-                    tx, disk.pool, volume_name(a.name, disk.label), disk.size, image
-                )
-        seed = None
-        if plan.cloud_init:
-            with tx.step("create cloud-init seed"):
-                seed = self._create_seed(tx, plan)
+            image = plan.image if i == 0 and plan.image else None
+            fmt, capacity = self._volume_format(disk.pool, disk.size, image)
+            volumes[disk.label] = VolumeRef(disk.pool, volume_name(a.name, disk.label), fmt)
+            sizes[disk.label] = (capacity, disk.size)
+        seed = VolumeRef(self._seed_pool(a), volume_name(a.name, SEED_LABEL), "raw") if plan.cloud_init else None
+        owned = [(v.pool, v.volume) for v in [*volumes.values(), *([seed] if seed else [])]]
+        self._check_volumes_free(owned)
+        tx = Transaction()
         with tx.step("resolve SR-IOV VFs"):
             vfs = self._free_vfs([n for n in nics if n.type == "sriov"])
         with tx.step("define domain"):
@@ -301,11 +397,21 @@ class LibvirtProvider:
                 seed=seed,
                 vf_addresses=vfs,
                 state=STATE_COMPOSING,
+                uuid=str(uuid_mod.uuid4()),
+                owned_volumes=owned,
                 untagged=untagged,
                 disabled_cpu_features=self._emulated_only_features(),
             )
             dom = self._call(self.conn.defineXML, xml)
-            tx.on_undo("undefine domain", lambda: _undefine(dom))
+            # Kept when an undo before it failed: its record is then what lets gc remove the rest.
+            tx.on_undo("undefine domain", lambda: _undefine(dom) if not tx.undo_failures else None)
+        for i, disk in enumerate(a.disks):
+            with tx.step(f"create volume {disk.label} in pool {disk.pool}"):
+                image = plan.image if i == 0 and plan.image else None
+                self._create_volume(tx, volumes[disk.label], *sizes[disk.label], image)
+        if seed:
+            with tx.step("create cloud-init seed"):
+                self._create_seed(tx, plan, seed)
         if plan.start:
             with tx.step("start domain"):
                 self._call(dom.create)
@@ -347,11 +453,12 @@ class LibvirtProvider:
         return untagged
 
     def _set_state(self, dom, state: str) -> None:
-        meta = read_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        if meta is None:
+        """Rewrite our record with a new state (uuid and volumes kept)."""
+        rec = read_record(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if rec is None:
             raise ProviderError(f"domain {dom.name()!r} lost its vm-host metadata")
-        el = ET.Element("allocation", {"state": state})
-        el.text = json.dumps(meta[0].to_dict(), sort_keys=True, separators=(",", ":"))
+        el = record_element(replace(rec, state=state))
+        el.tag = "allocation"  # libvirt puts it in METADATA_NS itself
         flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG | (libvirt.VIR_DOMAIN_AFFECT_LIVE if dom.isActive() else 0)
         dom.setMetadata(
             libvirt.VIR_DOMAIN_METADATA_ELEMENT,
@@ -369,59 +476,84 @@ class LibvirtProvider:
                 raise ProviderError(f"storage pool {name!r} does not exist on this host") from e
             raise
 
-    def _create_volume(self, tx: Transaction, pool_name: str, name: str, size: int, image: str | None) -> VolumeRef:
-        """A volume (tagged by name) in `pool_name`; filled from `image` when given, then grown to `size`."""
+    def _volume_format(self, pool_name: str, size: int, image: str | None) -> tuple[str, int]:
+        """(format, capacity at creation) of a volume of `size` in `pool_name`, filled from `image` when given."""
         pool = self._pool(pool_name)
         driver = ET.fromstring(pool.XMLDesc(0)).get("type", "dir")
-        fmt = "qcow2" if driver in FILE_POOLS else "raw"
-        capacity = size
-        if image:
-            img_fmt, virtual = _image_format(image)
-            if img_fmt == "qcow2" and driver not in FILE_POOLS:
-                raise ProviderError(
-                    f"image {image} is qcow2 but pool {pool_name!r} ({driver}) holds raw volumes; "
-                    "convert it with qemu-img convert -O raw"
-                )
-            fmt, capacity = img_fmt, (virtual if img_fmt == "qcow2" else max(size, virtual))
-        vol = self._call(pool.createXML, _volume_xml(name, capacity, fmt), 0)
-        tx.on_undo(f"delete volume {name}", vol.delete)
+        if not image:
+            return ("qcow2" if driver in FILE_POOLS else "raw"), size
+        img_fmt, virtual = _image_format(image)
+        if img_fmt == "qcow2" and driver not in FILE_POOLS:
+            raise ProviderError(
+                f"image {image} is qcow2 but pool {pool_name!r} ({driver}) holds raw volumes; "
+                "convert it with qemu-img convert -O raw"
+            )
+        return img_fmt, (virtual if img_fmt == "qcow2" else max(size, virtual))
+
+    def _check_volumes_free(self, volumes: list[tuple[str, str]]) -> None:
+        """Refuse a volume name that already exists: vm-host never takes over a volume it did not make."""
+        for pool_name, name in volumes:
+            try:
+                self._pool(pool_name).storageVolLookupByName(name)
+            except Exception as e:
+                if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+                    continue
+                raise ProviderError(f"libvirt could not look up volume {name!r} in pool {pool_name!r}: {_msg(e)}")
+            raise ProviderError(
+                f"a volume named {name!r} already exists in pool {pool_name!r} and vm-host did not make it for "
+                "this VM; remove or rename that volume, or choose another VM name"
+            )
+
+    def _create_volume(self, tx: Transaction, ref: VolumeRef, capacity: int, size: int, image: str | None) -> None:
+        """The volume `ref` (recorded in the domain beforehand); filled from `image` when given, then grown to `size`."""
+        pool = self._pool(ref.pool)
+        vol = self._call(pool.createXML, _volume_xml(ref.volume, capacity, ref.format), 0)
+        tx.on_undo(f"delete volume {ref.volume}", vol.delete)
         if image:
             self._upload(vol, image)
-            if fmt == "qcow2" and size > capacity:
+            if ref.format == "qcow2" and size > capacity:
                 pool.refresh(0)
-                vol = pool.storageVolLookupByName(name)
+                vol = pool.storageVolLookupByName(ref.volume)
                 vol.resize(size, 0)
-        return VolumeRef(pool_name, name, fmt)
 
     def _upload(self, vol, path: str) -> None:
+        """Copy an image into a volume, chunk by chunk: each chunk within the call limit, all within IMAGE_TIMEOUT."""
         length = os.path.getsize(path)
         stream = self.conn.newStream(0)
         vol.upload(stream, 0, length, 0)
+        limit = max(self.timeout, IMAGE_TIMEOUT)
+        deadline = time.monotonic() + limit
         try:
             with open(path, "rb") as fh:
-                stream.sendAll(lambda _s, n, f: f.read(n), fh)
+                while chunk := fh.read(UPLOAD_CHUNK):
+                    while chunk:
+                        chunk = chunk[stream.send(chunk) :]
+                    if time.monotonic() > deadline:
+                        raise HypervisorTimeout(
+                            f"copying image {path} to libvirt at {self.uri} took more than {limit:g} s"
+                        )
             stream.finish()
         except BaseException:
             with contextlib.suppress(Exception):
                 stream.abort()
             raise
 
-    def _create_seed(self, tx: Transaction, plan: ComposePlan) -> VolumeRef:
+    def _seed_pool(self, a) -> str:
+        # a.pool is the operator's resource pool (a VM grouping), never a storage pool.
+        return a.disks[0].pool if a.disks else self._default_pool()
+
+    def _create_seed(self, tx: Transaction, plan: ComposePlan, ref: VolumeRef) -> None:
         from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso  # yaml loads only when seeding
 
         a = plan.allocation
-        # a.pool is the operator's resource pool (a VM grouping), never a storage pool.
-        pool_name = a.disks[0].pool if a.disks else self._default_pool()
         host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
         docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=static_prefixes(a.nics, host))
         with tempfile.TemporaryDirectory(prefix="vmhost-seed-") as tmp:
             iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
-            pool = self._pool(pool_name)
-            name = volume_name(a.name, SEED_LABEL)
-            vol = self._call(pool.createXML, _volume_xml(name, iso.stat().st_size, "raw"), 0)
-            tx.on_undo(f"delete volume {name}", vol.delete)
+            pool = self._pool(ref.pool)
+            vol = self._call(pool.createXML, _volume_xml(ref.volume, iso.stat().st_size, "raw"), 0)
+            tx.on_undo(f"delete volume {ref.volume}", vol.delete)
             self._upload(vol, str(iso))
-        return VolumeRef(pool_name, name, "raw")
 
     def _default_pool(self) -> str:
         names = [p.name for p in self.storage_pools()]
@@ -463,22 +595,38 @@ class LibvirtProvider:
 
     def decompose(self, name: str) -> None:
         dom = self._domain(name)
-        xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-        if read_metadata(xml) is None:
+        rec = read_record(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        if rec is None:
             raise ProviderError(f"VM {name!r} was not made by vm-host; remove it with virsh if you mean to")
         with self._errors(f"remove VM {name!r}"):
-            if dom.isActive():
-                _destroy(dom)
-            _undefine(dom)
-            for pool, vol in _own_volumes(xml, name):
-                with contextlib.suppress(NotFound):
-                    self._delete_volume(pool, vol)
+            self._remove(dom, rec)
+
+    def _remove(self, dom, rec: Record) -> list[str]:
+        """Destroy, delete the recorded volumes, undefine: the record goes last, so a crash anywhere leaves a
+        domain marked decomposing that still names what is left, and gc finishes the job."""
+        if rec.state != STATE_DECOMPOSING:
+            fault_point("mark decomposing")
+            self._set_state(dom, STATE_DECOMPOSING)
+        fault_point("destroy domain")
+        if dom.isActive():
+            _destroy(dom)
+        removed = []
+        for pool, vol in rec.volumes:
+            fault_point(f"delete volume {vol}")
+            with contextlib.suppress(NotFound):
+                self._delete_volume(pool, vol)
+                removed.append(f"{pool}/{vol}")
+        fault_point("undefine domain")
+        _undefine(dom)
+        return removed
 
     def _delete_volume(self, pool_name: str, vol_name: str) -> None:
         try:
             vol = self._pool(pool_name).storageVolLookupByName(vol_name)
         except Exception as e:
-            if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL:
+            if _code(e) == libvirt.VIR_ERR_NO_STORAGE_VOL or (
+                isinstance(e, ProviderError) and "does not exist" in str(e)
+            ):
                 raise NotFound(f"no volume {vol_name!r} in pool {pool_name!r}") from e
             raise
         self._call(vol.delete, 0)
@@ -497,11 +645,12 @@ class LibvirtProvider:
 
     # -- floating affinity ----------------------------------------------------------------------
 
-    def confine_floating(self, threads: tuple[int, ...]) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
         """Pin every vCPU and the emulator of each floating VM we made to `threads`, live and in its config.
 
         Otherwise the kernel runs floating vCPUs on threads that pinned VMs own (DESIGN.md §4 rule 1). Only
-        pins that differ are set, so repeating it is cheap; domains made by others are not ours to change.
+        pins that differ are set, so repeating it is cheap. With `foreign`, running VMs made by others that
+        pin nothing themselves get the same affinity, live only: their definition is not ours to change.
         """
         wanted = frozenset(threads)
         where = format_cpuset(wanted) or "no threads"
@@ -513,10 +662,22 @@ class LibvirtProvider:
                     f"threads {format_cpuset(outside)} are not CPUs of this host; it has CPUs 0-{ncpus - 1}"
                 )
             cpumap = tuple(i in wanted for i in range(ncpus))
+            host_nodes = self._node_ids()
             for dom in self._call(self.conn.listAllDomains, 0):
                 try:
-                    meta = read_metadata(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-                    if meta is None or meta[0].pinned is not None:
+                    xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                    rec = read_record(xml)
+                    if rec is None:
+                        if not foreign or not dom.isActive():
+                            continue
+                        if allocation_from_foreign_xml(xml, host_nodes=host_nodes).pinned is not None:
+                            continue  # pins itself to threads placement already keeps ours off
+                        if not wanted:
+                            log.warning("no shared thread left to keep foreign VM %s off pinned threads", dom.name())
+                            continue
+                        self._pin_floating(dom, cpumap, config=False)
+                        continue
+                    if rec.allocation.pinned is not None:
                         continue
                     if not wanted:
                         raise ProviderError(
@@ -528,9 +689,9 @@ class LibvirtProvider:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # removed meanwhile: nothing to confine
                         raise
 
-    def _pin_floating(self, dom, cpumap: tuple[bool, ...]) -> None:
+    def _pin_floating(self, dom, cpumap: tuple[bool, ...], config: bool = True) -> None:
         """Set each vCPU's and the emulator's affinity to `cpumap` in the config, and live when running."""
-        scopes = [libvirt.VIR_DOMAIN_AFFECT_CONFIG]
+        scopes = [libvirt.VIR_DOMAIN_AFFECT_CONFIG] if config else []
         if dom.isActive():
             scopes.append(libvirt.VIR_DOMAIN_AFFECT_LIVE)
         for flags in scopes:
@@ -548,41 +709,53 @@ class LibvirtProvider:
                 raise
 
     def gc(self) -> list[str]:
-        """Remove domains whose compose never finished and NAME_PREFIX volumes no domain owns."""
-        removed = []
-        with self._errors("collect orphans"):
-            domains = {}
-            for dom in self.conn.listAllDomains(0):
-                xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-                meta = read_metadata(xml)
-                if meta is not None and meta[1] == STATE_COMPOSING:
-                    self.decompose(dom.name())
-                    removed.append(dom.name())
-                else:
-                    domains[dom.name()] = xml
-            referenced = {
-                (d.find("source").get("pool"), d.find("source").get("volume"))
-                for xml in domains.values()
-                for d in xml.findall("devices/disk[@type='volume']")
-                if d.find("source") is not None
-            }
-            paths = {
-                d.find("source").get("file")
-                for xml in domains.values()
-                for d in xml.findall("devices/disk[@type='file']")
-                if d.find("source") is not None
-            }
-            for pool in self.conn.listAllStoragePools(libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE):
-                pool.refresh(0)
-                for vol in pool.listAllVolumes(0):
-                    vname = vol.name()
-                    if not vname.startswith(NAME_PREFIX) or (pool.name(), vname) in referenced:
-                        continue
-                    if vol.path() in paths or any(vname.startswith(volume_name(d, "")) for d in domains):
-                        continue
-                    vol.delete(0)
-                    removed.append(vname)
+        """Finish every compose or decompose a crash left unfinished; return what was removed.
+
+        Only domains whose record is ours (bound to their own uuid) are touched, and only the volumes that
+        record names. A volume no record names is left alone whatever it is called (it is logged), and one
+        domain that cannot be removed now (a busy pool, say) is logged and left for the next gc.
+        """
+        removed: list[str] = []
+        recorded: set[tuple[str, str]] = set()
+        with self._errors("list domains"):
+            domains = self._call(self.conn.listAllDomains, 0)
+        for dom in domains:
+            try:
+                rec = read_record(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+                if rec is None:
+                    continue
+                recorded.update(rec.volumes)
+                if rec.state not in UNFINISHED:
+                    continue
+                name = dom.name()
+                vols = self._remove(dom, rec)
+                removed += [name, *vols]
+                log.info("gc removed unfinished VM %s (%s) and volumes %s", name, rec.state, ", ".join(vols) or "none")
+            except Exception as e:
+                if _code(e) == libvirt.VIR_ERR_NO_DOMAIN:
+                    continue
+                log.warning("gc skipped VM %s for now: %s", _safe_name(dom), _msg(e))
+        self._log_unrecorded(recorded)
         return removed
+
+    def _log_unrecorded(self, recorded: set[tuple[str, str]]) -> None:
+        """Log volumes named like ours that no record names: gc keeps them (it cannot prove they are ours)."""
+        try:
+            pools = self._call(self.conn.listAllStoragePools, libvirt.VIR_CONNECT_LIST_STORAGE_POOLS_ACTIVE)
+        except Exception as e:
+            log.debug("gc could not list pools: %s", _msg(e))
+            return
+        for pool in pools:
+            try:
+                names = [v.name() for v in pool.listAllVolumes(0)]
+            except Exception as e:
+                log.info("gc skipped pool %s: %s", pool.name(), _msg(e))
+                continue
+            for vname in names:
+                if vname.startswith(NAME_PREFIX) and (pool.name(), vname) not in recorded:
+                    log.info(
+                        "gc kept volume %s/%s: no vm-host VM records it, so it is not provably ours", pool.name(), vname
+                    )
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -634,6 +807,7 @@ def _local_nics() -> list[Nic]:
         if kind is not None:
             kinds[name] = (kind, link)
     bridge_vlan: dict[str, int] = {}
+    gateways = _local_gateways()
     nics = []
     for name, (kind, link) in kinds.items():
         dev = _SYSFS_NET / name / "device"
@@ -656,9 +830,30 @@ def _local_nics() -> list[Nic]:
                 vlan=vlan,
                 addresses=addresses,
                 kind=kind,
+                gateways=gateways.get(name, ()),
             )
         )
     return [replace(n, vlan=bridge_vlan[n.name]) if n.name in bridge_vlan else n for n in nics]
+
+
+def _local_gateways() -> dict[str, tuple[str, ...]]:
+    """Interface -> the routers the host's routes go through on it (placement keeps VMs off them)."""
+    out: dict[str, list[str]] = {}
+    for family in ("-4", "-6"):
+        try:
+            routes = json.loads(
+                subprocess.run(
+                    ["ip", "-j", family, "route"], capture_output=True, text=True, check=True, timeout=10
+                ).stdout
+            )
+        except (OSError, subprocess.SubprocessError, ValueError):
+            continue
+        for r in routes if isinstance(routes, list) else ():
+            if isinstance(r, dict) and r.get("gateway") and r.get("dev"):
+                gws = out.setdefault(r["dev"], [])
+                if r["gateway"] not in gws:
+                    gws.append(r["gateway"])
+    return {dev: tuple(gws) for dev, gws in out.items()}
 
 
 def _random_mac() -> str:
@@ -677,7 +872,7 @@ def resolve_image(image: str, image_dir: str | Path) -> str:
     """The file an image stands for: an absolute path as given, a bare name looked up in `image_dir`.
 
     Only the operator (CLI, compose action) can give an absolute path: the relation passes bare names
-    only (vmhost.broker refuses anything else), so a remote model can never point at a host file. A
+    only (vmhost.relation_policy refuses anything else), so a remote model can never point at a host file. A
     name is tried as is, then with .qcow2, .img and .raw; relative paths and '..' are refused, as they
     would depend on the working directory of whatever process composes.
     """
@@ -707,6 +902,17 @@ def _volume_xml(name: str, capacity: int, fmt: str) -> str:
     return ET.tostring(vol, encoding="unicode")
 
 
+def _check_root_holds_image(root: DiskAllocation, image: str) -> None:
+    """A root disk smaller than its image is refused: the volume would be the image's size while the
+    allocation (and every pool count made from it) said less."""
+    virtual = _image_format(image)[1]
+    if root.size < virtual:
+        raise ProviderError(
+            f"disk {root.label} is {human_size(root.size)} but image {image} needs {human_size(virtual)}; "
+            f"give {root.label}:{format_size(-(-virtual // 1024**2) * 1024**2)} or more"
+        )
+
+
 def _image_format(path: str) -> tuple[str, int]:
     """("qcow2", virtual size) from the qcow2 header, else ("raw", file size)."""
     with open(path, "rb") as fh:
@@ -716,14 +922,11 @@ def _image_format(path: str) -> tuple[str, int]:
     return "raw", os.path.getsize(path)
 
 
-def _own_volumes(xml: ET.Element, vm: str) -> list[tuple[str, str]]:
-    """The (pool, volume) disks of a domain that vm-host made for it (never a volume it merely attached)."""
-    out = []
-    for d in xml.findall("devices/disk[@type='volume']"):
-        src = d.find("source")
-        if src is not None and (src.get("volume") or "").startswith(volume_name(vm, "")):
-            out.append((src.get("pool"), src.get("volume")))
-    return out
+def _safe_name(dom) -> str:
+    try:
+        return dom.name()
+    except Exception:
+        return "?"
 
 
 def _destroy(dom) -> None:

@@ -20,13 +20,16 @@ __all__ = [
     "METADATA_NS",
     "METADATA_PREFIX",
     "STATE_COMPOSING",
+    "STATE_DECOMPOSING",
     "STATE_READY",
+    "Record",
     "VolumeRef",
     "allocation_from_foreign_xml",
     "build_domain",
     "domain_xml",
     "metadata_element",
     "read_metadata",
+    "read_record",
     "volume_name",
 ]
 
@@ -34,6 +37,8 @@ METADATA_NS = "https://vm-host.dev/xmlns/libvirt/allocation/1"
 METADATA_PREFIX = "vmhost"
 STATE_COMPOSING = "composing"
 STATE_READY = "ready"
+STATE_DECOMPOSING = "decomposing"  # a decompose began: gc finishes it
+UNFINISHED = (STATE_COMPOSING, STATE_DECOMPOSING)
 SEED_LABEL = "cidata"
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
@@ -64,11 +69,41 @@ def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) ->
     return el
 
 
-def metadata_element(allocation: Allocation, state: str) -> ET.Element:
-    """`<vmhost:allocation state=...>` holding the Allocation as JSON."""
-    el = ET.Element(f"{{{METADATA_NS}}}allocation", {"state": state})
+@dataclass(frozen=True)
+class Record:
+    """What our metadata proves: the allocation, how far compose got, the domain it was written for, and
+    the volumes vm-host made (or was about to make) for it, recorded before any of them was created."""
+
+    allocation: Allocation
+    state: str
+    uuid: str | None = None
+    volumes: tuple[tuple[str, str], ...] = ()
+
+
+def metadata_element(
+    allocation: Allocation,
+    state: str,
+    *,
+    uuid: str | None = None,
+    volumes: Collection[tuple[str, str]] = (),
+) -> ET.Element:
+    """`<vmhost:allocation state=... uuid=... volumes=...>` holding the Allocation as JSON.
+
+    uuid binds the record to its own domain (a copy of the domain gets another uuid, so reads as foreign);
+    volumes are the (pool, volume) pairs this VM owns: decompose and gc delete these and nothing else.
+    """
+    attrs = {"state": state}
+    if uuid:
+        attrs["uuid"] = uuid
+    if volumes:
+        attrs["volumes"] = json.dumps([list(v) for v in volumes], separators=(",", ":"))
+    el = ET.Element(f"{{{METADATA_NS}}}allocation", attrs)
     el.text = json.dumps(allocation.to_dict(), sort_keys=True, separators=(",", ":"))
     return el
+
+
+def record_element(record: Record) -> ET.Element:
+    return metadata_element(record.allocation, record.state, uuid=record.uuid, volumes=record.volumes)
 
 
 def _topology(a: Allocation) -> tuple[int, int, int]:
@@ -117,6 +152,7 @@ def build_domain(
     vf_addresses: Mapping[str, str] | None = None,
     state: str = STATE_COMPOSING,
     uuid: str | None = None,
+    owned_volumes: Collection[tuple[str, str]] = (),
     machine: str | None = "q35",
     untagged: Collection[str] = (),
     disabled_cpu_features: Collection[str] = (),
@@ -128,6 +164,7 @@ def build_domain(
     untagged: NIC labels whose VLAN the host already provides (a bridge on a VLAN interface), so the
     guest port must not tag it again.
     disabled_cpu_features: host-passthrough features to hide (ones KVM emulates but cannot set, see the provider).
+    uuid, owned_volumes: the domain's identity and the volumes made for it, both recorded in our metadata.
     """
     a = plan.allocation
     volumes = volumes or {}
@@ -137,7 +174,7 @@ def build_domain(
     if uuid:
         _sub(dom, "uuid", uuid)
     meta = _sub(dom, "metadata")
-    meta.append(metadata_element(a, state))
+    meta.append(metadata_element(a, state, uuid=uuid, volumes=owned_volumes))
     _sub(dom, "memory", _kib(a.memory), unit="KiB")
     _sub(dom, "currentMemory", _kib(a.memory), unit="KiB")
 
@@ -259,13 +296,32 @@ def domain_xml(plan: ComposePlan, **kwargs) -> str:
     return ET.tostring(el, encoding="unicode") + "\n"
 
 
-def read_metadata(xml: str | ET.Element) -> tuple[Allocation, str] | None:
-    """(Allocation, state) from a domain's XML, or None when vm-host did not make it."""
+def read_record(xml: str | ET.Element) -> Record | None:
+    """Our record in a domain's XML, or None when vm-host did not make this domain.
+
+    A domain with a <uuid> (every defined one) is ours only when the record names that uuid: a clone that
+    kept our metadata (virt-clone, an edited dumpxml) has another uuid and reads as foreign.
+    """
     root = ET.fromstring(xml) if isinstance(xml, str) else xml
     el = root.find(f"metadata/{{{METADATA_NS}}}allocation")
     if el is None or not (el.text or "").strip():
         return None
-    return Allocation.from_dict(json.loads(el.text)), el.get("state", STATE_READY)
+    uuid = el.get("uuid")
+    own = root.findtext("uuid")
+    if own is not None and (uuid or "").strip().lower() != own.strip().lower():
+        return None
+    try:
+        volumes = tuple((str(p), str(v)) for p, v in json.loads(el.get("volumes") or "[]"))
+        allocation = Allocation.from_dict(json.loads(el.text))
+    except (ValueError, TypeError, KeyError):
+        return None  # not a record we wrote: nothing in it is proof
+    return Record(allocation, el.get("state", STATE_READY), uuid, volumes)
+
+
+def read_metadata(xml: str | ET.Element) -> tuple[Allocation, str] | None:
+    """(Allocation, state) from a domain's XML, or None when vm-host did not make it (see read_record)."""
+    rec = read_record(xml)
+    return None if rec is None else (rec.allocation, rec.state)
 
 
 def allocation_from_foreign_xml(

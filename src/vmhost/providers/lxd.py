@@ -13,27 +13,32 @@ server's extensions, host resources, network kinds, pools, profile, project.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import random
 import re
 import time
+import uuid as uuid_mod
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
 from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo
+from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo, fault_point
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
+from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROJECT = "vmhost"
 PREFERRED_PROFILE = "vmhost"
-OPERATION_TIMEOUT = 120  # s: bound on an operation, and on each wait request for a longer one
-IMAGE_CREATE_TIMEOUT = 1800  # s: creating a VM from an image may first download the image
+OPERATION_TIMEOUT = int(_OPERATION_TIMEOUT)  # s: bound on an operation, and on each wait request for a longer one
+IMAGE_CREATE_TIMEOUT = int(IMAGE_TIMEOUT)  # s: creating a VM from an image may first download the image
 _FINAL = ("Success", "Failure", "Cancelled")
 _clock = time.monotonic  # what bounds waits (tests drive it with the fake daemon's own clock)
 ATTEMPTS = 5  # per API call, transient failures included
@@ -49,10 +54,10 @@ class LxdApiError(ProviderError):
 
 
 def _transport_error(e: BaseException) -> bool:
-    """The daemon could not be reached or the connection broke (not an answer from LXD)."""
+    """The daemon could not be reached or the connection broke (not an answer from LXD, nor its silence)."""
     import requests
 
-    return isinstance(e, (OSError, requests.ConnectionError, requests.Timeout))
+    return isinstance(e, (OSError, requests.ConnectionError)) and not isinstance(e, requests.Timeout)
 
 
 def _transient(e: BaseException) -> bool:
@@ -61,8 +66,10 @@ def _transient(e: BaseException) -> bool:
     return _transport_error(e)
 
 
-def _with_retries(fn):
-    """fn(), retried while the failure is transient, bounded (ATTEMPTS in all, waits 0.2 s doubling to 2 s).
+def _with_retries(fn, budget: float = DEFAULT_CALL_TIMEOUT):
+    """fn(), retried while the failure is transient, bounded: ATTEMPTS in all (waits 0.2 s doubling to 2 s),
+    and no new attempt once `budget` s have passed. A request that timed out is not transient: it is
+    never retried, so with each request bounded by the call limit the whole is bounded too.
 
     The first attempt runs bare: tenacity is imported only once something failed, as almost nothing does.
     """
@@ -73,11 +80,11 @@ def _with_retries(fn):
             raise
         log.debug("LXD call failed (%s); retrying", e)
     time.sleep(0.2)
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
     for attempt in Retrying(
         retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(ATTEMPTS - 1),
+        stop=stop_after_attempt(ATTEMPTS - 1) | stop_after_delay(budget),
         wait=wait_exponential(multiplier=0.4, max=2),
         reraise=True,
     ):
@@ -107,6 +114,7 @@ class LxdProvider:
         profile: str | None = None,
         cert: tuple[str, str] | None = None,
         verify: bool | str = True,
+        timeout: float = DEFAULT_CALL_TIMEOUT,
         **options: Any,
     ):
         if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
@@ -122,9 +130,11 @@ class LxdProvider:
         self.profile = profile
         self.cert = tuple(cert) if cert else None
         self.verify = verify
-        self.timeout = float(options.pop("timeout", 30))
+        self.timeout = float(timeout)  # s: each request (requests' connect and read timeouts)
         self.options = options
         self._conn: _Connection | None = None
+        self._hung: str | None = None  # set once LXD did not answer in time: later calls fail at once
+        self._parsed: ParseCache[Allocation] = ParseCache()  # our allocations, by their raw config text
         self._forget()
 
     def _forget(self) -> None:
@@ -148,7 +158,7 @@ class LxdProvider:
         """Connected on first use (the charm builds providers before LXD is installed)."""
         if self._conn is None:
             try:
-                conn = _with_retries(self._connect)
+                conn = _with_retries(self._connect, self.timeout)
             except Exception as e:
                 if _transport_error(e):
                     raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
@@ -172,11 +182,25 @@ class LxdProvider:
 
         if self.uri and not self._remote and not os.path.exists(self.uri):
             raise FileNotFoundError(f"no LXD socket at {self.uri}")  # pylxd would take the path for a URL
-        try:
-            client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
-        except pe.ClientConnectionFailed as e:
-            raise RequestsConnectionError(str(e) or "connection failed") from e
+        with self._bounded("the connection"):
+            try:
+                client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
+            except pe.ClientConnectionFailed as e:
+                raise RequestsConnectionError(str(e) or "connection failed") from e
         return _Connection(client.api.session, client.api._api_endpoint, client.host_info)
+
+    @contextlib.contextmanager
+    def _bounded(self, what: str, limit: float | None = None) -> Iterator[None]:
+        """Run one request: at once HypervisorTimeout if LXD hung before, and a timeout makes it hung."""
+        import requests
+
+        if self._hung is not None:
+            raise HypervisorTimeout(self._hung)
+        try:
+            yield
+        except requests.Timeout as e:
+            self._hung = no_answer(f"LXD at {self._where}", what, limit or self.timeout)
+            raise HypervisorTimeout(self._hung) from e
 
     def _session(self):
         """None (pylxd's own) for the local socket; for https, pylxd's session where an explicit `verify` wins.
@@ -249,12 +273,13 @@ class LxdProvider:
         conn = self._connection()
 
         def once() -> dict:
-            r = conn.session.request(
-                method, conn.endpoint + path, json=json, params=params, timeout=timeout or self.timeout
-            )
+            with self._bounded(f"{method} {path}", timeout):
+                r = conn.session.request(
+                    method, conn.endpoint + path, json=json, params=params, timeout=timeout or self.timeout
+                )
             return self._body(r)
 
-        return _with_retries(once)
+        return _with_retries(once, self.timeout)
 
     def _wait(self, op_id: str, bound: float = OPERATION_TIMEOUT) -> Any:
         """The operation's result once it is final, waiting OPERATION_TIMEOUT s at a time, `bound` s in all.
@@ -472,9 +497,11 @@ class LxdProvider:
         return out
 
     def list_vms(self) -> list[VmInfo]:
-        return [
+        out = [
             self._vm_info(project, inst) for project, inst in self._instances() if inst.get("type") == "virtual-machine"
         ]
+        self._parsed.end_read()
+        return out
 
     def _host_facts(self) -> tuple[int, str, dict[int, int]]:
         """(memory, default hugepage size, thread -> NUMA node): what reading a VM's limits needs, once per read."""
@@ -493,9 +520,11 @@ class LxdProvider:
     def _vm_info(self, project: str, inst: dict) -> VmInfo:
         """One VM as vm-host sees it: ours from its record, anyone else's from its expanded limits."""
         host_memory, hp_size, thread_node = self._host_facts()
-        ours = project == self.project and cfg.ALLOCATION_KEY in (inst.get("config") or {})
+        ours = project == self.project and cfg.owned(inst.get("config") or {})
         name = inst["name"] if project in (self.project, "default") else f"{project}/{inst['name']}"
-        config = inst.get("config") if ours else inst.get("expanded_config") or inst.get("config") or {}
+        config = (
+            inst.get("config") if ours else cfg.foreign_config(inst.get("expanded_config") or inst.get("config") or {})
+        )
         devices = inst.get("expanded_devices") or inst.get("devices") or {}
         try:
             alloc = cfg.allocation_from_config(
@@ -505,6 +534,7 @@ class LxdProvider:
                 host_memory=host_memory,
                 thread_node=thread_node,
                 hugepage_size=hp_size,
+                cache=self._parsed,
             )
         except (ValueError, KeyError) as e:
             log.warning("VM %s has an unreadable allocation (%s); counting it from its limits", name, e)
@@ -570,6 +600,7 @@ class LxdProvider:
                 cloud_init_keys=self.has_extension("cloud_init"),
                 prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
                 profile_devices=None if cfg.keeps_profile_nics(a) else self._chosen_profile_devices(),
+                uuid=str(uuid_mod.uuid4()),
             )
         except ValueError as e:
             raise ProviderError(str(e)) from e
@@ -652,22 +683,51 @@ class LxdProvider:
 
     def decompose(self, name: str) -> None:
         inst = self._instance(name)  # 404 also when our project does not exist (yet)
-        if cfg.ALLOCATION_KEY not in (inst.get("config") or {}):
+        if not cfg.owned(inst.get("config") or {}):
             raise ProviderError(f"VM {name!r} was not made by vm-host; remove it with lxc, not vmhost")
         self._remove(name, inst)
 
-    def _remove(self, name: str, inst: dict) -> None:
+    def _remove(self, name: str, inst: dict) -> list[str]:
+        """Mark decomposing, stop, delete the VM, then the volumes it had attached that carry its owner tag.
+
+        The mark comes first so that a crash anywhere leaves a VM gc finishes; a volume left after the VM is
+        gone carries our owner tag naming a VM that no longer exists, which is what gc removes.
+        """
+        path = f"/instances/{quote(name, safe='')}"
+        attached = {
+            (d.get("pool"), d.get("source"))
+            for d in (inst.get("devices") or {}).values()
+            if d.get("type") == "disk" and d.get("source") and d.get("pool")
+        }
         try:
+            if (inst.get("config") or {}).get(cfg.STATE_KEY) != cfg.STATE_DECOMPOSING:
+                fault_point(f"mark VM {name} decomposing")
+                self._call("PATCH", path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_DECOMPOSING}})
             if str(inst.get("status", "")).lower() != "stopped":
+                fault_point(f"stop VM {name}")
                 self._state(name, "stop", force=True)
-            self._delete_if_exists(f"/instances/{quote(name, safe='')}")
-            for pool, vol in self._our_volumes():
-                if vol.get("config", {}).get(cfg.OWNER_KEY) == name:
-                    self._delete_if_exists(
-                        f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
-                    )
+            fault_point(f"delete VM {name}")
+            self._delete_if_exists(path)
         except LxdApiError as e:
             raise ProviderError(f"removing VM {name!r} failed: {e}") from e
+        removed = []
+        for pool, vol in self._our_volumes():
+            if vol["config"].get(cfg.OWNER_KEY) == name and (pool, vol["name"]) in attached:
+                fault_point(f"delete volume {vol['name']}")
+                if self._delete_volume(pool, vol):
+                    removed.append(f"{pool}/{vol['name']}")
+        return removed
+
+    def _delete_volume(self, pool: str, vol: dict) -> bool:
+        """Delete one of our volumes; False (logged) when LXD refuses, e.g. a copy of its VM still uses it."""
+        try:
+            self._delete_if_exists(
+                f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
+            )
+            return True
+        except (LxdApiError, ProviderError) as e:
+            log.warning("kept volume %s/%s: %s", pool, vol["name"], e)
+            return False
 
     def _our_volumes(self) -> list[tuple[str, dict]]:
         out = []
@@ -702,26 +762,45 @@ class LxdProvider:
         self._state(name, "stop", force=force)
 
     def gc(self) -> list[str]:
-        """Remove VMs a crash left mid-compose, and our volumes whose VM is gone."""
+        """Finish composes and decomposes a crash left unfinished, and remove our volumes whose VM is gone.
+
+        Only what proves itself ours is touched: VMs in our project whose record is bound to their own
+        volatile.uuid (or that never finished compose), volumes with our owner tag. Each failure is logged
+        and gc goes on; what it skipped is left for the next gc.
+        """
         if not self._project_exists():
             return []
-        removed = []
+        removed: list[str] = []
         instances = {i["name"]: i for i in self._get("/instances", project=self.project, recursion=1) or []}
+        live = set()
         for name, inst in instances.items():
-            if (inst.get("config") or {}).get(cfg.STATE_KEY) == cfg.STATE_COMPOSING:
-                self._remove(name, inst)
-                removed.append(name)
-        live = set(instances) - set(removed)
-        for pool, vol in self._our_volumes():
-            if vol["config"][cfg.OWNER_KEY] not in live:
-                self._delete_if_exists(
-                    f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
-                )
+            config = inst.get("config") or {}
+            if not cfg.owned(config):
+                if cfg.ALLOCATION_KEY in config:
+                    log.info("gc left VM %s alone: its vm-host record is not bound to it (a copy?)", name)
+                continue
+            if config.get(cfg.STATE_KEY) not in (cfg.STATE_COMPOSING, cfg.STATE_DECOMPOSING):
+                live.add(name)
+                continue
+            try:
+                vols = self._remove(name, inst)
+                removed += [name, *vols]
+                log.info("gc removed unfinished VM %s and volumes %s", name, ", ".join(vols) or "none")
+            except Exception as e:
+                live.add(name)
+                log.warning("gc skipped VM %s for now: %s", name, e)
+        try:
+            volumes = self._our_volumes()
+        except Exception as e:
+            log.warning("gc could not list volumes: %s", e)
+            volumes = []
+        for pool, vol in volumes:
+            owner = vol["config"][cfg.OWNER_KEY]
+            if owner in live:
+                continue
+            if self._delete_volume(pool, vol):
                 removed.append(f"{pool}/{vol['name']}")
         return removed
-
-    def confine_floating(self, threads: tuple[int, ...]) -> None:
-        """No-op: LXD 5.0 balances containers only, and a VM's limits.cpu set pins one vCPU per CPU (no shared set)."""
 
 
 def _random_mac() -> str:

@@ -13,13 +13,18 @@ from dataclasses import replace
 from typing import Any
 
 from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
-from vmhost.parse import HUGEPAGE_SIZES, ParseError, parse_cpuset, parse_size
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, ParseError, parse_cpuset, parse_size
 from vmhost.providers.base import ComposePlan
 
 ALLOCATION_KEY = "user.vmhost.allocation"
 STATE_KEY = "user.vmhost.state"  # "composing" until every compose step succeeded, then "ready"
 OWNER_KEY = "user.vmhost.owner"  # on volumes: the VM that owns them (gc deletes a volume whose VM is gone)
+# The instance's identity: compose gives the instance this volatile.uuid and records it here. A copy
+# (lxc copy) gets a new volatile.uuid, so it reads as made by others however much of our config it carries.
+UUID_KEY = "user.vmhost.uuid"
+OUR_PREFIX = "user.vmhost."
 STATE_COMPOSING = "composing"
+STATE_DECOMPOSING = "decomposing"  # a decompose began: gc finishes it
 STATE_READY = "ready"
 
 # LXD's own defaults for a VM with no limits (counted for VMs made by others).
@@ -170,8 +175,11 @@ def instance_config(
     numa_placement: bool = False,
     cloud_init_keys: bool = True,
     prefixes: Mapping[str, int] | None = None,
+    uuid: str | None = None,
 ) -> dict[str, str]:
     """`limits.*`, boot and cloud-init keys, and our own `user.vmhost.*` record of the allocation.
+
+    uuid: the instance's volatile.uuid, set here and recorded in UUID_KEY (see owned()).
 
     numa_placement: the server has the `numa_cpu_placement` extension (`limits.cpu.nodes`).
     cloud_init_keys: the server has `cloud_init` (`cloud-init.*` keys), else the older `user.*` ones.
@@ -184,6 +192,8 @@ def instance_config(
         ALLOCATION_KEY: encode_allocation(a),
         STATE_KEY: STATE_COMPOSING,
     }
+    if uuid:
+        config["volatile.uuid"] = config[UUID_KEY] = uuid
     if numa_placement and a.numa_nodes:
         config["limits.cpu.nodes"] = ",".join(str(n) for n in sorted(a.numa_nodes))
     if a.hugepages is not None:
@@ -216,6 +226,7 @@ def instance_body(
     cloud_init_keys: bool = True,
     prefixes: Mapping[str, int] | None = None,
     profile_devices: Mapping[str, Mapping[str, Any]] | None = None,
+    uuid: str | None = None,
 ) -> dict[str, Any]:
     """The POST /1.0/instances body: an empty VM for network boot, else one from the image alias."""
     if plan.boot == "network":
@@ -229,11 +240,23 @@ def instance_body(
         "type": "virtual-machine",
         "profiles": [profile],
         "config": instance_config(
-            plan, numa_placement=numa_placement, cloud_init_keys=cloud_init_keys, prefixes=prefixes
+            plan, numa_placement=numa_placement, cloud_init_keys=cloud_init_keys, prefixes=prefixes, uuid=uuid
         ),
         "devices": instance_devices(plan, profile_devices),
         "source": source,
     }
+
+
+def owned(config: Mapping[str, Any]) -> bool:
+    """Whether an instance's own (unexpanded) config proves vm-host made it: our record, bound to the
+    instance's own volatile.uuid."""
+    uuid = config.get(UUID_KEY)
+    return bool(config.get(ALLOCATION_KEY)) and bool(uuid) and uuid == config.get("volatile.uuid")
+
+
+def foreign_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config of a VM made by others without any `user.vmhost.*` key: a copied record proves nothing."""
+    return {k: v for k, v in config.items() if not str(k).startswith(OUR_PREFIX)}
 
 
 def encode_allocation(a: Allocation) -> str:
@@ -248,16 +271,18 @@ def allocation_from_config(
     host_memory: int = 0,
     thread_node: dict[int, int] | None = None,
     hugepage_size: str = "2M",
+    cache: ParseCache[Allocation] | None = None,
 ) -> Allocation:
     """The allocation of an instance: ours from `user.vmhost.allocation`, anyone else's from its own limits.
 
     Pass the EXPANDED config/devices (profiles applied) for VMs made by others. `host_memory` resolves a
     percentage `limits.memory`; `thread_node` puts a pinned VM's hugepages on its threads' nodes;
-    `hugepage_size` is the host's default page size (what `limits.memory.hugepages` uses).
+    `hugepage_size` is the host's default page size (what `limits.memory.hugepages` uses). `cache`
+    (the caller's) keeps our allocations by their raw text, so an unchanged one is not parsed again.
     """
     raw = config.get(ALLOCATION_KEY)
     if raw:
-        return Allocation.from_dict(json.loads(raw))
+        return cache.get(raw, _allocation) if cache is not None else _allocation(raw)
     pinned: tuple[int, ...] | None = None
     limit = str(config.get("limits.cpu") or "").strip()
     if not limit:
@@ -319,6 +344,11 @@ def allocation_from_config(
     )
 
 
+def _allocation(raw: str) -> Allocation:
+    return Allocation.from_dict(json.loads(raw))
+
+
 def with_macs(a: Allocation, macs: dict[str, str]) -> Allocation:
-    """The allocation with the MACs the hypervisor (or we) gave its NICs filled in."""
-    return replace(a, nics=tuple(replace(n, mac=macs.get(n.label) or n.mac) for n in a.nics))
+    """The allocation with the MACs the hypervisor (or we) gave its NICs filled in (`a` itself when none is new)."""
+    nics = tuple(replace(n, mac=macs.get(n.label) or n.mac) for n in a.nics)
+    return a if nics == a.nics else replace(a, nics=nics)

@@ -7,7 +7,7 @@ provider composes, names and reports each VM in its own application databag.
 Requirer app databag, key `requests` (JSON list)::
 
     [{"id": "web-0", "cores": 2, "memory": "4G", "pinned_cores": "auto", "hugepages_backed": false,
-      "hugepage_size": null, "storage": "root:20", "interfaces": "eth0:space=public",
+      "hugepage_size": null, "numa_nodes": null, "storage": "root:20", "interfaces": "eth0:space=public",
       "image": "noble", "ssh_authorized_keys": ["ssh-ed25519 AAAA..."], "user_data": "#cloud-config...",
       "tags": ["web"]}]
 
@@ -47,10 +47,10 @@ import logging
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import ops
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 # The unique Charmhub library identifier, never change it
 LIBID = "a8d68aaefd7f4dfcb59dbe522068f833"
@@ -60,7 +60,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 1
+LIBPATCH = 2
 
 PYDEPS = ["pydantic>=2"]
 
@@ -78,8 +78,10 @@ __all__ = [
     "VmReadyEvent",
     "VmRequestSpec",
     "VmStatus",
+    "decode_json",
     "parse_requests",
     "parse_size",
+    "parse_statuses",
 ]
 
 DEFAULT_RELATION_NAME = "vm-allocation"
@@ -88,6 +90,7 @@ STATUSES = ("pending", "ready", "failed", "rejected")
 # Bounds on what one remote application may send (the databag is untrusted input).
 MAX_REQUESTS = 64
 MAX_CORES = 256
+MAX_NUMA_NODES = 64
 MIN_MEMORY = 64 * 1024**2
 MAX_MEMORY = 4 * 1024**4
 MAX_KEYS = 32
@@ -97,6 +100,11 @@ MAX_TAGS = 32
 MAX_STORAGE_LENGTH = 512
 MAX_INTERFACES_LENGTH = 1024
 MAX_MESSAGE = 1024
+MAX_INTERFACES = 16
+# One databag value (`requests`, `vms`) is refused unread past this size, and its JSON past this depth
+# (a request is 3 levels deep); the requirer side never writes more.
+MAX_FIELD_BYTES = 1024 * 1024
+MAX_DEPTH = 16
 
 ID_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
 _ID_RE = re.compile(ID_PATTERN)
@@ -152,6 +160,15 @@ def parse_size(value: str | int) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
+def _is_text(value: str) -> bool:
+    """Whether `value` can be written out as UTF-8 and carries no NUL (JSON allows both)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return "\x00" not in value
+
+
 class VmRequestSpec(BaseModel):
     """One VM the requirer asks for. Unknown fields are ignored; absent ones are None (host defaults).
 
@@ -167,6 +184,7 @@ class VmRequestSpec(BaseModel):
     pinned_cores: Literal["auto"] | None = None
     hugepages_backed: bool | None = None
     hugepage_size: Literal["2M", "1G"] | None = None
+    numa_nodes: int | None = Field(None, ge=1, le=MAX_NUMA_NODES, description="exactly this many host NUMA nodes")
     storage: str | None = Field(None, max_length=MAX_STORAGE_LENGTH, pattern=_STORAGE_RE.pattern)
     interfaces: str | None = Field(None, max_length=MAX_INTERFACES_LENGTH, pattern=_INTERFACES_RE.pattern)
     image: str | None = Field(None, pattern=_IMAGE_RE.pattern)
@@ -174,11 +192,12 @@ class VmRequestSpec(BaseModel):
     user_data: str | None = Field(None, max_length=MAX_USER_DATA, repr=False)
     tags: list[str] | None = Field(None, max_length=MAX_TAGS)
 
-    @field_validator("cores", mode="before")
+    @field_validator("cores", "numa_nodes", mode="before")
     @classmethod
-    def _whole(cls, v: Any) -> Any:
+    def _whole(cls, v: Any, info: ValidationInfo) -> Any:
         if isinstance(v, bool) or (v is not None and not isinstance(v, int)):
-            raise ValueError(f"must be a whole number from 1 to {MAX_CORES}")
+            top = MAX_NUMA_NODES if info.field_name == "numa_nodes" else MAX_CORES
+            raise ValueError(f"must be a whole number from 1 to {top}")
         return v
 
     @field_validator("memory", mode="before")
@@ -209,15 +228,29 @@ class VmRequestSpec(BaseModel):
             return {"2MIB": "2M", "2048K": "2M", "1GIB": "1G", "1024M": "1G"}.get(v.upper(), v.upper())
         return v
 
+    @field_validator("user_data")
+    @classmethod
+    def _user_data(cls, v: str | None) -> str | None:
+        if v is not None and not _is_text(v):
+            raise ValueError("must be UTF-8 text without NUL characters")
+        return v
+
     @field_validator("ssh_authorized_keys")
     @classmethod
     def _keys(cls, v: list[str] | None) -> list[str] | None:
         for i, key in enumerate(v or ()):
-            if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key):
+            if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key) or not _is_text(key):
                 raise ValueError(
                     f"entry {i} is not one OpenSSH public key line (type, base64 key, optional comment; "
                     f"at most {MAX_KEY_LENGTH} characters)"
                 )
+        return v
+
+    @field_validator("interfaces")
+    @classmethod
+    def _interface_count(cls, v: str | None) -> str | None:
+        if v is not None and v.count(";") >= MAX_INTERFACES:
+            raise ValueError(f"lists more than {MAX_INTERFACES} interfaces (separated by ';')")
         return v
 
     @field_validator("tags")
@@ -242,44 +275,68 @@ class RequirerAppData(BaseModel):
 
 
 class VmStatus(BaseModel):
-    """The provider's answer for one request."""
+    """The provider's answer for one request; every field bounded (the provider is remote to the requirer)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    id: str = Field(max_length=128)
+    id: str = Field(min_length=1, max_length=64)
     status: Literal["pending", "ready", "failed", "rejected"]
     message: str | None = Field(None, max_length=MAX_MESSAGE)
-    unit: str | None = None
-    name: str | None = None
-    mac_addresses: list[str] | None = None
-    addresses: list[str] | None = None
+    unit: str | None = Field(None, max_length=128)
+    name: str | None = Field(None, max_length=64)
+    mac_addresses: list[Annotated[str, Field(max_length=32)]] | None = Field(None, max_length=MAX_INTERFACES)
+    addresses: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=MAX_INTERFACES)
 
 
 class ProviderAppData(BaseModel):
-    """The provider application databag; `error` is set when the requests list as a whole is unreadable."""
+    """The provider application databag; `error` is set when the requests list as a whole is not served
+    as written (unreadable, or longer than MAX_REQUESTS)."""
 
     model_config = ConfigDict(extra="ignore")
 
-    vms: list[VmStatus] | None = None
-    error: str | None = None
+    vms: list[VmStatus] | None = Field(None, max_length=MAX_REQUESTS)
+    error: str | None = Field(None, max_length=MAX_MESSAGE)
 
 
-def _decode(value: str) -> Any:
-    """json.loads that keeps an undecodable value as the raw string, so validation can name the field."""
+def decode_json(value: Any, limit: int = MAX_FIELD_BYTES) -> Any:
+    """JSON from a databag value, totally: anything unusable is a ValueError with one bounded sentence.
+
+    The size is checked before decoding and the depth after (iteratively), so no remote value can
+    make a hook spend unbounded time or memory or hit Python's recursion limit later on.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("is not a string")
+    if len(value) > limit:
+        raise ValueError(f"is {len(value)} characters long; at most {limit} are read")
     try:
-        return json.loads(value)
-    except ValueError:
-        return value
+        decoded = json.loads(value)
+    except RecursionError:
+        raise ValueError(f"is nested too deeply; at most {MAX_DEPTH} levels") from None
+    except ValueError:  # JSONDecodeError, and integers too long to convert
+        raise ValueError("is not valid JSON") from None
+    stack = [(decoded, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"is nested too deeply; at most {MAX_DEPTH} levels")
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return decoded
 
 
-def _error_sentence(e: ValidationError) -> str:
-    """Field names and what is wrong; never the input values (they may hold keys or user data)."""
+def _error_sentence(e: ValidationError, few: int = 3) -> str:
+    """Field names and what is wrong (the first few); never the input values (they may hold keys or
+    user data)."""
+    errors = e.errors(include_input=False, include_url=False)
     parts = []
-    for err in e.errors(include_input=False, include_url=False):
+    for err in errors[:few]:
         loc = ".".join(str(x) for x in err.get("loc", ())) or "request"
         msg = str(err.get("msg", "is invalid")).removeprefix("Value error, ")
         parts.append(f"{loc}: {msg}")
-    return "; ".join(parts)
+    more = f"; and {len(errors) - few} more" if len(errors) > few else ""
+    return "; ".join(parts)[:MAX_MESSAGE] + more
 
 
 @dataclass(frozen=True)
@@ -300,7 +357,8 @@ def parse_requests(raw: Any, max_requests: int = MAX_REQUESTS) -> tuple[list[Par
     """Validate a requirer's `requests` value entry by entry; returns (entries, whole-list error).
 
     Entries that repeat an id with the same content are one request (a replay); an id given twice with
-    different content is rejected, as is every entry past `max_requests`.
+    different content is rejected. Only the first `max_requests` entries are read: a longer list gets
+    one whole-list error instead of a status per entry, so what the provider publishes stays bounded.
     """
     if raw is None:
         return [], None
@@ -308,7 +366,7 @@ def parse_requests(raw: Any, max_requests: int = MAX_REQUESTS) -> tuple[list[Par
         return [], "requests must be a JSON list of request objects"
     out: list[ParsedRequest] = []
     seen: dict[str, int] = {}
-    for i, item in enumerate(raw):
+    for i, item in enumerate(raw[:max_requests]):
         rid = item.get("id") if isinstance(item, dict) else None
         rid = rid if isinstance(rid, str) and _ID_RE.match(rid) else f"#{i}"
         if not isinstance(item, dict):
@@ -322,9 +380,6 @@ def parse_requests(raw: Any, max_requests: int = MAX_REQUESTS) -> tuple[list[Par
                 first.index, rid, error=f"id {rid!r} is given more than once with different contents; use one id per VM"
             )
             continue
-        if len(seen) >= max_requests:
-            out.append(ParsedRequest(i, rid, error=f"too many requests; at most {max_requests} per application"))
-            continue
         try:
             spec = VmRequestSpec.model_validate(item)
         except ValidationError as e:
@@ -333,7 +388,27 @@ def parse_requests(raw: Any, max_requests: int = MAX_REQUESTS) -> tuple[list[Par
             out.append(ParsedRequest(i, rid, spec=spec))
         if not rid.startswith("#"):
             seen[rid] = len(out) - 1
+    if len(raw) > max_requests:
+        return out, (
+            f"too many requests: {len(raw)} entries, at most {max_requests} per application; "
+            f"the first {max_requests} are served, the rest are rejected"
+        )
     return out, None
+
+
+def parse_statuses(raw: Any) -> dict[str, VmStatus]:
+    """The provider's statuses by request id: each readable entry of the first MAX_REQUESTS (an entry
+    this library cannot read is left out, so one bad entry hides no other)."""
+    if not isinstance(raw, list):
+        return {}
+    out: dict[str, VmStatus] = {}
+    for item in raw[:MAX_REQUESTS]:
+        try:
+            status = VmStatus.model_validate(item)
+        except ValidationError:
+            continue
+        out.setdefault(status.id, status)
+    return out
 
 
 def _spec_dump(item: dict) -> dict | None:
@@ -360,9 +435,11 @@ class VmAllocationProvider(ops.Object):
         if relation.app is None:
             return [], None
         try:
-            data = relation.load(RequirerAppData, relation.app, decoder=_decode)
+            data = relation.load(RequirerAppData, relation.app, decoder=decode_json)
         except ValidationError:
             return [], "requests must be a JSON list of request objects"
+        except ValueError as e:  # decode_json's own sentence
+            return [], f"requests {e}"
         return parse_requests(data.requests)
 
     def remote_model_uuid(self, relation: ops.Relation) -> str:
@@ -376,13 +453,13 @@ class VmAllocationProvider(ops.Object):
         """Write the statuses; only the leader may write the application databag (a Juju rule)."""
         if not self._charm.unit.is_leader():
             return
-        relation.save(ProviderAppData(vms=list(statuses), error=error), self._charm.app)
+        relation.save(ProviderAppData(vms=list(statuses)[:MAX_REQUESTS], error=error), self._charm.app)
 
     def published(self, relation: ops.Relation) -> list[VmStatus]:
         """What this application last published on `relation` (empty when unreadable)."""
         try:
-            return relation.load(ProviderAppData, self._charm.app).vms or []
-        except (ValidationError, ValueError, ops.ModelError):
+            return list(parse_statuses(decode_json(relation.data[self._charm.app].get("vms"))).values())
+        except (ValueError, ops.ModelError):
             return []
 
 
@@ -459,15 +536,34 @@ class VmAllocationRequirer(ops.Object):
         return rel
 
     def requests(self, relation: ops.Relation | None = None) -> list[VmRequestSpec]:
-        """The requests this application has made (invalid entries, if any were written, are skipped)."""
+        """The requests this application has made (invalid entries, if any were written, are skipped).
+
+        Leader only (Juju lets only the leader read its application databag): RuntimeError otherwise.
+        """
+        self._check_leader()
         rel = self._relation(relation)
-        data = rel.load(RequirerAppData, self._charm.app, decoder=_decode)
-        return [p.spec for p in parse_requests(data.requests, max_requests=10**6)[0] if p.spec is not None]
+        try:
+            data = rel.load(RequirerAppData, self._charm.app, decoder=decode_json)
+        except ValueError:  # only this application writes it, so only a bug gets here: start afresh
+            logger.warning("this application's own VM requests on relation %d are unreadable", rel.id)
+            return []
+        return [p.spec for p in parse_requests(data.requests)[0] if p.spec is not None]
+
+    def _check_leader(self) -> None:
+        if not self._charm.unit.is_leader():
+            raise RuntimeError(
+                "only the leader unit can read or change VM requests (they live in the application databag)"
+            )
 
     def _write(self, rel: ops.Relation, specs: list[VmRequestSpec]) -> None:
-        if not self._charm.unit.is_leader():
-            raise RuntimeError("only the leader unit can change VM requests (they live in the application databag)")
-        rel.data[self._charm.app]["requests"] = json.dumps([s.to_databag() for s in specs])
+        self._check_leader()
+        encoded = json.dumps([s.to_databag() for s in specs])
+        if len(encoded) > MAX_FIELD_BYTES:
+            raise ValueError(
+                f"the requests would take {len(encoded)} bytes; vm-host reads at most {MAX_FIELD_BYTES}: "
+                "use shorter user_data or fewer keys"
+            )
+        rel.data[self._charm.app]["requests"] = encoded
 
     def request_vm(
         self,
@@ -478,6 +574,7 @@ class VmAllocationRequirer(ops.Object):
         pinned_cores: str | None = None,
         hugepages_backed: bool | None = None,
         hugepage_size: str | None = None,
+        numa_nodes: int | None = None,
         storage: str | None = None,
         interfaces: str | None = None,
         image: str | None = None,
@@ -488,8 +585,10 @@ class VmAllocationRequirer(ops.Object):
     ) -> VmRequestSpec:
         """Add (or change) the request `id`. Idempotent: asking again with the same values changes nothing.
 
-        Raises pydantic.ValidationError when a value is out of bounds, RuntimeError when not the leader.
+        Raises pydantic.ValidationError when a value is out of bounds, ValueError when the list would
+        be too long or too big, RuntimeError when not the leader or not related.
         """
+        self._check_leader()
         spec = VmRequestSpec.model_validate(
             {
                 "id": id,
@@ -498,6 +597,7 @@ class VmAllocationRequirer(ops.Object):
                 "pinned_cores": pinned_cores,
                 "hugepages_backed": hugepages_backed,
                 "hugepage_size": hugepage_size,
+                "numa_nodes": numa_nodes,
                 "storage": storage,
                 "interfaces": interfaces,
                 "image": image,
@@ -520,6 +620,7 @@ class VmAllocationRequirer(ops.Object):
 
     def withdraw(self, id: str, relation: ops.Relation | None = None) -> bool:
         """Remove the request `id`; the provider then releases its VM. Returns whether it was there."""
+        self._check_leader()
         rel = self._relation(relation)
         specs = self.requests(rel)
         kept = [s for s in specs if s.id != id]
@@ -533,11 +634,17 @@ class VmAllocationRequirer(ops.Object):
         if rel.app is None:
             return {}
         try:
-            data = rel.load(ProviderAppData, rel.app, decoder=_decode)
-        except ValidationError:
-            logger.warning("vm-host published statuses this library cannot read on relation %d", rel.id)
+            raw = decode_json(rel.data[rel.app].get("vms"))
+        except ValueError as e:
+            logger.warning("vm-host's statuses on relation %d are unreadable: vms %s", rel.id, e)
             return {}
-        return {s.id: s for s in data.vms or ()}
+        out = parse_statuses(raw)
+        if isinstance(raw, list) and len(out) < len(raw):
+            left = len(raw) - len(out)
+            logger.warning(
+                "%d of vm-host's statuses on relation %d are left out (unreadable or repeated)", left, rel.id
+            )
+        return out
 
     def vm(self, id: str, relation: ops.Relation | None = None) -> VmStatus | None:
         return self.statuses(relation).get(id)

@@ -1,0 +1,443 @@
+"""Request policy for the vm-allocation relation: which remote requests this host serves, and how.
+
+Pure (no ops, no I/O, deterministic). A request is checked field by field against the operator's
+RelationSettings (networks, space bridges, images), named and owned by the host, then counted against
+its application's quota. The owner key `model-uuid/app/request-id` a VM carries is what makes replays
+find the VM they already made (docs/design.md §7). Which unit serves an accepted request is
+vmhost.relation_assignment's business; vmhost.relation.decide() drives both.
+
+Over 400 lines on purpose: it is one idea (is a remote request served, and as what), and its rules
+(names, networks, images, quotas, what a remote model is told) read best side by side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from vmhost.model import Allocation, Nic, VmRequest
+from vmhost.parse import InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
+from vmhost.providers.base import CloudInit
+
+__all__ = [
+    "AcceptedRequest",
+    "Binding",
+    "HeldVm",
+    "IncomingRequest",
+    "Quota",
+    "RelationRequests",
+    "RelationSettings",
+    "RequestDecision",
+    "RequestRejected",
+    "build_request",
+    "first_few",
+    "judge_requests",
+    "nic_policy_error",
+    "owner_key",
+    "remote_reason",
+    "split_owner",
+    "vm_name",
+]
+
+DEFAULT_CORES = 1
+DEFAULT_MEMORY = 1024**3
+FEW = 3  # how many items of a list a message names before "and N more"
+IMAGE_REJECTION = (
+    "image must be a name of an image in the host's image directory "
+    "(letters, digits, '.', '_', ':', '-'; no '/' and no '..')"
+)
+_OWNER_RE = re.compile(r"^(?P<model>[A-Za-z0-9-]{1,64})/(?P<app>[a-z][a-z0-9-]{0,62})/(?P<id>[a-z0-9][a-z0-9-]{0,62})$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Owners, names, settings
+
+
+def owner_key(model_uuid: str, app: str, request_id: str) -> str:
+    """The key a relation VM carries: unique across models, apps and requests."""
+    return f"{model_uuid}/{app}/{request_id}"
+
+
+def split_owner(owner: str | None) -> tuple[str, str, str] | None:
+    """(model uuid, app, request id) of a relation owner key; None for VMs made any other way."""
+    match = _OWNER_RE.match(owner or "")
+    return (match["model"], match["app"], match["id"]) if match else None
+
+
+def first_few(items: Sequence[str], few: int = FEW) -> str:
+    """A list as "a, b, c and 17 more": remote lists are unbounded, and a status message has a size limit."""
+    items = list(items)
+    if len(items) <= few:
+        return ", ".join(items)
+    return f"{', '.join(items[:few])} and {len(items) - few} more"
+
+
+def vm_name(owner: str) -> str:
+    """The VM name for an owner: chosen by the host (never the remote), stable across replays."""
+    return "vm-" + hashlib.sha256(owner.encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
+
+    vms: int | None = None
+    cores: int | None = None
+    memory: int | None = None
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The host interfaces and subnets carrying the `vm-allocation` endpoint's Juju binding.
+
+    Juju never tells a charm the NAME of the space an endpoint is bound to, only which interfaces
+    and subnets carry it, so `juju deploy vm-host --bind vm-allocation=public` is how the operator
+    says where VMs go when a request names no network. `interfaces` lists the interface holding the
+    bind address first (Juju's order).
+    """
+
+    interfaces: tuple[str, ...] = ()
+    subnets: tuple[str, ...] = ()
+
+    def spec(self, label: str) -> InterfaceSpec | None:
+        """The interface a request that names no network gets; None when Juju said nothing usable.
+
+        By name (placement attaches through the bridge when that interface is a bridge port); else
+        by subnet, ignoring single-address "subnets" (Juju leaves the CIDR out sometimes, LP #1864102).
+        """
+        if self.interfaces:
+            return InterfaceSpec(label, name=self.interfaces[0])
+        subnets = []
+        for subnet in self.subnets:
+            try:
+                network = ipaddress.ip_network(subnet, strict=False)
+            except ValueError:
+                continue
+            if network.num_addresses > 1:
+                subnets.append(str(network))
+        return InterfaceSpec(label, subnet=tuple(subnets)) if subnets else None
+
+
+@dataclass(frozen=True)
+class RelationSettings:
+    """The operator's relation policy, as plain values the charm builds from its config: per-app
+    quota, networks VMs may join, space -> bridge, and the vm-allocation binding (where requests
+    that name no network go)."""
+
+    quota: Quota = field(default_factory=Quota)
+    allowed_networks: tuple[str, ...] = ()
+    space_bridges: Mapping[str, str] = field(default_factory=dict)
+    binding: Binding = field(default_factory=Binding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and outcomes
+
+
+@dataclass(frozen=True)
+class IncomingRequest:
+    """One entry of a requirer's list, already shape-checked by the interface library."""
+
+    id: str
+    spec: Mapping[str, Any] | None = None  # the library's VmRequestSpec as a dict
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class RelationRequests:
+    """The requests of one related application. `app_key` is `model-uuid/app`; `error` says why its list
+    is not served as written (unreadable, or too long), and then none of its VMs is released."""
+
+    relation_id: int
+    model_uuid: str
+    app: str
+    requests: tuple[IncomingRequest, ...] = ()
+    error: str | None = None
+
+    @property
+    def app_key(self) -> str:
+        return f"{self.model_uuid}/{self.app}"
+
+
+@dataclass(frozen=True)
+class AcceptedRequest:
+    """A request the host will serve: the VmRequest (named, owned) and how the VM boots."""
+
+    owner: str
+    request: VmRequest
+    cloud_init: CloudInit
+    image: str | None = None
+
+    @property
+    def boot(self) -> str:
+        return "image" if self.image else "network"
+
+
+@dataclass(frozen=True)
+class RequestDecision:
+    """The verdict on one listed request: accepted (with what to compose) or rejected (with why).
+    `owner` is None for an entry without a usable id, which can never own a VM."""
+
+    relation_id: int
+    id: str
+    owner: str | None
+    accepted: AcceptedRequest | None = None
+    rejected: str | None = None
+
+
+@dataclass(frozen=True)
+class HeldVm:
+    """A VM that already exists for an owner: which unit has it and what it takes (for quotas)."""
+
+    unit: str
+    cores: int
+    memory: int
+
+
+class RequestRejected(ValueError):
+    """A request the host will not serve; the message names the field and what is allowed."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation against the host's policy
+
+
+def _map_interface(wanted: InterfaceSpec, settings: RelationSettings) -> InterfaceSpec:
+    """space=X onto the bridge space-bridges names for X (several spaces: they must agree).
+
+    The hypervisor knows no Juju spaces and Juju never tells a charm its binding's space name, so
+    space-bridges is the only place a space name can resolve; any other is refused here, before
+    placement would fail on it with a vaguer message.
+    """
+    bridges = {settings.space_bridges[space] for space in wanted.space if space in settings.space_bridges}
+    if not bridges:
+        if wanted.space:
+            known = first_few(sorted(settings.space_bridges)) or "none"
+            asked = first_few(wanted.space)
+            raise RequestRejected(
+                f"interfaces: {wanted.label} asks for space {asked}, which this host does not know "
+                f"(spaces in its space-bridges: {known}); leave space out to get the network "
+                f"the vm-allocation endpoint is bound to"
+            )
+        return wanted
+    if len(bridges) > 1:
+        raise RequestRejected(
+            f"interfaces: {wanted.label} asks for spaces on different bridges ({first_few(sorted(bridges))})"
+        )
+    bridge = bridges.pop()
+    if wanted.name is not None and wanted.name != bridge:
+        raise RequestRejected(
+            f"interfaces: {wanted.label} names host interface {wanted.name} but its space is on bridge {bridge}"
+        )
+    return replace(wanted, space=(), name=bridge)
+
+
+def _allowed_by_name(name: str, settings: RelationSettings) -> bool:
+    """Listed by name, or the bridge of a listed space (space-bridges)."""
+    allowed = set(settings.allowed_networks)
+    return name in allowed or any(
+        space in allowed and bridge == name for space, bridge in settings.space_bridges.items()
+    )
+
+
+def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSettings) -> AcceptedRequest:
+    """The VmRequest and cloud-init for one shape-checked spec; raises RequestRejected naming the field."""
+    image = spec.get("image")
+    if image is not None and not _bare_name(image):
+        raise RequestRejected(IMAGE_REJECTION)
+    try:
+        storage = parse_storage(spec.get("storage"))
+    except ParseError as e:
+        raise RequestRejected(f"storage: {e}") from None
+    try:
+        specs = parse_interfaces(spec.get("interfaces"))
+    except ParseError as e:
+        raise RequestRejected(f"interfaces: {e}") from None
+    if not specs and settings.binding.spec("eth0") is not None:
+        specs = (InterfaceSpec("eth0"),)  # a VM without a NIC is of no use to a remote model
+    interfaces = []
+    for wanted in specs:
+        if wanted == InterfaceSpec(wanted.label) and (bound := settings.binding.spec(wanted.label)) is not None:
+            # allowed-networks is checked once placed (nic_policy_error): only then is it known
+            # whether a bound port attaches through its bridge, and which addresses that carries.
+            interfaces.append(bound)
+            continue
+        mapped = _map_interface(wanted, settings)
+        if settings.allowed_networks and mapped.name is not None and not _allowed_by_name(mapped.name, settings):
+            raise RequestRejected(
+                f"interfaces: {wanted.label} would attach to {mapped.name}, which is not in allowed-networks "
+                f"({first_few(settings.allowed_networks)})"
+            )
+        interfaces.append(mapped)
+    name = vm_name(owner)
+    try:
+        request = VmRequest.from_dict(
+            {
+                "cores": spec.get("cores") or DEFAULT_CORES,
+                "memory": spec.get("memory") or DEFAULT_MEMORY,
+                "pinned_cores": spec.get("pinned_cores"),
+                "hugepages_backed": bool(spec.get("hugepages_backed")),
+                "hugepage_size": spec.get("hugepage_size"),
+                "numa_nodes": spec.get("numa_nodes"),
+                "storage": storage,
+                "interfaces": tuple(interfaces),
+                "name": name,
+                "owner": owner,
+            }
+        )
+    except ParseError as e:
+        raise RequestRejected(str(e)) from None
+    cloud_init = CloudInit(
+        hostname=name,
+        ssh_authorized_keys=tuple(spec.get("ssh_authorized_keys") or ()),
+        user_data=spec.get("user_data"),
+    )
+    return AcceptedRequest(owner=owner, request=request, cloud_init=cloud_init, image=image)
+
+
+def _bare_name(image: Any) -> bool:
+    """A name the host looks up in its own image directory, never a path (docs/design.md §7: no raw
+    hypervisor input passes through; on libvirt a path would upload a host file as the root disk)."""
+    return isinstance(image, str) and bool(image) and "/" not in image and "\\" not in image and ".." not in image
+
+
+def nic_policy_error(allocation: Allocation, *, host_nics: Sequence[Nic], settings: RelationSettings) -> str | None:
+    """Why a planned VM's NICs break allowed-networks (None when they do not, or no list is set).
+
+    A NIC is allowed when its host parent is listed by name, by the Juju space it serves, through a
+    space-bridges entry whose space is listed, or by a listed CIDR holding one of its addresses.
+    """
+    if not settings.allowed_networks:
+        return None
+    by_name = {host_nic.name: host_nic for host_nic in host_nics}
+    cidrs = []
+    for allowed in settings.allowed_networks:
+        if "/" in allowed:
+            try:
+                cidrs.append(ipaddress.ip_network(allowed, strict=False))
+            except ValueError:
+                continue
+    for nic in allocation.nics:
+        host_nic = by_name.get(nic.parent)
+        spaces = [host_nic.space] if host_nic and host_nic.space else []
+        if _allowed_by_name(nic.parent, settings) or any(space in settings.allowed_networks for space in spaces):
+            continue
+        addresses = []
+        for address in (host_nic.addresses if host_nic else ()) + ((nic.ip,) if nic.ip else ()):
+            try:
+                addresses.append(ipaddress.ip_interface(address).ip)
+            except ValueError:
+                continue
+        if any(ip.version == net.version and ip in net for ip in addresses for net in cidrs):
+            continue
+        return (
+            f"interfaces: {nic.label} would attach to {nic.parent}, which is not in allowed-networks "
+            f"({first_few(settings.allowed_networks)})"
+        )
+    return None
+
+
+# What a remote model is told when placement fails: the resource that was short, from the first words
+# of placement's message (rule 7 names the resource first), never the host's free amounts or topology.
+_LABEL = r"[A-Za-z0-9_.-]{1,32}"
+_SHORTAGES = (
+    (re.compile(r"pinned cpus?\b"), "not enough pinned threads"),
+    (re.compile(r"shared vCPUs\b"), "not enough shared vCPUs"),
+    (re.compile(r"hugepages (?P<size>1G|2M)\b"), "not enough {size} hugepages"),
+    (
+        re.compile(r"memory \S+ is not a whole number of (?P<size>1G|2M) hugepages"),
+        "memory is not a whole number of {size} hugepages",
+    ),
+    (re.compile(r"memory\b"), "not enough memory"),
+    (re.compile(r"no even split over NUMA nodes\b"), "no set of NUMA nodes has room for its CPUs and memory together"),
+    (re.compile(rf"disk (?P<label>{_LABEL}):"), "disk {label}: not enough storage"),
+    (re.compile(rf"interface (?P<label>{_LABEL}): sriov\b"), "interface {label}: no free SR-IOV VF"),
+    (re.compile(rf"interface (?P<label>{_LABEL}):"), "interface {label}: no host network matches it"),
+    (re.compile(r"sriov\b"), "not enough free SR-IOV VFs"),
+)
+
+
+def remote_reason(placement_error: str) -> str:
+    """The sentence a requirer gets for a placement failure (the operator's log keeps the detail)."""
+    for pattern, short in _SHORTAGES:
+        match = pattern.match(placement_error)
+        if match:
+            return "the host cannot place this VM now: " + short.format(**match.groupdict())
+    return "the host cannot place this VM now"
+
+
+# ---------------------------------------------------------------------------------------------
+# Every request of every relation, quotas included
+
+
+@dataclass(frozen=True)
+class _QuotaUse:
+    """What one application's VMs take so far, against its quota."""
+
+    vms: int = 0
+    cores: int = 0
+    memory: int = 0
+
+    def plus(self, cores: int, memory: int) -> _QuotaUse:
+        return _QuotaUse(self.vms + 1, self.cores + cores, self.memory + memory)
+
+    def overrun(self, quota: Quota, cores: int, memory: int) -> str | None:
+        """Why one more VM of this size breaks the quota; None when it fits."""
+        if quota.vms is not None and self.vms + 1 > quota.vms:
+            return f"over quota: {self.vms} of {quota.vms} VMs in use (relation-quota vms={quota.vms})"
+        if quota.cores is not None and self.cores + cores > quota.cores:
+            left = max(0, quota.cores - self.cores)
+            return f"over quota: needs {cores} cores, {left} of {quota.cores} left (relation-quota cores={quota.cores})"
+        if quota.memory is not None and self.memory + memory > quota.memory:
+            left = format_size(max(0, quota.memory - self.memory))
+            total = format_size(quota.memory)
+            return f"over quota: needs {format_size(memory)} memory, {left} of {total} left (relation-quota memory)"
+        return None
+
+
+def _judge_one(relation: RelationRequests, incoming: IncomingRequest, settings: RelationSettings) -> RequestDecision:
+    """The verdict on one request by its own fields (quotas come after)."""
+    # An entry without a usable id ("#3") cannot own a VM; one with an id keeps its VM, if any.
+    owner = None if incoming.id.startswith("#") else owner_key(relation.model_uuid, relation.app, incoming.id)
+    verdict = RequestDecision(relation.relation_id, incoming.id, owner)
+    if incoming.error is not None or incoming.spec is None or owner is None:
+        return replace(verdict, rejected=incoming.error or "request is invalid")
+    try:
+        return replace(verdict, accepted=build_request(incoming.spec, owner=owner, settings=settings))
+    except RequestRejected as e:
+        return replace(verdict, rejected=f"request {incoming.id!r}: {e}")
+
+
+def judge_requests(
+    relations: Sequence[RelationRequests], *, settings: RelationSettings, held: Mapping[str, HeldVm]
+) -> list[RequestDecision]:
+    """Accept or reject every request of every relation, quotas included.
+
+    VMs that already exist count first, so a new request can never push an existing VM over quota;
+    then new requests count in the order the requirer listed them.
+    """
+    out: list[RequestDecision] = []
+    for relation in sorted(relations, key=lambda relation: relation.relation_id):
+        verdicts = [_judge_one(relation, incoming, settings) for incoming in relation.requests]
+        listed = {verdict.owner for verdict in verdicts if verdict.owner}
+        use = _QuotaUse()
+        for owner, vm in held.items():
+            if owner in listed:
+                use = use.plus(vm.cores, vm.memory)
+        for verdict in verdicts:
+            if verdict.accepted is None or verdict.owner in held:
+                out.append(verdict)
+                continue
+            request = verdict.accepted.request
+            overrun = use.overrun(settings.quota, request.cores, request.memory)
+            if overrun:
+                rejected = f"request {verdict.id!r}: {overrun} for {relation.app}"
+                out.append(replace(verdict, accepted=None, rejected=rejected))
+                continue
+            use = use.plus(request.cores, request.memory)
+            out.append(verdict)
+    return out
