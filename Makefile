@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 TOOLS   = $(shell VMHOST_CACHE=$(CACHE) bash scripts/tools-venv.sh)
 UV      = $(TOOLS)/bin/uv
 
-.PHONY: host tools venv lock charm run test unit functional package integration lint format bench clean
+.PHONY: host tools venv lock charm run test unit functional numa numa-guest package integration lint format bench clean
 
 host:                         ## system packages, hugepages, hugetlbfs, libvirtd, test LXD daemon
 	bash scripts/host-setup.sh --lxd
@@ -34,7 +34,7 @@ charm:                        ## vm-host_amd64.charm with charmcraft's own pack 
 run: venv                     ## compose a pinned hugepage VM, show resources, decompose it
 	bash scripts/demo.sh
 
-test: venv lint charm         ## unit + package + functional (real libvirtd and LXD) + integration (skips without juju)
+test: venv lint charm         ## unit + package + functional (real libvirtd and LXD) + numa (nested multi-node hosts) + integration (skips without juju)
 	CHARM_PATH=$(CURDIR)/$(CHARM) $(VENV)/bin/pytest $(PYTEST_ARGS) tests
 
 unit: $(STAMP)
@@ -45,6 +45,12 @@ package: $(STAMP) charm
 
 functional: venv
 	$(VENV)/bin/pytest tests/functional
+
+numa-guest:                   ## the numa tier's nested guest image and QEMU 10 chroot (cached under $(CACHE)/numa-guest)
+	VMHOST_CACHE=$(CACHE) bash scripts/build-numa-guest.sh
+
+numa: venv                    ## 2-node, 4-node and SR-IOV (igb) libvirt hosts nested under TCG, driven over qemu+ssh
+	$(VENV)/bin/pytest tests/numa
 
 integration: $(STAMP)
 	$(VENV)/bin/pytest tests/integration

@@ -34,6 +34,7 @@ from vmhost.charm_models import (
 from vmhost.model import VmRequest
 from vmhost.parse import format_cpuset, parse_listen_address
 from vmhost.providers.base import ProviderError, get_provider
+from vmhost.providers.libvirt_discovery import is_remote
 from vmhost.resources_view import render_view, summary_line, vm_line
 from vmhost.service import HostLockError, VmHost
 from vmhost.timeouts import HypervisorTimeout
@@ -180,6 +181,14 @@ class VmHostCharm(ops.CharmBase):
                 self.unit.status = ops.MaintenanceStatus(f"installing LXD from snap channel {config.lxd_snap_channel}")
             self.host.ensure_lxd(config.lxd_snap_channel)
             self._apply_lxd_preseed(config)
+        if config.backend == "libvirt" and is_remote(config.libvirt_uri):
+            # Hugepages and hugetlbfs belong to the remote host's kernel; this machine's are not its.
+            if config.hugepages:
+                raise hostmod.HostSetupError(
+                    f"hugepages cannot be set on the remote libvirt host {config.libvirt_uri} from here; "
+                    "reserve them on that host (sysfs or its kernel command line) and clear the hugepages option"
+                )
+            return
         if config.hugepages:
             wanted = self.host.wanted_hugepages(config.hugepages)
             if any(self.host.hugepages().get(k, 0) != v for k, v in wanted.items()):

@@ -1,7 +1,7 @@
 """Suite-wide guard: a tier whose prerequisites CI provides must really run, never skip.
 
 .ci/run names those tiers in VMHOST_REQUIRE_TIERS (comma-separated directory names under tests/:
-`package` always, `functional` where /dev/kvm works); a skipped test in one of them fails the run.
+`package` always, `functional` and `numa` where /dev/kvm works); a skipped test in one of them fails the run.
 """
 
 import os

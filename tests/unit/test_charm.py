@@ -781,3 +781,15 @@ def test_an_unexpected_set_up_failure_never_escapes_the_hook(fake, machine, monk
     assert out.unit_status == testing.BlockedStatus(
         "host set-up failed: division by zero; see juju debug-log, then run refresh"
     )
+
+
+def test_hugepages_for_a_remote_libvirt_host_are_refused_not_set_here(fake, machine):
+    c = ctx()
+    config = {**LIBVIRT, "libvirt-uri": "qemu+ssh://virsh@far/system", "hugepages": "0:2M:256"}
+    out = c.run(c.on.config_changed(), testing.State(config=config))
+    assert machine.nr("2048kB") == 0  # this machine's pages are not the remote host's
+    assert out.unit_status == testing.BlockedStatus(
+        "hugepages cannot be set on the remote libvirt host qemu+ssh://virsh@far/system from here; "
+        "reserve them on that host (sysfs or its kernel command line) and clear the hugepages option"
+    )
+    assert not any(call[:1] == ["mount"] for call in machine.runner.calls)

@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import tenacity
 
@@ -39,6 +38,7 @@ from vmhost.providers.base import (
     VmInfo,
     fault_point,
 )
+from vmhost.providers.libvirt_discovery import cell_hugepages, is_remote, remote_nics
 from vmhost.providers.libvirt_xml import (
     METADATA_NS,
     METADATA_PREFIX,
@@ -210,9 +210,8 @@ class LibvirtProvider:
         self._conn = None
         self._caps: ET.Element | None = None
         self._parsed: ParseCache[tuple[Allocation, bool, tuple[str, ...]]] = ParseCache()  # by domain XML
-        parts = urlsplit(self.uri)
-        # sysfs describes this machine only; a remote host is read through libvirt alone.
-        self.local = parts.hostname in (None, "", "localhost") and "+" not in parts.scheme
+        # sysfs describes this machine only; a remote host is read through libvirt alone (libvirt_discovery).
+        self.local = not is_remote(self.uri)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -294,12 +293,7 @@ class LibvirtProvider:
                 if label:
                     pages[label] = int((d / "nr_hugepages").read_text())
             return pages
-        for p in cell.findall("pages"):
-            size = int(p.get("size", "0")) * 1024
-            for label, b in HUGEPAGE_SIZES.items():
-                if b == size:
-                    pages[label] = int(p.text or 0)
-        return pages
+        return cell_hugepages(cell)
 
     def storage_pools(self) -> list[StoragePool]:
         out = []
@@ -319,13 +313,8 @@ class LibvirtProvider:
         return nics
 
     def _remote_nics(self) -> list[Nic]:
-        out = []
         with self._errors("list host interfaces"):
-            for dev in self._call(self.conn.listAllDevices, libvirt.VIR_CONNECT_LIST_NODE_DEVICES_CAP_NET):
-                name = ET.fromstring(dev.XMLDesc(0)).findtext("capability/interface")
-                if name and name != "lo":
-                    out.append(Nic(name=name))
-        return out
+            return remote_nics(self.conn, self._call, libvirt)
 
     # -- reading VMs back -----------------------------------------------------------------------
 
@@ -831,7 +820,7 @@ def _local_nics() -> list[Nic]:
     for name, (kind, link) in kinds.items():
         dev = _SYSFS_NET / name / "device"
         node = _read(dev / "numa_node")
-        vfs = _read(dev / "sriov_totalvfs")
+        vfs = _read(dev / "sriov_numvfs")  # VFs that exist can be handed out; enabling more is the operator's
         speed = _link_speed(_read(_SYSFS_NET / name / "speed"))
         master = link.get("master")
         bridge = master if master and (_SYSFS_NET / name / "brport").exists() else None

@@ -1,0 +1,125 @@
+"""Fixtures for the numa tier: real multi-node (and SR-IOV) libvirt hosts, nested under TCG.
+
+Each profile boots once per session, and only one guest runs at a time (tests are ordered by
+profile), which spares a 2-core machine. Tests skip, with the reason printed, only when the
+prerequisites are missing (root, /dev/kvm on this machine, QEMU, ssh, libvirt-python); CI turns such a
+skip into a failure where they are present (tests/conftest.py, .ci/run). A guest that fails to build
+or boot is an error, not a skip.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.numa.guest import PROFILES, Guest, build_guest
+
+_ORDER = {"guest_two": 0, "guest_four": 1, "guest_igb": 2}
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    """Tests of one profile run together, so each guest boots once and only one runs at a time."""
+    slots = [i for i, it in enumerate(items) if "tests/numa/" in it.nodeid]
+
+    def rank(item) -> int:
+        return min((r for f, r in _ORDER.items() if f in getattr(item, "fixturenames", ())), default=len(_ORDER))
+
+    ordered = sorted((items[i] for i in slots), key=rank)
+    for i, it in zip(slots, ordered, strict=True):
+        items[i] = it
+
+
+def _missing() -> str | None:
+    if os.geteuid() != 0:
+        return "the numa tier builds its guest with debootstrap and needs root"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "no usable /dev/kvm on this machine (the numa tier runs where the functional tier runs)"
+    for tool in ("qemu-system-x86_64", "ssh", "ssh-keygen", "apt-get"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make host installs it)"
+    try:
+        import libvirt  # noqa: F401
+    except ImportError:
+        return "libvirt-python is not installed"
+    return None
+
+
+class Guests:
+    """Boots profiles on demand; booting one stops the previous one (by its own pid)."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="vmhost-numa-"))
+        self.image: Path | None = None
+        self.current: Guest | None = None
+        self.failed: dict[str, str] = {}
+
+    def get(self, name: str) -> Guest:
+        if self.current is not None and self.current.profile.name == name:
+            return self.current
+        if name in self.failed:
+            pytest.fail(f"the {name} guest did not come up earlier in this session: {self.failed[name]}")
+        self.stop()
+        if self.image is None:
+            self.image = build_guest()
+        guest = Guest(PROFILES[name], self.image, self.dir / name)
+        try:
+            guest.boot()
+        except Exception as e:
+            guest.stop()
+            self.failed[name] = str(e)
+            raise
+        self.current = guest
+        return guest
+
+    def stop(self) -> None:
+        if self.current is not None:
+            self.current.stop()
+            self.current = None
+
+
+@pytest.fixture(scope="session")
+def guests() -> Iterator[Guests]:
+    reason = _missing()
+    if reason:
+        pytest.skip(reason)
+    g = Guests()
+    atexit.register(g.stop)  # also when pytest is interrupted past its finalizers
+    yield g
+    g.stop()
+    shutil.rmtree(g.dir, ignore_errors=True)
+
+
+def _profile_fixture(name: str) -> Callable:
+    @pytest.fixture
+    def fixture(guests: Guests) -> Guest:
+        return guests.get(name)
+
+    return fixture
+
+
+guest_two = _profile_fixture("two")
+guest_four = _profile_fixture("four")
+guest_igb = _profile_fixture("igb")
+
+
+@pytest.fixture
+def vm_names(guests: Guests) -> Iterator[Callable[[], str]]:
+    """Per-test unique VM names; whatever carries them is removed from the current guest afterwards."""
+    names: list[str] = []
+
+    def new() -> str:
+        names.append(f"nt-{uuid.uuid4().hex[:8]}")
+        return names[-1]
+
+    yield new
+    guest = guests.current
+    if guest is not None and names:
+        script = "; ".join(f"virsh destroy {n} >/dev/null 2>&1; virsh undefine {n} >/dev/null 2>&1" for n in names)
+        guest.run(script, check=False)
