@@ -9,7 +9,7 @@
 # concurrent runs wait for each other (bounded).
 set -euo pipefail
 # dbus: debootstrap does not resolve systemd-container's `default-dbus-system-bus | dbus-system-bus`.
-GUEST_PACKAGES=linux-image-amd64,systemd-sysv,libpam-systemd,dbus,libvirt-daemon-system,libvirt-clients,qemu-system-x86,openssh-server,python3,numactl,iproute2,pciutils
+GUEST_PACKAGES=linux-image-amd64,systemd-sysv,libpam-systemd,dbus,libvirt-daemon-system,libvirt-clients,qemu-system-x86,qemu-utils,openssh-server,python3,numactl,iproute2,pciutils
 QEMU_PACKAGES=qemu-system-x86
 SUITE=bookworm
 # The Debian archive this machine's apt already uses (its first source for the suite), unless given.

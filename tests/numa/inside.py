@@ -93,6 +93,10 @@ def probe(guest: Guest, name: str = "") -> Inside:
     )
 
 
+# The guest's pool holds a few GB: VMs here take a 64M root disk, not MAAS's default 8 GB one (issue 16).
+SMALL_ROOT = "root:64M"
+
+
 def vmhost(guest: Guest, *args: str, timeout: float = 300) -> tuple[int, dict | list | None, str]:
     """`vmhost ARGS --uri <the guest> --json` from outside the guest: (exit code, JSON or None, stderr)."""
     cmd = [sys.executable, "-m", "vmhost.cli", *args, "--backend", "libvirt", "--uri", guest.uri, "--json"]

@@ -11,7 +11,7 @@ import json
 import pytest
 from ops import testing
 
-from tests.numa.inside import probe
+from tests.numa.inside import SMALL_ROOT, probe
 from tests.unit.juju_cli import charm_context
 
 
@@ -35,6 +35,7 @@ def test_compose_action_spans_both_nodes_and_decompose_returns_the_pages(guest_t
     before = probe(guest_two).free
     name = vm_names()
     params = {"cores": 2, "memory": "384M", "pinned_cores": "auto", "hugepages_backed": True, "start": True}
+    params["storage"] = SMALL_ROOT
     results = _run(guest_two, "compose", {**params, "hostname": name})
     assert results["name"] == name and results["state"] == "running"
     per_node = {int(k): v for k, v in json.loads(results["hugepages"])["per_node"].items()}
@@ -51,6 +52,7 @@ def test_compose_action_that_fits_nowhere_fails_with_one_sentence(guest_two, vm_
     ctx = charm_context()
     config = {"backend": "libvirt", "libvirt-uri": guest_two.uri}
     params = {"cores": 1, "memory": "1G", "pinned_cores": "auto", "hugepages_backed": True, "hostname": vm_names()}
+    params["storage"] = SMALL_ROOT
     with pytest.raises(testing.ActionFailed) as exc:
         ctx.run(ctx.on.action("compose", params=params), testing.State(config=config))
     assert exc.value.message.startswith("hugepages 2M: need 512, node 0 has 128 free, node 1 has 128"), (

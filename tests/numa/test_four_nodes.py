@@ -5,9 +5,9 @@ One CPU per node and uneven 2M pages (32, 96, 64, 96), so choosing the two nodes
 
 from __future__ import annotations
 
-from tests.numa.inside import probe, vmhost
+from tests.numa.inside import SMALL_ROOT, probe, vmhost
 
-SPAN = ("--cores", "2", "--memory", "256M", "--pinned-cores", "auto", "--hugepages-backed")
+SPAN = ("--cores", "2", "--memory", "256M", "--pinned-cores", "auto", "--hugepages-backed", "--storage", SMALL_ROOT)
 
 
 def test_vm_needing_two_nodes_spans_exactly_the_two_placement_chooses(guest_four, vm_names):
@@ -44,6 +44,8 @@ def test_request_that_fits_nowhere_is_refused_naming_each_node(guest_four):
         "--pinned-cores",
         "auto",
         "--hugepages-backed",
+        "--storage",
+        SMALL_ROOT,
         "--start",
     )
     assert rc == 1

@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from tests.numa.inside import probe, vmhost
+from tests.numa.inside import SMALL_ROOT, probe, vmhost
 
 MAX_VFS = 7
 # Seven floating 1-vCPU VMs on 4 threads: overcommit, so the VFs, not the CPUs, are what runs out.
@@ -68,6 +68,8 @@ def test_sriov_vm_pinned_on_node_1_gets_a_node_1_vf_and_gives_it_back(guest_igb,
         "--hugepages-backed",
         "--interfaces",
         "eth0:type=sriov",
+        "--storage",
+        SMALL_ROOT,
     )
     assert rc == 0, err
     assert vm["numa_nodes"] == [1]  # the NIC's node: rule 4 counts the SR-IOV NIC
@@ -101,8 +103,12 @@ def test_vfs_are_never_handed_out_past_the_nics_maximum(guest_igb, pf, vm_names)
     host = VmHost(LibvirtProvider(uri=guest_igb.uri), Policy(cpu_overcommit_ratio=4))
     try:
         for name in names[:-1]:
-            host.compose(VmRequest.from_dict({"cores": 1, "memory": "64M", "interfaces": SRIOV, "name": name}))
-        args = ("--cores", "1", "--memory", "64M", "--interfaces", SRIOV, *FLOATING)
+            host.compose(
+                VmRequest.from_dict(
+                    {"cores": 1, "memory": "64M", "interfaces": SRIOV, "name": name, "storage": SMALL_ROOT}
+                )
+            )
+        args = ("--cores", "1", "--memory", "64M", "--interfaces", SRIOV, "--storage", SMALL_ROOT, *FLOATING)
         rc, _, err = vmhost(guest_igb, "compose", "--hostname", names[-1], *args)
         assert rc == 0, f"VF {MAX_VFS} of {MAX_VFS}: {err}"
         assert _vfs(guest_igb, pf)["vfs_used"] == MAX_VFS
@@ -115,7 +121,7 @@ def test_vfs_are_never_handed_out_past_the_nics_maximum(guest_igb, pf, vm_names)
 
         domains = guest_igb.ssh("virsh list --all --name").split()
         volumes = guest_igb.ssh("virsh vol-list default --details").strip()
-        rc, _, err = vmhost(guest_igb, "compose", "--hostname", vm_names(), "--storage", "root:1", *args)
+        rc, _, err = vmhost(guest_igb, "compose", "--hostname", vm_names(), *args)
         assert rc == 1
         assert f"all VFs are in use ({pf} {MAX_VFS}/{MAX_VFS})" in err, err
         assert guest_igb.ssh("virsh list --all --name").split() == domains  # nothing was created

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from tests.numa.inside import probe, vmhost
+from tests.numa.inside import SMALL_ROOT, probe, vmhost
 
 PAGES = 128
 
 
 def _compose(guest, vm_names, *args: str) -> dict:
     name = vm_names()
-    rc, vm, err = vmhost(guest, "compose", "--hostname", name, "--start", *args)
+    rc, vm, err = vmhost(guest, "compose", "--hostname", name, "--start", "--storage", SMALL_ROOT, *args)
     assert rc == 0, err
     return vm
 
