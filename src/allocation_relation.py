@@ -19,8 +19,10 @@ from typing import Any
 import ops
 from pydantic import ValidationError
 
+from charm_config import relation_settings
 from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES, MAX_MESSAGE, VmAllocationProvider, VmStatus, decode_json
 from vmhost import broker
+from vmhost.placement import PlacementError, compute_usage
 from vmhost.providers.base import ProviderError
 from vmhost.service import HostLockError, Refused
 from vmhost.timeouts import HypervisorTimeout
@@ -139,14 +141,12 @@ class AllocationRelation(ops.Object):
         return broker.Binding(tuple(names), tuple(subnets))
 
     def _capacity(self, host: Any) -> broker.Capacity:
-        from vmhost.placement import compute_usage
-
         return broker.Capacity.from_usage(compute_usage(host.topology(), host.allocations(), host.policy))
 
     def reconcile(self, host: Any, config: Any) -> None:
         """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
         try:
-            settings = replace(broker.Settings.from_config(config), binding=self._binding())
+            settings = replace(relation_settings(config), binding=self._binding())
         except ValueError as e:
             logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
             return
@@ -236,8 +236,6 @@ class AllocationRelation(ops.Object):
         release: list[str],
     ) -> dict[str, tuple[str, str]]:
         """Release, then compose; owner -> (failed | rejected, why) for composes that did not happen."""
-        from vmhost.placement import PlacementError
-
         for name in release:
             try:
                 host.decompose(name)

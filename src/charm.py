@@ -2,7 +2,7 @@
 """vm-host: Juju events -> one reconcile of the host; actions -> the vmhost use cases.
 
 Thin on purpose: host preparation lives in vmhost.host, placement and composition in
-vmhost.service, typed config/params in vmhost.charm_models. Nothing about VMs is kept in
+vmhost.service, typed config/params in charm_config. Nothing about VMs is kept in
 StoredState: the hypervisor is the only database (DESIGN.md §3).
 """
 
@@ -18,8 +18,7 @@ import ops
 import pydantic
 
 from allocation_relation import AllocationRelation
-from vmhost import host as hostmod
-from vmhost.charm_models import (
+from charm_config import (
     AddTrustedClientParams,
     CharmConfig,
     ClientTokenParams,
@@ -30,6 +29,8 @@ from vmhost.charm_models import (
     error_message,
     vm_results,
 )
+from vmhost import host as hostmod
+from vmhost import lxd_setup
 from vmhost.model import VmRequest
 from vmhost.providers.base import ProviderError, get_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
@@ -184,8 +185,6 @@ class VmHostCharm(ops.CharmBase):
             self.host.restart_libvirtd()
 
     def _apply_lxd_preseed(self, config: CharmConfig) -> None:
-        from vmhost import lxd_setup
-
         cfg = lxd_setup.LxdHostConfig(
             storage_driver=config.lxd_storage_driver,
             bridge=config.bridge or None,
@@ -376,7 +375,6 @@ class VmHostCharm(ops.CharmBase):
         params, config = self._load(event, AddTrustedClientParams)
         if params is None or not self._lxd_only(event, config, "add-trusted-client"):
             return
-        from vmhost import lxd_setup
 
         try:
             projects = self._trust_projects(config, params.admin)
@@ -394,7 +392,6 @@ class VmHostCharm(ops.CharmBase):
         params, config = self._load(event, ClientTokenParams)
         if params is None or not self._lxd_only(event, config, "get-client-token"):
             return
-        from vmhost import lxd_setup
 
         try:
             projects = self._trust_projects(config, params.admin)

@@ -18,10 +18,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from vmhost.charm_models import CharmConfig, Quota
-from vmhost.model import Allocation, Nic, VmRequest
+from vmhost.model import Allocation, CloudInit, Nic, Quota, VmRequest
 from vmhost.parse import HUGEPAGE_SIZES, InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
-from vmhost.providers.base import CloudInit
 
 __all__ = [
     "Accepted",
@@ -124,21 +122,6 @@ class Settings:
     allowed_networks: tuple[str, ...] = ()
     space_bridges: Mapping[str, str] = field(default_factory=dict)
     binding: Binding = field(default_factory=Binding)
-
-    @classmethod
-    def from_config(cls, config: Any) -> Settings:
-        """From the charm's config model; strings are parsed with the same rules as the config options."""
-        raw = {
-            "relation_quota": getattr(config, "relation_quota", None),
-            "allowed_networks": getattr(config, "allowed_networks", None),
-            "space_bridges": getattr(config, "space_bridges", None),
-        }
-        parsed = CharmConfig.model_validate({k: v for k, v in raw.items() if v is not None})
-        return cls(
-            quota=parsed.relation_quota,
-            allowed_networks=tuple(parsed.allowed_networks),
-            space_bridges=dict(parsed.space_bridges),
-        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
+from vmhost.placement import PlacementError
 from vmhost.providers.base import ProviderError, get_provider
+from vmhost.resources_view import render_view, vm_line
 from vmhost.service import BOOT_MODES, STOP_WAIT, HostLockBusy, VmHost
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
@@ -183,8 +185,6 @@ def _emit(args: argparse.Namespace, data, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmhost.resources_view import render_view, vm_line
-
     host = _host(args)
     try:
         if args.command == "resources":
@@ -241,8 +241,6 @@ def _hint(e: BaseException) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vmhost.placement import PlacementError
-
     args = build_parser().parse_args(argv)
     args.json = args.json or args.json_before
     try:

@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmhost.charm_models import HugepageSetting
-from vmhost.model import HostTopology, Nic
+from vmhost.model import HostTopology, HugepageSetting, Nic
 from vmhost.parse import HUGEPAGE_SIZES, human_size
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 

@@ -38,15 +38,20 @@ __all__ = [
     "RATIO_BOUNDS",
     "Allocation",
     "Cell",
+    "CloudInit",
+    "ComposePlan",
     "Core",
     "DiskAllocation",
     "HostTopology",
     "HugepageAllocation",
+    "HugepageSetting",
     "Nic",
     "NicAllocation",
     "NumaNode",
     "Policy",
+    "Quota",
     "StoragePool",
+    "VmInfo",
     "VmRequest",
     "overcommit_ratio",
 ]
@@ -323,6 +328,24 @@ class VmRequest:
 
 # Overcommit ratios an operator may set (README "Limits"): finite, and far enough from 0 and from
 # infinity that capacity arithmetic stays exact in floats and ints.
+@dataclass(frozen=True)
+class HugepageSetting:
+    """Pages of one size wanted on one NUMA node (node None: the host total, split evenly over nodes)."""
+
+    size: str
+    count: int
+    node: int | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
+
+    vms: int | None = None
+    cores: int | None = None
+    memory: int | None = None
+
+
 RATIO_BOUNDS = {"cpu_overcommit_ratio": (0.1, 64.0), "memory_overcommit_ratio": (0.1, 4.0)}
 MAX_RESERVED_MEMORY = 1024**5
 
@@ -534,3 +557,41 @@ class Allocation:
             owner=d.get("owner"),
             other=bool(d.get("other", False)),
         )
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """What reaches the guest through a cloud-init seed (NoCloud)."""
+
+    hostname: str
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposePlan:
+    """Everything a provider needs to make one VM: the allocation plus how it boots."""
+
+    allocation: Allocation
+    start: bool = False
+    boot: str = "network"  # network (PXE first, as MAAS did) | image
+    image: str | None = None
+    cloud_init: CloudInit | None = None
+    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
+    shared_threads: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as the hypervisor reports it, with the allocation read back from its metadata."""
+
+    name: str
+    state: str  # running | stopped | other hypervisor states, lower case
+    allocation: Allocation
+    managed: bool = True
+    macs: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        d = self.allocation.to_dict()
+        d.update(name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs))
+        return d

@@ -15,18 +15,10 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
-from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.providers.base import (
-    CloudInit,
-    ComposePlan,
-    FloatingConfinement,
-    NotFound,
-    Provider,
-    ProviderError,
-    VmInfo,
-    confine_floating,
-    fault_point,
-)
+from vmhost.model import Allocation, CloudInit, ComposePlan, HostTopology, Policy, VmInfo, VmRequest
+from vmhost.placement import compute_usage, place
+from vmhost.providers.base import FloatingConfinement, NotFound, Provider, ProviderError, confine_floating, fault_point
+from vmhost.resources_view import resources_dict
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -97,8 +89,6 @@ class VmHost:
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
-        from vmhost.placement import place
-
         host, vms = snapshot or self._snapshot()
         if request.name is None:
             request = replace(request, name=new_vm_name({v.name for v in vms}))
@@ -193,8 +183,6 @@ class VmHost:
 
     def _shared_threads(self, host: HostTopology, allocations: list[Allocation]) -> tuple[int, ...]:
         """Online threads neither reserved nor pinned: where floating VMs may run."""
-        from vmhost.placement import compute_usage
-
         usage = compute_usage(host, allocations, self.policy)
         return tuple(sorted(t for node in usage.nodes for t in node.free_threads))
 
@@ -233,9 +221,6 @@ class VmHost:
 
     def resources(self) -> dict:
         """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
-        from vmhost.placement import compute_usage
-        from vmhost.resources_view import resources_dict
-
         host = self.provider.discover()
         vms = self.vms()
         usage = compute_usage(host, [v.allocation for v in vms], self.policy)

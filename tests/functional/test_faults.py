@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.functional.test_lxd import instance_names, lxd_daemon, project, volume_names  # noqa: F401
-from vmhost.model import Policy, VmRequest
+from vmhost.model import CloudInit, Policy, VmRequest
 from vmhost.placement import PlacementError
-from vmhost.providers.base import FAULT_ENV, FAULT_EXIT, CloudInit, get_provider
+from vmhost.providers.base import FAULT_ENV, FAULT_EXIT, get_provider
 from vmhost.service import VmHost
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.model import Allocation, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposeError, ComposePlan, NotFound, ProviderError
+from vmhost.providers.base import ComposeError, NotFound, ProviderError
 
 pytestmark = pytest.mark.lxd
 
@@ -193,7 +193,7 @@ def test_composed_vm_record_has_exactly_the_planned_config_devices_and_volumes(p
 
 
 def test_unpinned_vm_with_cloud_init_and_static_ip(provider, project, names):
-    from vmhost.providers.base import CloudInit
+    from vmhost.model import CloudInit
 
     name = names()
     alloc = planned(

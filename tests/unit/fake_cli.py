@@ -12,8 +12,7 @@ from dataclasses import replace
 
 from tests.unit.fakes import FakeProvider
 from vmhost import cli
-from vmhost.model import Allocation
-from vmhost.providers.base import VmInfo
+from vmhost.model import Allocation, VmInfo
 
 provider = FakeProvider()
 for name in filter(None, os.environ.get("FAKE_RUNNING", "").split(",")):

@@ -6,8 +6,8 @@ import subprocess
 from dataclasses import replace
 from datetime import UTC
 
-from vmhost.model import HostTopology, Nic, StoragePool
-from vmhost.providers.base import ComposePlan, NotFound, VmInfo
+from vmhost.model import ComposePlan, HostTopology, Nic, StoragePool, VmInfo
+from vmhost.providers.base import NotFound
 
 GIB = 1024**3
 

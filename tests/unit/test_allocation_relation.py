@@ -14,8 +14,8 @@ from ops import testing
 from allocation_relation import HYPERVISOR_ERROR, AllocationRelation
 from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
-from vmhost.model import Allocation, Nic, Policy, StoragePool
-from vmhost.providers.base import ProviderError, VmInfo
+from vmhost.model import Allocation, Nic, Policy, StoragePool, VmInfo
+from vmhost.providers.base import ProviderError
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from types import SimpleNamespace
 
 import pytest
 
 from vmhost import broker
 from vmhost.broker import Capacity, Incoming, RelationInput, Result, Settings
-from vmhost.charm_models import Quota
-from vmhost.model import Allocation, Nic, NicAllocation, VmRequest
-from vmhost.providers.base import VmInfo
+from vmhost.model import Allocation, Nic, NicAllocation, Quota, VmInfo, VmRequest
 
 M = "aaaaaaaa-1111-4111-8111-000000000001"
 GiB = 1024**3
@@ -37,21 +34,6 @@ def test_owner_keys_round_trip_and_names_are_stable_and_distinct():
     assert broker.vm_name(key) == broker.vm_name(key)
     assert broker.vm_name(key) != broker.vm_name(broker.owner_key(M, "client", "web-1"))
     assert broker.vm_name(key).startswith("vm-")
-
-
-def test_settings_parse_strings_and_typed_values_alike():
-    s = Settings.from_config(
-        SimpleNamespace(relation_quota="vms=2,memory=4G", allowed_networks="br0 public", space_bridges="public=br0")
-    )
-    assert s.quota == Quota(vms=2, memory=4 * GiB)
-    assert s.allowed_networks == ("br0", "public") and dict(s.space_bridges) == {"public": "br0"}
-    same = Settings.from_config(
-        SimpleNamespace(relation_quota=s.quota, allowed_networks=s.allowed_networks, space_bridges=s.space_bridges)
-    )
-    assert same == s
-    assert Settings.from_config(object()) == Settings()
-    with pytest.raises(ValueError):
-        Settings.from_config(SimpleNamespace(relation_quota="vms=lots"))
 
 
 def test_request_is_named_owned_and_mapped_onto_the_space_bridge():

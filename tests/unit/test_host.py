@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from charm_config import parse_hugepages_setting
 from tests.unit.fakes import (
     CommandRecorder,
     FakeApt,
@@ -16,7 +17,6 @@ from tests.unit.fakes import (
     snap_store_error,
 )
 from vmhost import host as hostmod
-from vmhost.charm_models import HugepageSetting, parse_hugepages_setting
 from vmhost.host import (
     GRUB_DROPIN,
     RETRY_WAITS,
@@ -26,7 +26,7 @@ from vmhost.host import (
     libvirt_packages,
     older_channel,
 )
-from vmhost.model import HostTopology
+from vmhost.model import HostTopology, HugepageSetting
 
 KB = {"2M": "2048kB", "1G": "1048576kB"}
 

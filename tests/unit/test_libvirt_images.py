@@ -13,8 +13,8 @@ from ops import testing
 import charm
 from tests.unit.fakes import FakeProvider
 from tests.unit.juju_cli import charm_context
-from vmhost.model import Allocation, DiskAllocation
-from vmhost.providers.base import ComposePlan, ProviderError
+from vmhost.model import Allocation, ComposePlan, DiskAllocation
+from vmhost.providers.base import ProviderError
 from vmhost.providers.libvirt import DEFAULT_IMAGE_DIR, LibvirtProvider, _volume_xml, resolve_image
 
 M = 1024**2

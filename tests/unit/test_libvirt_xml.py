@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from vmhost.model import Allocation, Cell, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.model import Allocation, Cell, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import HUGEPAGE_SIZES, parse_cpuset
-from vmhost.providers.base import ComposePlan
 from vmhost.providers.libvirt_xml import (
     STATE_COMPOSING,
     STATE_READY,

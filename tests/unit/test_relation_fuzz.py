@@ -23,8 +23,7 @@ from charm import VmHostCharm
 from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, MAX_REQUESTS, VmAllocationRequirer
 from tests.unit.fakes import FakeProvider
 from tests.unit.test_charm import TOPOLOGY, Machine
-from vmhost.model import Allocation
-from vmhost.providers.base import VmInfo
+from vmhost.model import Allocation, VmInfo
 
 FUZZ = settings(
     max_examples=150,

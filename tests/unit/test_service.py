@@ -330,8 +330,7 @@ def test_confine_foreign_vms_setting_from_cli_env_and_dict(fake, monkeypatch, ca
 
 
 def _vm(name, *, pinned=None, managed=True, state="running"):
-    from vmhost.model import Allocation
-    from vmhost.providers.base import VmInfo
+    from vmhost.model import Allocation, VmInfo
 
     alloc = Allocation(name=name, vcpus=len(pinned or (1,)), memory=GIB, pinned=pinned, other=not managed)
     return VmInfo(name, state, alloc, managed=managed)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vmhost.model import Allocation, HostTopology, Nic, StoragePool
+from vmhost.model import ComposePlan, HostTopology, Nic, StoragePool, VmInfo
 
 log = logging.getLogger(__name__)
 
@@ -57,44 +57,6 @@ class ComposeError(ProviderError):
         super().__init__(f"compose failed at step '{step}': {cause}")
         self.step = step
         self.cause = cause
-
-
-@dataclass(frozen=True)
-class CloudInit:
-    """What reaches the guest through a cloud-init seed (NoCloud)."""
-
-    hostname: str
-    ssh_authorized_keys: tuple[str, ...] = ()
-    user_data: str | None = None
-
-
-@dataclass(frozen=True)
-class ComposePlan:
-    """Everything a provider needs to make one VM: the allocation plus how it boots."""
-
-    allocation: Allocation
-    start: bool = False
-    boot: str = "network"  # network (PXE first, as MAAS did) | image
-    image: str | None = None
-    cloud_init: CloudInit | None = None
-    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
-    shared_threads: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class VmInfo:
-    """A VM as the hypervisor reports it, with the allocation read back from its metadata."""
-
-    name: str
-    state: str  # running | stopped | other hypervisor states, lower case
-    allocation: Allocation
-    managed: bool = True
-    macs: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        d = self.allocation.to_dict()
-        d.update(name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs))
-        return d
 
 
 @runtime_checkable

@@ -27,18 +27,20 @@ from urllib.parse import urlsplit
 
 import tenacity
 
-from vmhost.model import Core, DiskAllocation, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
-from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, format_size, human_size, parse_cpuset
-from vmhost.providers.base import (
-    NAME_PREFIX,
-    ComposeError,
+from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso
+from vmhost.model import (
     ComposePlan,
-    NotFound,
-    ProviderError,
-    Transaction,
+    Core,
+    DiskAllocation,
+    HostTopology,
+    Nic,
+    NicAllocation,
+    NumaNode,
+    StoragePool,
     VmInfo,
-    fault_point,
 )
+from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, format_size, human_size, parse_cpuset
+from vmhost.providers.base import NAME_PREFIX, ComposeError, NotFound, ProviderError, Transaction, fault_point
 from vmhost.providers.libvirt_xml import (
     METADATA_NS,
     METADATA_PREFIX,
@@ -545,8 +547,6 @@ class LibvirtProvider:
         return a.disks[0].pool if a.disks else self._default_pool()
 
     def _create_seed(self, tx: Transaction, plan: ComposePlan, ref: VolumeRef) -> None:
-        from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso  # yaml loads only when seeding
-
         a = plan.allocation
         host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
         docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=static_prefixes(a.nics, host))

@@ -12,9 +12,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from vmhost.model import Allocation, Cell, HugepageAllocation
+from vmhost.model import Allocation, Cell, ComposePlan, HugepageAllocation
 from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
-from vmhost.providers.base import NAME_PREFIX, ComposePlan
+from vmhost.providers.base import NAME_PREFIX
 
 __all__ = [
     "METADATA_NS",

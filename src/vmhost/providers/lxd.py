@@ -26,10 +26,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
-from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
+from vmhost.cloudinit import static_prefixes
+from vmhost.model import Allocation, ComposePlan, Core, HostTopology, Nic, NumaNode, StoragePool, VmInfo
 from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo, fault_point
+from vmhost.providers.base import NotFound, ProviderError, Transaction, fault_point
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
@@ -638,8 +639,6 @@ class LxdProvider:
         return self._vm_info(self.project, self._instance(a.name))
 
     def _prefixes(self, a: Allocation) -> dict[str, int]:
-        from vmhost.cloudinit import static_prefixes
-
         if not any(n.ip and "/" not in n.ip for n in a.nics):
             return {}
         nics = self._nics_cache if self._nics_cache is not None else self.networks()

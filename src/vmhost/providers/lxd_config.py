@@ -12,9 +12,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.cloudinit import seed_documents
+from vmhost.model import Allocation, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import HUGEPAGE_SIZES, ParseError, parse_cpuset, parse_size
-from vmhost.providers.base import ComposePlan
 
 ALLOCATION_KEY = "user.vmhost.allocation"
 STATE_KEY = "user.vmhost.state"  # "composing" until every compose step succeeded, then "ready"
@@ -203,8 +203,6 @@ def instance_config(
     if plan.cloud_init is not None:
         # Imported here: YAML and the seed builder cost a CLI call more than its API calls, and only seeds need them.
         import yaml
-
-        from vmhost.cloudinit import seed_documents
 
         # LXD writes meta-data itself (instance-id, hostname = VM name); keys also go in `user.meta-data`,
         # which LXD appends, so they reach the guest even when the caller's user-data is a script.

@@ -3,25 +3,26 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import pydantic
 import pytest
 
-from tests.unit.juju_cli import actions_spec, juju_run_params, param_types
-from vmhost.charm_models import (
+from charm_config import (
     AddTrustedClientParams,
     CharmConfig,
     ClientTokenParams,
     ComposeParams,
-    HugepageSetting,
     ListVmsParams,
     NameParams,
-    Quota,
     error_message,
     parse_hugepages_setting,
+    relation_settings,
     vm_results,
 )
-from vmhost.model import Policy, VmRequest
+from tests.unit.juju_cli import actions_spec, juju_run_params, param_types
+from vmhost.broker import Settings as RelationSettings
+from vmhost.model import HugepageSetting, Policy, Quota, VmRequest
 
 
 def test_defaults_are_a_working_lxd_host():
@@ -226,3 +227,18 @@ def test_confine_foreign_vms_option_reaches_the_policy_and_config_yaml_declares_
     assert options["confine-foreign-vms"]["type"] == "boolean" and options["confine-foreign-vms"]["default"] is True
     assert CharmConfig().policy().confine_foreign_vms is True
     assert CharmConfig(confine_foreign_vms=False).policy().confine_foreign_vms is False
+
+
+def test_settings_parse_strings_and_typed_values_alike():
+    s = relation_settings(
+        SimpleNamespace(relation_quota="vms=2,memory=4G", allowed_networks="br0 public", space_bridges="public=br0")
+    )
+    assert s.quota == Quota(vms=2, memory=4 * 1024**3)
+    assert s.allowed_networks == ("br0", "public") and dict(s.space_bridges) == {"public": "br0"}
+    same = relation_settings(
+        SimpleNamespace(relation_quota=s.quota, allowed_networks=s.allowed_networks, space_bridges=s.space_bridges)
+    )
+    assert same == s
+    assert relation_settings(object()) == RelationSettings()
+    with pytest.raises(ValueError):
+        relation_settings(SimpleNamespace(relation_quota="vms=lots"))

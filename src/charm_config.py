@@ -1,5 +1,9 @@
 """Typed charm config and action parameters (pydantic; no ops import, so tests and tools reuse them).
 
+The charm's own module, beside src/charm.py (as canonical/operator's machine-tinyproxy example keeps
+its config): the workload package never imports it; it is handed plain dataclasses from vmhost.model
+(HugepageSetting, Quota, Policy) and vmhost.broker.Settings instead.
+
 The charm loads these with `CharmBase.load_config` / `ActionEvent.load_params`, which pass Juju's
 hyphenated names with underscores. Every validator turns an operator string into a typed value or
 raises one sentence naming what is wrong and what is allowed; `error_message` turns a pydantic
@@ -11,12 +15,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, Policy
+from vmhost.broker import Settings as RelationSettings
+from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, HugepageSetting, Policy, Quota
 from vmhost.parse import (
     MAX_TEXT,
     MAX_VM_CORES,
@@ -35,13 +39,12 @@ __all__ = [
     "CharmConfig",
     "ClientTokenParams",
     "ComposeParams",
-    "HugepageSetting",
     "ListVmsParams",
     "NameParams",
-    "Quota",
     "StopVmParams",
     "error_message",
     "parse_hugepages_setting",
+    "relation_settings",
     "vm_results",
 ]
 
@@ -55,24 +58,6 @@ def _digits_as_text(v: Any) -> Any:
 
 # An action parameter people may type as a number (actions.yaml declares it `type: [string, integer]`).
 Text = Annotated[str, BeforeValidator(_digits_as_text), Field(max_length=MAX_TEXT)]
-
-
-@dataclass(frozen=True)
-class HugepageSetting:
-    """Pages of one size wanted on one NUMA node (node None: the host total, split evenly over nodes)."""
-
-    size: str
-    count: int
-    node: int | None = None
-
-
-@dataclass(frozen=True)
-class Quota:
-    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
-
-    vms: int | None = None
-    cores: int | None = None
-    memory: int | None = None
 
 
 def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:
@@ -464,3 +449,19 @@ def vm_results(vm: dict) -> dict[str, str]:
             continue
         out[rkey] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return out
+
+
+def relation_settings(config: Any) -> RelationSettings:
+    """The relation policy the broker takes, from the charm's config model (strings parsed by the
+    same rules as the config options; absent options take their defaults)."""
+    raw = {
+        "relation_quota": getattr(config, "relation_quota", None),
+        "allowed_networks": getattr(config, "allowed_networks", None),
+        "space_bridges": getattr(config, "space_bridges", None),
+    }
+    parsed = CharmConfig.model_validate({k: v for k, v in raw.items() if v is not None})
+    return RelationSettings(
+        quota=parsed.relation_quota,
+        allowed_networks=tuple(parsed.allowed_networks),
+        space_bridges=dict(parsed.space_bridges),
+    )
