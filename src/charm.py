@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """vm-host: Juju events -> one reconcile of the host; actions -> the vmhost use cases.
 
-Thin on purpose: host preparation lives in vmhost.host, placement and composition in
+Thin on purpose: host preparation lives in vmhost.machine_setup, placement and composition in
 vmhost.service, typed config/params in charm_config. Nothing about VMs is kept in
 StoredState: the hypervisor is the only database (DESIGN.md §3).
 """
@@ -29,8 +29,7 @@ from charm_config import (
     error_message,
     vm_results,
 )
-from vmhost import host as hostmod
-from vmhost import lxd_setup
+from vmhost import lxd_setup, machine_setup
 from vmhost.model import VmRequest
 from vmhost.providers.base import ProviderError, get_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
@@ -45,9 +44,9 @@ NO_KVM = "no /dev/kvm: enable virtualisation in firmware"
 REQUEST_ERRORS = (ValueError, ProviderError)
 
 
-def make_host() -> hostmod.Host:
+def make_host() -> machine_setup.Host:
     """The machine the unit runs on (tests swap in a temp-dir root and a fake runner)."""
-    return hostmod.Host()
+    return machine_setup.Host()
 
 
 class VmHostCharm(ops.CharmBase):
@@ -99,9 +98,7 @@ class VmHostCharm(ops.CharmBase):
         uri = config.libvirt_uri if config.backend == "libvirt" else None
         options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
         provider = get_provider(config.backend, uri=uri, timeout=config.hypervisor_timeout, **options)
-        if config.space_bridges:
-            provider = hostmod.SpaceMappedProvider(provider, config.space_bridges)
-        return VmHost(provider, config.policy())
+        return VmHost(provider, config.policy(), space_bridges=config.space_bridges)
 
     @contextmanager
     def _session(self, config: CharmConfig) -> Iterator[VmHost]:
@@ -126,7 +123,7 @@ class VmHostCharm(ops.CharmBase):
             return []  # collect-status names the bad option, or the missing /dev/kvm: nothing is installed
         try:
             self._prepare_host(config)
-        except hostmod.HostSetupError as e:
+        except machine_setup.HostSetupError as e:
             # Transient causes (held dpkg lock, unreachable archive or snap store) were already tried again
             # in the hook, a few times with short waits (ops docs, "Handle errors"). Charm Tech's
             # examples/machine-tinyproxy (canonical/operator) lets an apt error put the unit in error so
@@ -176,7 +173,7 @@ class VmHostCharm(ops.CharmBase):
                 logger.warning("%s", report.message())
         try:
             made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
-        except hostmod.HostSetupError as e:
+        except machine_setup.HostSetupError as e:
             if config.hugepages:
                 raise
             logger.warning("%s (no hugepages configured: VMs without hugepages are served)", e)
@@ -197,7 +194,7 @@ class VmHostCharm(ops.CharmBase):
             raise
         except Exception as e:  # LXD's own words are the most useful message for the operator
             logger.exception("LXD set-up failed")
-            raise hostmod.HostSetupError(f"LXD set-up failed: {e}") from e
+            raise machine_setup.HostSetupError(f"LXD set-up failed: {e}") from e
         if report.applied:
             logger.info("LXD set-up created what was missing: %s", ", ".join(sorted(report.applied)))
         if report.notes:  # the host serves VMs as it is; the operator should put the option back
@@ -227,7 +224,7 @@ class VmHostCharm(ops.CharmBase):
 
     def _summary(self, config: CharmConfig) -> ops.StatusBase:
         try:
-            if config.backend == "lxd" and not hostmod.lxd_supports_vms(timeout=config.hypervisor_timeout):
+            if config.backend == "lxd" and not machine_setup.lxd_supports_vms(timeout=config.hypervisor_timeout):
                 return ops.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
             with self._session(config) as vmhost:
                 res = vmhost.resources()

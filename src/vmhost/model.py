@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -209,6 +210,15 @@ class HostTopology:
             "nics": [n.to_dict() for n in self.nics],
             "storage_pools": [p.to_dict() for p in self.storage_pools],
         }
+
+    def with_spaces(self, space_bridges: Mapping[str, str]) -> HostTopology:
+        """This topology with each bridge NIC carrying the Juju space the operator mapped to it
+        (`space-bridges`: space -> bridge); the hypervisor does not know spaces, the config does."""
+        bridge_space = {bridge: space for space, bridge in space_bridges.items()}
+        if not bridge_space:
+            return self
+        nics = tuple(replace(n, space=bridge_space[n.name]) if n.name in bridge_space else n for n in self.nics)
+        return replace(self, nics=nics)
 
     @cached_property
     def thread_node(self) -> dict[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 
@@ -59,6 +59,8 @@ class VmHost:
     policy: Policy = field(default_factory=Policy)
     lock_path: str | None = None
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    # Juju space -> bridge (the charm's space-bridges): discovered bridges carry their space.
+    space_bridges: Mapping[str, str] = field(default_factory=dict)
     _lock_busy: bool = field(default=False, init=False, repr=False)
 
     @contextmanager
@@ -74,7 +76,7 @@ class VmHost:
             yield
 
     def topology(self) -> HostTopology:
-        return self.provider.discover()
+        return self.provider.discover().with_spaces(self.space_bridges)
 
     def vms(self, pool: str | None = None) -> list[VmInfo]:
         vms = sorted(self.provider.list_vms(), key=lambda v: v.name)
@@ -85,7 +87,7 @@ class VmHost:
 
     def _snapshot(self) -> tuple[HostTopology, list[VmInfo]]:
         """What the hypervisor reports now: read once per use case, so every decision in it agrees."""
-        return self.provider.discover(), self.provider.list_vms()
+        return self.topology(), self.provider.list_vms()
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
@@ -221,7 +223,7 @@ class VmHost:
 
     def resources(self) -> dict:
         """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
-        host = self.provider.discover()
+        host = self.topology()
         vms = self.vms()
         usage = compute_usage(host, [v.allocation for v in vms], self.policy)
         ours = isinstance(self.provider, FloatingConfinement)

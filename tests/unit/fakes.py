@@ -113,7 +113,7 @@ class FakeProvider:
 
 
 class CommandRecorder:
-    """A command runner for vmhost.host.Host: records every command; dpkg-query knows `installed` packages."""
+    """A command runner for vmhost.machine_setup.Host: records every command; dpkg-query knows `installed` packages."""
 
     def __init__(self, installed=()):
         self.calls: list[list[str]] = []
@@ -169,7 +169,7 @@ def snap_store_error() -> Exception:
 
 
 class FakeApt:
-    """charmlibs.apt as vmhost.host uses it: update(), then add_package(); queued failures are raised in order."""
+    """charmlibs.apt as vmhost.machine_setup uses it: update(), then add_package(); queued failures are raised in order."""
 
     def __init__(self):
         self.added: list[list[str]] = []
@@ -189,7 +189,7 @@ class FakeApt:
 
 
 class FakeSnap:
-    """charmlibs.snap as vmhost.host uses it: list_one() and ensure_installed() on snapd's state `tracking`."""
+    """charmlibs.snap as vmhost.machine_setup uses it: list_one() and ensure_installed() on snapd's state `tracking`."""
 
     def __init__(self, tracking: str | None = None):
         self.tracking = tracking  # the channel an installed LXD snap tracks; None: not installed

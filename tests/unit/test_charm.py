@@ -30,8 +30,8 @@ from tests.unit.fakes import (
 )
 from tests.unit.juju_cli import charm_context, juju_run_params
 from vmhost import lxd_setup as lxd_setup_mod
-from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.lxd_setup import LxdHostState
+from vmhost.machine_setup import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.model import NicAllocation
 from vmhost.providers.base import ProviderError
 
@@ -135,7 +135,7 @@ def fake(monkeypatch) -> FakeProvider:
         return provider
 
     monkeypatch.setattr(charm, "get_provider", get_provider)
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: True)
+    monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None, timeout=None: True)
     return provider
 
 
@@ -281,7 +281,7 @@ def test_changed_storage_driver_is_not_applied_and_status_says_why(fake, machine
 
 
 def test_lxd_without_vm_support_is_blocked(fake, machine, lxd_setup, monkeypatch):
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: False)
+    monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None, timeout=None: False)
     c = ctx()
     out = c.run(c.on.update_status(), testing.State())
     assert out.unit_status == testing.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")

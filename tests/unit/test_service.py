@@ -9,7 +9,7 @@ import pytest
 
 from tests.unit.fakes import GIB, FakeProvider
 from vmhost import cli
-from vmhost.model import Policy, VmRequest
+from vmhost.model import HostTopology, Policy, VmRequest
 from vmhost.placement import PlacementError
 from vmhost.providers.base import NotFound, Provider
 from vmhost.resources_view import render_view, summary_line
@@ -376,3 +376,18 @@ def test_resources_and_status_say_which_pinned_threads_are_shared(tmp_path):
     assert res["shared_pinned_threads"] == [{"thread": 5, "pinned_by": pinned.name, "shared_with": ["other"]}]
     assert summary_line(res).endswith("; pinned threads 5 shared with other")
     assert "pinned thread 5 of pinned is shared with other" in render_view(res)
+
+
+def test_space_bridges_label_discovered_bridges_with_their_space(tmp_path):
+    topo = HostTopology.from_dict(
+        {
+            "nodes": [{"id": 0, "memory": 1 << 30, "cores": [{"id": 0, "threads": [0]}]}],
+            "nics": [{"name": "br0", "kind": "bridge"}, {"name": "eno1"}],
+        }
+    )
+    h = VmHost(FakeProvider(topo), Policy(), lock_path=str(tmp_path / "lock"), space_bridges={"public": "br0"})
+    nics = {n.name: n for n in h.topology().nics}
+    assert nics["br0"].space == "public"
+    assert nics["br0"].kind == "bridge"
+    assert nics["eno1"].space is None
+    assert VmHost(FakeProvider(topo), Policy()).topology() is topo  # no mapping: discovered as is
