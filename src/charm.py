@@ -31,7 +31,8 @@ from charm_config import (
 )
 from vmhost import lxd_setup, machine_setup
 from vmhost.model import VmRequest
-from vmhost.providers.base import ProviderError, get_provider
+from vmhost.providers.base import ProviderError
+from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
 from vmhost.service import HostLockError, VmHost
 from vmhost.timeouts import HypervisorTimeout
@@ -97,7 +98,7 @@ class VmHostCharm(ops.CharmBase):
         """The one place a VmHost is built: provider from config, policy from config."""
         uri = config.libvirt_uri if config.backend == "libvirt" else None
         options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
-        provider = get_provider(config.backend, uri=uri, timeout=config.hypervisor_timeout, **options)
+        provider = make_provider(ProviderSettings(config.backend, uri, config.hypervisor_timeout, options))
         return VmHost(provider, config.policy(), space_bridges=config.space_bridges)
 
     @contextmanager

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from vmhost.model import Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.placement import PlacementError
-from vmhost.providers.base import ProviderError, get_provider
+from vmhost.providers.base import ProviderError
+from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, vm_line
 from vmhost.service import BOOT_MODES, STOP_WAIT, HostLockBusy, VmHost
 from vmhost.timeouts import (
@@ -147,9 +148,8 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def _host(args: argparse.Namespace) -> VmHost:
-    options = {
-        "timeout": _seconds(args.timeout, "--timeout", "VMHOST_TIMEOUT", DEFAULT_CALL_TIMEOUT, CALL_TIMEOUT_RANGE)
-    }
+    timeout = _seconds(args.timeout, "--timeout", "VMHOST_TIMEOUT", DEFAULT_CALL_TIMEOUT, CALL_TIMEOUT_RANGE)
+    options: dict[str, object] = {}
     lock_timeout = _seconds(
         args.lock_timeout, "--lock-timeout", "VMHOST_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_RANGE
     )
@@ -161,7 +161,8 @@ def _host(args: argparse.Namespace) -> VmHost:
         if args.server_cert:
             options["verify"] = args.server_cert
     policy = _policy(args)  # before connecting: a bad value is refused without touching the hypervisor
-    return VmHost(get_provider(args.backend, uri=args.uri, **options), policy, lock_timeout=lock_timeout)
+    provider = make_provider(ProviderSettings(args.backend, uri=args.uri, timeout=timeout, options=options))
+    return VmHost(provider, policy, lock_timeout=lock_timeout)
 
 
 def _request(args: argparse.Namespace) -> VmRequest:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
 from vmhost.model import Allocation, CloudInit, ComposePlan, HostTopology, Policy, VmInfo, VmRequest
 from vmhost.placement import compute_usage, place
-from vmhost.providers.base import FloatingConfinement, NotFound, Provider, ProviderError, confine_floating, fault_point
+from vmhost.providers.base import NotFound, Provider, ProviderError, fault_point
 from vmhost.resources_view import resources_dict
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
@@ -176,7 +176,7 @@ class VmHost:
 
     def _confine(self, threads: tuple[int, ...]) -> None:
         """Keep floating VMs (and, unless the policy opts out, running VMs made by others) to `threads`."""
-        confine_floating(self.provider, threads, foreign=self.policy.confine_foreign_vms)
+        self.provider.confine_floating(tuple(threads), foreign=self.policy.confine_foreign_vms)
 
     def shared_threads(self) -> tuple[int, ...]:
         """Where floating VMs may run now: online threads neither reserved nor pinned."""
@@ -226,7 +226,7 @@ class VmHost:
         host = self.topology()
         vms = self.vms()
         usage = compute_usage(host, [v.allocation for v in vms], self.policy)
-        ours = isinstance(self.provider, FloatingConfinement)
+        ours = self.provider.confines_floating
         return resources_dict(
             self.provider.name,
             host,

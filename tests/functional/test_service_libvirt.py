@@ -20,7 +20,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed
 
 from vmhost.model import Policy, VmRequest  # noqa: E402
 from vmhost.placement import PlacementError  # noqa: E402
-from vmhost.providers.base import get_provider  # noqa: E402
+from vmhost.providers.registry import ProviderSettings, make_provider  # noqa: E402
 from vmhost.service import VmHost  # noqa: E402
 
 URI = "qemu:///system"
@@ -39,7 +39,7 @@ def host(tmp_path):
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm on this machine")
     _conn().close()
-    vmhost = VmHost(get_provider("libvirt", uri=URI), Policy(), lock_path=str(tmp_path / "lock"))
+    vmhost = VmHost(make_provider(ProviderSettings("libvirt", uri=URI)), Policy(), lock_path=str(tmp_path / "lock"))
     made: list[str] = []
     yield vmhost, made
     for name in made:

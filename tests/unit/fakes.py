@@ -38,6 +38,7 @@ class FakeProvider:
 
     name = "fake"
     project = "vmhost"
+    confines_floating = True
 
     def __init__(self, topology: dict | HostTopology | None = None, uri: str | None = None, **options):
         if not isinstance(topology, HostTopology):
@@ -105,11 +106,12 @@ class FakeProvider:
     def close(self) -> None:
         self.closed += 1
 
-    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         self.confined.append(tuple(threads))
         self.confined_foreign.append(foreign)
         if self.fail_confine:
             raise self.fail_confine
+        return True
 
 
 class CommandRecorder:

@@ -129,12 +129,12 @@ def fake(monkeypatch) -> FakeProvider:
     provider = FakeProvider(TOPOLOGY)
     provider.uris = []
 
-    def get_provider(name, uri=None, **options):
-        provider.name = name
-        provider.uris.append((name, uri))
+    def make_provider(settings):
+        provider.name = settings.backend
+        provider.uris.append((settings.backend, settings.uri))
         return provider
 
-    monkeypatch.setattr(charm, "get_provider", get_provider)
+    monkeypatch.setattr(charm, "make_provider", make_provider)
     monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None, timeout=None: True)
     return provider
 

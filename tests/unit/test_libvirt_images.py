@@ -134,11 +134,11 @@ def test_volume_xml_escapes_what_a_name_carries():
 def test_charm_passes_its_image_directory_to_the_libvirt_provider(monkeypatch):
     made: list[tuple[str, str | None, dict]] = []
 
-    def get_provider(name, uri=None, **options):
-        made.append((name, uri, options))
+    def make_provider(settings):
+        made.append((settings.backend, settings.uri, {**settings.options, "timeout": settings.timeout}))
         return FakeProvider()
 
-    monkeypatch.setattr(charm, "get_provider", get_provider)
+    monkeypatch.setattr(charm, "make_provider", make_provider)
     ctx = charm_context()
     config = {"backend": "libvirt", "libvirt-image-dir": "/srv/images"}
     ctx.run(ctx.on.action("list-vms"), testing.State(config=config))

@@ -184,7 +184,7 @@ def test_arbitrary_relation_data_never_raises_in_a_provider_hook(monkeypatch, tm
     machine = Machine(tmp_path)
     holder: dict = {}
     monkeypatch.setattr(charm, "make_host", machine.host)
-    monkeypatch.setattr(charm, "get_provider", lambda name, uri=None, **kw: holder["p"])
+    monkeypatch.setattr(charm, "make_provider", lambda settings: holder["p"])
     monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None: True)
 
     @FUZZ

@@ -12,6 +12,8 @@ from vmhost import cli
 from vmhost.model import HostTopology, Policy, VmRequest
 from vmhost.placement import PlacementError
 from vmhost.providers.base import NotFound, Provider
+from vmhost.providers.libvirt import LibvirtProvider
+from vmhost.providers.lxd import LxdProvider
 from vmhost.resources_view import render_view, summary_line
 from vmhost.service import Refused, VmHost, host_lock, new_vm_name
 
@@ -133,7 +135,7 @@ def test_host_lock_serialises_threads(tmp_path):
 def fake(monkeypatch, tmp_path):
     provider = FakeProvider()
     monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "lock"))
-    monkeypatch.setattr(cli, "get_provider", lambda backend, uri=None, **o: provider)
+    monkeypatch.setattr(cli, "make_provider", lambda settings: provider)
     return provider
 
 
@@ -255,15 +257,17 @@ def test_decompose_succeeds_even_if_floating_vms_cannot_be_widened(reserved_host
     assert fake.decomposed == ["pinned"] and fake.confined[-1] == _without(0, 8)
 
 
-def test_confine_floating_helper_skips_providers_without_it():
-    from vmhost.providers.base import confine_floating
+def test_confinement_is_a_required_part_of_the_provider_contract():
+    class WithoutConfinement:  # everything a provider has but confinement
+        name = "bare"
+        discover = list_vms = compose = decompose = start = stop = FakeProvider.discover
+        storage_pools = networks = gc = close = FakeProvider.discover
 
-    class Bare:
-        pass
-
-    assert confine_floating(Bare(), (1, 2)) is False
-    fake = FakeProvider()
-    assert confine_floating(fake, [2, 1]) is True and fake.confined == [(2, 1)]
+    assert not isinstance(WithoutConfinement(), Provider)
+    assert isinstance(FakeProvider(), Provider) and FakeProvider().confine_floating((2, 1)) is True
+    assert LxdProvider.confines_floating is False and LibvirtProvider.confines_floating is True
+    lxd = LxdProvider(uri="/nonexistent/unix.socket")  # no daemon is asked: LXD cannot confine, and says so
+    assert lxd.confine_floating((1, 2), foreign=True) is False
 
 
 def test_cli_image_paths_typed_at_the_shell_become_absolute_and_names_stay_names(fake, monkeypatch, tmp_path):
@@ -364,8 +368,11 @@ def test_shared_pinned_threads_name_the_vms_that_may_run_there():
 
 
 def test_resources_and_status_say_which_pinned_threads_are_shared(tmp_path):
-    class Unconfined(FakeProvider):  # a backend without per-VM affinity (LXD)
-        confine_floating = None
+    class Unconfined(FakeProvider):  # a backend without per-VM affinity (LXD): it says it cannot confine
+        confines_floating = False
+
+        def confine_floating(self, threads, foreign=False):
+            return False
 
     provider = Unconfined()
     h = VmHost(provider, Policy(), lock_path=str(tmp_path / "lock"))

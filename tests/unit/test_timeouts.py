@@ -61,17 +61,17 @@ def test_a_lock_file_in_a_missing_directory_is_one_line_and_the_directory_is_not
 def test_the_cli_hands_its_limits_to_the_provider_and_the_lock(monkeypatch, tmp_path):
     seen = {}
 
-    def provider(backend, uri=None, **options):
-        seen.update(options)
+    def provider(settings):
+        seen.update(settings.options, timeout=settings.timeout)
         raise HypervisorTimeout("stop here")
 
-    monkeypatch.setattr(cli, "get_provider", provider)
+    monkeypatch.setattr(cli, "make_provider", provider)
     monkeypatch.setenv("VMHOST_LOCK_TIMEOUT", "7")
     args = cli.build_parser().parse_args(["gc", "--timeout", "5"])
     with pytest.raises(HypervisorTimeout):
         cli._host(args)
     assert seen["timeout"] == 5.0
-    monkeypatch.setattr(cli, "get_provider", lambda backend, uri=None, **o: object())
+    monkeypatch.setattr(cli, "make_provider", lambda settings: object())
     assert cli._host(cli.build_parser().parse_args(["gc"])).lock_timeout == 7.0
 
 

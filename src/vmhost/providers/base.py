@@ -8,7 +8,6 @@ reverse so a failed compose leaves nothing behind.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -20,7 +19,6 @@ from vmhost.model import ComposePlan, HostTopology, Nic, StoragePool, VmInfo
 
 log = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "vmhost.providers"
 # Prefix of every object (domain, volume, instance) vm-host creates; gc only ever touches these.
 NAME_PREFIX = "vmhost-"
 
@@ -61,13 +59,15 @@ class ComposeError(ProviderError):
 
 @runtime_checkable
 class Provider(Protocol):
-    """A hypervisor backend. Found through the `vmhost.providers` entry-point group.
+    """A hypervisor backend. Found through the `vmhost.providers` entry-point group (vmhost.providers.registry).
 
-    Optional (not required by isinstance, so older plugins still qualify): `confine_floating(threads)`,
-    see `FloatingConfinement`; callers go through `confine_floating()`, which skips providers without it.
+    `confines_floating` says whether `confine_floating` can keep floating VMs off the threads pinned
+    VMs own (design §4 rule 1); a backend without per-VM affinity that leaves the vCPU count alone says
+    False, its `confine_floating` does nothing and returns False, and the resources report says so.
     """
 
     name: str
+    confines_floating: bool
 
     def discover(self) -> HostTopology: ...
 
@@ -89,30 +89,14 @@ class Provider(Protocol):
         """Remove objects tagged as ours that no VM owns (left by a crash); return their names."""
         ...
 
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class FloatingConfinement(Protocol):
-    """A provider that can keep floating VMs off the threads pinned VMs own (DESIGN.md §4 rule 1)."""
-
-    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         """Give every floating VM that vm-host manages exactly these host threads (vCPUs and emulator),
         now and across restarts. Idempotent. With `foreign`, running VMs made by others that pin nothing
-        themselves are kept to these threads too (live only); without, they are left alone."""
+        themselves are kept to these threads too (live only); without, they are left alone. Returns
+        whether anything was confined (False: this backend cannot)."""
         ...
 
-
-def confine_floating(provider: object, threads: tuple[int, ...], foreign: bool = False) -> bool:
-    """Call `provider.confine_floating(threads, foreign=...)`; False (a no-op) for a provider without it,
-    whose backend offers no per-VM affinity that leaves the vCPU count alone (the kernel then floats them)."""
-    if not isinstance(provider, FloatingConfinement):
-        return False
-    if foreign:
-        provider.confine_floating(tuple(threads), foreign=True)
-    else:
-        provider.confine_floating(tuple(threads))
-    return True
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -145,31 +129,3 @@ class Transaction:
             except Exception as e:  # keep unwinding; the orphan is tagged and gc will find it
                 self.undo_failures += 1
                 log.warning("undo %s failed: %s", what, e)
-
-
-# The built-in plugins, also reachable when vmhost runs unpackaged (inside a charm) with no entry points.
-BUILTIN_PROVIDERS = {
-    "libvirt": "vmhost.providers.libvirt:LibvirtProvider",
-    "lxd": "vmhost.providers.lxd:LxdProvider",
-}
-
-
-def available_providers() -> dict[str, str]:
-    """Provider "module:Class" paths by name: built-ins plus the entry-point group (third parties add theirs)."""
-    found = dict(BUILTIN_PROVIDERS)
-    from importlib.metadata import entry_points  # only when asked: scanning installed packages is slow
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
-    return found
-
-
-def get_provider(name: str, uri: str | None = None, **options) -> Provider:
-    """Instantiate the provider plugin `name` (e.g. "libvirt", "lxd") for `uri`."""
-    eps = BUILTIN_PROVIDERS if name in BUILTIN_PROVIDERS else available_providers()
-    if name not in eps:
-        allowed = ", ".join(sorted(eps)) or "none installed"
-        raise ProviderError(f"backend {name!r} is not available; installed: {allowed}")
-    module, _, attr = eps[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls(uri=uri, **options)

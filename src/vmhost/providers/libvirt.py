@@ -196,18 +196,17 @@ class LibvirtProvider:
     """vm-host on libvirt/QEMU-KVM (`qemu:///system`, or remote `qemu+ssh://user@host/system`)."""
 
     name = "libvirt"
+    confines_floating = True
 
     def __init__(
         self,
         uri: str | None = None,
         image_dir: str | None = None,
         timeout: float = DEFAULT_CALL_TIMEOUT,
-        **options: Any,
     ):
         self.uri = uri or DEFAULT_URI
         self.image_dir = image_dir or DEFAULT_IMAGE_DIR
         self.timeout = float(timeout)
-        self.options = options
         self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
         self._caps: ET.Element | None = None
@@ -647,7 +646,7 @@ class LibvirtProvider:
 
     # -- floating affinity ----------------------------------------------------------------------
 
-    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         """Pin every vCPU and the emulator of each floating VM we made to `threads`, live and in its config.
 
         Otherwise the kernel runs floating vCPUs on threads that pinned VMs own (DESIGN.md §4 rule 1). Only
@@ -690,6 +689,7 @@ class LibvirtProvider:
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # removed meanwhile: nothing to confine
                         raise
+        return True
 
     def _pin_floating(self, dom, cpumap: tuple[bool, ...], config: bool = True) -> None:
         """Set each vCPU's and the emulator's affinity to `cpumap` in the config, and live when running."""

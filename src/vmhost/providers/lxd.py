@@ -107,6 +107,9 @@ class LxdProvider:
     """LXD VM host backend (local unix socket, or https://host:8443 with a client certificate)."""
 
     name = "lxd"
+    # LXD has no per-VM affinity that leaves the vCPU count alone (limits.cpu as a set also sets the
+    # count), so floating VMs float over every thread; confine_floating says so and the report shows it.
+    confines_floating = False
 
     def __init__(
         self,
@@ -116,7 +119,6 @@ class LxdProvider:
         cert: tuple[str, str] | None = None,
         verify: bool | str = True,
         timeout: float = DEFAULT_CALL_TIMEOUT,
-        **options: Any,
     ):
         if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
             raise ProviderError(f"LXD uri {uri!r} is not usable; give https://host:8443 or a unix socket path")
@@ -132,7 +134,6 @@ class LxdProvider:
         self.cert = tuple(cert) if cert else None
         self.verify = verify
         self.timeout = float(timeout)  # s: each request (requests' connect and read timeouts)
-        self.options = options
         self._conn: _Connection | None = None
         self._hung: str | None = None  # set once LXD did not answer in time: later calls fail at once
         self._forget()
@@ -327,6 +328,11 @@ class LxdProvider:
             if e.status == 404:
                 return False
             raise
+
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
+        """Nothing: LXD cannot keep a floating VM to a thread set without fixing its vCPU count (see
+        `confines_floating`). Returns False so callers and the resources report know."""
+        return False
 
     def close(self) -> None:
         if self._conn is not None:
