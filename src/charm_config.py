@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from vmhost.broker import Settings as RelationSettings
-from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, HugepageSetting, Policy, Quota
+from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, BootMode, HugepageSetting, Policy, Quota
 from vmhost.parse import (
     MAX_TEXT,
     MAX_VM_CORES,
@@ -293,7 +293,7 @@ class ComposeParams(BaseModel):
     hostname: Text | None = None
     pool: Text | None = None
     start: bool = False
-    boot: Literal["network", "image"] = "network"
+    boot: BootMode = "network"
     image: Text | None = None
 
     @field_validator("hostname")

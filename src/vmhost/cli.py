@@ -9,13 +9,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from vmhost.model import Policy, VmRequest
+from vmhost.model import BOOT_MODES, Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.placement import PlacementError
 from vmhost.providers.base import ProviderError
 from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, vm_line
-from vmhost.service import BOOT_MODES, STOP_WAIT, HostLockBusy, VmHost
+from vmhost.service import STOP_WAIT, HostLockBusy, VmHost
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
     DEFAULT_CALL_TIMEOUT,

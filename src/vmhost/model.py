@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, get_args
 
 from vmhost.parse import (
     HUGEPAGE_SIZES,
@@ -35,9 +35,11 @@ from vmhost.parse import (
 )
 
 __all__ = [
+    "BOOT_MODES",
     "HUGEPAGE_SIZES",
     "RATIO_BOUNDS",
     "Allocation",
+    "BootMode",
     "Cell",
     "CloudInit",
     "ComposePlan",
@@ -569,6 +571,10 @@ class Allocation:
         )
 
 
+BootMode = Literal["network", "image"]  # network: PXE first, as MAAS did; image: from a disk image
+BOOT_MODES: tuple[BootMode, ...] = get_args(BootMode)
+
+
 @dataclass(frozen=True)
 class CloudInit:
     """What reaches the guest through a cloud-init seed (NoCloud)."""
@@ -584,7 +590,7 @@ class ComposePlan:
 
     allocation: Allocation
     start: bool = False
-    boot: str = "network"  # network (PXE first, as MAAS did) | image
+    boot: BootMode = "network"
     image: str | None = None
     cloud_init: CloudInit | None = None
     # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.

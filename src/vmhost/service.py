@@ -15,7 +15,7 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
-from vmhost.model import Allocation, CloudInit, ComposePlan, HostTopology, Policy, VmInfo, VmRequest
+from vmhost.model import BOOT_MODES, Allocation, CloudInit, ComposePlan, HostTopology, Policy, VmInfo, VmRequest
 from vmhost.placement import compute_usage, place
 from vmhost.providers.base import NotFound, Provider, ProviderError, fault_point
 from vmhost.resources_view import resources_dict
@@ -23,9 +23,7 @@ from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
 log = logging.getLogger(__name__)
 
-BOOT_MODES = ("network", "image")
 __all__ = [
-    "BOOT_MODES",
     "DEFAULT_LOCK",
     "HostLockBusy",
     "HostLockError",

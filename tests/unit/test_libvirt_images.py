@@ -14,8 +14,10 @@ import charm
 from tests.unit.fakes import FakeProvider
 from tests.unit.juju_cli import charm_context
 from vmhost.model import Allocation, ComposePlan, DiskAllocation
+from vmhost.parse import ParseError, parse_vm_name
 from vmhost.providers.base import ProviderError
 from vmhost.providers.libvirt import DEFAULT_IMAGE_DIR, LibvirtProvider, _volume_xml, resolve_image
+from vmhost.providers.lxd import LxdProvider
 
 M = 1024**2
 
@@ -100,13 +102,18 @@ def test_the_image_directory_defaults_and_is_an_option(images):
 
 
 @pytest.mark.parametrize(
-    "name", ["Web", "web_1", "-web", "web.example", "a" * 64, "web 1", "vm/../x", "", "vm-<x>", "vm-ünï"]
+    "name", ["Web", "web_1", "-web", "web-", "web.example", "a" * 64, "web 1", "vm/../x", "", "vm-<x>", "vm-ünï"]
 )
-def test_compose_refuses_a_vm_name_outside_the_allowed_form_before_connecting(name):
-    p = _unconnectable()
-    with pytest.raises(ProviderError, match=r"\[a-z0-9\]\[a-z0-9-\]\{0,62\}") as err:
+@pytest.mark.parametrize("provider", ["libvirt", "lxd"])
+def test_compose_refuses_a_vm_name_outside_the_one_rule_before_connecting(name, provider):
+    """Both providers apply parse_vm_name (a trailing '-' included, where libvirt once let it through)."""
+    p = _unconnectable() if provider == "libvirt" else LxdProvider(uri="/nonexistent/unix.socket")
+    with pytest.raises(
+        ProviderError, match=r"is not allowed: .* use lower-case letters, digits and '-' \(at most 63\)"
+    ):
         p.compose(ComposePlan(Allocation(name=name, vcpus=1, memory=64 * M)))
-    assert "is not allowed" in str(err.value)
+    with pytest.raises(ParseError):
+        parse_vm_name(name)
 
 
 @pytest.mark.parametrize("name", ["a", "vm-1a2b3c4d", "0web", "a" * 63])

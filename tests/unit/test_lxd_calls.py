@@ -15,7 +15,7 @@ import pytest
 from vmhost.model import Policy, VmRequest
 from vmhost.providers import lxd as lxdmod
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposeError
+from vmhost.providers.base import STATE_COMPOSING, STATE_READY, ComposeError
 from vmhost.service import VmHost
 
 GIB = 1024**3
@@ -221,8 +221,8 @@ def test_compose_costs_the_snapshot_three_checks_create_mark_and_one_read_back(l
     ]
     assert vm.name == "vm-a" and vm.managed and vm.state == "stopped"
     # Crash safety: the record appeared marked unfinished (gc removes it), and ends ready.
-    assert lxd.config_at_create["vm-a"][cfg.STATE_KEY] == cfg.STATE_COMPOSING
-    assert lxd.instances[("vmhost", "vm-a")]["config"][cfg.STATE_KEY] == cfg.STATE_READY
+    assert lxd.config_at_create["vm-a"][cfg.STATE_KEY] == STATE_COMPOSING
+    assert lxd.instances[("vmhost", "vm-a")]["config"][cfg.STATE_KEY] == STATE_READY
 
 
 def test_decompose_costs_the_snapshot_one_read_the_delete_and_one_volume_listing_per_pool(lxd, tmp_path):
@@ -336,7 +336,7 @@ def test_image_compose_keeps_waiting_while_lxd_is_still_creating(lxd, tmp_path):
     assert vm.name == "vm-i" and vm.managed
     assert lxd.calls.count(("GET", "/1.0/operations/op-1/wait")) == 3
     assert not [c for c in lxd.calls if c[0] == "DELETE"]
-    assert lxd.instances[("vmhost", "vm-i")]["config"][cfg.STATE_KEY] == cfg.STATE_READY
+    assert lxd.instances[("vmhost", "vm-i")]["config"][cfg.STATE_KEY] == STATE_READY
 
 
 def test_a_wait_that_times_out_with_an_error_answer_reads_the_operation_and_keeps_waiting(lxd, tmp_path):

@@ -10,17 +10,53 @@ from __future__ import annotations
 import fnmatch
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from vmhost.model import ComposePlan, HostTopology, Nic, StoragePool, VmInfo
+from vmhost.model import BOOT_MODES, ComposePlan, HostTopology, Nic, StoragePool, VmInfo
+from vmhost.parse import ParseError, parse_vm_name
 
 log = logging.getLogger(__name__)
 
 # Prefix of every object (domain, volume, instance) vm-host creates; gc only ever touches these.
 NAME_PREFIX = "vmhost-"
+
+# Where a VM is in its life, as both providers record it on the VM (libvirt metadata, LXD user.vmhost.state).
+STATE_COMPOSING = "composing"  # until every compose step succeeded
+STATE_READY = "ready"
+STATE_DECOMPOSING = "decomposing"  # a decompose began: gc finishes it
+UNFINISHED = (STATE_COMPOSING, STATE_DECOMPOSING)
+
+# MAC prefixes (OUI) each hypervisor uses for the MACs it picks itself.
+QEMU_OUI = "52:54:00"
+LXD_OUI = "00:16:3e"
+
+
+def volume_name(vm: str, label: str, prefix: str = NAME_PREFIX) -> str:
+    """The volume holding disk `label` of `vm`. libvirt's pools are shared, so it carries NAME_PREFIX
+    for gc to tell ours; LXD's volumes live in vm-host's own project and pass prefix="" (as they always did)."""
+    return f"{prefix}{vm}-{label}"
+
+
+def random_mac(oui: str) -> str:
+    """A MAC under `oui`, random in its last three bytes (set up front so cloud-init can match it)."""
+    rnd = random.SystemRandom()
+    return f"{oui}:" + ":".join(f"{rnd.randrange(256):02x}" for _ in range(3))
+
+
+def check_plan(plan: ComposePlan) -> None:
+    """What every provider refuses before it touches the hypervisor: a VM name outside the one rule
+    (vmhost.parse.parse_vm_name) and a boot mode that is not one."""
+    name = plan.allocation.name
+    try:
+        parse_vm_name(name or "")
+    except ParseError as e:
+        raise ProviderError(f"VM name {(name or '')[:80]!r} is not allowed: {e}") from None
+    if plan.boot not in BOOT_MODES:
+        raise ProviderError(f"boot {plan.boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
 
 
 # Test-only fault point (tests/functional/test_faults.py): VMHOST_TEST_FAULT=kill-at:<step glob> makes the

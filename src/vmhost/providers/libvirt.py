@@ -12,8 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import random
-import re
 import subprocess
 import tempfile
 import time
@@ -40,22 +38,32 @@ from vmhost.model import (
     VmInfo,
 )
 from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, format_size, human_size, parse_cpuset
-from vmhost.providers.base import NAME_PREFIX, ComposeError, NotFound, ProviderError, Transaction, fault_point
-from vmhost.providers.libvirt_xml import (
-    METADATA_NS,
-    METADATA_PREFIX,
-    SEED_LABEL,
+from vmhost.providers.base import (
+    NAME_PREFIX,
+    QEMU_OUI,
     STATE_COMPOSING,
     STATE_DECOMPOSING,
     STATE_READY,
     UNFINISHED,
+    ComposeError,
+    NotFound,
+    ProviderError,
+    Transaction,
+    check_plan,
+    fault_point,
+    random_mac,
+    volume_name,
+)
+from vmhost.providers.libvirt_xml import (
+    METADATA_NS,
+    METADATA_PREFIX,
+    SEED_LABEL,
     Record,
     VolumeRef,
     allocation_from_foreign_xml,
     domain_xml,
     read_record,
     record_element,
-    volume_name,
 )
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, OPERATION_TIMEOUT, BoundedRunner, HypervisorTimeout
 
@@ -75,8 +83,6 @@ DEFAULT_URI = "qemu:///system"
 # Where images named by a bare name are looked up (the charm's libvirt-image-dir option).
 DEFAULT_IMAGE_DIR = "/var/lib/vmhost/images"
 IMAGE_SUFFIXES = ("", ".qcow2", ".img", ".raw")
-# VM names become domain and volume names and the guest's host name: one DNS label.
-VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Pools whose volumes are files: qcow2 there (thin, snapshot-able); raw everywhere else (LVM, disk, RBD, iSCSI).
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 _SYSFS_NET = Path("/sys/class/net")
@@ -360,11 +366,7 @@ class LibvirtProvider:
 
     def compose(self, plan: ComposePlan) -> VmInfo:
         a = plan.allocation
-        if not VM_NAME_RE.match(a.name or ""):
-            raise ProviderError(
-                f"VM name {(a.name or '')[:80]!r} is not allowed; use lower-case letters, digits and '-', starting with "
-                "a letter or digit, at most 63 characters ([a-z0-9][a-z0-9-]{0,62})"
-            )
+        check_plan(plan)
         if plan.boot == "image" and not (plan.image and a.disks):
             raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
         if plan.image:
@@ -375,7 +377,7 @@ class LibvirtProvider:
             self._domain(a.name)
             raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
         untagged = self._check_vlans(a.nics)
-        nics = tuple(replace(n, mac=n.mac or _random_mac()) for n in a.nics)
+        nics = tuple(replace(n, mac=n.mac or random_mac(QEMU_OUI)) for n in a.nics)
         plan = replace(plan, allocation=replace(a, nics=nics))
         a = plan.allocation
         # Every volume is planned, checked free and recorded in the domain's metadata BEFORE it is created,
@@ -856,11 +858,6 @@ def _local_gateways() -> dict[str, tuple[str, ...]]:
                 if r["gateway"] not in gws:
                     gws.append(r["gateway"])
     return {dev: tuple(gws) for dev, gws in out.items()}
-
-
-def _random_mac() -> str:
-    """A locally administered MAC in QEMU's 52:54:00 range (set up front so cloud-init can match it)."""
-    return "52:54:00:" + ":".join(f"{random.randint(0, 255):02x}" for _ in range(3))
 
 
 def _pci_str(addr: ET.Element) -> str:

@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import re
 import time
 import uuid as uuid_mod
@@ -30,7 +29,18 @@ from vmhost.cloudinit import static_prefixes
 from vmhost.model import Allocation, ComposePlan, Core, HostTopology, Nic, NumaNode, StoragePool, VmInfo
 from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import NotFound, ProviderError, Transaction, fault_point
+from vmhost.providers.base import (
+    LXD_OUI,
+    STATE_COMPOSING,
+    STATE_DECOMPOSING,
+    STATE_READY,
+    NotFound,
+    ProviderError,
+    Transaction,
+    check_plan,
+    fault_point,
+    random_mac,
+)
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
@@ -588,12 +598,11 @@ class LxdProvider:
         return self._profile_devices
 
     def compose(self, plan: ComposePlan) -> VmInfo:
+        check_plan(plan)
         a = plan.allocation
-        if plan.boot not in ("network", "image"):
-            raise ProviderError(f"boot {plan.boot!r} is not a boot mode; allowed: network, image")
         if plan.cloud_init is not None and any(not n.mac for n in a.nics):
             # The guest's network config matches NICs by MAC, so fix the MACs before LXD would.
-            a = cfg.with_macs(a, {n.label: _random_mac() for n in a.nics if not n.mac})
+            a = cfg.with_macs(a, {n.label: random_mac(LXD_OUI) for n in a.nics if not n.mac})
             plan = replace(plan, allocation=a)
         try:
             body = cfg.instance_body(
@@ -638,7 +647,7 @@ class LxdProvider:
             bound = IMAGE_CREATE_TIMEOUT if body["source"]["type"] == "image" else OPERATION_TIMEOUT
             self._call("POST", "/instances", project=self.project, json=body, bound=bound)
         with tx.step(f"mark VM {a.name} ready"):
-            self._call("PATCH", vm_path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_READY}})
+            self._call("PATCH", vm_path, project=self.project, json={"config": {cfg.STATE_KEY: STATE_READY}})
         if plan.start:
             with tx.step(f"start VM {a.name}"):
                 self._state(a.name, "start")
@@ -701,9 +710,9 @@ class LxdProvider:
             if d.get("type") == "disk" and d.get("source") and d.get("pool")
         }
         try:
-            if (inst.get("config") or {}).get(cfg.STATE_KEY) != cfg.STATE_DECOMPOSING:
+            if (inst.get("config") or {}).get(cfg.STATE_KEY) != STATE_DECOMPOSING:
                 fault_point(f"mark VM {name} decomposing")
-                self._call("PATCH", path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_DECOMPOSING}})
+                self._call("PATCH", path, project=self.project, json={"config": {cfg.STATE_KEY: STATE_DECOMPOSING}})
             if str(inst.get("status", "")).lower() != "stopped":
                 fault_point(f"stop VM {name}")
                 self._state(name, "stop", force=True)
@@ -780,7 +789,7 @@ class LxdProvider:
                 if cfg.ALLOCATION_KEY in config:
                     log.info("gc left VM %s alone: its vm-host record is not bound to it (a copy?)", name)
                 continue
-            if config.get(cfg.STATE_KEY) not in (cfg.STATE_COMPOSING, cfg.STATE_DECOMPOSING):
+            if config.get(cfg.STATE_KEY) not in (STATE_COMPOSING, STATE_DECOMPOSING):
                 live.add(name)
                 continue
             try:
@@ -802,12 +811,6 @@ class LxdProvider:
             if self._delete_volume(pool, vol):
                 removed.append(f"{pool}/{vol['name']}")
         return removed
-
-
-def _random_mac() -> str:
-    """A MAC in LXD's own OUI (00:16:3e), as LXD would pick."""
-    rnd = random.SystemRandom()
-    return "00:16:3e:" + ":".join(f"{rnd.randrange(256):02x}" for _ in range(3))
 
 
 __all__ = ["LxdProvider"]
