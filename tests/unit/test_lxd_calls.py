@@ -13,6 +13,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from vmhost.model import Policy, VmRequest
+from vmhost.providers import base
 from vmhost.providers import lxd as lxdmod
 from vmhost.providers import lxd_config as cfg
 from vmhost.providers.base import STATE_COMPOSING, STATE_READY, ComposeError
@@ -382,5 +383,5 @@ def test_no_daemon_on_the_socket_is_one_clear_error_after_bounded_retries(tmp_pa
     p = lxdmod.LxdProvider(uri=str(tmp_path / "missing.socket"))
     with pytest.raises(ProviderError, match=r"cannot reach LXD at .*missing\.socket"):
         p.list_vms()
-    assert len(slept) == lxdmod.ATTEMPTS - 1  # five attempts, four waits
+    assert len(slept) == base.RETRY_ATTEMPTS - 1  # five attempts, four waits
     assert slept == sorted(slept) and max(slept) <= 2

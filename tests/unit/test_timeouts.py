@@ -10,6 +10,7 @@ import time
 import pytest
 
 from vmhost import cli
+from vmhost.providers import base
 from vmhost.providers.base import ComposeError
 from vmhost.timeouts import BoundedRunner, HypervisorTimeout, seconds
 
@@ -188,7 +189,7 @@ def test_a_connection_that_never_answers_is_one_attempt_then_one_sentence(monkey
 def test_retries_of_transient_errors_stop_once_the_limit_has_passed(monkeypatch):
     import tenacity
 
-    monkeypatch.setattr(lv, "RETRY_WAIT", tenacity.wait_fixed(0.6))
+    monkeypatch.setattr(base, "RETRY_WAIT", tenacity.wait_fixed(0.6))
     e = libvirt.libvirtError("Connection refused")
     e.err = (libvirt.VIR_ERR_SYSTEM_ERROR, 0, "Connection refused", 0, "", None, None, 0, 0)
     attempts = []
@@ -200,7 +201,7 @@ def test_retries_of_transient_errors_stop_once_the_limit_has_passed(monkeypatch)
     monkeypatch.setattr(libvirt, "open", refuse)
     with pytest.raises(lv.ProviderError, match="cannot connect"):
         lv.LibvirtProvider("qemu:///system", timeout=1).conn  # noqa: B018
-    assert 2 <= len(attempts) < lv.RETRY_ATTEMPTS  # at 0, 0.6 and 1.2 s: past the 1 s limit, not all five attempts
+    assert 2 <= len(attempts) < base.RETRY_ATTEMPTS  # at 0, 0.6 and 1.2 s: past the 1 s limit, not all five attempts
 
 
 # ---- LXD: a request that times out is not retried, and the provider stops asking -----------------

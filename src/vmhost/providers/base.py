@@ -14,12 +14,15 @@ import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
+
+import tenacity
 
 from vmhost.model import BOOT_MODES, ComposePlan, HostTopology, Nic, StoragePool, VmInfo
 from vmhost.parse import ParseError, parse_vm_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Prefix of every object (domain, volume, instance) vm-host creates; gc only ever touches these.
 NAME_PREFIX = "vmhost-"
@@ -33,6 +36,24 @@ UNFINISHED = (STATE_COMPOSING, STATE_DECOMPOSING)
 # MAC prefixes (OUI) each hypervisor uses for the MACs it picks itself.
 QEMU_OUI = "52:54:00"
 LXD_OUI = "00:16:3e"
+
+
+RETRY_ATTEMPTS = 5  # per call, the first included
+RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # 0.2, 0.4, 0.8, 1.6 s: about 3 s in all
+
+
+def with_retries(fn: Callable[[], T], transient: Callable[[BaseException], bool], budget: float) -> T:
+    """fn(), tried again while `transient(error)` holds (connection refused, LXD 503, libvirt's operation
+    timeout): RETRY_ATTEMPTS in all, RETRY_WAIT between, and no new attempt once `budget` s have passed.
+    Neither provider counts a call that overran its time limit as transient, so a call with its
+    retries stays bounded too."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient),
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
+        wait=RETRY_WAIT,
+        reraise=True,
+    )
+    return retrying(fn)
 
 
 def volume_name(vm: str, label: str, prefix: str = NAME_PREFIX) -> str:

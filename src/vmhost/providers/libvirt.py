@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-import tenacity
-
 from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso
 from vmhost.model import (
     ComposePlan,
@@ -53,6 +51,7 @@ from vmhost.providers.base import (
     fault_point,
     random_mac,
     volume_name,
+    with_retries,
 )
 from vmhost.providers.libvirt_xml import (
     METADATA_NS,
@@ -106,24 +105,6 @@ def _transient_connect(e: BaseException) -> bool:
     return _transient(e) or _code(e) in (
         getattr(libvirt, "VIR_ERR_SYSTEM_ERROR", -1),
         getattr(libvirt, "VIR_ERR_NO_CONNECT", -1),
-    )
-
-
-RETRY_ATTEMPTS = 5
-RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # ~3 s in all before giving up
-
-
-def _retrying(pred: Callable[[BaseException], bool], budget: float) -> tenacity.Retrying:
-    """Retries while `pred` holds: RETRY_ATTEMPTS at most, and none once `budget` s have passed.
-
-    A call that overran its time limit is never retried (HypervisorTimeout is no libvirtError), so a
-    call with its retries takes at most about twice the limit.
-    """
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(pred),
-        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
-        wait=RETRY_WAIT,
-        reraise=True,
     )
 
 
@@ -228,8 +209,10 @@ class LibvirtProvider:
             if libvirt is None:
                 raise ProviderError("libvirt-python is not installed; install the libvirt-python package")
             try:
-                raw = _retrying(_transient_connect, self.timeout)(
-                    self._runner.call, libvirt.open, self.uri, what="the connection"
+                raw = with_retries(
+                    lambda: self._runner.call(libvirt.open, self.uri, what="the connection"),
+                    _transient_connect,
+                    self.timeout,
                 )
                 self._conn = _Bounded(raw, self)
             except libvirt.libvirtError as e:
@@ -237,7 +220,7 @@ class LibvirtProvider:
         return self._conn
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return _retrying(_transient, self.timeout)(fn, *args)
+        return with_retries(lambda: fn(*args), _transient, self.timeout)
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:

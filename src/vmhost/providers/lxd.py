@@ -40,6 +40,7 @@ from vmhost.providers.base import (
     check_plan,
     fault_point,
     random_mac,
+    with_retries,
 )
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
@@ -52,7 +53,6 @@ OPERATION_TIMEOUT = int(_OPERATION_TIMEOUT)  # s: bound on an operation, and on 
 IMAGE_CREATE_TIMEOUT = int(IMAGE_TIMEOUT)  # s: creating a VM from an image may first download the image
 _FINAL = ("Success", "Failure", "Cancelled")
 _clock = time.monotonic  # what bounds waits (tests drive it with the fake daemon's own clock)
-ATTEMPTS = 5  # per API call, transient failures included
 _NIC_KINDS = ("physical", "bridge", "vlan", "bond")
 
 
@@ -75,33 +75,6 @@ def _transient(e: BaseException) -> bool:
     if isinstance(e, LxdApiError):
         return e.status == 503
     return _transport_error(e)
-
-
-def _with_retries(fn, budget: float = DEFAULT_CALL_TIMEOUT):
-    """fn(), retried while the failure is transient, bounded: ATTEMPTS in all (waits 0.2 s doubling to 2 s),
-    and no new attempt once `budget` s have passed. A request that timed out is not transient: it is
-    never retried, so with each request bounded by the call limit the whole is bounded too.
-
-    The first attempt runs bare: tenacity is imported only once something failed, as almost nothing does.
-    """
-    try:
-        return fn()
-    except Exception as e:
-        if not _transient(e):
-            raise
-        log.debug("LXD call failed (%s); retrying", e)
-    time.sleep(0.2)
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
-
-    for attempt in Retrying(
-        retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(ATTEMPTS - 1) | stop_after_delay(budget),
-        wait=wait_exponential(multiplier=0.4, max=2),
-        reraise=True,
-    ):
-        with attempt:
-            return fn()
-    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -169,7 +142,7 @@ class LxdProvider:
         """Connected on first use (the charm builds providers before LXD is installed)."""
         if self._conn is None:
             try:
-                conn = _with_retries(self._connect, self.timeout)
+                conn = with_retries(self._connect, _transient, self.timeout)
             except Exception as e:
                 if _transport_error(e):
                     raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
@@ -290,7 +263,7 @@ class LxdProvider:
                 )
             return self._body(r)
 
-        return _with_retries(once, self.timeout)
+        return with_retries(once, _transient, self.timeout)
 
     def _wait(self, op_id: str, bound: float = OPERATION_TIMEOUT) -> Any:
         """The operation's result once it is final, waiting OPERATION_TIMEOUT s at a time, `bound` s in all.
