@@ -781,3 +781,22 @@ def test_an_unexpected_set_up_failure_never_escapes_the_hook(fake, machine, monk
     assert out.unit_status == testing.BlockedStatus(
         "host set-up failed: division by zero; see juju debug-log, then run refresh"
     )
+
+
+def test_every_action_runs_through_the_one_helper():
+    """Issue 11 item 6: parameters, config and failures are handled in _run_action alone (no copied try/except)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(charm.__file__).read_text())
+    failing = {
+        fn.name
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef)
+        for call in ast.walk(fn)
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "fail"
+    }
+    assert failing == {"_run_action"}
+    actions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.startswith("_on_")]
+    through = {f.name for f in actions if "_run_action" in ast.unparse(f)}
+    assert len(through) == 9  # compose, decompose, list-vms, resources, start/stop-vm, refresh, trust, token
