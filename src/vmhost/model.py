@@ -50,6 +50,7 @@ __all__ = [
     "HugepageSetting",
     "Nic",
     "NicAllocation",
+    "NicType",
     "NumaNode",
     "Policy",
     "Quota",
@@ -472,6 +473,9 @@ class DiskAllocation:
         return cls(label=str(d["label"]), size=int(d["size"]), pool=str(d["pool"]), tags=tuple(d.get("tags") or ()))
 
 
+NicType = Literal["bridge", "macvlan", "sriov", "network"]  # network: a hypervisor-managed network
+
+
 @dataclass(frozen=True, slots=True)
 class NicAllocation:
     """A guest NIC and what it attaches to on the host.
@@ -481,7 +485,7 @@ class NicAllocation:
     """
 
     label: str
-    type: str
+    type: NicType
     parent: str
     vlan: int | None = None
     ip: str | None = None

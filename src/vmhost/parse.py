@@ -10,6 +10,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Literal, get_args
 
 __all__ = [
     "DiskSpec",
@@ -294,7 +295,8 @@ def _split_top_level(value: str) -> list[str]:
     return parts
 
 
-INTERFACE_TYPES = ("bridge", "macvlan", "sriov")
+InterfaceType = Literal["bridge", "macvlan", "sriov"]  # what a request may ask for (MAAS `type=`)
+INTERFACE_TYPES: tuple[InterfaceType, ...] = get_args(InterfaceType)
 _LIST_KEYS = ("space", "not_space", "subnet", "not_subnet", "vlan", "not_vlan")
 _IFACE_KEYS = (*_LIST_KEYS, "ip", "type", "name")
 
@@ -311,7 +313,7 @@ class InterfaceSpec:
     vlan: tuple[int, ...] = ()
     not_vlan: tuple[int, ...] = ()
     ip: str | None = None
-    type: str | None = None
+    type: InterfaceType | None = None
     name: str | None = None
 
     def to_str(self) -> str:

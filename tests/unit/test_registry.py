@@ -10,6 +10,7 @@ from importlib.metadata import EntryPoint, PackageNotFoundError
 from pathlib import Path
 
 import pytest
+import tenacity
 
 from tests.unit.fakes import FakeProvider
 from vmhost.providers import registry
@@ -48,15 +49,24 @@ def test_unpackaged_the_table_stands_in(monkeypatch):
 
 
 def test_unpackaged_for_real_in_a_python_without_vm_host(tmp_path):
-    """As in the packed charm's venv (uv --no-install-project): vmhost on sys.path, no vm-host dist-info."""
+    """As in the packed charm's venv (uv --no-install-project): vmhost on sys.path, its dependencies
+    installed, no vm-host dist-info. The venv's site-packages is mirrored without vm-host's own entries."""
+    site = tmp_path / "site-packages"
+    site.mkdir()
+    real = Path(tenacity.__file__).resolve().parents[1]
+    for entry in real.iterdir():
+        if not entry.name.lower().startswith(("vm_host", "vm-host", "__editable__")) and entry.suffix != ".pth":
+            (site / entry.name).symlink_to(entry)
     code = (
-        "import sys; sys.path.insert(0, sys.argv[1]);"
-        "from importlib.metadata import distribution;"
+        "import sys; sys.path[:0] = sys.argv[1:];"
         "from vmhost.providers.registry import own_providers;"
         "print(sorted(own_providers().items()))"
     )
     out = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", code, str(ROOT / "src")], capture_output=True, text=True, timeout=60
+        [sys.executable, "-I", "-S", "-c", code, str(ROOT / "src"), str(site)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(sorted(BUILTIN_PROVIDERS.items()))
