@@ -5,6 +5,9 @@ Everything touches the machine through `root` (the file system root, "/" in prod
 are set per NUMA node through sysfs and then READ BACK: the kernel gives what it can, and what it
 could not give (typically 1G pages on a fragmented host) goes to a kernel command-line drop-in plus
 "reboot required", so the next boot reserves them before memory fragments.
+
+Over ~400 lines on purpose: one machine's preparation (hugepages per node, hugetlbfs, kernel command
+line, packages with their transient-failure retries) is one Host class over one injectable root and runner.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ libvirt is the only database (DESIGN.md §3): each domain carries its Allocation
 to the domain's own uuid, with the list of volumes made for it written before any of them is created
 (volumes have no metadata of their own). Usage is recomputed from libvirt, and `gc` finishes what a crash
 left unfinished from those records alone, never from names. The XML itself comes from the pure builder in libvirt_xml.
+
+Over ~400 lines for now: one class over one daemon (connection, discovery, compose transaction, gc,
+floating affinity). XML building is already libvirt_xml.py; discovery is moving to libvirt_discovery.py
+(numa branch), after which compose/gc are the next split.
 """
 
 from __future__ import annotations

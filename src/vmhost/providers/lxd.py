@@ -9,6 +9,10 @@ certificate, pinned server certificate) alike; the provider speaks the REST API 
 because pylxd's object layer has no call for several things it needs (pool resources, volume config).
 Facts that cannot change within one provider instance (one CLI call, one charm hook) are read once: the
 server's extensions, host resources, network kinds, pools, profile, project.
+
+Over ~400 lines for now: one class over one REST API (transport with bounded operations, discovery,
+compose transaction, gc). Config building is already lxd_config.py; the transport (`_call`/`_wait`) is
+the next split.
 """
 
 from __future__ import annotations
