@@ -3,15 +3,19 @@
 Plain frozen dataclasses with `from_dict`/`to_dict` in the JSON shapes of DESIGN.md §4, so the
 placement engine, the providers (which store allocations in hypervisor metadata), the CLI and the
 charm all speak one language. Sizes are bytes, hugepages are page counts keyed by "2M"/"1G".
+
+Over ~400 lines on purpose: the one shared vocabulary (design §4 JSON shapes, the compose plan and VM info)
+lives in one file so every layer above imports the same names from one place.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, get_args
 
 from vmhost.parse import (
     HUGEPAGE_SIZES,
@@ -34,19 +38,27 @@ from vmhost.parse import (
 )
 
 __all__ = [
+    "BOOT_MODES",
     "HUGEPAGE_SIZES",
     "RATIO_BOUNDS",
     "Allocation",
+    "BootMode",
     "Cell",
+    "CloudInit",
+    "ComposePlan",
     "Core",
     "DiskAllocation",
     "HostTopology",
     "HugepageAllocation",
+    "HugepageSetting",
     "Nic",
     "NicAllocation",
+    "NicType",
     "NumaNode",
     "Policy",
+    "Quota",
     "StoragePool",
+    "VmInfo",
     "VmRequest",
     "overcommit_ratio",
 ]
@@ -208,6 +220,15 @@ class HostTopology:
             "nics": [n.to_dict() for n in self.nics],
             "storage_pools": [p.to_dict() for p in self.storage_pools],
         }
+
+    def with_spaces(self, space_bridges: Mapping[str, str]) -> HostTopology:
+        """This topology with each bridge NIC carrying the Juju space the operator mapped to it
+        (`space-bridges`: space -> bridge); the hypervisor does not know spaces, the config does."""
+        bridge_space = {bridge: space for space, bridge in space_bridges.items()}
+        if not bridge_space:
+            return self
+        nics = tuple(replace(n, space=bridge_space[n.name]) if n.name in bridge_space else n for n in self.nics)
+        return replace(self, nics=nics)
 
     @cached_property
     def thread_node(self) -> dict[int, int]:
@@ -376,6 +397,24 @@ def _numa_nodes(value: object, cores: int) -> int | None:
 
 # Overcommit ratios an operator may set (README "Limits"): finite, and far enough from 0 and from
 # infinity that capacity arithmetic stays exact in floats and ints.
+@dataclass(frozen=True)
+class HugepageSetting:
+    """Pages of one size wanted on one NUMA node (node None: the host total, split evenly over nodes)."""
+
+    size: str
+    count: int
+    node: int | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
+
+    vms: int | None = None
+    cores: int | None = None
+    memory: int | None = None
+
+
 RATIO_BOUNDS = {"cpu_overcommit_ratio": (0.1, 64.0), "memory_overcommit_ratio": (0.1, 4.0)}
 MAX_RESERVED_MEMORY = 1024**5
 
@@ -490,6 +529,9 @@ class DiskAllocation:
         return cls(label=str(d["label"]), size=int(d["size"]), pool=str(d["pool"]), tags=tuple(d.get("tags") or ()))
 
 
+NicType = Literal["bridge", "macvlan", "sriov", "network"]  # network: a hypervisor-managed network
+
+
 @dataclass(frozen=True, slots=True)
 class NicAllocation:
     """A guest NIC and what it attaches to on the host.
@@ -501,7 +543,7 @@ class NicAllocation:
     """
 
     label: str
-    type: str
+    type: NicType
     parent: str
     vlan: int | None = None
     ip: str | None = None
@@ -596,3 +638,48 @@ class Allocation:
             owner=d.get("owner"),
             other=bool(d.get("other", False)),
         )
+
+
+BootMode = Literal["network", "image"]  # network: PXE first, as MAAS did; image: from a disk image
+BOOT_MODES: tuple[BootMode, ...] = get_args(BootMode)
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """What reaches the guest through a cloud-init seed (NoCloud)."""
+
+    hostname: str
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposePlan:
+    """Everything a provider needs to make one VM: the allocation plus how it boots."""
+
+    allocation: Allocation
+    start: bool = False
+    boot: BootMode = "network"
+    image: str | None = None
+    cloud_init: CloudInit | None = None
+    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
+    shared_threads: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as the hypervisor reports it, with the allocation read back from its metadata."""
+
+    name: str
+    state: str  # running | stopped | other hypervisor states, lower case
+    allocation: Allocation
+    managed: bool = True
+    macs: tuple[str, ...] = ()
+    phase: str = "ready"  # vm-host's own record: composing | decomposing until that finished, then ready
+
+    def to_dict(self) -> dict:
+        d = self.allocation.to_dict()
+        d.update(
+            name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs), phase=self.phase
+        )
+        return d

@@ -14,10 +14,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from vmhost.model import VmRequest
+from vmhost.model import VmInfo, VmRequest
 from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.placement import HostUsage
-from vmhost.providers.base import VmInfo
 from vmhost.relation_policy import AcceptedRequest, RelationRequests, RequestDecision, split_owner
 
 __all__ = [

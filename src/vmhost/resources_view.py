@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vmhost.model import HUGEPAGE_SIZES, HostTopology, Policy
+from vmhost.model import HUGEPAGE_SIZES, HostTopology, Policy, VmInfo
 from vmhost.parse import format_cpuset
 from vmhost.placement import HostUsage
-from vmhost.providers.base import VmInfo
 
 GIB = 1024**3
 

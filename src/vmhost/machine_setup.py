@@ -5,6 +5,9 @@ Everything touches the machine through `root` (the file system root, "/" in prod
 are set per NUMA node through sysfs and then READ BACK: the kernel gives what it can, and what it
 could not give (typically 1G pages on a fragmented host) goes to a kernel command-line drop-in plus
 "reboot required", so the next boot reserves them before memory fragments.
+
+Over ~400 lines on purpose: one machine's preparation (hugepages per node, hugetlbfs, kernel command
+line, packages with their transient-failure retries) is one Host class over one injectable root and runner.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmhost.charm_models import HugepageSetting
-from vmhost.model import HostTopology, Nic
+from vmhost.model import HugepageSetting
 from vmhost.parse import HUGEPAGE_SIZES, human_size
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 
@@ -31,7 +33,6 @@ __all__ = [
     "Host",
     "HostSetupError",
     "HugepageReport",
-    "SpaceMappedProvider",
     "libvirt_packages",
     "older_channel",
     "systemd_unit",
@@ -607,26 +608,3 @@ def lxd_supports_vms(client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> bool
         client = pylxd.Client(timeout=timeout)
     env = client.host_info.get("environment", {})
     return "virtual-machine" in (env.get("instance_types") or ())
-
-
-class SpaceMappedProvider:
-    """A provider whose discovered NICs carry the Juju space the operator mapped their bridge to.
-
-    The hypervisor does not know Juju spaces; the `space-bridges` config does. Everything else is
-    delegated unchanged.
-    """
-
-    def __init__(self, provider, space_bridges: dict[str, str]):
-        self._provider = provider
-        self._bridge_space = {bridge: space for space, bridge in space_bridges.items()}
-
-    def __getattr__(self, name):
-        return getattr(self._provider, name)
-
-    def discover(self) -> HostTopology:
-        topo = self._provider.discover()
-        nics = tuple(
-            Nic.from_dict({**n.to_dict(), "space": self._bridge_space[n.name]}) if n.name in self._bridge_space else n
-            for n in topo.nics
-        )
-        return HostTopology(nodes=topo.nodes, nics=nics, storage_pools=topo.storage_pools)
