@@ -452,7 +452,7 @@ _RESULT_KEYS = {
     "mac_addresses": "macs",
     "cells": "cells",
     "threads_per_core": "threads",
-    "pool": "pool",
+    "resource_pool": "pool",
     "owner": "owner",
     "managed": "managed",
 }

@@ -600,7 +600,7 @@ class Allocation:
     nics: tuple[NicAllocation, ...] = ()
     cells: tuple[Cell, ...] = ()
     threads_per_core: int = 1
-    pool: str | None = None
+    resource_pool: str | None = None  # the operator's grouping of VMs (MAAS's pool), never a storage pool
     owner: str | None = None
     other: bool = False
 
@@ -616,7 +616,7 @@ class Allocation:
             "nics": [n.to_dict() for n in self.nics],
             "cells": [c.to_dict() for c in self.cells],
             "threads_per_core": self.threads_per_core,
-            "pool": self.pool,
+            "resource_pool": self.resource_pool,
             "owner": self.owner,
             "other": self.other,
         }
@@ -634,7 +634,8 @@ class Allocation:
             nics=tuple(NicAllocation.from_dict(x) for x in d.get("nics") or ()),
             cells=tuple(Cell.from_dict(x) for x in d.get("cells") or ()),
             threads_per_core=int(d.get("threads_per_core") or 1),
-            pool=d.get("pool"),
+            # "pool": the key VMs recorded before the rename carry
+            resource_pool=d["resource_pool"] if "resource_pool" in d else d.get("pool"),
             owner=d.get("owner"),
             other=bool(d.get("other", False)),
         )

@@ -1165,7 +1165,7 @@ def place(
     _check_addresses(host, allocations, request.interfaces)
     name = request.name or DEFAULT_NAME
     common = {"name": name, "vcpus": request.cores, "memory": request.memory, "disks": disks}
-    common.update(pool=request.pool, owner=request.owner)
+    common.update(resource_pool=request.pool, owner=request.owner)
     if not request.numa_bound:
         _check_shared(usage, request.cores, policy)
         _check_memory(usage, request.memory, policy)

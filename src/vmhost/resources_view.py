@@ -117,7 +117,7 @@ def resources_dict(
                 "numa_nodes": list(v.allocation.numa_nodes),
                 "memory": v.allocation.memory,
                 "hugepages": v.allocation.hugepages.to_dict() if v.allocation.hugepages else None,
-                "pool": v.allocation.pool,
+                "pool": v.allocation.resource_pool,
             }
             for v in vms
         ],

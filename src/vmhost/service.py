@@ -89,7 +89,7 @@ class VmHost:
 
     def vms(self, pool: str | None = None) -> list[VmInfo]:
         vms = sorted(self.provider.list_vms(), key=lambda v: v.name)
-        return [v for v in vms if pool is None or v.allocation.pool == pool]
+        return [v for v in vms if pool is None or v.allocation.resource_pool == pool]
 
     def allocations(self) -> list[Allocation]:
         return [v.allocation for v in self.provider.list_vms()]

@@ -462,7 +462,7 @@ def test_compose_pinned_hugepage_vm(fake, machine):
     plan = fake.composed[0]
     assert plan.start is True and plan.boot == "network"
     assert plan.cloud_init is None  # network (PXE) boot: the installer names the machine, no seed needed
-    assert fake.vms["web-1"].allocation.pool == "tenant-a"
+    assert fake.vms["web-1"].allocation.resource_pool == "tenant-a"
 
 
 def test_compose_policy_from_config_reserved_cores_never_pinned(fake, machine):

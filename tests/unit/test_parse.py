@@ -463,13 +463,23 @@ def test_host_topology_from_design_shape():
             st.builds(Cell, node=st.integers(0, 3), vcpus=st.just((0, 1)), memory=st.just(GiB)), max_size=2
         ).map(tuple),
         threads_per_core=st.integers(1, 2),
-        pool=st.one_of(st.none(), st.just("prod")),
+        resource_pool=st.one_of(st.none(), st.just("prod")),
         owner=st.one_of(st.none(), st.just("model/app/1")),
         other=st.booleans(),
     )
 )
 def test_allocation_round_trips(a):
     assert Allocation.from_dict(a.to_dict()) == a
+
+
+def test_allocation_writes_resource_pool_and_still_reads_the_old_pool_key():
+    """VMs recorded before the rename carry "pool": they keep their resource pool."""
+    a = Allocation(name="vm", vcpus=1, memory=GiB, resource_pool="prod")
+    d = a.to_dict()
+    assert d["resource_pool"] == "prod" and "pool" not in d
+    old = {k: v for k, v in d.items() if k != "resource_pool"} | {"pool": "prod"}
+    assert Allocation.from_dict(old) == a
+    assert Allocation.from_dict(old | {"resource_pool": "dev"}).resource_pool == "dev"  # the new key wins
 
 
 def test_allocation_to_dict_has_the_design_keys():

@@ -542,7 +542,7 @@ class LibvirtProvider:
             raise
 
     def _seed_pool(self, a) -> str:
-        # a.pool is the operator's resource pool (a VM grouping), never a storage pool.
+        # a.resource_pool is the operator's resource pool (a VM grouping), never a storage pool.
         return a.disks[0].pool if a.disks else self._default_pool()
 
     def _create_seed(self, tx: Transaction, plan: ComposePlan, ref: VolumeRef) -> None:
