@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmhost.model import HugepageSetting
+from vmhost.model import HugepageSetting, even_split
 from vmhost.parse import HUGEPAGE_SIZES, human_size
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 
@@ -286,9 +286,9 @@ class Host:
             targets = nodes if s.node is None else [s.node]
             page = HUGEPAGE_SIZES[s.size]
             fit = [(room[n] - used[n]) // page for n in targets]  # pages of this size each node can still take
-            shares = _even_split(s.count, len(targets))
+            shares = even_split(s.count, len(targets))
             if any(share > max(0, f) for share, f in zip(shares, fit, strict=True)):
-                largest = _largest_even_split([max(0, f) for f in fit])
+                largest = _largesteven_split([max(0, f) for f in fit])
                 where = "this machine" if s.node is None else f"NUMA node {s.node}"
                 prefix = "" if s.node is None else f"{s.node}:"
                 raise HostSetupError(
@@ -585,13 +585,7 @@ def systemd_unit(description: str, argv: Sequence[str], environment: dict[str, s
     )
 
 
-def _even_split(total: int, parts: int) -> list[int]:
-    """`total` in `parts` shares differing by at most one, the larger shares first (lowest nodes)."""
-    share, extra = divmod(total, parts)
-    return [share + (1 if i < extra else 0) for i in range(parts)]
-
-
-def _largest_even_split(fit: list[int]) -> int:
+def _largesteven_split(fit: list[int]) -> int:
     """The largest total whose even split (larger shares first) gives no part more than its `fit`."""
     low = min(fit)
     extra = 0

@@ -60,8 +60,18 @@ __all__ = [
     "StoragePool",
     "VmInfo",
     "VmRequest",
+    "even_split",
     "overcommit_ratio",
 ]
+
+
+def even_split(total: int, parts: int, unit: int = 1) -> list[int]:
+    """`total` in `parts` shares that differ by at most `unit` (by one when `total` is not whole units),
+    larger shares first: the lowest NUMA nodes take the remainder. The one rule for VMs and host pages."""
+    if total % unit:
+        unit = 1
+    base, extra = divmod(total // unit, parts)
+    return [(base + (1 if i < extra else 0)) * unit for i in range(parts)]
 
 
 def _int(d: dict, key: str, default: int | None = None) -> int:

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.hosts import GiB, MiB, hosts, synthetic_host
+from vmhost import machine_setup, placement
 from vmhost.model import (
     Allocation,
     Cell,
@@ -18,6 +19,7 @@ from vmhost.model import (
     Policy,
     StoragePool,
     VmRequest,
+    even_split,
 )
 from vmhost.parse import (
     DiskSpec,
@@ -557,3 +559,14 @@ def test_parse_cache_parses_each_text_once_and_forgets_what_a_read_did_not_see()
     cache.end_read()  # a read that saw neither: both are forgotten
     cache.get("{a}", parse)
     assert calls == ["{a}", "{b}", "{a}"]
+
+
+@given(total=st.integers(0, 10**6), parts=st.integers(1, 64), unit=st.sampled_from([1, 2, 1024]))
+def test_even_split_is_the_one_rule_for_placement_and_machine_setup(total, parts, unit):
+    """Shares sum to the total, differ by at most one unit (one when the total is not whole units), larger first."""
+    shares = even_split(total, parts, unit)
+    step = unit if total % unit == 0 else 1
+    assert sum(shares) == total and len(shares) == parts
+    assert shares == sorted(shares, reverse=True) and shares[0] - shares[-1] <= step
+    assert all(s % step == 0 for s in shares)
+    assert placement.even_split is even_split and machine_setup.even_split is even_split
