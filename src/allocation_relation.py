@@ -20,8 +20,8 @@ from typing import Any
 import ops
 from pydantic import ValidationError
 
+from charm_config import CharmConfig, relation_settings
 from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES, MAX_MESSAGE, VmAllocationProvider, VmStatus, decode_json
-from vmhost.charm_models import CharmConfig
 from vmhost.placement import PlacementError, compute_usage
 from vmhost.providers.base import ProviderError
 from vmhost.relation import PeerUnit, Plan, Snapshot, decide, report
@@ -277,16 +277,6 @@ class AllocationRelation(ops.Object):
             if relation.id in published.statuses:
                 statuses = [_status(entry) for entry in published.statuses[relation.id]]
                 self.provider.publish(relation, statuses, error=bounded(errors.get(relation.id)))
-
-
-def relation_settings(config: CharmConfig, binding: Binding) -> RelationSettings:
-    """The relation policy as plain values, from the charm's config and this unit's binding."""
-    return RelationSettings(
-        quota=config.relation_quota,
-        allowed_networks=tuple(config.allowed_networks),
-        space_bridges=dict(config.space_bridges),
-        binding=binding,
-    )
 
 
 def _assignments(data: Mapping[str, str]) -> dict[str, str]:

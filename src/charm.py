@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """vm-host: Juju events -> one reconcile of the host; actions -> the vmhost use cases.
 
-Thin on purpose: host preparation lives in vmhost.host, placement and composition in
-vmhost.service, typed config/params in vmhost.charm_models. Nothing about VMs is kept in
+Thin on purpose: host preparation lives in vmhost.machine_setup, placement and composition in
+vmhost.service, typed config/params in charm_config. Nothing about VMs is kept in
 StoredState: the hypervisor is the only database (DESIGN.md §3).
+
+Over ~400 lines on purpose: nine actions, install/upgrade/set-up and collect-status are Juju glue that
+belongs to the one CharmBase; each action is a few lines through `_run_action`, the logic lives in vmhost.
 """
 
 from __future__ import annotations
@@ -11,16 +14,15 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import ops
 import pydantic
 
 from allocation_relation import AllocationRelation
-from charms.grafana_agent.v0.cos_agent import COSAgentProvider
-from vmhost import host as hostmod
-from vmhost.charm_models import (
+from charm_config import (
     AddTrustedClientParams,
     CharmConfig,
     ClientTokenParams,
@@ -31,10 +33,13 @@ from vmhost.charm_models import (
     error_message,
     vm_results,
 )
+from charms.grafana_agent.v0.cos_agent import COSAgentProvider
+from vmhost import lxd_setup, machine_setup
 from vmhost.model import VmRequest
 from vmhost.parse import format_cpuset, parse_listen_address
-from vmhost.providers.base import ProviderError, get_provider
+from vmhost.providers.base import ProviderError
 from vmhost.providers.libvirt_discovery import is_remote
+from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, summary_line, vm_line
 from vmhost.service import HostLockError, VmHost
 from vmhost.timeouts import HypervisorTimeout
@@ -48,9 +53,25 @@ REQUEST_ERRORS = (ValueError, ProviderError)
 SERVE_UNIT = "vmhost-serve.service"  # `vmhost serve`: metrics, the host page and /api/resources
 
 
-def make_host() -> hostmod.Host:
+class ActionFailed(Exception):
+    """An action cannot do what was asked; the message is the one sentence the operator reads."""
+
+
+@contextmanager
+def failing_as(prefix: str, errors: type[Exception] | tuple[type[Exception], ...] = Exception) -> Iterator[None]:
+    """Turn `errors` raised inside into ActionFailed(prefix + their message): for calls whose own words
+    (LXD's, Juju's) are the most useful thing to show."""
+    try:
+        yield
+    except ActionFailed:
+        raise
+    except errors as e:
+        raise ActionFailed(f"{prefix}{e}") from e
+
+
+def make_host() -> machine_setup.Host:
     """The machine the unit runs on (tests swap in a temp-dir root and a fake runner)."""
-    return hostmod.Host()
+    return machine_setup.Host()
 
 
 class VmHostCharm(ops.CharmBase):
@@ -111,10 +132,8 @@ class VmHostCharm(ops.CharmBase):
         """The one place a VmHost is built: provider from config, policy from config."""
         uri = config.libvirt_uri if config.backend == "libvirt" else None
         options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
-        provider = get_provider(config.backend, uri=uri, timeout=config.hypervisor_timeout, **options)
-        if config.space_bridges:
-            provider = hostmod.SpaceMappedProvider(provider, config.space_bridges)
-        return VmHost(provider, config.policy())
+        provider = make_provider(ProviderSettings(config.backend, uri, config.hypervisor_timeout, options))
+        return VmHost(provider, config.policy(), space_bridges=config.space_bridges)
 
     @contextmanager
     def _session(self, config: CharmConfig) -> Iterator[VmHost]:
@@ -140,7 +159,7 @@ class VmHostCharm(ops.CharmBase):
         self._ensure_serve(config, restart=isinstance(_event, ops.UpgradeCharmEvent))
         try:
             self._prepare_host(config)
-        except hostmod.HostSetupError as e:
+        except machine_setup.HostSetupError as e:
             # Transient causes (held dpkg lock, unreachable archive or snap store) were already tried again
             # in the hook, a few times with short waits (ops docs, "Handle errors"). Charm Tech's
             # examples/machine-tinyproxy (canonical/operator) lets an apt error put the unit in error so
@@ -184,7 +203,7 @@ class VmHostCharm(ops.CharmBase):
         if config.backend == "libvirt" and is_remote(config.libvirt_uri):
             # Hugepages and hugetlbfs belong to the remote host's kernel; this machine's are not its.
             if config.hugepages:
-                raise hostmod.HostSetupError(
+                raise machine_setup.HostSetupError(
                     f"hugepages cannot be set on the remote libvirt host {config.libvirt_uri} from here; "
                     "reserve them on that host (sysfs or its kernel command line) and clear the hugepages option"
                 )
@@ -198,7 +217,7 @@ class VmHostCharm(ops.CharmBase):
                 logger.warning("%s", report.message())
         try:
             made = self.host.ensure_hugetlbfs({s.size for s in config.hugepages})
-        except hostmod.HostSetupError as e:
+        except machine_setup.HostSetupError as e:
             if config.hugepages:
                 raise
             logger.warning("%s (no hugepages configured: VMs without hugepages are served)", e)
@@ -207,8 +226,6 @@ class VmHostCharm(ops.CharmBase):
             self.host.restart_libvirtd()
 
     def _apply_lxd_preseed(self, config: CharmConfig) -> None:
-        from vmhost import lxd_setup
-
         cfg = lxd_setup.LxdHostConfig(
             storage_driver=config.lxd_storage_driver,
             bridge=config.bridge or None,
@@ -221,7 +238,7 @@ class VmHostCharm(ops.CharmBase):
             raise
         except Exception as e:  # LXD's own words are the most useful message for the operator
             logger.exception("LXD set-up failed")
-            raise hostmod.HostSetupError(f"LXD set-up failed: {e}") from e
+            raise machine_setup.HostSetupError(f"LXD set-up failed: {e}") from e
         if report.applied:
             logger.info("LXD set-up created what was missing: %s", ", ".join(sorted(report.applied)))
         if report.notes:  # the host serves VMs as it is; the operator should put the option back
@@ -251,10 +268,12 @@ class VmHostCharm(ops.CharmBase):
         if config.metrics_address:
             env = {"PYTHONPATH": f"{self.charm_dir / 'lib'}:{self.charm_dir / 'src'}"}
             after = ("libvirtd.service",) if config.backend == "libvirt" else ("snap.lxd.daemon.service",)
-            unit = hostmod.systemd_unit("vm-host resources: metrics, page, API", self._serve_argv(config), env, after)
+            unit = machine_setup.systemd_unit(
+                "vm-host resources: metrics, page, API", self._serve_argv(config), env, after
+            )
         try:
             changed = self.host.ensure_service(SERVE_UNIT, unit, restart=restart)
-        except hostmod.HostSetupError as e:
+        except machine_setup.HostSetupError as e:
             logger.error("%s", e)
             self._problem = ops.BlockedStatus(str(e))
             return
@@ -303,7 +322,7 @@ class VmHostCharm(ops.CharmBase):
 
     def _summary(self, config: CharmConfig) -> ops.StatusBase:
         try:
-            if config.backend == "lxd" and not hostmod.lxd_supports_vms(timeout=config.hypervisor_timeout):
+            if config.backend == "lxd" and not machine_setup.lxd_supports_vms(timeout=config.hypervisor_timeout):
                 return ops.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
             with self._session(config) as vmhost:
                 res = vmhost.resources()
@@ -314,184 +333,153 @@ class VmHostCharm(ops.CharmBase):
 
     # --- actions --------------------------------------------------------------------------------
 
-    def _load(self, event: ops.ActionEvent, cls):
-        """Typed params and config, or None after failing the action with one sentence."""
+    def _run_action(
+        self,
+        event: ops.ActionEvent,
+        params_class: type[pydantic.BaseModel] | None,
+        run: Callable[[ops.ActionEvent, Any, CharmConfig], dict[str, str]],
+    ) -> None:
+        """The one way an action runs: typed parameters (`params_class`, None for none) and config, then
+        `run(event, params, config)` gives the results. A bad parameter or config option, an ActionFailed
+        or a refused request (REQUEST_ERRORS) fails the action with one sentence; nothing else is caught
+        here, so an unforeseen error is Juju's to report with its traceback in the log."""
+        params = None
+        if params_class is not None:
+            try:
+                params = event.load_params(params_class)
+            except pydantic.ValidationError as e:
+                event.fail(error_message(e, "parameter"))
+                return
         try:
-            params = event.load_params(cls)
-        except pydantic.ValidationError as e:
-            event.fail(error_message(e, "parameter"))
-            return None, None
-        config = self._action_config(event)
-        return (params, config) if config is not None else (None, None)
-
-    def _action_config(self, event: ops.ActionEvent) -> CharmConfig | None:
-        """Typed config, or None after failing the action naming the bad option."""
-        try:
-            return self.load_config(CharmConfig)
+            config = self.load_config(CharmConfig)
         except pydantic.ValidationError as e:
             event.fail(f"fix the charm config first: {error_message(e, 'config')}")
-            return None
+            return
+        try:
+            results = run(event, params, config)
+        except (ActionFailed, *REQUEST_ERRORS) as e:
+            event.fail(str(e))
+            return
+        event.set_results(results)
 
     def _on_compose(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, ComposeParams)
-        if params is None:
-            return
-        try:
-            request = VmRequest.from_dict(params.request_dict())
-            with self._session(config) as vmhost:
-                vm = vmhost.compose(
-                    request,
-                    start=params.start,
-                    boot=params.boot,
-                    image=params.image,
-                )
-        except REQUEST_ERRORS as e:
-            event.fail(str(e))
-            return
-        event.log(f"composed {vm.name}")
-        event.set_results(vm_results(vm.to_dict()))
+        self._run_action(event, ComposeParams, self._compose)
 
     def _on_decompose(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, NameParams)
-        if params is None:
-            return
-        try:
-            with self._session(config) as vmhost:
-                vmhost.decompose(params.name)
-        except REQUEST_ERRORS as e:
-            event.fail(str(e))
-            return
-        event.set_results({"name": params.name, "decomposed": "true"})
+        self._run_action(event, NameParams, self._decompose)
 
     def _on_list_vms(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, ListVmsParams)
-        if params is None:
-            return
-        try:
-            with self._session(config) as vmhost:
-                vms = [v.to_dict() for v in vmhost.vms(pool=params.pool)]
-        except REQUEST_ERRORS as e:
-            event.fail(str(e))
-            return
-        event.set_results(
-            {
-                "count": str(len(vms)),
-                "view": "\n".join(vm_line(v) for v in vms) or "no VMs",
-                "json": json.dumps(vms, sort_keys=True),
-            }
-        )
+        self._run_action(event, ListVmsParams, self._list_vms)
 
     def _on_resources(self, event: ops.ActionEvent) -> None:
-        config = self._action_config(event)
-        if config is None:
-            return
-        try:
-            with self._session(config) as vmhost:
-                res = vmhost.resources()
-        except REQUEST_ERRORS as e:
-            event.fail(str(e))
-            return
-        event.set_results({"view": render_view(res), "json": json.dumps(res, sort_keys=True)})
+        self._run_action(event, None, self._resources)
 
     def _on_start_vm(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, NameParams)
-        if params is None:
-            return
-        self._power(event, config, params.name, start=True)
+        self._run_action(event, NameParams, self._start_vm)
 
     def _on_stop_vm(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, StopVmParams)
-        if params is None:
-            return
-        self._power(event, config, params.name, start=False, force=params.force)
-
-    def _power(self, event: ops.ActionEvent, config: CharmConfig, name: str, *, start: bool, force=False) -> None:
-        try:
-            with self._session(config) as vmhost:
-                vmhost.find(name)  # a clear "no VM named ..." before touching anything
-                if start:
-                    vmhost.start(name)
-                else:
-                    vmhost.stop(name, force=force)
-                state = vmhost.find(name).state
-        except REQUEST_ERRORS as e:
-            event.fail(str(e))
-            return
-        event.set_results({"name": name, "state": state})
+        self._run_action(event, StopVmParams, self._stop_vm)
 
     def _on_refresh(self, event: ops.ActionEvent) -> None:
-        config = self._action_config(event)
-        if config is None:
-            return
+        self._run_action(event, None, self._refresh)
+
+    def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
+        self._run_action(event, AddTrustedClientParams, self._add_trusted_client)
+
+    def _on_get_client_token(self, event: ops.ActionEvent) -> None:
+        self._run_action(event, ClientTokenParams, self._get_client_token)
+
+    # The actions themselves: (event, params, config) -> results; ActionFailed says why not.
+
+    def _compose(self, event: ops.ActionEvent, params: ComposeParams, config: CharmConfig) -> dict[str, str]:
+        request = VmRequest.from_dict(params.request_dict())
+        with self._session(config) as vmhost:
+            vm = vmhost.compose(request, start=params.start, boot=params.boot, image=params.image)
+        event.log(f"composed {vm.name}")
+        return vm_results(vm.to_dict())
+
+    def _decompose(self, event: ops.ActionEvent, params: NameParams, config: CharmConfig) -> dict[str, str]:
+        with self._session(config) as vmhost:
+            vmhost.decompose(params.name)
+        return {"name": params.name, "decomposed": "true"}
+
+    def _list_vms(self, event: ops.ActionEvent, params: ListVmsParams, config: CharmConfig) -> dict[str, str]:
+        with self._session(config) as vmhost:
+            vms = [v.to_dict() for v in vmhost.vms(pool=params.pool)]
+        return {
+            "count": str(len(vms)),
+            "view": "\n".join(vm_line(v) for v in vms) or "no VMs",
+            "json": json.dumps(vms, sort_keys=True),
+        }
+
+    def _resources(self, event: ops.ActionEvent, params: None, config: CharmConfig) -> dict[str, str]:
+        with self._session(config) as vmhost:
+            res = vmhost.resources()
+        return {"view": render_view(res), "json": json.dumps(res, sort_keys=True)}
+
+    def _start_vm(self, event: ops.ActionEvent, params: NameParams, config: CharmConfig) -> dict[str, str]:
+        return self._power(config, params.name, start=True)
+
+    def _stop_vm(self, event: ops.ActionEvent, params: StopVmParams, config: CharmConfig) -> dict[str, str]:
+        return self._power(config, params.name, start=False, force=params.force)
+
+    def _power(self, config: CharmConfig, name: str, *, start: bool, force: bool = False) -> dict[str, str]:
+        with self._session(config) as vmhost:
+            vmhost.find(name)  # a clear "no VM named ..." before touching anything
+            if start:
+                vmhost.start(name)
+            else:
+                vmhost.stop(name, force=force)
+            state = vmhost.find(name).state
+        return {"name": name, "state": state}
+
+    def _refresh(self, event: ops.ActionEvent, params: None, config: CharmConfig) -> dict[str, str]:
         if not self.host.kvm_available():
-            event.fail(NO_KVM)
-            return
+            raise ActionFailed(NO_KVM)
         removed = self._reconcile()
         if isinstance(self._problem, ops.BlockedStatus | ops.WaitingStatus):
-            event.fail(self._problem.message)
-            return
+            raise ActionFailed(self._problem.message)
         summary = self._summary(config)
-        event.set_results({"removed": json.dumps(removed), "summary": summary.message})
+        return {"removed": json.dumps(removed), "summary": summary.message}
 
-    def _lxd_only(self, event: ops.ActionEvent, config: CharmConfig, action: str) -> bool:
-        if config.backend != "lxd":
-            event.fail(f"{action} needs backend=lxd; this unit runs {config.backend}")
-            return False
-        return True
-
-    def _trust_projects(self, config: CharmConfig, admin: bool) -> tuple[str, ...] | None:
+    def _trust_projects(self, config: CharmConfig, action: str, admin: bool) -> tuple[str, ...] | None:
         """vm-host's own LXD project (made if it is not there yet), or None: full access, only when asked."""
+        if config.backend != "lxd":
+            raise ActionFailed(f"{action} needs backend=lxd; this unit runs {config.backend}")
         if admin:
             return None
         with self._session(config) as vmhost:
             vmhost.provider.ensure_project()
             return (vmhost.provider.project,)
 
-    def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, AddTrustedClientParams)
-        if params is None or not self._lxd_only(event, config, "add-trusted-client"):
-            return
-        from vmhost import lxd_setup
-
-        try:
-            projects = self._trust_projects(config, params.admin)
+    def _add_trusted_client(
+        self, event: ops.ActionEvent, params: AddTrustedClientParams, config: CharmConfig
+    ) -> dict[str, str]:
+        with failing_as("LXD did not trust the certificate: "):  # LXD's own words, one line
+            projects = self._trust_projects(config, "add-trusted-client", params.admin)
             fingerprint = lxd_setup.add_trusted_client(
                 params.cert, params.name, projects=projects, timeout=config.hypervisor_timeout
             )
-        except Exception as e:  # LXD refused (bad cert, trusted under another name): its message, one line
-            event.fail(f"LXD did not trust the certificate: {e}")
-            return
-        event.set_results(
-            {"name": params.name, "fingerprint": fingerprint, "access": lxd_setup.describe_access(projects)}
-        )
+        return {"name": params.name, "fingerprint": fingerprint, "access": lxd_setup.describe_access(projects)}
 
-    def _on_get_client_token(self, event: ops.ActionEvent) -> None:
-        params, config = self._load(event, ClientTokenParams)
-        if params is None or not self._lxd_only(event, config, "get-client-token"):
-            return
-        from vmhost import lxd_setup
-
-        try:
-            projects = self._trust_projects(config, params.admin)
+    def _get_client_token(
+        self, event: ops.ActionEvent, params: ClientTokenParams, config: CharmConfig
+    ) -> dict[str, str]:
+        with failing_as("LXD did not issue a token: "):
+            projects = self._trust_projects(config, "get-client-token", params.admin)
             token = lxd_setup.create_join_token(
                 params.name, expiry_s=params.expiry_seconds, projects=projects, timeout=config.hypervisor_timeout
             )
-        except Exception as e:
-            event.fail(f"LXD did not issue a token: {e}")
-            return
         access = lxd_setup.describe_access(projects)
         # A secret owned by this unit, never action output (which `juju show-operation` keeps for anyone
         # who can read the model); the operator reads it with `juju show-secret <id> --reveal`.
-        try:
+        with failing_as("could not store the token as a Juju secret, so it was not handed out: ", ops.ModelError):
             secret = self.unit.add_secret(
                 {"token": token.token},
                 description=f"LXD join token for {params.name} ({access}), expires {token.expires_at}",
                 expire=datetime.timedelta(seconds=params.expiry_seconds),
             )
-        except ops.ModelError as e:
-            event.fail(f"could not store the token as a Juju secret, so it was not handed out: {e}")
-            return
-        event.set_results({"name": params.name, "secret-id": secret.id, "expires": token.expires_at, "access": access})
+        return {"name": params.name, "secret-id": secret.id, "expires": token.expires_at, "access": access}
 
     def _on_secret_expired(self, event: ops.SecretExpiredEvent) -> None:
         """A join token's secret outlived its token (LXD refuses it now): nothing worth keeping."""

@@ -6,13 +6,18 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
-from vmhost.model import Policy, VmRequest
+from vmhost.exporter import make_server
+from vmhost.model import BOOT_MODES, Policy, VmRequest
 from vmhost.parse import ParseError
-from vmhost.providers.base import ProviderError, get_provider
-from vmhost.service import BOOT_MODES, STOP_WAIT, HostLockBusy, VmHost
+from vmhost.placement import PlacementError
+from vmhost.providers.base import ProviderError
+from vmhost.providers.registry import ProviderSettings, make_provider
+from vmhost.resources_view import render_view, vm_line
+from vmhost.service import STOP_WAIT, HostLockBusy, VmHost
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
     DEFAULT_CALL_TIMEOUT,
@@ -152,9 +157,8 @@ def _policy(args: argparse.Namespace) -> Policy:
 
 
 def _host(args: argparse.Namespace) -> VmHost:
-    options = {
-        "timeout": _seconds(args.timeout, "--timeout", "VMHOST_TIMEOUT", DEFAULT_CALL_TIMEOUT, CALL_TIMEOUT_RANGE)
-    }
+    timeout = _seconds(args.timeout, "--timeout", "VMHOST_TIMEOUT", DEFAULT_CALL_TIMEOUT, CALL_TIMEOUT_RANGE)
+    options: dict[str, object] = {}
     lock_timeout = _seconds(
         args.lock_timeout, "--lock-timeout", "VMHOST_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT, LOCK_TIMEOUT_RANGE
     )
@@ -166,7 +170,8 @@ def _host(args: argparse.Namespace) -> VmHost:
         if args.server_cert:
             options["verify"] = args.server_cert
     policy = _policy(args)  # before connecting: a bad value is refused without touching the hypervisor
-    return VmHost(get_provider(args.backend, uri=args.uri, **options), policy, lock_timeout=lock_timeout)
+    provider = make_provider(ProviderSettings(args.backend, uri=args.uri, timeout=timeout, options=options))
+    return VmHost(provider, policy, lock_timeout=lock_timeout)
 
 
 def _request(args: argparse.Namespace) -> VmRequest:
@@ -191,8 +196,6 @@ def _emit(args: argparse.Namespace, data, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vmhost.resources_view import render_view, vm_line
-
     if args.command == "serve":
         return serve(args)
     host = _host(args)
@@ -252,10 +255,6 @@ def _hint(e: BaseException) -> str:
 
 def serve(args: argparse.Namespace) -> int:
     """Run `vmhost serve` until SIGTERM or Ctrl-C; each read of the host opens and closes its own connection."""
-    import signal
-
-    from vmhost.exporter import make_server
-
     _policy(args)  # a bad policy option is refused before anything listens
 
     def read() -> dict:
@@ -279,8 +278,6 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from vmhost.placement import PlacementError
-
     args = build_parser().parse_args(argv)
     args.json = args.json or args.json_before
     try:

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from vmhost.model import NicAllocation
-from vmhost.providers.base import CloudInit
+from vmhost.model import CloudInit, NicAllocation
 
 __all__ = ["seed_documents", "static_prefixes", "write_seed_iso"]
 

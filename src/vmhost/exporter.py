@@ -25,6 +25,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vmhost.page import render_page
+from vmhost.parse import format_cpuset, parse_listen_address
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LISTEN = "127.0.0.1:9477"
@@ -209,8 +212,6 @@ def _vm_families(res: dict, snap: Snapshot) -> Iterator[GaugeMetricFamily]:
     )
     vcpus = _gauge("vmhost_vm_vcpus", "vCPUs of the VM.", ("vm",))
     memory = _gauge("vmhost_vm_memory_bytes", "Memory of the VM.", ("vm",))
-    from vmhost.parse import format_cpuset
-
     for v in res["vms"]:
         nodes = ",".join(str(n) for n in v.get("numa_nodes") or ())
         pinned = format_cpuset(v["pinned"]) if v.get("pinned") else ""
@@ -316,8 +317,6 @@ class _Handler(BaseHTTPRequestHandler):
     do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
 
     def _serve(self, body: bool) -> None:
-        from vmhost.page import render_page
-
         path = self.path.split("?", 1)[0]
         try:
             if path == "/metrics":
@@ -391,6 +390,4 @@ class ExporterServer(ThreadingHTTPServer):
 
 def make_server(listen: str, read: Callable[[], dict], **reader_options: float) -> ExporterServer:
     """A server bound to `listen` (IP:PORT, validated); serve_forever() runs it."""
-    from vmhost.parse import parse_listen_address
-
     return ExporterServer(parse_listen_address(listen), CachedReader(read, **reader_options))

@@ -3,15 +3,19 @@
 Plain frozen dataclasses with `from_dict`/`to_dict` in the JSON shapes of DESIGN.md §4, so the
 placement engine, the providers (which store allocations in hypervisor metadata), the CLI and the
 charm all speak one language. Sizes are bytes, hugepages are page counts keyed by "2M"/"1G".
+
+Over ~400 lines on purpose: the one shared vocabulary (design §4 JSON shapes, the compose plan and VM info)
+lives in one file so every layer above imports the same names from one place.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal, get_args
 
 from vmhost.parse import (
     HUGEPAGE_SIZES,
@@ -34,22 +38,40 @@ from vmhost.parse import (
 )
 
 __all__ = [
+    "BOOT_MODES",
     "HUGEPAGE_SIZES",
     "RATIO_BOUNDS",
     "Allocation",
+    "BootMode",
     "Cell",
+    "CloudInit",
+    "ComposePlan",
     "Core",
     "DiskAllocation",
     "HostTopology",
     "HugepageAllocation",
+    "HugepageSetting",
     "Nic",
     "NicAllocation",
+    "NicType",
     "NumaNode",
     "Policy",
+    "Quota",
     "StoragePool",
+    "VmInfo",
     "VmRequest",
+    "even_split",
     "overcommit_ratio",
 ]
+
+
+def even_split(total: int, parts: int, unit: int = 1) -> list[int]:
+    """`total` in `parts` shares that differ by at most `unit` (by one when `total` is not whole units),
+    larger shares first: the lowest NUMA nodes take the remainder. The one rule for VMs and host pages."""
+    if total % unit:
+        unit = 1
+    base, extra = divmod(total // unit, parts)
+    return [(base + (1 if i < extra else 0)) * unit for i in range(parts)]
 
 
 def _int(d: dict, key: str, default: int | None = None) -> int:
@@ -208,6 +230,15 @@ class HostTopology:
             "nics": [n.to_dict() for n in self.nics],
             "storage_pools": [p.to_dict() for p in self.storage_pools],
         }
+
+    def with_spaces(self, space_bridges: Mapping[str, str]) -> HostTopology:
+        """This topology with each bridge NIC carrying the Juju space the operator mapped to it
+        (`space-bridges`: space -> bridge); the hypervisor does not know spaces, the config does."""
+        bridge_space = {bridge: space for space, bridge in space_bridges.items()}
+        if not bridge_space:
+            return self
+        nics = tuple(replace(n, space=bridge_space[n.name]) if n.name in bridge_space else n for n in self.nics)
+        return replace(self, nics=nics)
 
     @cached_property
     def thread_node(self) -> dict[int, int]:
@@ -376,6 +407,24 @@ def _numa_nodes(value: object, cores: int) -> int | None:
 
 # Overcommit ratios an operator may set (README "Limits"): finite, and far enough from 0 and from
 # infinity that capacity arithmetic stays exact in floats and ints.
+@dataclass(frozen=True)
+class HugepageSetting:
+    """Pages of one size wanted on one NUMA node (node None: the host total, split evenly over nodes)."""
+
+    size: str
+    count: int
+    node: int | None = None
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
+
+    vms: int | None = None
+    cores: int | None = None
+    memory: int | None = None
+
+
 RATIO_BOUNDS = {"cpu_overcommit_ratio": (0.1, 64.0), "memory_overcommit_ratio": (0.1, 4.0)}
 MAX_RESERVED_MEMORY = 1024**5
 
@@ -490,6 +539,9 @@ class DiskAllocation:
         return cls(label=str(d["label"]), size=int(d["size"]), pool=str(d["pool"]), tags=tuple(d.get("tags") or ()))
 
 
+NicType = Literal["bridge", "macvlan", "sriov", "network"]  # network: a hypervisor-managed network
+
+
 @dataclass(frozen=True, slots=True)
 class NicAllocation:
     """A guest NIC and what it attaches to on the host.
@@ -501,7 +553,7 @@ class NicAllocation:
     """
 
     label: str
-    type: str
+    type: NicType
     parent: str
     vlan: int | None = None
     ip: str | None = None
@@ -558,7 +610,7 @@ class Allocation:
     nics: tuple[NicAllocation, ...] = ()
     cells: tuple[Cell, ...] = ()
     threads_per_core: int = 1
-    pool: str | None = None
+    resource_pool: str | None = None  # the operator's grouping of VMs (MAAS's pool), never a storage pool
     owner: str | None = None
     other: bool = False
 
@@ -574,7 +626,7 @@ class Allocation:
             "nics": [n.to_dict() for n in self.nics],
             "cells": [c.to_dict() for c in self.cells],
             "threads_per_core": self.threads_per_core,
-            "pool": self.pool,
+            "resource_pool": self.resource_pool,
             "owner": self.owner,
             "other": self.other,
         }
@@ -592,7 +644,53 @@ class Allocation:
             nics=tuple(NicAllocation.from_dict(x) for x in d.get("nics") or ()),
             cells=tuple(Cell.from_dict(x) for x in d.get("cells") or ()),
             threads_per_core=int(d.get("threads_per_core") or 1),
-            pool=d.get("pool"),
+            # "pool": the key VMs recorded before the rename carry
+            resource_pool=d["resource_pool"] if "resource_pool" in d else d.get("pool"),
             owner=d.get("owner"),
             other=bool(d.get("other", False)),
         )
+
+
+BootMode = Literal["network", "image"]  # network: PXE first, as MAAS did; image: from a disk image
+BOOT_MODES: tuple[BootMode, ...] = get_args(BootMode)
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """What reaches the guest through a cloud-init seed (NoCloud)."""
+
+    hostname: str
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: str | None = None
+
+
+@dataclass(frozen=True)
+class ComposePlan:
+    """Everything a provider needs to make one VM: the allocation plus how it boots."""
+
+    allocation: Allocation
+    start: bool = False
+    boot: BootMode = "network"
+    image: str | None = None
+    cloud_init: CloudInit | None = None
+    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
+    shared_threads: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """A VM as the hypervisor reports it, with the allocation read back from its metadata."""
+
+    name: str
+    state: str  # running | stopped | other hypervisor states, lower case
+    allocation: Allocation
+    managed: bool = True
+    macs: tuple[str, ...] = ()
+    phase: str = "ready"  # vm-host's own record: composing | decomposing until that finished, then ready
+
+    def to_dict(self) -> dict:
+        d = self.allocation.to_dict()
+        d.update(
+            name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs), phase=self.phase
+        )
+        return d

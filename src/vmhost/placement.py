@@ -16,6 +16,10 @@ take the low and the high even shares decides exactly whether some k nodes hold 
 best-fitting such k are taken in one sorted pass (O(nodes log nodes) per k; see `_choose`). Summing
 2,000 residents costs about a millisecond; a caller deciding repeatedly passes a `UsageIndex`, which
 counts again only the VMs that changed since its last call.
+
+Over ~400 lines for now, not on purpose: it holds usage accounting, NIC resolution, disks and NUMA
+fitting, which issue 11 (item 1) splits into a `vmhost.placement` package; until then the four parts
+follow each other in that order and share only the usage snapshot.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from vmhost.model import (
     NicAllocation,
     Policy,
     VmRequest,
+    even_split,
 )
 from vmhost.parse import DEFAULT_ROOT_DISK, HUGEPAGE_SIZES, InterfaceSpec, format_cpuset, human_size
 
@@ -142,14 +147,6 @@ class HostUsage:
         }
 
 
-def _even(total: int, parts: int, unit: int = 1) -> list[int]:
-    """`total` split in `parts` shares that differ by at most `unit`, larger shares first."""
-    if total % unit:
-        unit = 1
-    base, extra = divmod(total // unit, parts)
-    return [(base + (1 if i < extra else 0)) * unit for i in range(parts)]
-
-
 class _Totals:
     """What a set of allocations takes, summed; can be updated by adding and removing allocations."""
 
@@ -201,7 +198,7 @@ class _Totals:
                     for c in a.cells:
                         node_memory[c.node] = node_memory.get(c.node, 0) + sign * c.memory
                 else:
-                    for n, b in zip(nodes, _even(a.memory, len(nodes), 1024), strict=True):
+                    for n, b in zip(nodes, even_split(a.memory, len(nodes), 1024), strict=True):
                         node_memory[n] = node_memory.get(n, 0) + sign * b
                 for n in nodes:
                     vms = node_vms.get(n)
@@ -362,7 +359,7 @@ def _compute_usage(
             node_names.setdefault(n, set()).add(name)
             node_pinned.setdefault(n, {})[th] = name
     n_nodes = max(1, len(host.nodes))
-    reserved_share = _even(policy.reserved_memory, n_nodes)
+    reserved_share = even_split(policy.reserved_memory, n_nodes)
     mem_ratio = policy.memory_overcommit_ratio
     nodes = []
     free_total = 0
@@ -866,8 +863,8 @@ def _choose(
     sriov = [f for f in ifaces if f.type == "sriov"]
     # Every guest cell needs at least one vCPU and one unit of memory (a page): never a cell with nothing in it.
     for k in need.spans(len(free)):
-        cpu = _even(need.vcpus, k)
-        amt = _even(need.amount, k, need.unit)
+        cpu = even_split(need.vcpus, k)
+        amt = even_split(need.amount, k, need.unit)
         lo_c, hi_c = cpu[-1], cpu[0]
         lo_a, hi_a = amt[-1], amt[0]
         r_c = cpu.count(hi_c) if need.pin and hi_c > lo_c else 0
@@ -922,7 +919,9 @@ def _assign_shares(nodes: list[_NodeFree], shares: list[int], key) -> dict[int, 
 def _splits_fit(have: list[int], total: int, ks: Iterable[int], unit: int = 1) -> bool:
     """Whether `total`, split evenly over some k in `ks` nodes, fits the free amounts `have`."""
     have = sorted(have, reverse=True)
-    return any(all(h >= s for h, s in zip(have, _even(total, k, unit), strict=False)) for k in ks if k <= len(have))
+    return any(
+        all(h >= s for h, s in zip(have, even_split(total, k, unit), strict=False)) for k in ks if k <= len(have)
+    )
 
 
 def _shortage(free: list[_NodeFree], need: _Need, sriov: bool) -> str:
@@ -1097,7 +1096,7 @@ def _place_explicit(
             f"({format_cpuset(ids)}); list cpus of exactly {need.nodes} node(s) or leave numa_nodes out"
         )
     groups = {i: sorted(t for t in cpus if thread_node[t] == i) for i in ids}
-    shares = _even(need.amount, len(ids), need.unit)
+    shares = even_split(need.amount, len(ids), need.unit)
     free = {nu.node: nu for nu in usage.nodes}
     # Larger shares to the roomier nodes: with the nodes fixed by the cpus, the surest fit.
     have = {i: (free[i].hugepages_free(need.size) if need.size else free[i].memory_free) for i in ids}
@@ -1165,7 +1164,7 @@ def place(
     _check_addresses(host, allocations, request.interfaces)
     name = request.name or DEFAULT_NAME
     common = {"name": name, "vcpus": request.cores, "memory": request.memory, "disks": disks}
-    common.update(pool=request.pool, owner=request.owner)
+    common.update(resource_pool=request.pool, owner=request.owner)
     if not request.numa_bound:
         _check_shared(usage, request.cores, policy)
         _check_memory(usage, request.memory, policy)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vmhost.providers.base import VmInfo
+from vmhost.model import VmInfo
 from vmhost.relation_assignment import (
     Capacity,
     ComposeFailure,

@@ -19,9 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from vmhost.model import Allocation, Nic, VmRequest
+from vmhost.model import Allocation, CloudInit, Nic, Quota, VmRequest
 from vmhost.parse import InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
-from vmhost.providers.base import CloudInit
 
 __all__ = [
     "AcceptedRequest",
@@ -77,15 +76,6 @@ def first_few(items: Sequence[str], few: int = FEW) -> str:
 def vm_name(owner: str) -> str:
     """The VM name for an owner: chosen by the host (never the remote), stable across replays."""
     return "vm-" + hashlib.sha256(owner.encode()).hexdigest()[:8]
-
-
-@dataclass(frozen=True)
-class Quota:
-    """Per remote application limits for the vm-allocation relation (None: unlimited)."""
-
-    vms: int | None = None
-    cores: int | None = None
-    memory: int | None = None
 
 
 @dataclass(frozen=True)

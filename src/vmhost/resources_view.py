@@ -7,10 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from vmhost.model import HUGEPAGE_SIZES, HostTopology, Policy
+from vmhost.model import HUGEPAGE_SIZES, HostTopology, Policy, VmInfo
 from vmhost.parse import format_cpuset
 from vmhost.placement import HostUsage
-from vmhost.providers.base import VmInfo
 
 GIB = 1024**3
 
@@ -118,7 +117,7 @@ def resources_dict(
                 "numa_nodes": list(v.allocation.numa_nodes),
                 "memory": v.allocation.memory,
                 "hugepages": v.allocation.hugepages.to_dict() if v.allocation.hugepages else None,
-                "pool": v.allocation.pool,
+                "pool": v.allocation.resource_pool,
             }
             for v in vms
         ],

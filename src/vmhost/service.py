@@ -12,34 +12,20 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
-from vmhost.model import Allocation, HostTopology, Policy, VmRequest
-from vmhost.providers.base import (
-    CloudInit,
-    ComposePlan,
-    FloatingConfinement,
-    NotFound,
-    Provider,
-    ProviderError,
-    VmInfo,
-    confine_floating,
-    fault_point,
-)
+from vmhost.model import BOOT_MODES, Allocation, CloudInit, ComposePlan, HostTopology, Policy, VmInfo, VmRequest
+from vmhost.placement import UsageIndex, compute_usage, place
+from vmhost.providers.base import NotFound, Provider, ProviderError, fault_point
+from vmhost.resources_view import resources_dict
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
-
-if TYPE_CHECKING:
-    from vmhost.placement import UsageIndex
 
 log = logging.getLogger(__name__)
 
-BOOT_MODES = ("network", "image")
 __all__ = [
-    "BOOT_MODES",
     "DEFAULT_LOCK",
     "HostLockBusy",
     "HostLockError",
@@ -73,6 +59,8 @@ class VmHost:
     policy: Policy = field(default_factory=Policy)
     lock_path: str | None = None
     lock_timeout: float = DEFAULT_LOCK_TIMEOUT
+    # Juju space -> bridge (the charm's space-bridges): discovered bridges carry their space.
+    space_bridges: Mapping[str, str] = field(default_factory=dict)
     _lock_busy: bool = field(default=False, init=False, repr=False)
 
     @contextmanager
@@ -93,32 +81,28 @@ class VmHost:
     @property
     def _index(self) -> UsageIndex:
         if self._usage_index is None:
-            from vmhost.placement import UsageIndex
-
             self._usage_index = UsageIndex()
         return self._usage_index
 
     def topology(self) -> HostTopology:
-        return self.provider.discover()
+        return self.provider.discover().with_spaces(self.space_bridges)
 
     def vms(self, pool: str | None = None) -> list[VmInfo]:
         vms = sorted(self.provider.list_vms(), key=lambda v: v.name)
-        return [v for v in vms if pool is None or v.allocation.pool == pool]
+        return [v for v in vms if pool is None or v.allocation.resource_pool == pool]
 
     def allocations(self) -> list[Allocation]:
         return [v.allocation for v in self.provider.list_vms()]
 
     def _snapshot(self) -> tuple[HostTopology, list[VmInfo]]:
         """What the hypervisor reports now: read once per use case, so every decision in it agrees."""
-        return self.provider.discover(), self.provider.list_vms()
+        return self.topology(), self.provider.list_vms()
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
         return self._plan(request, *(snapshot or self._snapshot()), None)
 
     def _plan(self, request: VmRequest, host: HostTopology, vms: list[VmInfo], index: UsageIndex | None) -> Allocation:
-        from vmhost.placement import place
-
         if request.name is None:
             request = replace(request, name=new_vm_name({v.name for v in vms}))
         elif any(v.name == request.name for v in vms):
@@ -203,7 +187,7 @@ class VmHost:
 
     def _confine(self, threads: tuple[int, ...]) -> None:
         """Keep floating VMs (and, unless the policy opts out, running VMs made by others) to `threads`."""
-        confine_floating(self.provider, threads, foreign=self.policy.confine_foreign_vms)
+        self.provider.confine_floating(tuple(threads), foreign=self.policy.confine_foreign_vms)
 
     def shared_threads(self) -> tuple[int, ...]:
         """Where floating VMs may run now: online threads neither reserved nor pinned."""
@@ -214,8 +198,6 @@ class VmHost:
         self, host: HostTopology, allocations: list[Allocation], index: UsageIndex | None = None
     ) -> tuple[int, ...]:
         """Online threads neither reserved nor pinned: where floating VMs may run."""
-        from vmhost.placement import compute_usage
-
         usage = compute_usage(host, allocations, self.policy, index=index)
         return tuple(sorted(t for node in usage.nodes for t in node.free_threads))
 
@@ -254,13 +236,10 @@ class VmHost:
 
     def resources(self) -> dict:
         """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
-        from vmhost.placement import compute_usage
-        from vmhost.resources_view import resources_dict
-
-        host = self.provider.discover()
+        host = self.topology()
         vms = self.vms()
         usage = compute_usage(host, [v.allocation for v in vms], self.policy)
-        ours = isinstance(self.provider, FloatingConfinement)
+        ours = self.provider.confines_floating
         return resources_dict(
             self.provider.name,
             host,

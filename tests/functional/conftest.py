@@ -53,10 +53,12 @@ def libvirt_provider(libvirt_uri):
 def host(libvirt_uri, tmp_path):
     """A VmHost on the real libvirtd (default policy, a per-test lock file) and a list of VM names to decompose."""
     from vmhost.model import Policy
-    from vmhost.providers.base import get_provider
+    from vmhost.providers.registry import ProviderSettings, make_provider
     from vmhost.service import VmHost
 
-    vmhost = VmHost(get_provider("libvirt", uri=libvirt_uri), Policy(), lock_path=str(tmp_path / "lock"))
+    vmhost = VmHost(
+        make_provider(ProviderSettings("libvirt", uri=libvirt_uri)), Policy(), lock_path=str(tmp_path / "lock")
+    )
     made: list[str] = []
     yield vmhost, made
     for name in made:

@@ -69,9 +69,11 @@ def _refuses_taken_and_own_addresses(host: VmHost, new_name, made) -> None:
 
 @pytest.fixture
 def libvirt_host(libvirt_uri, tmp_path):
-    from vmhost.providers.base import get_provider
+    from vmhost.providers.registry import ProviderSettings, make_provider
 
-    host = VmHost(get_provider("libvirt", uri=libvirt_uri), Policy(), lock_path=str(tmp_path / "lock"))
+    host = VmHost(
+        make_provider(ProviderSettings("libvirt", uri=libvirt_uri)), Policy(), lock_path=str(tmp_path / "lock")
+    )
     yield host
     host.provider.close()
 

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from vmhost.model import Allocation, DiskAllocation
-from vmhost.providers.base import ComposePlan, ProviderError
+from vmhost.model import Allocation, ComposePlan, DiskAllocation
+from vmhost.providers.base import ProviderError
 
 M = 1024**2
 

@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.functional.test_lxd import instance_names, lxd_daemon, project, volume_names  # noqa: F401
-from vmhost.model import Policy, VmRequest
+from vmhost.model import CloudInit, Policy, VmRequest
 from vmhost.placement import PlacementError
-from vmhost.providers.base import FAULT_ENV, FAULT_EXIT, CloudInit, get_provider
+from vmhost.providers.base import FAULT_ENV, FAULT_EXIT
+from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.service import VmHost
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,11 +32,12 @@ POLICY = {"cpu_overcommit_ratio": 8.0}  # other helpers' floating VMs share this
 # What the child runs: compose or decompose one VM through the service layer, as the CLI and charm do.
 CHILD = """
 import json, sys
-from vmhost.model import Policy, VmRequest
-from vmhost.providers.base import CloudInit, get_provider
+from vmhost.model import CloudInit, Policy, VmRequest
+from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.service import VmHost
 spec = json.loads(sys.argv[1])
-host = VmHost(get_provider(spec["backend"], **spec["options"]), Policy(**spec["policy"]), lock_path=spec["lock"])
+provider = make_provider(ProviderSettings(spec["backend"], spec["uri"], options=spec["options"]))
+host = VmHost(provider, Policy(**spec["policy"]), lock_path=spec["lock"])
 if spec["action"] == "compose":
     ci = CloudInit(hostname=spec["request"]["name"]) if spec["seed"] else None
     host.compose(VmRequest.from_dict(spec["request"]), start=spec["start"], cloud_init=ci)
@@ -88,7 +90,9 @@ def libvirt_host(libvirt_uri, vm_names, tmp_path):
     """A VmHost on the real libvirtd with one floating VM of ours, whose confinement the tests check."""
     if _meminfo("HugePages_Total") < 64:
         pytest.skip("needs 64 2M hugepages; run scripts/host-setup.sh")
-    host = VmHost(get_provider("libvirt", uri=libvirt_uri), Policy(**POLICY), lock_path=str(tmp_path / "lock"))
+    host = VmHost(
+        make_provider(ProviderSettings("libvirt", uri=libvirt_uri)), Policy(**POLICY), lock_path=str(tmp_path / "lock")
+    )
     floating = host.compose(VmRequest.from_dict({"cores": 1, "memory": "64M", "name": vm_names("ffl")}))
     yield host, floating.name
     with contextlib.suppress(Exception):
@@ -99,7 +103,8 @@ def libvirt_host(libvirt_uri, vm_names, tmp_path):
 def _libvirt_spec(host: VmHost, name: str, action: str) -> dict:
     return {
         "backend": "libvirt",
-        "options": {"uri": host.provider.uri},
+        "uri": host.provider.uri,
+        "options": {},
         "policy": POLICY,
         "lock": host.lock_path,
         "action": action,
@@ -289,6 +294,7 @@ LXD_DECOMPOSE_STEPS = [
 def _lxd_spec(project_name: str, lock: str, name: str, action: str) -> dict:
     return {
         "backend": "lxd",
+        "uri": None,
         "options": {"project": project_name},
         "policy": POLICY,
         "lock": lock,
@@ -301,7 +307,11 @@ def _lxd_spec(project_name: str, lock: str, name: str, action: str) -> dict:
 
 @pytest.fixture
 def lxd_host(project, tmp_path):  # noqa: F811
-    host = VmHost(get_provider("lxd", project=project), Policy(**POLICY), lock_path=str(tmp_path / "lock"))
+    host = VmHost(
+        make_provider(ProviderSettings("lxd", options={"project": project})),
+        Policy(**POLICY),
+        lock_path=str(tmp_path / "lock"),
+    )
     yield host
     host.provider.close()
 

@@ -18,7 +18,7 @@ libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed
 
 from vmhost.model import Policy, VmRequest  # noqa: E402
 from vmhost.parse import parse_cpuset  # noqa: E402
-from vmhost.providers.base import get_provider  # noqa: E402
+from vmhost.providers.registry import ProviderSettings, make_provider  # noqa: E402
 from vmhost.service import VmHost  # noqa: E402
 
 URI = "qemu:///system"
@@ -33,7 +33,7 @@ def vmhost(libvirt_uri, vm_names, tmp_path):
     """VmHost on the real libvirtd. Other helpers' floating VMs share this small host, so the overcommit
     ratio leaves room for them; it changes capacity only, never which threads are shared."""
     policy = Policy(cpu_overcommit_ratio=8.0)
-    host = VmHost(get_provider("libvirt", uri=libvirt_uri), policy, lock_path=str(tmp_path / "lock"))
+    host = VmHost(make_provider(ProviderSettings("libvirt", uri=libvirt_uri)), policy, lock_path=str(tmp_path / "lock"))
     yield host
     host.provider.close()
 
@@ -203,7 +203,7 @@ def test_opting_out_leaves_foreign_vms_where_they_are_and_reports_the_shared_thr
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no usable /dev/kvm on this machine")
     policy = Policy(cpu_overcommit_ratio=8.0, confine_foreign_vms=False)
-    host = VmHost(get_provider("libvirt", uri=libvirt_uri), policy, lock_path=str(tmp_path / "lock"))
+    host = VmHost(make_provider(ProviderSettings("libvirt", uri=libvirt_uri)), policy, lock_path=str(tmp_path / "lock"))
     foreign = vm_names("fx")
     _foreign_running(libvirt_conn, foreign)
     everywhere = _live_vcpu_affinity(foreign)

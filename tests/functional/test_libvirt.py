@@ -16,10 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from vmhost.model import Allocation, Cell, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.model import Allocation, Cell, CloudInit, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import parse_cpuset
-from vmhost.providers.base import NAME_PREFIX, CloudInit, ComposeError, ComposePlan, NotFound, ProviderError
-from vmhost.providers.libvirt_xml import METADATA_NS, STATE_COMPOSING, STATE_DECOMPOSING, domain_xml, volume_name
+from vmhost.providers.base import (
+    NAME_PREFIX,
+    STATE_COMPOSING,
+    STATE_DECOMPOSING,
+    ComposeError,
+    NotFound,
+    ProviderError,
+    volume_name,
+)
+from vmhost.providers.libvirt_xml import METADATA_NS, domain_xml
 
 pytestmark = pytest.mark.libvirt
 

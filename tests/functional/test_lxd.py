@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.model import Allocation, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposeError, ComposePlan, NotFound, ProviderError
+from vmhost.providers.base import STATE_COMPOSING, STATE_DECOMPOSING, ComposeError, NotFound, ProviderError
 
 pytestmark = pytest.mark.lxd
 
@@ -193,7 +193,7 @@ def test_composed_vm_record_has_exactly_the_planned_config_devices_and_volumes(p
 
 
 def test_unpinned_vm_with_cloud_init_and_static_ip(provider, project, names):
-    from vmhost.providers.base import CloudInit
+    from vmhost.model import CloudInit
 
     name = names()
     alloc = planned(
@@ -368,7 +368,7 @@ def test_vm_made_outside_vmhost_is_listed_as_other(provider, names):
     assert lxc("info", name, "--project", "default", check=False).returncode == 0
 
 
-def _crashed(project: str, name: str, state: str = cfg.STATE_COMPOSING) -> None:
+def _crashed(project: str, name: str, state: str = STATE_COMPOSING) -> None:
     """What a compose (or decompose) killed midway leaves: our record, bound to the instance's volatile.uuid."""
     uid = str(uuid.uuid4())
     lxc(
@@ -386,7 +386,7 @@ def test_gc_removes_orphan_volumes_and_unfinished_vms_only(provider, project, na
     # Named exactly like ours, without our tag: not provably ours.
     lxc("storage", "volume", "create", "default", f"{foreign}-data", "size=1GB", "--type=block", "--project", project)
     _crashed(project, crashed)
-    _crashed(project, undone, cfg.STATE_DECOMPOSING)
+    _crashed(project, undone, STATE_DECOMPOSING)
     # Our record, unfinished, but not bound to this instance (written by hand, or copied): left alone.
     lxc(
         "init", "--empty", "--vm", forged, "--project", project,

@@ -33,10 +33,10 @@ WORKER = """
 import json, sys
 from vmhost.model import Policy, VmRequest
 from vmhost.placement import PlacementError
-from vmhost.providers.base import get_provider
+from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.service import VmHost
 prefix, cycles, lock = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-host = VmHost(get_provider("libvirt"), Policy(cpu_overcommit_ratio=8.0), lock_path=lock)
+host = VmHost(make_provider(ProviderSettings("libvirt")), Policy(cpu_overcommit_ratio=8.0), lock_path=lock)
 kinds = [
     {"pinned_cores": "auto", "hugepages_backed": True, "hugepage_size": "2M"},
     {"pinned_cores": "auto"},

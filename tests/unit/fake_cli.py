@@ -12,8 +12,7 @@ from dataclasses import replace
 
 from tests.unit.fakes import FakeProvider
 from vmhost import cli
-from vmhost.model import Allocation
-from vmhost.providers.base import VmInfo
+from vmhost.model import Allocation, VmInfo
 
 provider = FakeProvider()
 for name in filter(None, os.environ.get("FAKE_RUNNING", "").split(",")):
@@ -22,5 +21,5 @@ if os.environ.get("FAKE_IGNORES_STOP") == "1":
     provider.stop = lambda name, force=False: (
         None if not force else provider.vms.update({name: replace(provider.vms[name], state="stopped")})
     )
-cli.get_provider = lambda backend, uri=None, **options: provider
+cli.make_provider = lambda settings: provider
 sys.exit(cli.main(sys.argv[1:]))

@@ -6,8 +6,8 @@ import subprocess
 from dataclasses import replace
 from datetime import UTC
 
-from vmhost.model import HostTopology, Nic, StoragePool
-from vmhost.providers.base import ComposePlan, NotFound, VmInfo
+from vmhost.model import ComposePlan, HostTopology, Nic, StoragePool, VmInfo
+from vmhost.providers.base import NotFound
 
 GIB = 1024**3
 
@@ -38,6 +38,7 @@ class FakeProvider:
 
     name = "fake"
     project = "vmhost"
+    confines_floating = True
 
     def __init__(self, topology: dict | HostTopology | None = None, uri: str | None = None, **options):
         if not isinstance(topology, HostTopology):
@@ -105,15 +106,16 @@ class FakeProvider:
     def close(self) -> None:
         self.closed += 1
 
-    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         self.confined.append(tuple(threads))
         self.confined_foreign.append(foreign)
         if self.fail_confine:
             raise self.fail_confine
+        return True
 
 
 class CommandRecorder:
-    """A command runner for vmhost.host.Host: records every command; dpkg-query knows `installed` packages."""
+    """A command runner for vmhost.machine_setup.Host: records every command; dpkg-query knows `installed` packages."""
 
     def __init__(self, installed=()):
         self.calls: list[list[str]] = []
@@ -169,7 +171,7 @@ def snap_store_error() -> Exception:
 
 
 class FakeApt:
-    """charmlibs.apt as vmhost.host uses it: update(), then add_package(); queued failures are raised in order."""
+    """charmlibs.apt as vmhost.machine_setup uses it: update(), then add_package(); queued failures are raised in order."""
 
     def __init__(self):
         self.added: list[list[str]] = []
@@ -189,7 +191,7 @@ class FakeApt:
 
 
 class FakeSnap:
-    """charmlibs.snap as vmhost.host uses it: list_one() and ensure_installed() on snapd's state `tracking`."""
+    """charmlibs.snap as vmhost.machine_setup uses it: list_one() and ensure_installed() on snapd's state `tracking`."""
 
     def __init__(self, tracking: str | None = None):
         self.tracking = tracking  # the channel an installed LXD snap tracks; None: not installed

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from vmhost.model import Allocation
-from vmhost.providers.base import VmInfo
+from vmhost.model import Allocation, VmInfo
 from vmhost.relation_policy import IncomingRequest, RelationRequests, RelationSettings, judge_requests
 
 M = "aaaaaaaa-1111-4111-8111-000000000001"

@@ -11,13 +11,12 @@ import ops
 import pytest
 from ops import testing
 
-from allocation_relation import HYPERVISOR_ERROR, AllocationRelation, relation_settings
+from allocation_relation import HYPERVISOR_ERROR, AllocationRelation
+from charm_config import CharmConfig
 from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
-from vmhost.charm_models import CharmConfig
-from vmhost.model import Allocation, Nic, Policy, StoragePool
-from vmhost.providers.base import ProviderError, VmInfo
-from vmhost.relation_policy import Binding, Quota, RelationSettings
+from vmhost.model import Allocation, Nic, Policy, StoragePool, VmInfo
+from vmhost.providers.base import ProviderError
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
@@ -107,19 +106,6 @@ def run(relation, state: testing.State | None = None, *, leader=True, unit_id=0,
 
 
 # ---------------------------------------------------------------------------------------------
-
-
-def test_relation_settings_are_the_charm_config_parsed_plus_the_binding():
-    config = CharmConfig.model_validate(
-        {"relation_quota": "vms=2,memory=4G", "allowed_networks": "br0 public", "space_bridges": "public=br0"}
-    )
-    settings = relation_settings(config, Binding(("br5",)))
-    assert settings.quota == Quota(vms=2, memory=4 * GiB)
-    assert settings.allowed_networks == ("br0", "public") and dict(settings.space_bridges) == {"public": "br0"}
-    assert settings.binding == Binding(("br5",))
-    assert relation_settings(CharmConfig(), Binding()) == RelationSettings()
-    with pytest.raises(ValueError):
-        CharmConfig.model_validate({"relation_quota": "vms=lots"})
 
 
 def test_new_request_composes_one_vm_owned_by_the_remote_app(provider):

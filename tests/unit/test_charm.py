@@ -30,8 +30,8 @@ from tests.unit.fakes import (
 )
 from tests.unit.juju_cli import charm_context, juju_run_params
 from vmhost import lxd_setup as lxd_setup_mod
-from vmhost.host import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.lxd_setup import LxdHostState
+from vmhost.machine_setup import GRUB_DROPIN, Host, libvirt_packages
 from vmhost.model import NicAllocation
 from vmhost.providers.base import ProviderError
 
@@ -129,13 +129,13 @@ def fake(monkeypatch) -> FakeProvider:
     provider = FakeProvider(TOPOLOGY)
     provider.uris = []
 
-    def get_provider(name, uri=None, **options):
-        provider.name = name
-        provider.uris.append((name, uri))
+    def make_provider(settings):
+        provider.name = settings.backend
+        provider.uris.append((settings.backend, settings.uri))
         return provider
 
-    monkeypatch.setattr(charm, "get_provider", get_provider)
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: True)
+    monkeypatch.setattr(charm, "make_provider", make_provider)
+    monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None, timeout=None: True)
     return provider
 
 
@@ -281,7 +281,7 @@ def test_changed_storage_driver_is_not_applied_and_status_says_why(fake, machine
 
 
 def test_lxd_without_vm_support_is_blocked(fake, machine, lxd_setup, monkeypatch):
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None, timeout=None: False)
+    monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None, timeout=None: False)
     c = ctx()
     out = c.run(c.on.update_status(), testing.State())
     assert out.unit_status == testing.BlockedStatus("LXD cannot run VMs here: load the kvm and vhost_vsock modules")
@@ -462,7 +462,7 @@ def test_compose_pinned_hugepage_vm(fake, machine):
     plan = fake.composed[0]
     assert plan.start is True and plan.boot == "network"
     assert plan.cloud_init is None  # network (PXE) boot: the installer names the machine, no seed needed
-    assert fake.vms["web-1"].allocation.pool == "tenant-a"
+    assert fake.vms["web-1"].allocation.resource_pool == "tenant-a"
 
 
 def test_compose_policy_from_config_reserved_cores_never_pinned(fake, machine):
@@ -793,3 +793,22 @@ def test_hugepages_for_a_remote_libvirt_host_are_refused_not_set_here(fake, mach
         "reserve them on that host (sysfs or its kernel command line) and clear the hugepages option"
     )
     assert not any(call[:1] == ["mount"] for call in machine.runner.calls)
+
+
+def test_every_action_runs_through_the_one_helper():
+    """Issue 11 item 6: parameters, config and failures are handled in _run_action alone (no copied try/except)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(charm.__file__).read_text())
+    failing = {
+        fn.name
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef)
+        for call in ast.walk(fn)
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "fail"
+    }
+    assert failing == {"_run_action"}
+    actions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.startswith("_on_")]
+    through = {f.name for f in actions if "_run_action" in ast.unparse(f)}
+    assert len(through) == 9  # compose, decompose, list-vms, resources, start/stop-vm, refresh, trust, token

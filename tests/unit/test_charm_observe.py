@@ -19,7 +19,7 @@ from charm import SERVE_UNIT
 from tests.unit import test_charm
 from tests.unit.juju_cli import charm_context
 from vmhost import cli
-from vmhost.host import systemd_unit
+from vmhost.machine_setup import systemd_unit
 
 LIBVIRT = test_charm.LIBVIRT
 fake = test_charm.fake  # the fake hypervisor and the temp-dir machine of the charm tests

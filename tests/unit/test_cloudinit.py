@@ -9,8 +9,7 @@ import pytest
 import yaml
 
 from vmhost.cloudinit import seed_documents, write_seed_iso
-from vmhost.model import NicAllocation
-from vmhost.providers.base import CloudInit
+from vmhost.model import CloudInit, NicAllocation
 
 NICS = (
     NicAllocation("eth0", "bridge", "br0", ip="10.20.0.50", mac="52:54:00:00:00:01"),

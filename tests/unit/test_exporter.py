@@ -16,10 +16,9 @@ from tests.page_dom import PageDom
 from tests.unit.fakes import FakeProvider
 from vmhost import cli
 from vmhost.exporter import CachedReader, ExporterServer, Snapshot, metric_families
-from vmhost.model import VmRequest
+from vmhost.model import VmInfo, VmRequest
 from vmhost.page import render_page
 from vmhost.parse import ParseError, format_cpuset, parse_listen_address
-from vmhost.providers.base import VmInfo
 from vmhost.service import VmHost
 
 
@@ -27,7 +26,7 @@ from vmhost.service import VmHost
 def provider(tmp_path, monkeypatch):
     monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "lock"))
     p = FakeProvider()
-    monkeypatch.setattr(cli, "get_provider", lambda backend, uri=None, **o: p)
+    monkeypatch.setattr(cli, "make_provider", lambda settings: p)
     return p
 
 

@@ -22,9 +22,9 @@ HOLDER = textwrap.dedent(
     """
     import sys, time
     from vmhost.hostlock import host_lock
-    with host_lock(sys.argv[1], timeout=5):
+    with host_lock(sys.argv[2], timeout=5):
         print("held", flush=True)
-        sys.stdin.readline() if float(sys.argv[2]) < 0 else time.sleep(float(sys.argv[2]))
+        sys.stdin.readline() if float(sys.argv[3]) < 0 else time.sleep(float(sys.argv[3]))
     """
 )
 
@@ -33,7 +33,8 @@ def _holder(path, hold: float = -1) -> subprocess.Popen:
     script = path.parent / "holder.py"
     script.write_text(HOLDER)
     p = subprocess.Popen(
-        [sys.executable, str(script), str(path), str(hold), "--marker-for-the-test"],
+        # the marker early: the lock records the command line clipped to 200 characters, paths vary in length
+        [sys.executable, str(script), "--marker-for-the-test", str(path), str(hold)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import tenacity
 
+from vmhost.providers import base
+
 libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
 
 from vmhost.providers import libvirt as lv  # noqa: E402
@@ -18,7 +20,7 @@ def _error(code: int, msg: str = "boom") -> libvirt.libvirtError:
 
 @pytest.fixture(autouse=True)
 def no_wait(monkeypatch):
-    monkeypatch.setattr(lv, "RETRY_WAIT", tenacity.wait_none())
+    monkeypatch.setattr(base, "RETRY_WAIT", tenacity.wait_none())
 
 
 def _flaky(errors: list[BaseException]):
@@ -43,7 +45,7 @@ def test_retries_are_bounded():
     fn, calls = _flaky([_error(libvirt.VIR_ERR_OPERATION_TIMEOUT) for _ in range(10)])
     with pytest.raises(libvirt.libvirtError):
         lv.LibvirtProvider()._call(fn)
-    assert len(calls) == lv.RETRY_ATTEMPTS
+    assert len(calls) == base.RETRY_ATTEMPTS
 
 
 def test_other_errors_are_not_retried():
@@ -63,7 +65,7 @@ def test_connect_failure_is_one_clear_provider_error(monkeypatch):
     monkeypatch.setattr(libvirt, "open", refuse)
     with pytest.raises(lv.ProviderError, match=r"cannot connect to libvirt at qemu\+tcp://h/system"):
         lv.LibvirtProvider("qemu+tcp://h/system").conn  # noqa: B018
-    assert len(attempts) == lv.RETRY_ATTEMPTS
+    assert len(attempts) == base.RETRY_ATTEMPTS
 
 
 def test_remote_uri_is_not_read_through_local_sysfs():

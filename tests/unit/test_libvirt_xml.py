@@ -13,19 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from vmhost.model import Allocation, Cell, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.model import Allocation, Cell, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import HUGEPAGE_SIZES, parse_cpuset
-from vmhost.providers.base import ComposePlan
+from vmhost.providers.base import STATE_COMPOSING, STATE_READY, volume_name
 from vmhost.providers.libvirt_xml import (
-    STATE_COMPOSING,
-    STATE_READY,
     VolumeRef,
     allocation_from_foreign_xml,
     build_domain,
     domain_xml,
     metadata_element,
     read_metadata,
-    volume_name,
 )
 
 GOLDEN = Path(__file__).parent / "golden"

@@ -1,8 +1,10 @@
-"""How many LXD API round-trips each use case costs, pinned against a recording in-memory LXD.
+"""How many LXD API round-trips each use case may cost, counted against a recording in-memory LXD.
 
-Every request the provider sends (pylxd's connecting GET /1.0 included) is recorded, so a change that
-re-reads what one CLI call or charm hook already knows, or that re-reads what it just wrote, fails
-here with the whole call list in the diff. The functional tests check the same paths on the real daemon.
+Every request the provider sends (pylxd's connecting GET /1.0 included) is recorded. Tests assert call
+budgets (at most N round-trips per operation, writes exactly) and the few orderings that are safety
+(a name checked before a create, a mark before a delete, a cancel before an undo), never the whole
+sequence, so a harmless reordering passes and a change that re-reads what one CLI call or charm hook
+already knows fails. The functional tests check the same paths on the real daemon.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from vmhost.model import Policy, VmRequest
+from vmhost.providers import base
 from vmhost.providers import lxd as lxdmod
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposeError
+from vmhost.providers.base import STATE_COMPOSING, STATE_READY, ComposeError
 from vmhost.service import VmHost
 
 GIB = 1024**3
@@ -207,51 +210,57 @@ def request(**kw) -> VmRequest:
     return VmRequest.from_dict({"cores": 1, "memory": "256M", **kw})
 
 
+def within(calls: list[tuple[str, str]], **limits: int) -> bool:
+    """At most `limits[method]` round-trips of each method, and none of any other: a budget, not a sequence
+    (a reordering passes, one more read fails)."""
+    counts: dict[str, int] = {}
+    for method, _ in calls:
+        counts[method] = counts.get(method, 0) + 1
+    return all(n <= limits.get(method, 0) for method, n in counts.items())
+
+
 def test_compose_costs_the_snapshot_three_checks_create_mark_and_one_read_back(lxd, tmp_path):
     vm = host(tmp_path).compose(request(name="vm-a"))
-    assert lxd.calls == [
-        *SNAPSHOT,
-        ("GET", "/1.0/profiles/vmhost"),  # which profile: vmhost when there is one, else default
-        ("GET", "/1.0/projects/vmhost"),  # our project exists (else it is created)
-        ("GET", "/1.0/instances/vm-a"),  # no VM of that name: a failed create must never undo someone's VM
-        ("POST", "/1.0/instances"),
-        ("GET", "/1.0/operations/op-1/wait"),
-        ("PATCH", "/1.0/instances/vm-a"),  # composing -> ready, the only write after the create
-        ("GET", "/1.0/instances/vm-a"),  # the MACs LXD gave the NICs (profile NICs included)
-    ]
+    # Budget: the snapshot, then at most 7 round-trips (which profile, our project, no VM of that name,
+    # create + its wait, the mark composing -> ready, one read back of the MACs); 2 writes only.
+    assert len(lxd.calls) <= len(SNAPSHOT) + 7
+    assert within(lxd.calls[len(SNAPSHOT) :], GET=5, POST=1, PATCH=1)
+    # Safety, not sequence: the name is checked before the create (a failed create must never undo
+    # someone else's VM).
+    assert lxd.calls.index(("GET", "/1.0/instances/vm-a")) < lxd.calls.index(("POST", "/1.0/instances"))
     assert vm.name == "vm-a" and vm.managed and vm.state == "stopped"
     # Crash safety: the record appeared marked unfinished (gc removes it), and ends ready.
-    assert lxd.config_at_create["vm-a"][cfg.STATE_KEY] == cfg.STATE_COMPOSING
-    assert lxd.instances[("vmhost", "vm-a")]["config"][cfg.STATE_KEY] == cfg.STATE_READY
+    assert lxd.config_at_create["vm-a"][cfg.STATE_KEY] == STATE_COMPOSING
+    assert lxd.instances[("vmhost", "vm-a")]["config"][cfg.STATE_KEY] == STATE_READY
 
 
 def test_decompose_costs_the_snapshot_one_read_the_delete_and_one_volume_listing_per_pool(lxd, tmp_path):
     host(tmp_path).compose(request(name="vm-a", storage="root:10,data:2"))
     lxd.calls.clear()
     host(tmp_path).decompose("vm-a")
-    assert lxd.calls == [
-        *SNAPSHOT,
-        ("GET", "/1.0/instances/vm-a"),  # is it ours, is it running
-        ("PATCH", "/1.0/instances/vm-a"),  # marked decomposing: gc finishes it after a crash from here on
-        ("DELETE", "/1.0/instances/vm-a"),
-        ("GET", "/1.0/operations/op-2/wait"),
-        ("GET", "/1.0/storage-pools/default/volumes/custom"),  # pool names known from discover
-        ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-a-data"),
-    ]
+    # Budget: the snapshot, then at most 6 (one read, the mark, the delete + its wait, one volume listing
+    # per pool, one delete per volume).
+    assert len(lxd.calls) <= len(SNAPSHOT) + 6
+    assert within(lxd.calls[len(SNAPSHOT) :], GET=3, PATCH=1, DELETE=2)
+    # Safety: marked decomposing before anything is deleted, so gc finishes it after a crash.
+    first_delete = next(i for i, c in enumerate(lxd.calls) if c[0] == "DELETE")
+    assert lxd.calls.index(("PATCH", "/1.0/instances/vm-a")) < first_delete
     assert lxd.instances == {} and lxd.volumes == {}
 
 
 def test_compose_with_a_volume_and_start_adds_exactly_those_writes(lxd, tmp_path):
     vm = host(tmp_path).compose(request(name="vm-b", storage="root:10,data:2"), start=True)
     writes = [c for c in lxd.calls if c[0] != "GET"]
-    assert writes == [
-        ("POST", "/1.0/storage-pools/default/volumes/custom"),
-        ("POST", "/1.0/instances"),
-        ("PATCH", "/1.0/instances/vm-b"),
-        ("PUT", "/1.0/instances/vm-b/state"),
-    ]
+    assert sorted(writes) == sorted(
+        [
+            ("POST", "/1.0/storage-pools/default/volumes/custom"),
+            ("POST", "/1.0/instances"),
+            ("PATCH", "/1.0/instances/vm-b"),
+            ("PUT", "/1.0/instances/vm-b/state"),
+        ]
+    )
     # The plain compose (3 checks, create + wait, mark, read back), plus the volume and start + its wait.
-    assert len(lxd.calls) == len(SNAPSHOT) + 3 + 4 + 1 + 2
+    assert len(lxd.calls) <= len(SNAPSHOT) + 3 + 4 + 1 + 2
     assert vm.state == "running"
 
 
@@ -263,7 +272,7 @@ def test_a_second_compose_in_the_same_hook_does_not_reread_server_profile_or_pro
     assert ("GET", "/1.0") not in lxd.calls
     assert ("GET", "/1.0/profiles/vmhost") not in lxd.calls
     assert ("GET", "/1.0/projects/vmhost") not in lxd.calls
-    assert len(lxd.calls) == len(SNAPSHOT) - 1 + 1 + 4  # the name check, create + wait, mark, read back
+    assert len(lxd.calls) <= len(SNAPSHOT) - 1 + 1 + 4  # the name check, create + wait, mark, read back
 
 
 def test_first_compose_creates_the_project_once(monkeypatch, tmp_path):
@@ -281,7 +290,11 @@ def test_list_vms_is_the_connection_resources_and_one_listing(lxd, tmp_path):
     host(tmp_path).compose(request(name="vm-a"))
     lxd.calls.clear()
     assert [v.name for v in lxdmod.LxdProvider().list_vms()] == ["vm-a"]
-    assert lxd.calls == [("GET", "/1.0"), ("GET", "/1.0/instances"), ("GET", "/1.0/resources")]
+    assert len(lxd.calls) <= 3 and set(lxd.calls) <= {
+        ("GET", "/1.0"),
+        ("GET", "/1.0/instances"),
+        ("GET", "/1.0/resources"),
+    }
 
 
 def test_failed_create_undoes_the_volumes_with_one_delete_each(lxd, tmp_path):
@@ -291,10 +304,11 @@ def test_failed_create_undoes_the_volumes_with_one_delete_each(lxd, tmp_path):
     assert err.value.step == "create VM vm-c"
     assert lxd.instances == {} and lxd.volumes == {}
     after_create = lxd.calls[lxd.calls.index(("POST", "/1.0/instances")) + 1 :]
-    assert after_create == [
-        ("DELETE", "/1.0/instances/vm-c"),  # a failed create may leave a half-made record: 404 here
-        ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-c-logs"),
+    # One delete each: the half-made record a failed create may leave (404 here) and each volume.
+    assert sorted(after_create) == [
+        ("DELETE", "/1.0/instances/vm-c"),
         ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-c-data"),
+        ("DELETE", "/1.0/storage-pools/default/volumes/custom/vm-c-logs"),
     ]
 
 
@@ -309,7 +323,10 @@ def test_failed_start_removes_the_vm_and_its_volume(lxd, tmp_path):
 def test_a_vm_with_interfaces_gets_exactly_them_the_profiles_nic_masked_for_one_more_read(lxd, tmp_path):
     vm = host(tmp_path).compose(request(name="vm-n", interfaces="net0:name=lxdbr0"))
     profile_reads = [c for c in lxd.calls if c[1].startswith("/1.0/profiles/")]
-    assert profile_reads == [("GET", "/1.0/profiles/vmhost"), ("GET", "/1.0/profiles/default")]
+    assert len(profile_reads) <= 2 and set(profile_reads) == {
+        ("GET", "/1.0/profiles/vmhost"),
+        ("GET", "/1.0/profiles/default"),
+    }
     devices = lxd.instances[("vmhost", "vm-n")]["devices"]
     assert {k: v for k, v in devices.items() if v["type"] != "disk"} == {
         "net0": {"type": "nic", "nictype": "bridged", "parent": "lxdbr0", "boot.priority": "10"},
@@ -336,7 +353,7 @@ def test_image_compose_keeps_waiting_while_lxd_is_still_creating(lxd, tmp_path):
     assert vm.name == "vm-i" and vm.managed
     assert lxd.calls.count(("GET", "/1.0/operations/op-1/wait")) == 3
     assert not [c for c in lxd.calls if c[0] == "DELETE"]
-    assert lxd.instances[("vmhost", "vm-i")]["config"][cfg.STATE_KEY] == cfg.STATE_READY
+    assert lxd.instances[("vmhost", "vm-i")]["config"][cfg.STATE_KEY] == STATE_READY
 
 
 def test_a_wait_that_times_out_with_an_error_answer_reads_the_operation_and_keeps_waiting(lxd, tmp_path):
@@ -361,12 +378,12 @@ def test_an_operation_past_its_bound_is_cancelled_before_the_vm_is_undone(lxd, t
     waits = lxd.wait_timeouts["op-1"]
     assert sum(waits) == bound and max(waits) <= lxdmod.OPERATION_TIMEOUT
     after_create = lxd.calls[lxd.calls.index(("POST", "/1.0/instances")) + 1 :]
-    assert after_create == [
-        *[("GET", "/1.0/operations/op-1/wait")] * len(waits),
-        ("DELETE", "/1.0/operations/op-1"),  # cancel first, so LXD stops making what is undone next
-        ("DELETE", "/1.0/instances/vm-s"),
-        ("GET", "/1.0/operations/op-2/wait"),
-    ]
+    # Budget: the bounded waits, the cancel, the delete and its wait; nothing else.
+    assert len(after_create) <= len(waits) + 3
+    # Safety: cancelled first, so LXD stops making what is undone next.
+    assert after_create.index(("DELETE", "/1.0/operations/op-1")) < after_create.index(
+        ("DELETE", "/1.0/instances/vm-s")
+    )
     assert lxd.instances == {}
 
 
@@ -382,5 +399,5 @@ def test_no_daemon_on_the_socket_is_one_clear_error_after_bounded_retries(tmp_pa
     p = lxdmod.LxdProvider(uri=str(tmp_path / "missing.socket"))
     with pytest.raises(ProviderError, match=r"cannot reach LXD at .*missing\.socket"):
         p.list_vms()
-    assert len(slept) == lxdmod.ATTEMPTS - 1  # five attempts, four waits
+    assert len(slept) == base.RETRY_ATTEMPTS - 1  # five attempts, four waits
     assert slept == sorted(slept) and max(slept) <= 2

@@ -7,10 +7,9 @@ import json
 import pytest
 import yaml
 
-from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.model import Allocation, CloudInit, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import ParseCache
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import CloudInit, ComposePlan
 
 GIB = 1024**3
 

@@ -15,12 +15,12 @@ import re
 import pytest
 import yaml
 
+from charm_config import ComposeParams
 from tests.unit.hosts import synthetic_host
 from vmhost.cloudinit import seed_documents
-from vmhost.model import Nic, NicAllocation, Policy, StoragePool, VmRequest
+from vmhost.model import CloudInit, Nic, NicAllocation, Policy, StoragePool, VmRequest
 from vmhost.parse import DiskSpec, InterfaceSpec, ParseError, guest_ifname, parse_interfaces, parse_storage
 from vmhost.placement import PlacementError, place
-from vmhost.providers.base import CloudInit
 
 GB = 10**9
 MAAS = "canonical/maas@0d716782d:"
@@ -571,7 +571,6 @@ def _shape(r: VmRequest) -> tuple:
 
 def test_action_cli_and_relation_share_one_parser_and_its_defaults():
     from vmhost import cli
-    from vmhost.charm_models import ComposeParams
     from vmhost.relation_policy import RelationSettings, build_request
 
     action = VmRequest.from_dict(ComposeParams(**MAAS_INPUT, hugepages_backed=True).request_dict())
@@ -590,7 +589,6 @@ def test_action_cli_and_relation_share_one_parser_and_its_defaults():
 
 def test_pinned_cores_without_cores_through_the_action_and_the_cli():
     from vmhost import cli
-    from vmhost.charm_models import ComposeParams
 
     action = VmRequest.from_dict(ComposeParams(pinned_cores="1,4,6").request_dict())
     command = cli._request(cli.build_parser().parse_args(["compose", "--pinned-cores", "1,4,6"]))

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.unit.hosts import GiB, MiB, hosts, synthetic_host
+from vmhost import machine_setup, placement
 from vmhost.model import (
     Allocation,
     Cell,
@@ -18,6 +19,7 @@ from vmhost.model import (
     Policy,
     StoragePool,
     VmRequest,
+    even_split,
 )
 from vmhost.parse import (
     DiskSpec,
@@ -463,13 +465,23 @@ def test_host_topology_from_design_shape():
             st.builds(Cell, node=st.integers(0, 3), vcpus=st.just((0, 1)), memory=st.just(GiB)), max_size=2
         ).map(tuple),
         threads_per_core=st.integers(1, 2),
-        pool=st.one_of(st.none(), st.just("prod")),
+        resource_pool=st.one_of(st.none(), st.just("prod")),
         owner=st.one_of(st.none(), st.just("model/app/1")),
         other=st.booleans(),
     )
 )
 def test_allocation_round_trips(a):
     assert Allocation.from_dict(a.to_dict()) == a
+
+
+def test_allocation_writes_resource_pool_and_still_reads_the_old_pool_key():
+    """VMs recorded before the rename carry "pool": they keep their resource pool."""
+    a = Allocation(name="vm", vcpus=1, memory=GiB, resource_pool="prod")
+    d = a.to_dict()
+    assert d["resource_pool"] == "prod" and "pool" not in d
+    old = {k: v for k, v in d.items() if k != "resource_pool"} | {"pool": "prod"}
+    assert Allocation.from_dict(old) == a
+    assert Allocation.from_dict(old | {"resource_pool": "dev"}).resource_pool == "dev"  # the new key wins
 
 
 def test_allocation_to_dict_has_the_design_keys():
@@ -547,3 +559,14 @@ def test_parse_cache_parses_each_text_once_and_forgets_what_a_read_did_not_see()
     cache.end_read()  # a read that saw neither: both are forgotten
     cache.get("{a}", parse)
     assert calls == ["{a}", "{b}", "{a}"]
+
+
+@given(total=st.integers(0, 10**6), parts=st.integers(1, 64), unit=st.sampled_from([1, 2, 1024]))
+def test_even_split_is_the_one_rule_for_placement_and_machine_setup(total, parts, unit):
+    """Shares sum to the total, differ by at most one unit (one when the total is not whole units), larger first."""
+    shares = even_split(total, parts, unit)
+    step = unit if total % unit == 0 else 1
+    assert sum(shares) == total and len(shares) == parts
+    assert shares == sorted(shares, reverse=True) and shares[0] - shares[-1] <= step
+    assert all(s % step == 0 for s in shares)
+    assert placement.even_split is even_split and machine_setup.even_split is even_split

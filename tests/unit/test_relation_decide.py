@@ -224,19 +224,3 @@ def test_allowed_networks_refuse_a_named_bridge_not_listed():
     settings = RelationSettings(allowed_networks=("br0",))
     plan = decide(snapshot(rel(spec("a", interfaces="eth0:name=br1")), settings=settings))
     assert plan.compose == () and "allowed-networks" in rejected(plan)["a"]
-
-
-def test_the_relation_modules_import_neither_ops_nor_the_charms_config():
-    import ast
-    from pathlib import Path
-
-    import vmhost
-
-    package = Path(vmhost.__file__).parent
-    for module in ("relation.py", "relation_policy.py", "relation_assignment.py"):
-        tree = ast.parse((package / module).read_text())
-        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-        imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-        assert not {name for name in imported if name and (name.split(".")[0] == "ops" or "charm_models" in name)}, (
-            module
-        )

@@ -23,8 +23,7 @@ from charm import VmHostCharm
 from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, MAX_REQUESTS, VmAllocationRequirer
 from tests.unit.fakes import FakeProvider
 from tests.unit.test_charm import TOPOLOGY, Machine
-from vmhost.model import Allocation
-from vmhost.providers.base import VmInfo
+from vmhost.model import Allocation, VmInfo
 
 FUZZ = settings(
     max_examples=150,
@@ -185,8 +184,8 @@ def test_arbitrary_relation_data_never_raises_in_a_provider_hook(monkeypatch, tm
     machine = Machine(tmp_path)
     holder: dict = {}
     monkeypatch.setattr(charm, "make_host", machine.host)
-    monkeypatch.setattr(charm, "get_provider", lambda name, uri=None, **kw: holder["p"])
-    monkeypatch.setattr(charm.hostmod, "lxd_supports_vms", lambda client=None: True)
+    monkeypatch.setattr(charm, "make_provider", lambda settings: holder["p"])
+    monkeypatch.setattr(charm.machine_setup, "lxd_supports_vms", lambda client=None: True)
 
     @FUZZ
     @given(

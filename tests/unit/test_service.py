@@ -9,9 +9,11 @@ import pytest
 
 from tests.unit.fakes import GIB, FakeProvider
 from vmhost import cli
-from vmhost.model import Policy, VmRequest
+from vmhost.model import HostTopology, Policy, VmRequest
 from vmhost.placement import PlacementError
 from vmhost.providers.base import NotFound, Provider
+from vmhost.providers.libvirt import LibvirtProvider
+from vmhost.providers.lxd import LxdProvider
 from vmhost.resources_view import render_view, summary_line
 from vmhost.service import Refused, VmHost, host_lock, new_vm_name
 
@@ -150,7 +152,7 @@ def test_host_lock_serialises_threads(tmp_path):
 def fake(monkeypatch, tmp_path):
     provider = FakeProvider()
     monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "lock"))
-    monkeypatch.setattr(cli, "get_provider", lambda backend, uri=None, **o: provider)
+    monkeypatch.setattr(cli, "make_provider", lambda settings: provider)
     return provider
 
 
@@ -283,15 +285,17 @@ def test_decompose_succeeds_even_if_floating_vms_cannot_be_widened(reserved_host
     assert fake.decomposed == ["pinned"] and fake.confined[-1] == _without(0, 8)
 
 
-def test_confine_floating_helper_skips_providers_without_it():
-    from vmhost.providers.base import confine_floating
+def test_confinement_is_a_required_part_of_the_provider_contract():
+    class WithoutConfinement:  # everything a provider has but confinement
+        name = "bare"
+        discover = list_vms = compose = decompose = start = stop = FakeProvider.discover
+        storage_pools = networks = gc = close = FakeProvider.discover
 
-    class Bare:
-        pass
-
-    assert confine_floating(Bare(), (1, 2)) is False
-    fake = FakeProvider()
-    assert confine_floating(fake, [2, 1]) is True and fake.confined == [(2, 1)]
+    assert not isinstance(WithoutConfinement(), Provider)
+    assert isinstance(FakeProvider(), Provider) and FakeProvider().confine_floating((2, 1)) is True
+    assert LxdProvider.confines_floating is False and LibvirtProvider.confines_floating is True
+    lxd = LxdProvider(uri="/nonexistent/unix.socket")  # no daemon is asked: LXD cannot confine, and says so
+    assert lxd.confine_floating((1, 2), foreign=True) is False
 
 
 def test_cli_image_paths_typed_at_the_shell_become_absolute_and_names_stay_names(fake, monkeypatch, tmp_path):
@@ -358,8 +362,7 @@ def test_confine_foreign_vms_setting_from_cli_env_and_dict(fake, monkeypatch, ca
 
 
 def _vm(name, *, pinned=None, managed=True, state="running"):
-    from vmhost.model import Allocation
-    from vmhost.providers.base import VmInfo
+    from vmhost.model import Allocation, VmInfo
 
     alloc = Allocation(name=name, vcpus=len(pinned or (1,)), memory=GIB, pinned=pinned, other=not managed)
     return VmInfo(name, state, alloc, managed=managed)
@@ -393,8 +396,11 @@ def test_shared_pinned_threads_name_the_vms_that_may_run_there():
 
 
 def test_resources_and_status_say_which_pinned_threads_are_shared(tmp_path):
-    class Unconfined(FakeProvider):  # a backend without per-VM affinity (LXD)
-        confine_floating = None
+    class Unconfined(FakeProvider):  # a backend without per-VM affinity (LXD): it says it cannot confine
+        confines_floating = False
+
+        def confine_floating(self, threads, foreign=False):
+            return False
 
     provider = Unconfined()
     h = VmHost(provider, Policy(), lock_path=str(tmp_path / "lock"))
@@ -405,3 +411,18 @@ def test_resources_and_status_say_which_pinned_threads_are_shared(tmp_path):
     assert res["shared_pinned_threads"] == [{"thread": 5, "pinned_by": pinned.name, "shared_with": ["other"]}]
     assert summary_line(res).endswith("; pinned threads 5 shared with other")
     assert "pinned thread 5 of pinned is shared with other" in render_view(res)
+
+
+def test_space_bridges_label_discovered_bridges_with_their_space(tmp_path):
+    topo = HostTopology.from_dict(
+        {
+            "nodes": [{"id": 0, "memory": 1 << 30, "cores": [{"id": 0, "threads": [0]}]}],
+            "nics": [{"name": "br0", "kind": "bridge"}, {"name": "eno1"}],
+        }
+    )
+    h = VmHost(FakeProvider(topo), Policy(), lock_path=str(tmp_path / "lock"), space_bridges={"public": "br0"})
+    nics = {n.name: n for n in h.topology().nics}
+    assert nics["br0"].space == "public"
+    assert nics["br0"].kind == "bridge"
+    assert nics["eno1"].space is None
+    assert VmHost(FakeProvider(topo), Policy()).topology() is topo  # no mapping: discovered as is

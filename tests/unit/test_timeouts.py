@@ -10,6 +10,7 @@ import time
 import pytest
 
 from vmhost import cli
+from vmhost.providers import base
 from vmhost.providers.base import ComposeError
 from vmhost.timeouts import BoundedRunner, HypervisorTimeout, seconds
 
@@ -61,17 +62,17 @@ def test_a_lock_file_in_a_missing_directory_is_one_line_and_the_directory_is_not
 def test_the_cli_hands_its_limits_to_the_provider_and_the_lock(monkeypatch, tmp_path):
     seen = {}
 
-    def provider(backend, uri=None, **options):
-        seen.update(options)
+    def provider(settings):
+        seen.update(settings.options, timeout=settings.timeout)
         raise HypervisorTimeout("stop here")
 
-    monkeypatch.setattr(cli, "get_provider", provider)
+    monkeypatch.setattr(cli, "make_provider", provider)
     monkeypatch.setenv("VMHOST_LOCK_TIMEOUT", "7")
     args = cli.build_parser().parse_args(["gc", "--timeout", "5"])
     with pytest.raises(HypervisorTimeout):
         cli._host(args)
     assert seen["timeout"] == 5.0
-    monkeypatch.setattr(cli, "get_provider", lambda backend, uri=None, **o: object())
+    monkeypatch.setattr(cli, "make_provider", lambda settings: object())
     assert cli._host(cli.build_parser().parse_args(["gc"])).lock_timeout == 7.0
 
 
@@ -188,7 +189,7 @@ def test_a_connection_that_never_answers_is_one_attempt_then_one_sentence(monkey
 def test_retries_of_transient_errors_stop_once_the_limit_has_passed(monkeypatch):
     import tenacity
 
-    monkeypatch.setattr(lv, "RETRY_WAIT", tenacity.wait_fixed(0.6))
+    monkeypatch.setattr(base, "RETRY_WAIT", tenacity.wait_fixed(0.6))
     e = libvirt.libvirtError("Connection refused")
     e.err = (libvirt.VIR_ERR_SYSTEM_ERROR, 0, "Connection refused", 0, "", None, None, 0, 0)
     attempts = []
@@ -200,7 +201,7 @@ def test_retries_of_transient_errors_stop_once_the_limit_has_passed(monkeypatch)
     monkeypatch.setattr(libvirt, "open", refuse)
     with pytest.raises(lv.ProviderError, match="cannot connect"):
         lv.LibvirtProvider("qemu:///system", timeout=1).conn  # noqa: B018
-    assert 2 <= len(attempts) < lv.RETRY_ATTEMPTS  # at 0, 0.6 and 1.2 s: past the 1 s limit, not all five attempts
+    assert 2 <= len(attempts) < base.RETRY_ATTEMPTS  # at 0, 0.6 and 1.2 s: past the 1 s limit, not all five attempts
 
 
 # ---- LXD: a request that times out is not retried, and the provider stops asking -----------------

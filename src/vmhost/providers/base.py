@@ -8,21 +8,76 @@ reverse so a failed compose leaves nothing behind.
 from __future__ import annotations
 
 import fnmatch
-import importlib
 import logging
 import os
+import random
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
-from vmhost.model import Allocation, HostTopology, Nic, StoragePool
+import tenacity
+
+from vmhost.model import BOOT_MODES, ComposePlan, HostTopology, Nic, StoragePool, VmInfo
+from vmhost.parse import ParseError, parse_vm_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-ENTRY_POINT_GROUP = "vmhost.providers"
 # Prefix of every object (domain, volume, instance) vm-host creates; gc only ever touches these.
 NAME_PREFIX = "vmhost-"
+
+# Where a VM is in its life, as both providers record it on the VM (libvirt metadata, LXD user.vmhost.state).
+STATE_COMPOSING = "composing"  # until every compose step succeeded
+STATE_READY = "ready"
+STATE_DECOMPOSING = "decomposing"  # a decompose began: gc finishes it
+UNFINISHED = (STATE_COMPOSING, STATE_DECOMPOSING)
+
+# MAC prefixes (OUI) each hypervisor uses for the MACs it picks itself.
+QEMU_OUI = "52:54:00"
+LXD_OUI = "00:16:3e"
+
+
+RETRY_ATTEMPTS = 5  # per call, the first included
+RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # 0.2, 0.4, 0.8, 1.6 s: about 3 s in all
+
+
+def with_retries(fn: Callable[[], T], transient: Callable[[BaseException], bool], budget: float) -> T:
+    """fn(), tried again while `transient(error)` holds (connection refused, LXD 503, libvirt's operation
+    timeout): RETRY_ATTEMPTS in all, RETRY_WAIT between, and no new attempt once `budget` s have passed.
+    Neither provider counts a call that overran its time limit as transient, so a call with its
+    retries stays bounded too."""
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(transient),
+        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
+        wait=RETRY_WAIT,
+        reraise=True,
+    )
+    return retrying(fn)
+
+
+def volume_name(vm: str, label: str, prefix: str = NAME_PREFIX) -> str:
+    """The volume holding disk `label` of `vm`. libvirt's pools are shared, so it carries NAME_PREFIX
+    for gc to tell ours; LXD's volumes live in vm-host's own project and pass prefix="" (as they always did)."""
+    return f"{prefix}{vm}-{label}"
+
+
+def random_mac(oui: str) -> str:
+    """A MAC under `oui`, random in its last three bytes (set up front so cloud-init can match it)."""
+    rnd = random.SystemRandom()
+    return f"{oui}:" + ":".join(f"{rnd.randrange(256):02x}" for _ in range(3))
+
+
+def check_plan(plan: ComposePlan) -> None:
+    """What every provider refuses before it touches the hypervisor: a VM name outside the one rule
+    (vmhost.parse.parse_vm_name) and a boot mode that is not one."""
+    name = plan.allocation.name
+    try:
+        parse_vm_name(name or "")
+    except ParseError as e:
+        raise ProviderError(f"VM name {(name or '')[:80]!r} is not allowed: {e}") from None
+    if plan.boot not in BOOT_MODES:
+        raise ProviderError(f"boot {plan.boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
 
 
 # Test-only fault point (tests/functional/test_faults.py): VMHOST_TEST_FAULT=kill-at:<step glob> makes the
@@ -59,56 +114,17 @@ class ComposeError(ProviderError):
         self.cause = cause
 
 
-@dataclass(frozen=True)
-class CloudInit:
-    """What reaches the guest through a cloud-init seed (NoCloud)."""
-
-    hostname: str
-    ssh_authorized_keys: tuple[str, ...] = ()
-    user_data: str | None = None
-
-
-@dataclass(frozen=True)
-class ComposePlan:
-    """Everything a provider needs to make one VM: the allocation plus how it boots."""
-
-    allocation: Allocation
-    start: bool = False
-    boot: str = "network"  # network (PXE first, as MAAS did) | image
-    image: str | None = None
-    cloud_init: CloudInit | None = None
-    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
-    shared_threads: tuple[int, ...] | None = None
-
-
-@dataclass(frozen=True)
-class VmInfo:
-    """A VM as the hypervisor reports it, with the allocation read back from its metadata."""
-
-    name: str
-    state: str  # running | stopped | other hypervisor states, lower case
-    allocation: Allocation
-    managed: bool = True
-    macs: tuple[str, ...] = ()
-    phase: str = "ready"  # vm-host's own record: composing | decomposing until that finished, then ready
-
-    def to_dict(self) -> dict:
-        d = self.allocation.to_dict()
-        d.update(
-            name=self.name, state=self.state, managed=self.managed, mac_addresses=list(self.macs), phase=self.phase
-        )
-        return d
-
-
 @runtime_checkable
 class Provider(Protocol):
-    """A hypervisor backend. Found through the `vmhost.providers` entry-point group.
+    """A hypervisor backend. Found through the `vmhost.providers` entry-point group (vmhost.providers.registry).
 
-    Optional (not required by isinstance, so older plugins still qualify): `confine_floating(threads)`,
-    see `FloatingConfinement`; callers go through `confine_floating()`, which skips providers without it.
+    `confines_floating` says whether `confine_floating` can keep floating VMs off the threads pinned
+    VMs own (design §4 rule 1); a backend without per-VM affinity that leaves the vCPU count alone says
+    False, its `confine_floating` does nothing and returns False, and the resources report says so.
     """
 
     name: str
+    confines_floating: bool
 
     def discover(self) -> HostTopology: ...
 
@@ -130,30 +146,14 @@ class Provider(Protocol):
         """Remove objects tagged as ours that no VM owns (left by a crash); return their names."""
         ...
 
-    def close(self) -> None: ...
-
-
-@runtime_checkable
-class FloatingConfinement(Protocol):
-    """A provider that can keep floating VMs off the threads pinned VMs own (DESIGN.md §4 rule 1)."""
-
-    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         """Give every floating VM that vm-host manages exactly these host threads (vCPUs and emulator),
         now and across restarts. Idempotent. With `foreign`, running VMs made by others that pin nothing
-        themselves are kept to these threads too (live only); without, they are left alone."""
+        themselves are kept to these threads too (live only); without, they are left alone. Returns
+        whether anything was confined (False: this backend cannot)."""
         ...
 
-
-def confine_floating(provider: object, threads: tuple[int, ...], foreign: bool = False) -> bool:
-    """Call `provider.confine_floating(threads, foreign=...)`; False (a no-op) for a provider without it,
-    whose backend offers no per-VM affinity that leaves the vCPU count alone (the kernel then floats them)."""
-    if not isinstance(provider, FloatingConfinement):
-        return False
-    if foreign:
-        provider.confine_floating(tuple(threads), foreign=True)
-    else:
-        provider.confine_floating(tuple(threads))
-    return True
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -186,31 +186,3 @@ class Transaction:
             except Exception as e:  # keep unwinding; the orphan is tagged and gc will find it
                 self.undo_failures += 1
                 log.warning("undo %s failed: %s", what, e)
-
-
-# The built-in plugins, also reachable when vmhost runs unpackaged (inside a charm) with no entry points.
-BUILTIN_PROVIDERS = {
-    "libvirt": "vmhost.providers.libvirt:LibvirtProvider",
-    "lxd": "vmhost.providers.lxd:LxdProvider",
-}
-
-
-def available_providers() -> dict[str, str]:
-    """Provider "module:Class" paths by name: built-ins plus the entry-point group (third parties add theirs)."""
-    found = dict(BUILTIN_PROVIDERS)
-    from importlib.metadata import entry_points  # only when asked: scanning installed packages is slow
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        found[ep.name] = ep.value
-    return found
-
-
-def get_provider(name: str, uri: str | None = None, **options) -> Provider:
-    """Instantiate the provider plugin `name` (e.g. "libvirt", "lxd") for `uri`."""
-    eps = BUILTIN_PROVIDERS if name in BUILTIN_PROVIDERS else available_providers()
-    if name not in eps:
-        allowed = ", ".join(sorted(eps)) or "none installed"
-        raise ProviderError(f"backend {name!r} is not available; installed: {allowed}")
-    module, _, attr = eps[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    return cls(uri=uri, **options)

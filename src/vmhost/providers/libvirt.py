@@ -4,6 +4,10 @@ libvirt is the only database (DESIGN.md §3): each domain carries its Allocation
 to the domain's own uuid, with the list of volumes made for it written before any of them is created
 (volumes have no metadata of their own). Usage is recomputed from libvirt, and `gc` finishes what a crash
 left unfinished from those records alone, never from names. The XML itself comes from the pure builder in libvirt_xml.
+
+Over ~400 lines for now: one class over one daemon (connection, discovery, compose transaction, gc,
+floating affinity). XML building is already libvirt_xml.py; discovery is moving to libvirt_discovery.py
+(numa branch), after which compose/gc are the next split.
 """
 
 from __future__ import annotations
@@ -12,8 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import random
-import re
 import subprocess
 import tempfile
 import time
@@ -24,36 +26,48 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-import tenacity
-
-from vmhost.model import Allocation, Core, DiskAllocation, HostTopology, Nic, NicAllocation, NumaNode, StoragePool
+from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso
+from vmhost.model import (
+    Allocation,
+    ComposePlan,
+    Core,
+    DiskAllocation,
+    HostTopology,
+    Nic,
+    NicAllocation,
+    NumaNode,
+    StoragePool,
+    VmInfo,
+)
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, format_size, human_size, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
+    QEMU_OUI,
+    STATE_COMPOSING,
+    STATE_DECOMPOSING,
+    STATE_READY,
+    UNFINISHED,
     ComposeError,
-    ComposePlan,
     NotFound,
     ProviderError,
     Transaction,
-    VmInfo,
+    check_plan,
     fault_point,
+    random_mac,
+    volume_name,
+    with_retries,
 )
 from vmhost.providers.libvirt_discovery import cell_hugepages, is_remote, remote_nics
 from vmhost.providers.libvirt_xml import (
     METADATA_NS,
     METADATA_PREFIX,
     SEED_LABEL,
-    STATE_COMPOSING,
-    STATE_DECOMPOSING,
-    STATE_READY,
-    UNFINISHED,
     Record,
     VolumeRef,
     allocation_from_foreign_xml,
     domain_xml,
     read_record,
     record_element,
-    volume_name,
 )
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, OPERATION_TIMEOUT, BoundedRunner, HypervisorTimeout
 
@@ -73,8 +87,6 @@ DEFAULT_URI = "qemu:///system"
 # Where images named by a bare name are looked up (the charm's libvirt-image-dir option).
 DEFAULT_IMAGE_DIR = "/var/lib/vmhost/images"
 IMAGE_SUFFIXES = ("", ".qcow2", ".img", ".raw")
-# VM names become domain and volume names and the guest's host name: one DNS label.
-VM_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 # Pools whose volumes are files: qcow2 there (thin, snapshot-able); raw everywhere else (LVM, disk, RBD, iSCSI).
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 _SYSFS_NET = Path("/sys/class/net")
@@ -98,24 +110,6 @@ def _transient_connect(e: BaseException) -> bool:
     return _transient(e) or _code(e) in (
         getattr(libvirt, "VIR_ERR_SYSTEM_ERROR", -1),
         getattr(libvirt, "VIR_ERR_NO_CONNECT", -1),
-    )
-
-
-RETRY_ATTEMPTS = 5
-RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # ~3 s in all before giving up
-
-
-def _retrying(pred: Callable[[BaseException], bool], budget: float) -> tenacity.Retrying:
-    """Retries while `pred` holds: RETRY_ATTEMPTS at most, and none once `budget` s have passed.
-
-    A call that overran its time limit is never retried (HypervisorTimeout is no libvirtError), so a
-    call with its retries takes at most about twice the limit.
-    """
-    return tenacity.Retrying(
-        retry=tenacity.retry_if_exception(pred),
-        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
-        wait=RETRY_WAIT,
-        reraise=True,
     )
 
 
@@ -194,18 +188,17 @@ class LibvirtProvider:
     """vm-host on libvirt/QEMU-KVM (`qemu:///system`, or remote `qemu+ssh://user@host/system`)."""
 
     name = "libvirt"
+    confines_floating = True
 
     def __init__(
         self,
         uri: str | None = None,
         image_dir: str | None = None,
         timeout: float = DEFAULT_CALL_TIMEOUT,
-        **options: Any,
     ):
         self.uri = uri or DEFAULT_URI
         self.image_dir = image_dir or DEFAULT_IMAGE_DIR
         self.timeout = float(timeout)
-        self.options = options
         self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
         self._caps: ET.Element | None = None
@@ -221,8 +214,10 @@ class LibvirtProvider:
             if libvirt is None:
                 raise ProviderError("libvirt-python is not installed; install the libvirt-python package")
             try:
-                raw = _retrying(_transient_connect, self.timeout)(
-                    self._runner.call, libvirt.open, self.uri, what="the connection"
+                raw = with_retries(
+                    lambda: self._runner.call(libvirt.open, self.uri, what="the connection"),
+                    _transient_connect,
+                    self.timeout,
                 )
                 self._conn = _Bounded(raw, self)
             except libvirt.libvirtError as e:
@@ -230,7 +225,7 @@ class LibvirtProvider:
         return self._conn
 
     def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        return _retrying(_transient, self.timeout)(fn, *args)
+        return with_retries(lambda: fn(*args), _transient, self.timeout)
 
     @contextlib.contextmanager
     def _errors(self, what: str) -> Iterator[None]:
@@ -358,11 +353,7 @@ class LibvirtProvider:
 
     def compose(self, plan: ComposePlan) -> VmInfo:
         a = plan.allocation
-        if not VM_NAME_RE.match(a.name or ""):
-            raise ProviderError(
-                f"VM name {(a.name or '')[:80]!r} is not allowed; use lower-case letters, digits and '-', starting with "
-                "a letter or digit, at most 63 characters ([a-z0-9][a-z0-9-]{0,62})"
-            )
+        check_plan(plan)
         if plan.boot == "image" and not (plan.image and a.disks):
             raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
         if plan.image:
@@ -373,7 +364,7 @@ class LibvirtProvider:
             self._domain(a.name)
             raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
         untagged = self._check_vlans(a.nics)
-        nics = tuple(replace(n, mac=n.mac or _random_mac()) for n in a.nics)
+        nics = tuple(replace(n, mac=n.mac or random_mac(QEMU_OUI)) for n in a.nics)
         plan = replace(plan, allocation=replace(a, nics=nics))
         a = plan.allocation
         # Every volume is planned, checked free and recorded in the domain's metadata BEFORE it is created,
@@ -540,12 +531,10 @@ class LibvirtProvider:
             raise
 
     def _seed_pool(self, a) -> str:
-        # a.pool is the operator's resource pool (a VM grouping), never a storage pool.
+        # a.resource_pool is the operator's resource pool (a VM grouping), never a storage pool.
         return a.disks[0].pool if a.disks else self._default_pool()
 
     def _create_seed(self, tx: Transaction, plan: ComposePlan, ref: VolumeRef) -> None:
-        from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso  # yaml loads only when seeding
-
         a = plan.allocation
         host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
         docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=static_prefixes(a.nics, host))
@@ -646,7 +635,7 @@ class LibvirtProvider:
 
     # -- floating affinity ----------------------------------------------------------------------
 
-    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> None:
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         """Pin every vCPU and the emulator of each floating VM we made to `threads`, live and in its config.
 
         Otherwise the kernel runs floating vCPUs on threads that pinned VMs own (DESIGN.md §4 rule 1). Only
@@ -689,6 +678,7 @@ class LibvirtProvider:
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # removed meanwhile: nothing to confine
                         raise
+        return True
 
     def _pin_floating(self, dom, cpumap: tuple[bool, ...], config: bool = True) -> None:
         """Set each vCPU's and the emulator's affinity to `cpumap` in the config, and live when running."""
@@ -864,11 +854,6 @@ def _local_gateways() -> dict[str, tuple[str, ...]]:
                 if r["gateway"] not in gws:
                     gws.append(r["gateway"])
     return {dev: tuple(gws) for dev, gws in out.items()}
-
-
-def _random_mac() -> str:
-    """A locally administered MAC in QEMU's 52:54:00 range (set up front so cloud-init can match it)."""
-    return "52:54:00:" + ":".join(f"{random.randint(0, 255):02x}" for _ in range(3))
 
 
 def _pci_str(addr: ET.Element) -> str:

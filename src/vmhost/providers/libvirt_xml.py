@@ -12,16 +12,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from vmhost.model import Allocation, Cell, HugepageAllocation
+from vmhost.model import Allocation, Cell, ComposePlan, HugepageAllocation
 from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
-from vmhost.providers.base import NAME_PREFIX, ComposePlan
+from vmhost.providers.base import STATE_COMPOSING, STATE_READY, volume_name
 
 __all__ = [
     "METADATA_NS",
     "METADATA_PREFIX",
-    "STATE_COMPOSING",
-    "STATE_DECOMPOSING",
-    "STATE_READY",
     "Record",
     "VolumeRef",
     "allocation_from_foreign_xml",
@@ -30,15 +27,10 @@ __all__ = [
     "metadata_element",
     "read_metadata",
     "read_record",
-    "volume_name",
 ]
 
 METADATA_NS = "https://vm-host.dev/xmlns/libvirt/allocation/1"
 METADATA_PREFIX = "vmhost"
-STATE_COMPOSING = "composing"
-STATE_READY = "ready"
-STATE_DECOMPOSING = "decomposing"  # a decompose began: gc finishes it
-UNFINISHED = (STATE_COMPOSING, STATE_DECOMPOSING)
 SEED_LABEL = "cidata"
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
@@ -51,11 +43,6 @@ class VolumeRef:
     pool: str
     volume: str
     format: str = "qcow2"
-
-
-def volume_name(vm: str, label: str) -> str:
-    """Every volume vm-host makes carries the prefix and its VM's name, so gc can tell orphans."""
-    return f"{NAME_PREFIX}{vm}-{label}"
 
 
 def _kib(n_bytes: int) -> str:

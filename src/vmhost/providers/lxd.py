@@ -9,6 +9,10 @@ certificate, pinned server certificate) alike; the provider speaks the REST API 
 because pylxd's object layer has no call for several things it needs (pool resources, volume config).
 Facts that cannot change within one provider instance (one CLI call, one charm hook) are read once: the
 server's extensions, host resources, network kinds, pools, profile, project.
+
+Over ~400 lines for now: one class over one REST API (transport with bounded operations, discovery,
+compose transaction, gc). Config building is already lxd_config.py; the transport (`_call`/`_wait`) is
+the next split.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ import contextlib
 import logging
 import math
 import os
-import random
 import re
 import time
 import uuid as uuid_mod
@@ -26,10 +29,23 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote
 
-from vmhost.model import Allocation, Core, HostTopology, Nic, NumaNode, StoragePool
+from vmhost.cloudinit import static_prefixes
+from vmhost.model import Allocation, ComposePlan, Core, HostTopology, Nic, NumaNode, StoragePool, VmInfo
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import ComposePlan, NotFound, ProviderError, Transaction, VmInfo, fault_point
+from vmhost.providers.base import (
+    LXD_OUI,
+    STATE_COMPOSING,
+    STATE_DECOMPOSING,
+    STATE_READY,
+    NotFound,
+    ProviderError,
+    Transaction,
+    check_plan,
+    fault_point,
+    random_mac,
+    with_retries,
+)
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
@@ -41,7 +57,6 @@ OPERATION_TIMEOUT = int(_OPERATION_TIMEOUT)  # s: bound on an operation, and on 
 IMAGE_CREATE_TIMEOUT = int(IMAGE_TIMEOUT)  # s: creating a VM from an image may first download the image
 _FINAL = ("Success", "Failure", "Cancelled")
 _clock = time.monotonic  # what bounds waits (tests drive it with the fake daemon's own clock)
-ATTEMPTS = 5  # per API call, transient failures included
 _NIC_KINDS = ("physical", "bridge", "vlan", "bond")
 
 
@@ -66,33 +81,6 @@ def _transient(e: BaseException) -> bool:
     return _transport_error(e)
 
 
-def _with_retries(fn, budget: float = DEFAULT_CALL_TIMEOUT):
-    """fn(), retried while the failure is transient, bounded: ATTEMPTS in all (waits 0.2 s doubling to 2 s),
-    and no new attempt once `budget` s have passed. A request that timed out is not transient: it is
-    never retried, so with each request bounded by the call limit the whole is bounded too.
-
-    The first attempt runs bare: tenacity is imported only once something failed, as almost nothing does.
-    """
-    try:
-        return fn()
-    except Exception as e:
-        if not _transient(e):
-            raise
-        log.debug("LXD call failed (%s); retrying", e)
-    time.sleep(0.2)
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
-
-    for attempt in Retrying(
-        retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(ATTEMPTS - 1) | stop_after_delay(budget),
-        wait=wait_exponential(multiplier=0.4, max=2),
-        reraise=True,
-    ):
-        with attempt:
-            return fn()
-    raise AssertionError("unreachable")
-
-
 @dataclass
 class _Connection:
     """A trusted connection: a requests-like session, the API root URL and the server's /1.0 answer."""
@@ -106,6 +94,9 @@ class LxdProvider:
     """LXD VM host backend (local unix socket, or https://host:8443 with a client certificate)."""
 
     name = "lxd"
+    # LXD has no per-VM affinity that leaves the vCPU count alone (limits.cpu as a set also sets the
+    # count), so floating VMs float over every thread; confine_floating says so and the report shows it.
+    confines_floating = False
 
     def __init__(
         self,
@@ -115,7 +106,6 @@ class LxdProvider:
         cert: tuple[str, str] | None = None,
         verify: bool | str = True,
         timeout: float = DEFAULT_CALL_TIMEOUT,
-        **options: Any,
     ):
         if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
             raise ProviderError(f"LXD uri {uri!r} is not usable; give https://host:8443 or a unix socket path")
@@ -131,7 +121,6 @@ class LxdProvider:
         self.cert = tuple(cert) if cert else None
         self.verify = verify
         self.timeout = float(timeout)  # s: each request (requests' connect and read timeouts)
-        self.options = options
         self._conn: _Connection | None = None
         self._hung: str | None = None  # set once LXD did not answer in time: later calls fail at once
         self._parsed: ParseCache[Allocation] = ParseCache()  # our allocations, by their raw config text
@@ -158,7 +147,7 @@ class LxdProvider:
         """Connected on first use (the charm builds providers before LXD is installed)."""
         if self._conn is None:
             try:
-                conn = _with_retries(self._connect, self.timeout)
+                conn = with_retries(self._connect, _transient, self.timeout)
             except Exception as e:
                 if _transport_error(e):
                     raise ProviderError(f"cannot reach LXD at {self._where}: {e}") from e
@@ -279,7 +268,7 @@ class LxdProvider:
                 )
             return self._body(r)
 
-        return _with_retries(once, self.timeout)
+        return with_retries(once, _transient, self.timeout)
 
     def _wait(self, op_id: str, bound: float = OPERATION_TIMEOUT) -> Any:
         """The operation's result once it is final, waiting OPERATION_TIMEOUT s at a time, `bound` s in all.
@@ -327,6 +316,11 @@ class LxdProvider:
             if e.status == 404:
                 return False
             raise
+
+    def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
+        """Nothing: LXD cannot keep a floating VM to a thread set without fixing its vCPU count (see
+        `confines_floating`). Returns False so callers and the resources report know."""
+        return False
 
     def close(self) -> None:
         if self._conn is not None:
@@ -558,7 +552,7 @@ class LxdProvider:
             allocation=alloc,
             managed=ours,
             macs=tuple(m for m in macs if m),
-            phase=(inst.get("config") or {}).get(cfg.STATE_KEY, cfg.STATE_READY) if ours else cfg.STATE_READY,
+            phase=(inst.get("config") or {}).get(cfg.STATE_KEY, STATE_READY) if ours else STATE_READY,
         )
 
     def _read_profile(self, name: str) -> dict | None:
@@ -588,12 +582,11 @@ class LxdProvider:
         return self._profile_devices
 
     def compose(self, plan: ComposePlan) -> VmInfo:
+        check_plan(plan)
         a = plan.allocation
-        if plan.boot not in ("network", "image"):
-            raise ProviderError(f"boot {plan.boot!r} is not a boot mode; allowed: network, image")
         if plan.cloud_init is not None and any(not n.mac for n in a.nics):
             # The guest's network config matches NICs by MAC, so fix the MACs before LXD would.
-            a = cfg.with_macs(a, {n.label: _random_mac() for n in a.nics if not n.mac})
+            a = cfg.with_macs(a, {n.label: random_mac(LXD_OUI) for n in a.nics if not n.mac})
             plan = replace(plan, allocation=a)
         try:
             body = cfg.instance_body(
@@ -638,15 +631,13 @@ class LxdProvider:
             bound = IMAGE_CREATE_TIMEOUT if body["source"]["type"] == "image" else OPERATION_TIMEOUT
             self._call("POST", "/instances", project=self.project, json=body, bound=bound)
         with tx.step(f"mark VM {a.name} ready"):
-            self._call("PATCH", vm_path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_READY}})
+            self._call("PATCH", vm_path, project=self.project, json={"config": {cfg.STATE_KEY: STATE_READY}})
         if plan.start:
             with tx.step(f"start VM {a.name}"):
                 self._state(a.name, "start")
         return self._vm_info(self.project, self._instance(a.name))
 
     def _prefixes(self, a: Allocation) -> dict[str, int]:
-        from vmhost.cloudinit import static_prefixes
-
         if not any(n.ip and "/" not in n.ip for n in a.nics):
             return {}
         nics = self._nics_cache if self._nics_cache is not None else self.networks()
@@ -703,9 +694,9 @@ class LxdProvider:
             if d.get("type") == "disk" and d.get("source") and d.get("pool")
         }
         try:
-            if (inst.get("config") or {}).get(cfg.STATE_KEY) != cfg.STATE_DECOMPOSING:
+            if (inst.get("config") or {}).get(cfg.STATE_KEY) != STATE_DECOMPOSING:
                 fault_point(f"mark VM {name} decomposing")
-                self._call("PATCH", path, project=self.project, json={"config": {cfg.STATE_KEY: cfg.STATE_DECOMPOSING}})
+                self._call("PATCH", path, project=self.project, json={"config": {cfg.STATE_KEY: STATE_DECOMPOSING}})
             if str(inst.get("status", "")).lower() != "stopped":
                 fault_point(f"stop VM {name}")
                 self._state(name, "stop", force=True)
@@ -782,7 +773,7 @@ class LxdProvider:
                 if cfg.ALLOCATION_KEY in config:
                     log.info("gc left VM %s alone: its vm-host record is not bound to it (a copy?)", name)
                 continue
-            if config.get(cfg.STATE_KEY) not in (cfg.STATE_COMPOSING, cfg.STATE_DECOMPOSING):
+            if config.get(cfg.STATE_KEY) not in (STATE_COMPOSING, STATE_DECOMPOSING):
                 live.add(name)
                 continue
             try:
@@ -804,12 +795,6 @@ class LxdProvider:
             if self._delete_volume(pool, vol):
                 removed.append(f"{pool}/{vol['name']}")
         return removed
-
-
-def _random_mac() -> str:
-    """A MAC in LXD's own OUI (00:16:3e), as LXD would pick."""
-    rnd = random.SystemRandom()
-    return "00:16:3e:" + ":".join(f"{rnd.randrange(256):02x}" for _ in range(3))
 
 
 __all__ = ["LxdProvider"]

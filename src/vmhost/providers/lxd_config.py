@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from vmhost.model import Allocation, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.cloudinit import seed_documents
+from vmhost.model import Allocation, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache, ParseError, parse_cpuset, parse_size
-from vmhost.providers.base import ComposePlan
+from vmhost.providers.base import STATE_COMPOSING, volume_name
 
 ALLOCATION_KEY = "user.vmhost.allocation"
 STATE_KEY = "user.vmhost.state"  # "composing" until every compose step succeeded, then "ready"
@@ -23,9 +24,6 @@ OWNER_KEY = "user.vmhost.owner"  # on volumes: the VM that owns them (gc deletes
 # (lxc copy) gets a new volatile.uuid, so it reads as made by others however much of our config it carries.
 UUID_KEY = "user.vmhost.uuid"
 OUR_PREFIX = "user.vmhost."
-STATE_COMPOSING = "composing"
-STATE_DECOMPOSING = "decomposing"  # a decompose began: gc finishes it
-STATE_READY = "ready"
 
 # LXD's own defaults for a VM with no limits (counted for VMs made by others).
 LXD_DEFAULT_VCPUS = 1
@@ -79,11 +77,6 @@ def cpu_limit(allocation: Allocation) -> str:
     return ",".join(str(p) for p in pins)
 
 
-def volume_name(vm: str, label: str) -> str:
-    """The custom volume holding disk `label` of `vm` (unique per VM within our project)."""
-    return f"{vm}-{label}"
-
-
 def root_disk(allocation: Allocation) -> DiskAllocation | None:
     """The boot disk: the one labelled root, else the first."""
     for d in allocation.disks:
@@ -103,7 +96,7 @@ def volume_bodies(allocation: Allocation) -> list[tuple[str, dict[str, Any]]]:
         (
             d.pool,
             {
-                "name": volume_name(allocation.name, d.label),
+                "name": volume_name(allocation.name, d.label, prefix=""),
                 "type": "custom",
                 "content_type": "block",
                 "config": {"size": lxd_size(d.size), OWNER_KEY: allocation.name},
@@ -157,7 +150,7 @@ def instance_devices(
         if not network_boot:
             devices["root"]["boot.priority"] = DISK_BOOT_PRIORITY
     for d in extra_disks(a):
-        devices[d.label] = {"type": "disk", "pool": d.pool, "source": volume_name(a.name, d.label)}
+        devices[d.label] = {"type": "disk", "pool": d.pool, "source": volume_name(a.name, d.label, prefix="")}
     for i, nic in enumerate(a.nics):
         if nic.label in devices:
             raise ValueError(f"NIC label {nic.label!r} is also a disk label; give each device its own label")
@@ -203,8 +196,6 @@ def instance_config(
     if plan.cloud_init is not None:
         # Imported here: YAML and the seed builder cost a CLI call more than its API calls, and only seeds need them.
         import yaml
-
-        from vmhost.cloudinit import seed_documents
 
         # LXD writes meta-data itself (instance-id, hostname = VM name); keys also go in `user.meta-data`,
         # which LXD appends, so they reach the guest even when the caller's user-data is a script.

@@ -38,6 +38,9 @@ Requirer usage::
             logger.info("VM %s is up at %s", event.name, event.addresses)
 
 This library needs only `ops` and `pydantic`; remote data is untrusted and validated with bounds.
+
+Over ~400 lines on purpose: a charm library is one file by Charmhub's rules (fetched with
+`charmcraft fetch-lib`), holding both sides of the interface and their total decoding.
 """
 
 from __future__ import annotations

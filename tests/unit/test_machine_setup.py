@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from charm_config import parse_hugepages_setting
 from tests.unit.fakes import (
     CommandRecorder,
     FakeApt,
@@ -15,18 +16,16 @@ from tests.unit.fakes import (
     apt_update_error,
     snap_store_error,
 )
-from vmhost import host as hostmod
-from vmhost.charm_models import HugepageSetting, parse_hugepages_setting
-from vmhost.host import (
+from vmhost import machine_setup
+from vmhost.machine_setup import (
     GRUB_DROPIN,
     RETRY_WAITS,
     Host,
     HostSetupError,
-    SpaceMappedProvider,
     libvirt_packages,
     older_channel,
 )
-from vmhost.model import HostTopology
+from vmhost.model import HugepageSetting
 
 KB = {"2M": "2048kB", "1G": "1048576kB"}
 
@@ -353,29 +352,7 @@ def test_hugetlbfs_mount_refused_says_why_and_what_to_do(tmp_path):
 
 
 def test_a_hung_host_command_is_a_failed_one(monkeypatch):
-    monkeypatch.setattr(hostmod, "RUN_TIMEOUT", 0.2)
+    monkeypatch.setattr(machine_setup, "RUN_TIMEOUT", 0.2)
     with pytest.raises(subprocess.CalledProcessError) as e:
-        hostmod._run(["sleep", "5"])
+        machine_setup._run(["sleep", "5"])
     assert "timed out" in e.value.stderr
-
-
-def test_space_mapped_provider_labels_bridges_with_spaces():
-    topo = HostTopology.from_dict(
-        {
-            "nodes": [{"id": 0, "memory": 1 << 30, "cores": [{"id": 0, "threads": [0]}]}],
-            "nics": [{"name": "br0", "kind": "bridge"}, {"name": "eno1"}],
-        }
-    )
-
-    class P:
-        name = "fake"
-
-        def discover(self):
-            return topo
-
-    wrapped = SpaceMappedProvider(P(), {"public": "br0"})
-    nics = {n.name: n for n in wrapped.discover().nics}
-    assert nics["br0"].space == "public"
-    assert nics["br0"].kind == "bridge"
-    assert nics["eno1"].space is None
-    assert wrapped.name == "fake"

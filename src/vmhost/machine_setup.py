@@ -5,6 +5,9 @@ Everything touches the machine through `root` (the file system root, "/" in prod
 are set per NUMA node through sysfs and then READ BACK: the kernel gives what it can, and what it
 could not give (typically 1G pages on a fragmented host) goes to a kernel command-line drop-in plus
 "reboot required", so the next boot reserves them before memory fragments.
+
+Over ~400 lines on purpose: one machine's preparation (hugepages per node, hugetlbfs, kernel command
+line, packages with their transient-failure retries) is one Host class over one injectable root and runner.
 """
 
 from __future__ import annotations
@@ -19,8 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from vmhost.charm_models import HugepageSetting
-from vmhost.model import HostTopology, Nic
+from vmhost.model import HugepageSetting, even_split
 from vmhost.parse import HUGEPAGE_SIZES, human_size
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 
@@ -31,7 +33,6 @@ __all__ = [
     "Host",
     "HostSetupError",
     "HugepageReport",
-    "SpaceMappedProvider",
     "libvirt_packages",
     "older_channel",
     "systemd_unit",
@@ -285,9 +286,9 @@ class Host:
             targets = nodes if s.node is None else [s.node]
             page = HUGEPAGE_SIZES[s.size]
             fit = [(room[n] - used[n]) // page for n in targets]  # pages of this size each node can still take
-            shares = _even_split(s.count, len(targets))
+            shares = even_split(s.count, len(targets))
             if any(share > max(0, f) for share, f in zip(shares, fit, strict=True)):
-                largest = _largest_even_split([max(0, f) for f in fit])
+                largest = _largesteven_split([max(0, f) for f in fit])
                 where = "this machine" if s.node is None else f"NUMA node {s.node}"
                 prefix = "" if s.node is None else f"{s.node}:"
                 raise HostSetupError(
@@ -584,13 +585,7 @@ def systemd_unit(description: str, argv: Sequence[str], environment: dict[str, s
     )
 
 
-def _even_split(total: int, parts: int) -> list[int]:
-    """`total` in `parts` shares differing by at most one, the larger shares first (lowest nodes)."""
-    share, extra = divmod(total, parts)
-    return [share + (1 if i < extra else 0) for i in range(parts)]
-
-
-def _largest_even_split(fit: list[int]) -> int:
+def _largesteven_split(fit: list[int]) -> int:
     """The largest total whose even split (larger shares first) gives no part more than its `fit`."""
     low = min(fit)
     extra = 0
@@ -607,26 +602,3 @@ def lxd_supports_vms(client=None, timeout: float = DEFAULT_CALL_TIMEOUT) -> bool
         client = pylxd.Client(timeout=timeout)
     env = client.host_info.get("environment", {})
     return "virtual-machine" in (env.get("instance_types") or ())
-
-
-class SpaceMappedProvider:
-    """A provider whose discovered NICs carry the Juju space the operator mapped their bridge to.
-
-    The hypervisor does not know Juju spaces; the `space-bridges` config does. Everything else is
-    delegated unchanged.
-    """
-
-    def __init__(self, provider, space_bridges: dict[str, str]):
-        self._provider = provider
-        self._bridge_space = {bridge: space for space, bridge in space_bridges.items()}
-
-    def __getattr__(self, name):
-        return getattr(self._provider, name)
-
-    def discover(self) -> HostTopology:
-        topo = self._provider.discover()
-        nics = tuple(
-            Nic.from_dict({**n.to_dict(), "space": self._bridge_space[n.name]}) if n.name in self._bridge_space else n
-            for n in topo.nics
-        )
-        return HostTopology(nodes=topo.nodes, nics=nics, storage_pools=topo.storage_pools)

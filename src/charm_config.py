@@ -1,9 +1,16 @@
 """Typed charm config and action parameters (pydantic; no ops import, so tests and tools reuse them).
 
+The charm's own module, beside src/charm.py (as canonical/operator's machine-tinyproxy example keeps
+its config): the workload package never imports it; it is handed plain dataclasses from vmhost.model
+(HugepageSetting, Quota, Policy) and vmhost.relation_policy.RelationSettings instead.
+
 The charm loads these with `CharmBase.load_config` / `ActionEvent.load_params`, which pass Juju's
 hyphenated names with underscores. Every validator turns an operator string into a typed value or
 raises one sentence naming what is wrong and what is allowed; `error_message` turns a pydantic
 ValidationError into that sentence with the Juju option or parameter name in front.
+
+Over ~400 lines on purpose: one pydantic model per config option set and action (the charm's whole
+operator-facing surface), each validator a sentence; splitting it would scatter config.yaml's mirror.
 """
 
 from __future__ import annotations
@@ -11,12 +18,11 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, Policy
+from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, BootMode, HugepageSetting, Policy, Quota
 from vmhost.parse import (
     MAX_TEXT,
     MAX_VM_CORES,
@@ -29,7 +35,7 @@ from vmhost.parse import (
     parse_size,
     parse_vm_name,
 )
-from vmhost.relation_policy import Quota
+from vmhost.relation_policy import Binding, RelationSettings
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, seconds
 
 __all__ = [
@@ -37,13 +43,12 @@ __all__ = [
     "CharmConfig",
     "ClientTokenParams",
     "ComposeParams",
-    "HugepageSetting",
     "ListVmsParams",
     "NameParams",
-    "Quota",
     "StopVmParams",
     "error_message",
     "parse_hugepages_setting",
+    "relation_settings",
     "vm_results",
 ]
 
@@ -57,15 +62,6 @@ def _digits_as_text(v: Any) -> Any:
 
 # An action parameter people may type as a number (actions.yaml declares it `type: [string, integer]`).
 Text = Annotated[str, BeforeValidator(_digits_as_text), Field(max_length=MAX_TEXT)]
-
-
-@dataclass(frozen=True)
-class HugepageSetting:
-    """Pages of one size wanted on one NUMA node (node None: the host total, split evenly over nodes)."""
-
-    size: str
-    count: int
-    node: int | None = None
 
 
 def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:
@@ -314,7 +310,7 @@ class ComposeParams(BaseModel):
     hostname: Text | None = None
     pool: Text | None = None
     start: bool = False
-    boot: Literal["network", "image"] = "network"
+    boot: BootMode = "network"
     image: Text | None = None
 
     @field_validator("hostname")
@@ -456,7 +452,7 @@ _RESULT_KEYS = {
     "mac_addresses": "macs",
     "cells": "cells",
     "threads_per_core": "threads",
-    "pool": "pool",
+    "resource_pool": "pool",
     "owner": "owner",
     "managed": "managed",
 }
@@ -471,3 +467,13 @@ def vm_results(vm: dict) -> dict[str, str]:
             continue
         out[rkey] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     return out
+
+
+def relation_settings(config: CharmConfig, binding: Binding | None = None) -> RelationSettings:
+    """The relation policy as plain values, from the charm's config and this unit's binding."""
+    return RelationSettings(
+        quota=config.relation_quota,
+        allowed_networks=tuple(config.allowed_networks),
+        space_bridges=dict(config.space_bridges),
+        binding=binding or Binding(),
+    )

@@ -7,22 +7,22 @@ import json
 import pydantic
 import pytest
 
-from tests.unit.juju_cli import actions_spec, juju_run_params, param_types
-from vmhost.charm_models import (
+from charm_config import (
     AddTrustedClientParams,
     CharmConfig,
     ClientTokenParams,
     ComposeParams,
-    HugepageSetting,
     ListVmsParams,
     NameParams,
-    Quota,
     error_message,
     parse_hugepages_setting,
+    relation_settings,
     vm_results,
 )
-from vmhost.model import Policy, VmRequest
+from tests.unit.juju_cli import actions_spec, juju_run_params, param_types
+from vmhost.model import HugepageSetting, Policy, Quota, VmRequest
 from vmhost.parse import ParseError
+from vmhost.relation_policy import Binding, RelationSettings
 
 
 def test_defaults_are_a_working_lxd_host():
@@ -234,3 +234,16 @@ def test_confine_foreign_vms_option_reaches_the_policy_and_config_yaml_declares_
     assert options["confine-foreign-vms"]["type"] == "boolean" and options["confine-foreign-vms"]["default"] is True
     assert CharmConfig().policy().confine_foreign_vms is True
     assert CharmConfig(confine_foreign_vms=False).policy().confine_foreign_vms is False
+
+
+def test_relation_settings_are_the_charm_config_parsed_plus_the_binding():
+    config = CharmConfig.model_validate(
+        {"relation_quota": "vms=2,memory=4G", "allowed_networks": "br0 public", "space_bridges": "public=br0"}
+    )
+    settings = relation_settings(config, Binding(("br5",)))
+    assert settings.quota == Quota(vms=2, memory=4 * 1024**3)
+    assert settings.allowed_networks == ("br0", "public") and dict(settings.space_bridges) == {"public": "br0"}
+    assert settings.binding == Binding(("br5",))
+    assert relation_settings(CharmConfig(), Binding()) == RelationSettings()
+    with pytest.raises(ValueError):
+        CharmConfig.model_validate({"relation_quota": "vms=lots"})
