@@ -15,8 +15,10 @@ def test_vm_needing_two_nodes_spans_exactly_the_two_placement_chooses(guest_four
     assert before.free == {0: 32, 1: 96, 2: 64, 3: 96}
     rc, plan, err = vmhost(guest_four, "compose", "--dry-run", *SPAN)
     assert rc == 0, err
-    # 64 pages per node: node 0 (32) cannot; best fit takes node 2 (nothing left) and one 96-page node.
-    assert len(plan["numa_nodes"]) == 2 and 2 in plan["numa_nodes"] and 0 not in plan["numa_nodes"]
+    # 64 pages per node: node 0 (32) cannot. Nodes 1-3 leave the same shares of threads (none) and of
+    # memory (general + free pages: 256M of 384M each) after their half, so rule 4 ties them and any two
+    # may be chosen; what the guest must show is exactly the two placement chose.
+    assert len(plan["numa_nodes"]) == 2 and 0 not in plan["numa_nodes"]
     name = vm_names()
     rc, vm, err = vmhost(guest_four, "compose", "--hostname", name, "--start", *SPAN)
     assert rc == 0, err
