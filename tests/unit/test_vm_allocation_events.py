@@ -168,9 +168,8 @@ def test_a_broken_relation_releases_every_ready_vm_once():
     unit.provider(entry("a"), entry("b", name="vm-2"), entry("c", status="pending", name="vm-3", addresses=()))
     assert sorted(e[1] for e in unit.broken()) == ["a", "b"]
     assert unit.state.stored_states  # and forgets them: a new relation starts afresh
-    stored = next(
-        s for s in unit.state.stored_states if s.owner_path.endswith("VmAllocationRequirer[vm-host-requirer]")
-    )
+    owner = "ClientCharm/VmAllocationRequirer[vm-host-requirer]"
+    (stored,) = (s for s in unit.state.stored_states if s.owner_path == owner)
     assert stored.content["known"] == {}
 
 
