@@ -108,6 +108,20 @@ status_like = st.fixed_dictionaries(
         | json_values,
     },
 )
+# Well-formed ready statuses that differ between hooks, so ready, changed and released fire too.
+usable_status = st.builds(
+    lambda rid, name, address: {
+        "id": rid,
+        "status": "ready",
+        "name": name,
+        "addresses": [address],
+        "login_user": "ubuntu",
+        "host_keys": [HOST_KEY],
+    },
+    st.sampled_from(["a", "b"]),
+    st.sampled_from(["vm-1", "vm-2"]),
+    st.sampled_from(["10.0.0.5", "10.0.0.6"]),
+)
 BIG = [
     "x" * (1024 * 1024 + 1),
     json.dumps([{"id": "a", "user_data": "x" * (1024 * 1024)}]),
@@ -328,7 +342,7 @@ def test_arbitrary_relation_data_never_raises_in_the_requirer_library():
             min_size=1,
             max_size=3,
         ),
-        remote=st.lists(with_key("vms", st.lists(status_like, max_size=5)), min_size=1, max_size=3),
+        remote=st.lists(with_key("vms", st.lists(status_like | usable_status, max_size=5)), min_size=1, max_size=3),
         remote_unit=databag,
         local=databag,
     )

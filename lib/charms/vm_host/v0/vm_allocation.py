@@ -830,9 +830,10 @@ class VmAllocationRequirer(ops.Object):
         return read[0] if read else {}
 
     def _read(self, rel: ops.Relation) -> tuple[dict[str, VmStatus], bool] | None:
-        """(statuses, whether every entry was readable); None when the list as a whole is unreadable."""
+        """(statuses, whether every entry was readable); None when the list cannot be read as a whole
+        (nor the provider application known), so nothing is taken as released."""
         if rel.app is None:
-            return {}, True
+            return None
         try:
             raw = decode_json(rel.data[rel.app].get("vms"))
         except ValueError as e:
