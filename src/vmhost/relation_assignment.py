@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
 from vmhost.guest_access import KEY_TYPES, key_fingerprint
 from vmhost.model import HostKey, VmInfo, VmRequest
-from vmhost.parse import HUGEPAGE_SIZES, ParseError
+from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.placement import HostUsage
 from vmhost.relation_policy import AcceptedRequest, RelationRequests, RequestDecision, split_owner
 
@@ -394,7 +394,7 @@ def _public_host_keys(keys: Iterable[HostKey]) -> list[HostKey]:
         public = " ".join(str(key.public_key).split(" ")[:2])
         try:
             fingerprint = key_fingerprint(public)
-        except (ValueError, ParseError):
+        except ValueError:
             fingerprint = None
         if fingerprint is None or key.algorithm not in KEY_TYPES or not public.startswith(f"{key.algorithm} "):
             logger.warning("a host key of type %.40r is not a public key of that type; left out", key.algorithm)
