@@ -35,7 +35,7 @@ from vmhost.parse import (
     parse_size,
     parse_vm_name,
 )
-from vmhost.relation_policy import Binding, RelationSettings
+from vmhost.relation_policy import DEFAULT_RELATION_IMAGE, Binding, RelationSettings
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, seconds
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
 ]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_IMAGE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")  # an alias or local name, never a path
 
 
 def _digits_as_text(v: Any) -> Any:
@@ -139,6 +140,7 @@ class CharmConfig(BaseModel):
     space_bridges: dict[str, str] = Field(default_factory=dict)
     allowed_networks: tuple[str, ...] = ()
     relation_quota: Quota = Quota()
+    relation_image: str = DEFAULT_RELATION_IMAGE
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
     metrics_address: str = "127.0.0.1:9477"
@@ -180,6 +182,16 @@ class CharmConfig(BaseModel):
         v = v.strip()
         if not v.startswith("/") or "\n" in v:
             raise ValueError(f"{v!r} is not an absolute directory path; use e.g. /var/lib/vmhost/images")
+        return v
+
+    @field_validator("relation_image")
+    @classmethod
+    def _relation_image(cls, v: str) -> str:
+        v = v.strip()
+        if not _IMAGE_NAME_RE.fullmatch(v) or ".." in v:
+            raise ValueError(
+                f"{clip(v)} is not an image name; use <os>:<alias> such as ubuntu:24.04, or the name of a local image"
+            )
         return v
 
     @field_validator("cpu_overcommit_ratio", "memory_overcommit_ratio")
@@ -476,4 +488,5 @@ def relation_settings(config: CharmConfig, binding: Binding | None = None) -> Re
         allowed_networks=tuple(config.allowed_networks),
         space_bridges=dict(config.space_bridges),
         binding=binding or Binding(),
+        image=config.relation_image,
     )

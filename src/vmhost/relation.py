@@ -87,13 +87,13 @@ class Report:
 
 
 def _held(snapshot: Snapshot) -> dict[str, HeldVm]:
-    """owner -> where its VM is: ready results of the other units (the lowest unit name wins), then
-    this host's own relation VMs, which are known for certain."""
+    """owner -> where its VM is: the VMs other units hold (ready or booting; the lowest unit name wins),
+    then this host's own relation VMs, which are known for certain."""
     held = {
         owner: HeldVm(peer.name, result.cores, result.memory)
         for peer in sorted(snapshot.peers, key=lambda peer: peer.name, reverse=True)
         for owner, result in peer.results.items()
-        if result.status == "ready"
+        if result.has_vm
     }
     for vm in snapshot.vms:
         if split_owner(vm.allocation.owner):
@@ -134,8 +134,8 @@ def decide(snapshot: Snapshot) -> Plan:
             assignments=assignments,
             vms=snapshot.vms,
             live_apps={relation.app_key for relation in snapshot.relations},
-            ready_elsewhere={
-                owner for peer in snapshot.peers for owner, result in peer.results.items() if result.status == "ready"
+            held_elsewhere={
+                owner for peer in snapshot.peers for owner, result in peer.results.items() if result.has_vm
             },
             unreadable_apps={relation.app_key for relation in snapshot.relations if relation.error},
         )

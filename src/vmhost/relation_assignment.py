@@ -11,13 +11,16 @@ peer data it reads is decoded here, totally and bounded, beside the rules that u
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
 
-from vmhost.model import VmInfo, VmRequest
+from vmhost.guest_access import KEY_TYPES, key_fingerprint
+from vmhost.model import HostKey, VmInfo, VmRequest
 from vmhost.parse import HUGEPAGE_SIZES
 from vmhost.placement import HostUsage
 from vmhost.relation_policy import AcceptedRequest, RelationRequests, RequestDecision, split_owner
@@ -33,9 +36,16 @@ __all__ = [
     "merge_statuses",
     "unit_results",
     "unit_work",
+    "usable_addresses",
 ]
 
+logger = logging.getLogger(__name__)
+
 RequestStatus = Literal["pending", "ready", "failed", "rejected"]
+BOOTING = "VM is booting; waiting for an address"
+MAX_ADDRESSES = 16  # what the interface library reads per VM
+MAX_HOST_KEYS = 4
+MAX_HOST_KEY = 2048  # characters of one public host key line (RSA 4096 takes about 730)
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,13 @@ class UnitResult:
     addresses: tuple[str, ...] = ()
     cores: int = 0
     memory: int = 0
+    login_user: str | None = None
+    host_keys: tuple[HostKey, ...] = ()
+
+    @property
+    def has_vm(self) -> bool:
+        """Whether the unit holds a VM for the owner (ready, or still booting), not just a verdict."""
+        return self.name is not None and self.status in ("ready", "pending")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -59,6 +76,8 @@ class UnitResult:
             "addresses": list(self.addresses),
             "cores": self.cores,
             "memory": self.memory,
+            "login_user": self.login_user,
+            "host_keys": [key.to_dict() for key in self.host_keys],
         }
 
     @classmethod
@@ -73,6 +92,8 @@ class UnitResult:
             addresses=tuple(valid.addresses or ()),
             cores=valid.cores,
             memory=valid.memory,
+            login_user=valid.login_user,
+            host_keys=tuple(_public_host_keys(HostKey(**key.model_dump()) for key in valid.host_keys or ())),
         )
 
 
@@ -89,6 +110,14 @@ _Count = Annotated[StrictInt, Field(ge=0, le=2**62)]
 _Short = Annotated[StrictStr, Field(max_length=64)]
 
 
+class _HostKeyData(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    algorithm: _Short
+    public_key: Annotated[StrictStr, Field(max_length=MAX_HOST_KEY)]
+    fingerprint: _Short
+
+
 class _ResultData(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -99,6 +128,8 @@ class _ResultData(BaseModel):
     addresses: list[_Short] | None = Field(None, max_length=64)
     cores: _Count = 0
     memory: _Count = 0
+    login_user: _Short | None = None
+    host_keys: list[_HostKeyData] | None = Field(None, max_length=MAX_HOST_KEYS)
 
 
 class _CapacityData(BaseModel):
@@ -264,7 +295,7 @@ def unit_work(
     assignments: Mapping[str, str],
     vms: Sequence[VmInfo],
     live_apps: Iterable[str],
-    ready_elsewhere: Iterable[str] = (),
+    held_elsewhere: Iterable[str] = (),
     unreadable_apps: Iterable[str] = (),
 ) -> UnitWork:
     """The requests to compose on `unit` and the VMs to release there.
@@ -278,7 +309,7 @@ def unit_work(
     live = set(live_apps)
     unreadable = set(unreadable_apps)
     listed = {decision.owner for decision in decisions if decision.owner}
-    elsewhere = set(ready_elsewhere)
+    elsewhere = set(held_elsewhere)
     release: list[str] = []
     have: dict[str, str] = {}
     for vm in sorted(vms, key=lambda vm: vm.name):
@@ -340,21 +371,64 @@ def unit_results(
     return out
 
 
+def usable_addresses(addresses: Iterable[str]) -> tuple[str, ...]:
+    """The addresses another machine can reach the VM at: bare IPs, IPv4 first, in a stable order (so an
+    unchanged VM publishes unchanged data), without link-local, loopback or anything unreadable."""
+    found = set()
+    for address in addresses:
+        try:
+            ip = ipaddress.ip_interface(address).ip
+        except ValueError:
+            continue
+        if not (ip.is_link_local or ip.is_loopback or ip.is_multicast or ip.is_unspecified):
+            found.add(ip)
+    return tuple(str(ip) for ip in sorted(found, key=lambda ip: (ip.version, ip)))[:MAX_ADDRESSES]
+
+
+def _public_host_keys(keys: Iterable[HostKey]) -> list[HostKey]:
+    """Only public host keys of an allowed type, as "type base64" (no comment), with the fingerprint of
+    that very key: nothing else a provider or a peer may have put there (a private half above all)
+    reaches a peer or a requirer."""
+    out = []
+    for key in keys:
+        public = " ".join(str(key.public_key).split(" ")[:2])
+        try:
+            fingerprint = key_fingerprint(public)
+        except ValueError:
+            fingerprint = None
+        if fingerprint is None or key.algorithm not in KEY_TYPES or not public.startswith(f"{key.algorithm} "):
+            logger.warning("a host key of type %.40r is not a public key of that type; left out", key.algorithm)
+            continue
+        if len(public) <= MAX_HOST_KEY:
+            out.append(HostKey(key.algorithm, public, fingerprint))
+    return sorted(out, key=lambda key: key.algorithm)[:MAX_HOST_KEYS]
+
+
 def _ready(vm: VmInfo, decision: RequestDecision) -> UnitResult:
-    """The result for a request whose VM exists here."""
+    """The result for a request whose VM exists here: ready once it runs and has an address another
+    machine can reach, pending (saying what it waits for) until then."""
     allocation = vm.allocation
+    addresses = usable_addresses(vm.addresses)
+    if vm.phase != "ready":
+        waiting: str | None = f"VM is {vm.phase[:32]} on the host"
+    elif vm.state != "running":
+        waiting = f"VM is {vm.state[:32]}; waiting for it to run"
+    else:
+        waiting = None if addresses else BOOTING
     note = None
     asked = decision.accepted.request if decision.accepted is not None else None
     if asked is not None and (allocation.vcpus, allocation.memory) != (asked.cores, asked.memory):
         note = "the request changed after its VM was composed; withdraw it and use a new id to get the new size"
     return UnitResult(
-        status="ready",
-        message=note,
+        status="pending" if waiting else "ready",
+        message="; ".join(part for part in (waiting, note) if part) or None,
         name=vm.name,
         mac_addresses=tuple(vm.macs) or tuple(nic.mac for nic in allocation.nics if nic.mac),
-        addresses=tuple(ip for nic in allocation.nics for ip in ((nic.ip,) if nic.ip else ()) + tuple(nic.more_ips)),
+        addresses=() if waiting else addresses,
         cores=allocation.vcpus,
         memory=allocation.memory,
+        login_user=vm.login_user,
+        host_keys=tuple(_public_host_keys(vm.host_keys)),
     )
 
 
@@ -370,7 +444,7 @@ def merge_statuses(
     by_relation: dict[int, list[dict[str, Any]]] = {relation.relation_id: [] for relation in relations}
     for decision in decisions:
         entry: dict[str, Any] = {"id": decision.id, "status": "pending", "message": None, "unit": None, "name": None}
-        entry.update(mac_addresses=[], addresses=[])
+        entry.update(mac_addresses=[], addresses=[], login_user=None, host_keys=[])
         unit = assignments.get(decision.owner) if decision.owner else None
         found = _result_for(decision.owner, unit, results) if decision.owner else None
         if found is not None:
@@ -382,6 +456,8 @@ def merge_statuses(
                 name=result.name,
                 mac_addresses=list(result.mac_addresses),
                 addresses=list(result.addresses),
+                login_user=result.login_user,
+                host_keys=[key.to_dict() for key in result.host_keys],
             )
             if decision.rejected is not None:  # a VM exists but its request became invalid: keep it, say why
                 entry["message"] = f"{decision.rejected}; its VM is kept until the request is withdrawn"
@@ -398,11 +474,11 @@ def merge_statuses(
 def _result_for(
     owner: str, unit: str | None, results: Mapping[str, Mapping[str, UnitResult]]
 ) -> tuple[str, UnitResult] | None:
-    """The assigned unit's result, else any unit that holds a ready VM for the owner."""
+    """The assigned unit's result, else any unit that holds a VM for the owner."""
     if unit is not None and owner in results.get(unit, {}):
         return unit, results[unit][owner]
     for other in sorted(results):
         result = results[other].get(owner)
-        if result is not None and result.status == "ready":
+        if result is not None and result.has_vm:
             return other, result
     return None

@@ -19,10 +19,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vmhost.guest_access import check_authorized_keys, check_user_data
 from vmhost.model import Allocation, CloudInit, Nic, Quota, VmRequest
 from vmhost.parse import InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
 
 __all__ = [
+    "DEFAULT_RELATION_IMAGE",
     "AcceptedRequest",
     "Binding",
     "HeldVm",
@@ -37,15 +39,22 @@ __all__ = [
     "judge_requests",
     "nic_policy_error",
     "owner_key",
+    "remote_image_ok",
     "remote_reason",
     "split_owner",
     "vm_name",
 ]
 
 FEW = 3  # how many items of a list a message names before "and N more"
+# What a remote model may name as its image: `<os>:<alias>` on the operator's image server (ubuntu:24.04,
+# ubuntu:noble), never a file or a local name on the host; a request that names none gets relation-image.
+DEFAULT_RELATION_IMAGE = "ubuntu:24.04"
+MAX_IMAGE_NAME = 64
+_REMOTE_IMAGE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}:[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 IMAGE_REJECTION = (
-    "image must be a name of an image in the host's image directory "
-    "(letters, digits, '.', '_', ':', '-'; no '/' and no '..')"
+    "image must be <os>:<alias> from the host's image server, such as ubuntu:24.04 or ubuntu:noble "
+    f"(lower-case letters, digits, '.', '_', '-'; at most {MAX_IMAGE_NAME} characters), "
+    "or left out for the host's default"
 )
 _OWNER_RE = re.compile(r"^(?P<model>[A-Za-z0-9-]{1,64})/(?P<app>[a-z][a-z0-9-]{0,62})/(?P<id>[a-z0-9][a-z0-9-]{0,62})$")
 
@@ -113,13 +122,14 @@ class Binding:
 @dataclass(frozen=True)
 class RelationSettings:
     """The operator's relation policy, as plain values the charm builds from its config: per-app
-    quota, networks VMs may join, space -> bridge, and the vm-allocation binding (where requests
-    that name no network go)."""
+    quota, networks VMs may join, space -> bridge, the vm-allocation binding (where requests
+    that name no network go) and the image a request that names none boots from (relation-image)."""
 
     quota: Quota = field(default_factory=Quota)
     allowed_networks: tuple[str, ...] = ()
     space_bridges: Mapping[str, str] = field(default_factory=dict)
     binding: Binding = field(default_factory=Binding)
+    image: str = DEFAULT_RELATION_IMAGE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -153,11 +163,12 @@ class RelationRequests:
 
 @dataclass(frozen=True)
 class AcceptedRequest:
-    """A request the host will serve: the VmRequest (named, owned) and how the VM boots."""
+    """A request the host will serve: the VmRequest (named, owned) and how the VM boots: from `image`
+    with the seed `cloud_init` (left out of repr: its user-data may hold the requirer's secrets)."""
 
     owner: str
     request: VmRequest
-    cloud_init: CloudInit
+    cloud_init: CloudInit = field(repr=False)
     image: str | None = None
 
     @property
@@ -233,10 +244,19 @@ def _allowed_by_name(name: str, settings: RelationSettings) -> bool:
 
 
 def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSettings) -> AcceptedRequest:
-    """The VmRequest and cloud-init for one shape-checked spec; raises RequestRejected naming the field."""
+    """The VmRequest and cloud-init for one shape-checked spec; raises RequestRejected naming the field.
+
+    The VM boots from the image the request names (or the operator's relation-image) with a seed of
+    its host-chosen name, the requirer's SSH keys and its user-data, passed on as opaque text.
+    """
     image = spec.get("image")
-    if image is not None and not _bare_name(image):
+    if image is not None and not remote_image_ok(image):
         raise RequestRejected(IMAGE_REJECTION)
+    try:
+        keys = check_authorized_keys(spec.get("ssh_authorized_keys"))
+        user_data = check_user_data(spec.get("user_data"))
+    except ParseError as e:
+        raise RequestRejected(str(e)) from None
     try:
         storage = parse_storage(spec.get("storage"))
     except ParseError as e:
@@ -280,18 +300,15 @@ def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSett
         )
     except ParseError as e:
         raise RequestRejected(str(e)) from None
-    cloud_init = CloudInit(
-        hostname=name,
-        ssh_authorized_keys=tuple(spec.get("ssh_authorized_keys") or ()),
-        user_data=spec.get("user_data"),
-    )
-    return AcceptedRequest(owner=owner, request=request, cloud_init=cloud_init, image=image)
+    cloud_init = CloudInit(hostname=name, ssh_authorized_keys=keys, user_data=user_data)
+    return AcceptedRequest(owner=owner, request=request, cloud_init=cloud_init, image=image or settings.image)
 
 
-def _bare_name(image: Any) -> bool:
-    """A name the host looks up in its own image directory, never a path (docs/design.md §7: no raw
-    hypervisor input passes through; on libvirt a path would upload a host file as the root disk)."""
-    return isinstance(image, str) and bool(image) and "/" not in image and "\\" not in image and ".." not in image
+def remote_image_ok(image: Any) -> bool:
+    """Whether a remote model may ask for `image`: `<os>:<alias>` only, never a path or a host-local name
+    (docs/design.md §7: no raw hypervisor input passes through; on libvirt a path would upload a host
+    file as the root disk)."""
+    return isinstance(image, str) and len(image) <= MAX_IMAGE_NAME and bool(_REMOTE_IMAGE_RE.fullmatch(image))
 
 
 def _inside(addresses: Sequence[str], cidrs: Sequence[ipaddress._BaseNetwork]) -> list[bool]:

@@ -1,5 +1,6 @@
-"""vm-allocation across models: vm-host offers the endpoint in one model, a test requirer consumes it
-from another, asks for a VM, sees it ready, withdraws it and sees it released.
+"""vm-allocation across models: vm-host offers the endpoint in one model, the example requirer
+(examples/vm-requirer) consumes it from another, asks for a VM with an SSH key, sees it ready with an
+address, the login user and host keys, withdraws it and sees it released.
 
 Needs a Juju controller whose machines can run VMs (nested virtualisation or bare metal); skipped,
 with the reason, where no `juju` is on PATH.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-REQUIRER = Path(__file__).parent / "requirer-charm"
+REQUIRER = ROOT / "examples/vm-requirer"
 LIB = ROOT / "lib/charms/vm_host/v0/vm_allocation.py"
 HOST_APP, CLIENT_APP = "vm-host", "vm-client"
 
@@ -46,8 +48,8 @@ async def _wait_for(predicate, unit, timeout: int = 900):
 
 @pytest.fixture(scope="module")
 def requirer_source(tmp_path_factory) -> Path:
-    """The requirer charm with the interface library copied in (the repo keeps one copy)."""
-    dst = tmp_path_factory.mktemp("requirer") / "requirer-charm"
+    """The example requirer with the interface library copied in (the repo keeps one copy)."""
+    dst = tmp_path_factory.mktemp("requirer") / "vm-requirer"
     shutil.copytree(REQUIRER, dst)
     lib_dst = dst / "lib/charms/vm_host/v0"
     lib_dst.mkdir(parents=True)
@@ -56,7 +58,17 @@ def requirer_source(tmp_path_factory) -> Path:
 
 
 @pytest.mark.abort_on_fail
-async def test_offer_consume_request_and_release(ops_test, charm, requirer_source, kvm_placement):
+@pytest.fixture(scope="module")
+def ssh_key(tmp_path_factory) -> str:
+    """A throwaway client key pair; the VM's login user accepts its public half."""
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh-keygen on PATH: cannot make a client key")
+    path = tmp_path_factory.mktemp("ssh") / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True, timeout=30)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+async def test_offer_consume_request_and_release(ops_test, charm, requirer_source, kvm_placement, ssh_key):
     client_charm = await ops_test.build_charm(requirer_source)
 
     host_model = ops_test.model
@@ -67,7 +79,7 @@ async def test_offer_consume_request_and_release(ops_test, charm, requirer_sourc
 
     consumer = await ops_test.track_model("consumer")
     with ops_test.model_context("consumer"):
-        await consumer.deploy(client_charm, application_name=CLIENT_APP)
+        await consumer.deploy(client_charm, application_name=CLIENT_APP, config={"ssh-public-key": ssh_key})
         await ops_test.juju("consume", offer_url, "vm-host", check=True)
         await ops_test.juju("integrate", f"{CLIENT_APP}:vm-host", "vm-host", check=True)
         await consumer.wait_for_idle(apps=[CLIENT_APP], timeout=900)
@@ -77,6 +89,8 @@ async def test_offer_consume_request_and_release(ops_test, charm, requirer_sourc
         st = await _wait_for(lambda s: s.get("web-0", {}).get("status") in ("ready", "failed", "rejected"), client)
         assert st["web-0"]["status"] == "ready", st["web-0"]
         name = st["web-0"]["name"]
+        # ready means usable: an address, the user to log in as, the host keys to pin
+        assert st["web-0"]["addresses"] and st["web-0"]["login_user"] == "ubuntu" and st["web-0"]["host_keys"]
         # a malformed request is rejected with the reason, the good one is untouched
         await _action(client, "request", id="big", cores=100000, memory="512M")
         st = await _wait_for(lambda s: "big" in s, client)

@@ -56,7 +56,8 @@ def test_layout_is_a_charm_and_nothing_else(unpacked):
     names = {p.name for p in unpacked.iterdir()}
     assert {"dispatch", "src", "lib", "venv", "manifest.yaml", "metadata.yaml", "config.yaml", "actions.yaml"} <= names
     # .jujuignore and the uv plugin keep development files out.
-    assert not names & {"tests", "bench", "scripts", ".ci", "Makefile", "pyproject.toml", "uv.lock", ".venv"}
+    development = {"tests", "examples", "bench", "scripts", ".ci", "Makefile", "pyproject.toml", "uv.lock", ".venv"}
+    assert not names & development
     assert not list(unpacked.rglob("*.charm"))
     assert not [p for p in (unpacked / "src").rglob("__pycache__")], "caches from the source tree were packed"
     manifest = yaml.safe_load((unpacked / "manifest.yaml").read_text())

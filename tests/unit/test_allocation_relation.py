@@ -15,18 +15,20 @@ from allocation_relation import HYPERVISOR_ERROR, AllocationRelation
 from charm_config import CharmConfig
 from tests.unit.fakes import FakeProvider
 from tests.unit.hosts import GiB, synthetic_host
-from vmhost.model import Allocation, Nic, Policy, StoragePool, VmInfo
+from tests.unit.relation_requests import DhcpProvider
+from tests.unit.ssh_keys import ED25519, host_key
+from vmhost.model import Allocation, HostKey, Nic, Policy, StoragePool, VmInfo
 from vmhost.providers.base import ProviderError
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
 MODEL_B = "bbbbbbbb-2222-4222-8222-000000000002"
-KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
+KEY = ED25519
 
 
-def make_provider(host_cores: int = 4, memory: int = 16 * GiB, extra_nics: tuple[Nic, ...] = ()) -> FakeProvider:
+def make_provider(host_cores: int = 4, memory: int = 16 * GiB, extra_nics: tuple[Nic, ...] = ()) -> DhcpProvider:
     """One node, SMT2, two bridges (br0 in space public), one pool."""
-    return FakeProvider(
+    return DhcpProvider(
         synthetic_host(
             nodes=1,
             cores_per_node=host_cores,
@@ -115,7 +117,7 @@ def test_new_request_composes_one_vm_owned_by_the_remote_app(provider):
     assert vm.allocation.owner == f"{MODEL_A}/client/web-0"
     assert (vm.allocation.vcpus, vm.allocation.memory) == (2, GiB)
     plan = provider.plans[vm.name]
-    assert plan.start is True and plan.boot == "network"
+    assert plan.start is True and (plan.boot, plan.image) == ("image", "ubuntu:24.04")  # relation-image's default
     assert plan.cloud_init.hostname == vm.name
     assert plan.cloud_init.ssh_authorized_keys == (KEY,)
     assert plan.cloud_init.user_data == "#cloud-config\n{}"
@@ -123,6 +125,8 @@ def test_new_request_composes_one_vm_owned_by_the_remote_app(provider):
     assert st["status"] == "ready"
     assert st["name"] == vm.name and st["unit"] == "vm-host/0"
     assert st["mac_addresses"] == list(vm.macs)
+    assert st["addresses"] == list(vm.addresses) and st["login_user"] == "ubuntu"
+    assert st["host_keys"] == [host_key(ED25519).to_dict()]
 
 
 def test_replayed_hook_and_repeated_request_compose_once(provider):
@@ -709,3 +713,121 @@ def test_a_binding_network_get_cannot_read_pauses_the_relation_without_failing_t
     r = rel([req("a")])
     out = run(r)  # the hook completes
     assert provider.vms == {} and statuses(out, r) == {}  # nothing composed on a guess about the network
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready means usable: an address, the login user, the host keys; refreshed on every hook
+
+
+def test_a_booting_vm_is_pending_until_it_has_an_address_then_ready_with_it(provider):
+    provider.dhcp = False
+    r = rel([req("a")])
+    out = run(r)
+    (vm,) = provider.vms.values()
+    st = statuses(out, r)["a"]
+    assert (st["status"], st["message"], st["addresses"]) == ("pending", "VM is booting; waiting for an address", [])
+    assert st["name"] == vm.name and st["mac_addresses"] == list(vm.macs)
+    out = ctx().run(ctx().on.update_status(), out)
+    assert statuses(out, r)["a"]["status"] == "pending"  # still no lease: still pending, nothing composed again
+
+    provider.lease(vm.name, "10.20.0.77/24", "fe80::5054:ff:fe00:1")  # DHCP answered; read live on the next hook
+    out = ctx().run(ctx().on.update_status(), out)
+    st = statuses(out, r)["a"]
+    assert (st["status"], st["addresses"], st["login_user"]) == ("ready", ["10.20.0.77"], "ubuntu")
+    assert st["host_keys"] == [host_key(ED25519).to_dict()]
+
+    provider.lease(vm.name, "10.20.0.78")  # a new lease: the next relation event publishes it
+    out = run(r, out)
+    assert statuses(out, r)["a"]["addresses"] == ["10.20.0.78"]
+    assert len(provider.composed) == 1
+
+
+def test_relation_image_is_what_a_request_naming_no_image_boots(provider):
+    ENV["config"].relation_image = "ubuntu:22.04"
+    r = rel([req("a"), req("b", image="ubuntu:noble")])
+    run(r)
+    images = {plan.allocation.owner.rsplit("/", 1)[1]: (plan.boot, plan.image) for plan in provider.composed}
+    assert images == {"a": ("image", "ubuntu:22.04"), "b": ("image", "ubuntu:noble")}
+
+
+HOSTILE_REQUESTS = {
+    "image-path": {"image": "/var/lib/vmhost/images/secret.qcow2"},
+    "image-local-name": {"image": "noble"},
+    "image-traversal": {"image": "ubuntu:../../x"},
+    "key-options": {"ssh_authorized_keys": ['command="/bin/sh" ' + ED25519]},
+    "key-dsa": {"ssh_authorized_keys": [ED25519.replace("ssh-ed25519", "ssh-dss", 1)]},
+    "key-type-mismatch": {"ssh_authorized_keys": ["ssh-rsa " + ED25519.split(" ")[1]]},
+    "user-data-too-big": {"user_data": "#cloud-config\n" + "x" * (64 * 1024)},
+    "user-data-nul": {"user_data": "#cloud-config\n\x00"},
+}
+
+
+@pytest.mark.parametrize("bad", list(HOSTILE_REQUESTS.values()), ids=list(HOSTILE_REQUESTS))
+def test_a_hostile_request_is_rejected_in_one_sentence_creates_nothing_and_loses_nothing(provider, bad):
+    r = rel([req("kept")])
+    out = run(r)
+    (kept,) = provider.vms
+    r2 = replace(out.get_relation(r.id), remote_app_data={"requests": json.dumps([req("kept"), {**req("x"), **bad}])})
+    out = run(r2, replace(out, relations=[r2]))
+    st = statuses(out, r2)
+    field = next(iter(bad))
+    assert st["x"]["status"] == "rejected" and field in st["x"]["message"]
+    assert st["x"]["message"].count(". ") == 0 and len(st["x"]["message"]) < 400
+    assert list(provider.vms) == [kept] and len(provider.composed) == 1 and provider.decomposed == []
+    assert st["kept"]["status"] == "ready"
+
+
+@pytest.fixture
+def real_host_key(tmp_path):
+    """A host key pair made as vm-host's seed makes one: (HostKey of the public half, the private half's text)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ssh-keygen") is None:
+        pytest.skip("no ssh-keygen on PATH: cannot make a real host key pair")
+    path = tmp_path / "ssh_host_ed25519_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)], check=True, timeout=30)
+    return host_key(path.with_suffix(".pub").read_text().strip()), path.read_text()
+
+
+def test_private_key_material_and_user_data_never_reach_relation_data_or_logs(provider, real_host_key, caplog):
+    public, private = real_host_key
+    # a provider bug hands the private half over where the public key belongs
+    leaked = HostKey("ssh-ed25519", private, public.fingerprint)
+    provider.host_keys = (public, leaked)
+    secret = "#cloud-config\npassword: hunter2-SECRET\n"
+    r = rel([req("a", user_data=secret, ssh_authorized_keys=[KEY]), req("b", user_data=secret)])
+    peers = testing.PeerRelation("vm-host-peers", peers_data={1: {"capacity": cap(0)}})
+    provider.fail_compose = None
+    caplog.set_level("DEBUG")
+    out = run(r, peers=[peers])
+    out = ctx().run(ctx().on.update_status(), out)
+    st = statuses(out, r)["a"]
+    assert st["status"] == "ready" and st["host_keys"] == [public.to_dict()]
+    body = [line for line in private.splitlines() if line and "-----" not in line]
+    published = json.dumps([{**rel.local_app_data, **rel.local_unit_data} for rel in out.relations])
+    published += json.dumps([dict(rel.local_app_data) for rel in out.relations])
+    for where in (published, caplog.text):
+        assert "PRIVATE KEY" not in where and "hunter2" not in where
+        assert not any(line in where for line in body)
+    assert "hunter2" in provider.plans[next(iter(provider.vms))].cloud_init.user_data  # it did reach the seed
+
+
+def test_the_largest_status_list_fits_what_the_requirer_reads():
+    from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES, MAX_REQUESTS, VmStatus
+    from tests.unit.ssh_keys import ECDSA, RSA
+
+    keys = [host_key(k).to_dict() for k in (ED25519, ECDSA, RSA)]
+    keys.append({**keys[2]})  # four keys, the ceiling
+    biggest = VmStatus(
+        id="r" * 63,
+        status="ready",
+        message="m" * 1024,
+        unit="u" * 128,
+        name="n" * 64,
+        mac_addresses=["52:54:00:00:00:01"] * 16,
+        addresses=["fd00:1111:2222:3333:4444:5555:6666:7777"] * 16,
+        login_user="u" * 32,
+        host_keys=[{**k, "public_key": k["public_key"]} for k in keys],
+    )
+    assert len(json.dumps([biggest.model_dump(mode="json")] * MAX_REQUESTS)) < MAX_FIELD_BYTES

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 
 from tests.unit.relation_requests import GiB, M, judge, rel, spec, vm
-from vmhost.model import NicAllocation, VmRequest
+from tests.unit.ssh_keys import ECDSA, ED25519, RSA, host_key
+from vmhost.model import HostKey, NicAllocation, VmRequest
 from vmhost.relation_assignment import (
+    BOOTING,
     Capacity,
     ComposeFailure,
     UnitResult,
@@ -112,17 +114,19 @@ def test_results_and_merged_statuses():
     )
     by = {d.id: d for d in ds}
     nic = NicAllocation("eth0", "bridge", "br0", ip="10.0.0.9", mac="52:54:00:00:00:01")
-    here = [vm("vm-a", by["a"].owner, nics=(nic,))]
+    here = [vm("vm-a", by["a"].owner, nics=(nic,), addresses=("10.0.0.9/24", "fe80::1"), login_user="ubuntu")]
     assignments = {by["a"].owner: "h/0", by["b"].owner: "h/0", by["c"].owner: "h/1"}
     failures = {by["b"].owner: ComposeFailure("failed", "compose failed at step 'x'")}
     res = unit_results("h/0", decisions=ds, assignments=assignments, vms=here, failures=failures)
-    assert res[by["a"].owner] == UnitResult("ready", None, "vm-a", ("52:54:00:00:00:01",), ("10.0.0.9",), 1, GiB)
+    expected = UnitResult("ready", None, "vm-a", ("52:54:00:00:00:01",), ("10.0.0.9",), 1, GiB, login_user="ubuntu")
+    assert res[by["a"].owner] == expected
     assert res[by["b"].owner].status == "failed"
     assert by["c"].owner not in res
     merged = merge_statuses([rel()], decisions=ds, assignments=assignments, results={"h/0": res}, waiting={})
     st = {e["id"]: e for e in merged[1]}
     assert [e["id"] for e in merged[1]] == ["a", "b", "bad", "c"]
     assert (st["a"]["status"], st["a"]["unit"], st["a"]["addresses"]) == ("ready", "h/0", ["10.0.0.9"])
+    assert (st["a"]["login_user"], st["a"]["host_keys"]) == ("ubuntu", [])
     assert st["b"]["status"] == "failed" and "step" in st["b"]["message"]
     assert st["bad"]["status"] == "rejected"
     assert (st["c"]["status"], st["c"]["unit"]) == ("pending", "h/1")
@@ -168,3 +172,73 @@ def test_capacity_round_trips_and_drops_unknown_page_sizes():
     c = Capacity(threads=3, vcpus=4, memory=GiB, hugepages={"2M": 5})
     assert Capacity.from_dict(c.to_dict()) == c
     assert Capacity.from_dict({"hugepages": {"4M": 1, "2M": 2}}).hugepages == {"2M": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ready means usable: running, with an address another machine can reach
+
+
+def _result(**vm_fields) -> UnitResult:
+    (d,) = judge([rel(spec("a"))], RelationSettings(), {})
+    here = [vm("vm-a", d.owner, **vm_fields)]
+    return unit_results("h/0", decisions=[d], assignments={d.owner: "h/0"}, vms=here, failures={})[d.owner]
+
+
+def test_a_vm_without_an_address_is_pending_and_says_it_is_booting():
+    result = _result(login_user="ubuntu", host_keys=(host_key(ED25519),))
+    assert (result.status, result.message, result.addresses) == ("pending", BOOTING, ())
+    assert result.has_vm and result.name == "vm-a"  # it exists: never composed again, counted in quotas
+
+
+@pytest.mark.parametrize(
+    "addresses", [("fe80::5054:ff:fe00:1",), ("169.254.3.4",), ("127.0.0.1",), ("not-an-ip",), ("::",)]
+)
+def test_addresses_nobody_else_can_reach_do_not_make_a_vm_ready(addresses):
+    assert _result(addresses=addresses).status == "pending"
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [({"state": "stopped"}, "VM is stopped; waiting for it to run"), ({"phase": "composing"}, "VM is composing")],
+)
+def test_a_vm_that_does_not_run_yet_is_pending_without_its_stale_addresses(fields, words):
+    result = _result(addresses=("10.0.0.9",), **fields)
+    assert (result.status, result.addresses) == ("pending", ())
+    assert result.message.startswith(words)
+
+
+def test_a_ready_vm_carries_its_addresses_login_user_and_public_host_keys_in_a_stable_order():
+    keys = (host_key(RSA), host_key(ED25519), host_key(ECDSA))
+    result = _result(addresses=("fd00::9", "10.0.0.9/24", "fe80::1", "10.0.0.10"), login_user="ubuntu", host_keys=keys)
+    assert result.status == "ready" and result.message is None
+    assert result.addresses == ("10.0.0.9", "10.0.0.10", "fd00::9")
+    assert result.login_user == "ubuntu"
+    assert [key.algorithm for key in result.host_keys] == ["ecdsa-sha2-nistp256", "ssh-ed25519", "ssh-rsa"]
+    assert UnitResult.from_dict(result.to_dict()) == result
+
+
+def test_only_public_host_keys_with_their_own_fingerprint_are_reported():
+    good = host_key(ED25519)
+    private = HostKey("ssh-ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXk=\n", good.fingerprint)
+    commented = HostKey("ssh-ed25519", ED25519 + " root@vm", good.fingerprint)
+    mislabelled = HostKey("ssh-rsa", good.public_key, good.fingerprint)
+    wrong_print = HostKey("ecdsa-sha2-nistp256", host_key(ECDSA).public_key, good.fingerprint)
+    result = _result(addresses=("10.0.0.9",), host_keys=(private, commented, mislabelled, wrong_print))
+    # the comment is dropped (it could carry anything), the fingerprint recomputed from the key itself
+    assert result.host_keys == (host_key(ECDSA), good)
+    assert "PRIVATE" not in str(result.to_dict())
+    # a peer's published result is read the same way
+    published = result.to_dict() | {"host_keys": [private.to_dict(), good.to_dict()]}
+    assert UnitResult.from_dict(published).host_keys == (good,)
+
+
+def test_a_vm_booting_on_a_peer_is_held_there_not_composed_again():
+    (d,) = judge([rel(spec("a"))], RelationSettings(), {})
+    booting = UnitResult("pending", BOOTING, "vm-a", cores=1, memory=GiB)
+    assert booting.has_vm and not UnitResult("pending", "being composed on h/1").has_vm
+    work = unit_work(
+        "h/0", decisions=[d], assignments={d.owner: "h/1"}, vms=[], live_apps={f"{M}/client"}, held_elsewhere={d.owner}
+    )
+    assert work.compose == ()
+    merged = merge_statuses([rel()], decisions=[d], assignments={}, results={"h/1": {d.owner: booting}}, waiting={})
+    assert (merged[1][0]["status"], merged[1][0]["unit"], merged[1][0]["message"]) == ("pending", "h/1", BOOTING)

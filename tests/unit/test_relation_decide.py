@@ -4,6 +4,8 @@ seen through the one entry point the charm calls, and report() after the plan is
 from __future__ import annotations
 
 from tests.unit.relation_requests import GiB, M, rel, spec, vm
+from tests.unit.ssh_keys import ED25519
+from vmhost.model import CloudInit
 from vmhost.relation import PeerUnit, Snapshot, decide, report
 from vmhost.relation_assignment import Capacity, ComposeFailure, UnitResult
 from vmhost.relation_policy import Binding, IncomingRequest, Quota, RelationSettings, owner_key, vm_name
@@ -84,11 +86,20 @@ def test_a_request_naming_no_network_gets_the_binding():
     assert [(nic.label, nic.name) for nic in accepted.request.interfaces] == [("eth0", "br5")]
 
 
-def test_an_image_path_is_rejected_and_a_bare_name_boots_from_the_image():
-    plan = decide(snapshot(rel(spec("a", image="../etc/passwd"), spec("b", image="noble"))))
-    assert "image must be a name" in rejected(plan)["a"]
-    (accepted,) = plan.compose
-    assert accepted.boot == "image" and accepted.image == "noble"
+def test_an_image_path_is_rejected_and_an_alias_boots_from_the_image_with_the_seed():
+    settings = RelationSettings(image="ubuntu:22.04")
+    keys = [ED25519]
+    plan = decide(
+        snapshot(
+            rel(spec("a", image="../etc/passwd"), spec("b", image="ubuntu:noble", ssh_authorized_keys=keys), spec("c")),
+            settings=settings,
+        )
+    )
+    assert "image must be <os>:<alias>" in rejected(plan)["a"]
+    b, c = plan.compose
+    assert (b.boot, b.image, c.boot, c.image) == ("image", "ubuntu:noble", "image", "ubuntu:22.04")
+    assert b.cloud_init == CloudInit(hostname=b.request.name, ssh_authorized_keys=(ED25519,))
+    assert c.cloud_init == CloudInit(hostname=c.request.name)
 
 
 def test_a_request_that_became_invalid_keeps_its_vm():
@@ -201,7 +212,7 @@ def test_report_merges_this_units_results_with_the_peers_into_one_status_per_req
     state = snapshot(rel(spec("a"), spec("b"), spec("c"), IncomingRequest("#4", None, "junk")), peers=peers)
     plan = decide(state)
     made = next(accepted for accepted in plan.compose if accepted.owner == owner("a"))
-    after = (vm(made.request.name, made.owner),)
+    after = (vm(made.request.name, made.owner, addresses=("10.0.0.9",)),)
     published = report(state, plan, vms=after, failures={owner("b"): ComposeFailure("failed", "not enough memory")})
     assert published.results[owner("a")].status == "ready" and published.results[owner("b")].status == "failed"
     statuses = {entry["id"]: entry for entry in published.statuses[1]}

@@ -21,7 +21,8 @@ from ops import testing
 import charm
 from charm import VmHostCharm
 from charms.vm_host.v0.vm_allocation import MAX_MESSAGE, MAX_REQUESTS, VmAllocationRequirer
-from tests.unit.fakes import FakeProvider
+from tests.unit.relation_requests import DhcpProvider
+from tests.unit.ssh_keys import ED25519, host_key
 from tests.unit.test_charm import TOPOLOGY, Machine
 from vmhost.model import Allocation, VmInfo
 
@@ -40,7 +41,9 @@ PLAUSIBLE_FIELDS = ["id", "cores", "memory", "pinned_cores", "hugepages_backed",
 PLAUSIBLE_FIELDS += ["interfaces", "image", "ssh_authorized_keys", "user_data", "tags"]
 TWENTY = ";".join(f"e{i}:" for i in range(20))
 
-FIELDS = [*PLAUSIBLE_FIELDS, "status", "message", "unit", "name", "mac_addresses", "addresses"]
+FIELDS = [*PLAUSIBLE_FIELDS, "status", "message", "unit", "name", "mac_addresses", "addresses", "login_user"]
+FIELDS += ["host_keys", "algorithm", "public_key", "fingerprint"]
+HOST_KEY = host_key(ED25519).to_dict()
 ODD_TEXT = st.sampled_from(["", "\udc80", "\ud800x", "\x00", "a\nb", "é", "🙂", "a" * 300, "../../etc/passwd"])
 text = st.text(max_size=20) | ODD_TEXT
 keys = st.sampled_from(FIELDS) | text
@@ -67,8 +70,8 @@ PLAUSIBLE = {
     "interfaces": st.sampled_from(
         ["eth0:", "eth0:space=public", "eth0:name=br0,ip=10.0.0.5", "eth0:ip=10.0.0.0", "eth0:type=sriov", TWENTY]
     ),
-    "image": st.sampled_from(["noble", "../etc", "a/b", ""]),
-    "ssh_authorized_keys": st.sampled_from([["ssh-ed25519 AAAA me"], ["x"], [], "ssh-ed25519 AAAA"]),
+    "image": st.sampled_from(["ubuntu:24.04", "noble", "../etc", "a/b", "", "ubuntu:..", "ubuntu:24.04\n"]),
+    "ssh_authorized_keys": st.sampled_from([[ED25519], ["ssh-ed25519 AAAA me"], ["x"], [], ED25519, [ED25519] * 40]),
     "user_data": st.sampled_from(["#cloud-config\n{}", "x" * 70_000]),
     "tags": st.sampled_from([["web"], ["a b"], ["x"] * 40]),
 }
@@ -93,8 +96,31 @@ status_like = st.fixed_dictionaries(
         "unit": st.just("vm-host/0") | json_values,
         "name": st.just("vm-1") | json_values,
         "mac_addresses": st.lists(st.just("52:54:00:00:00:01"), max_size=2) | json_values,
-        "addresses": st.lists(st.just("10.0.0.5"), max_size=2) | json_values,
+        "addresses": st.lists(st.sampled_from(["10.0.0.5", "fd00::5", "10.0.0.5; id"]), max_size=2) | json_values,
+        "login_user": st.sampled_from(["ubuntu", "root; id", None]) | json_values,
+        "host_keys": st.lists(
+            st.sampled_from(
+                [HOST_KEY, {**HOST_KEY, "fingerprint": "SHA256:" + "A" * 43}, {**HOST_KEY, "public_key": "x"}]
+            )
+            | json_values,
+            max_size=5,
+        )
+        | json_values,
     },
+)
+# Well-formed ready statuses that differ between hooks, so ready, changed and released fire too.
+usable_status = st.builds(
+    lambda rid, name, address: {
+        "id": rid,
+        "status": "ready",
+        "name": name,
+        "addresses": [address],
+        "login_user": "ubuntu",
+        "host_keys": [HOST_KEY],
+    },
+    st.sampled_from(["a", "b"]),
+    st.sampled_from(["vm-1", "vm-2"]),
+    st.sampled_from(["10.0.0.5", "10.0.0.6"]),
 )
 BIG = [
     "x" * (1024 * 1024 + 1),
@@ -136,6 +162,8 @@ result_like = st.fixed_dictionaries(
         "message": text,
         "addresses": json_values,
         "mac_addresses": json_values,
+        "login_user": text | json_values,
+        "host_keys": st.lists(st.just(HOST_KEY) | json_values, max_size=5) | json_values,
     },
 )
 capacity_like = st.fixed_dictionaries(
@@ -164,8 +192,16 @@ PROVIDER_EVENTS = [
 
 
 def _relation_vm(app: str, rid: str) -> VmInfo:
+    """A relation VM as a hypervisor reports it: some have an address (ready), some are still booting."""
     owner = f"{MODEL}/{app}/{rid}"
-    return VmInfo(name=f"vm-{rid}", state="running", allocation=Allocation(f"vm-{rid}", 1, 64 * 1024**2, owner=owner))
+    return VmInfo(
+        name=f"vm-{rid}",
+        state="running",
+        allocation=Allocation(f"vm-{rid}", 1, 64 * 1024**2, owner=owner),
+        addresses=() if rid == "b" else ("10.0.0.9",),
+        login_user="ubuntu",
+        host_keys=(host_key(ED25519),),
+    )
 
 
 def _check_published(out: testing.State) -> None:
@@ -178,6 +214,8 @@ def _check_published(out: testing.State) -> None:
             vms = json.loads(data["vms"])
             assert len(vms) <= MAX_REQUESTS
             assert all(len(v.get("message") or "") <= MAX_MESSAGE for v in vms)
+            assert all(v["addresses"] for v in vms if v["status"] == "ready")  # ready means it has an address
+            COUNTS["provider ready"] += sum(v["status"] == "ready" for v in vms)
 
 
 def test_arbitrary_relation_data_never_raises_in_a_provider_hook(monkeypatch, tmp_path):
@@ -210,7 +248,7 @@ def test_arbitrary_relation_data_never_raises_in_a_provider_hook(monkeypatch, tm
         existing=st.lists(st.sampled_from(["a", "b", "web-0"]), max_size=2, unique=True),
     )
     def one(leader, event, app_bags, has_peer, unit_bag, peer_app, peer_unit, peer_local, existing):
-        provider = FakeProvider(TOPOLOGY)
+        provider = DhcpProvider(TOPOLOGY)
         holder["p"] = provider
         for rid in existing:
             vm = _relation_vm("client0", rid)
@@ -252,7 +290,7 @@ def test_arbitrary_relation_data_never_raises_in_a_provider_hook(monkeypatch, tm
         COUNTS["provider examples"] += 1
 
     one()
-    _report("provider", f"{COUNTS['provider composes']} VMs composed")
+    _report("provider", f"{COUNTS['provider composes']} VMs composed, {COUNTS['provider ready']} ready published")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,6 +304,8 @@ class ClientCharm(ops.CharmBase):
         super().__init__(framework)
         self.vms = VmAllocationRequirer(self, "vm-host")
         framework.observe(self.vms.on.vm_ready, self._seen)
+        framework.observe(self.vms.on.vm_changed, self._seen)
+        framework.observe(self.vms.on.vm_released, self._seen)
         framework.observe(self.vms.on.vm_failed, self._seen)
         framework.observe(self.on.update_status, self._read)
         framework.observe(self.on.config_changed, self._ask)
@@ -273,6 +313,9 @@ class ClientCharm(ops.CharmBase):
     def _seen(self, event):
         COUNTS["requirer events"] += 1
         assert len(event.message or "") <= MAX_MESSAGE and len(event.request_id) <= 64
+        assert len(event.addresses) <= 16 and all(len(key.public_key) <= 2048 for key in event.host_keys)
+        if type(event).__name__ == "VmReadyEvent":
+            assert event.addresses and event.name  # ready means usable
 
     def _read(self, _):
         assert len(self.vms.statuses()) <= MAX_REQUESTS
@@ -299,7 +342,7 @@ def test_arbitrary_relation_data_never_raises_in_the_requirer_library():
             min_size=1,
             max_size=3,
         ),
-        remote=st.lists(with_key("vms", st.lists(status_like, max_size=5)), min_size=1, max_size=3),
+        remote=st.lists(with_key("vms", st.lists(status_like | usable_status, max_size=5)), min_size=1, max_size=3),
         remote_unit=databag,
         local=databag,
     )

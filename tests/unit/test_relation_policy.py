@@ -8,9 +8,12 @@ from dataclasses import replace
 import pytest
 
 from tests.unit.relation_requests import GiB, M, judge, rel, spec, vm
+from tests.unit.ssh_keys import DSA, ECDSA, ED25519, RSA, RSA_1024, SK_ED25519
 from vmhost.model import Allocation, Nic, NicAllocation, VmRequest
 from vmhost.relation_assignment import UnitWork, unit_work
 from vmhost.relation_policy import (
+    DEFAULT_RELATION_IMAGE,
+    IMAGE_REJECTION,
     Binding,
     HeldVm,
     IncomingRequest,
@@ -36,7 +39,7 @@ def test_owner_keys_round_trip_and_names_are_stable_and_distinct():
 
 def test_request_is_named_owned_and_mapped_onto_the_space_bridge():
     d = judge(
-        [rel(spec("a", interfaces="eth0:space=public,ip=10.0.0.5", ssh_authorized_keys=["k"], user_data="u"))],
+        [rel(spec("a", interfaces="eth0:space=public,ip=10.0.0.5", ssh_authorized_keys=[ED25519], user_data="u"))],
         RelationSettings(space_bridges={"public": "br0"}),
         {},
     )[0]
@@ -46,13 +49,15 @@ def test_request_is_named_owned_and_mapped_onto_the_space_bridge():
     (iface,) = acc.request.interfaces
     assert (iface.name, iface.space, iface.ip) == ("br0", (), "10.0.0.5")
     assert acc.cloud_init.hostname == acc.request.name
-    assert acc.cloud_init.ssh_authorized_keys == ("k",) and acc.cloud_init.user_data == "u"
-    assert acc.boot == "network"
+    assert acc.cloud_init.ssh_authorized_keys == (ED25519,) and acc.cloud_init.user_data == "u"
+    assert (acc.boot, acc.image) == ("image", DEFAULT_RELATION_IMAGE)  # the operator's default: a usable OS
 
 
-def test_image_requests_boot_from_the_image():
-    (d,) = judge([rel(spec("a", image="noble"))], RelationSettings(), {})
-    assert d.accepted.boot == "image" and d.accepted.image == "noble"
+def test_image_requests_boot_from_the_image_they_name_else_the_operators():
+    (d,) = judge([rel(spec("a", image="ubuntu:noble"))], RelationSettings(image="ubuntu:22.04"), {})
+    assert d.accepted.boot == "image" and d.accepted.image == "ubuntu:noble"
+    (d,) = judge([rel(spec("a"))], RelationSettings(image="ubuntu:22.04"), {})
+    assert d.accepted.boot == "image" and d.accepted.image == "ubuntu:22.04"
 
 
 @pytest.mark.parametrize(
@@ -235,17 +240,110 @@ def test_names_in_full_or_first_few_and_a_count():
     assert first_few([]) == ""
 
 
-@pytest.mark.parametrize("image", ["../etc/passwd", "a/b", "noble..img", "..", "/var/lib/vmhost/images/noble"])
-def test_image_that_is_not_a_bare_name_is_rejected(image):
+HOSTILE_IMAGES = [
+    "../etc/passwd",
+    "a/b",
+    "ubuntu:../../etc/shadow",
+    "ubuntu:..",
+    "/var/lib/vmhost/images/noble",
+    "noble",  # a host-local name: only the operator may use those
+    "metadata.yaml",
+    "ubuntu:",
+    ":24.04",
+    "Ubuntu:24.04",
+    "ubuntu:24.04 ",
+    "ubuntu:24.04\n",
+    "ubuntu:24.04;rm",
+    "ubuntu:a:b",
+    "images:debian/12",
+    "ubuntu:" + "1" * 60,
+    "",
+    7,
+    ["ubuntu:24.04"],
+]
+
+
+@pytest.mark.parametrize("image", HOSTILE_IMAGES)
+def test_an_image_that_is_not_os_colon_alias_is_rejected_in_one_sentence(image):
     (d,) = judge([rel(spec("a", image=image))], RelationSettings(), {})
     assert d.accepted is None
-    assert "image must be a name of an image in the host's image directory" in d.rejected
+    assert d.rejected == f"request 'a': {IMAGE_REJECTION}"  # one sentence, and never the value given
 
 
-@pytest.mark.parametrize("image", ["noble", "metadata.yaml", "jammy-22.04.qcow2", "ubuntu:noble"])
-def test_image_names_pass_as_names(image):
+@pytest.mark.parametrize("image", ["ubuntu:24.04", "ubuntu:noble", "ubuntu:22.04", "debian:12", "ubuntu:24.04-lts"])
+def test_os_colon_alias_images_pass(image):
     (d,) = judge([rel(spec("a", image=image))], RelationSettings(), {})
     assert d.accepted is not None and d.accepted.image == image
+
+
+# ---------------------------------------------------------------------------------------------
+# Access: keys and user-data, hostile ones rejected naming the field, never echoing the value
+
+SECRET = "password: hunter2-SECRET"
+
+
+@pytest.mark.parametrize("key", [ED25519, ECDSA, RSA, SK_ED25519, ED25519.rsplit(" ", 1)[0]])
+def test_public_keys_of_allowed_types_pass(key):
+    (d,) = judge([rel(spec("a", ssh_authorized_keys=[key]))], RelationSettings(), {})
+    assert d.accepted is not None and d.accepted.cloud_init.ssh_authorized_keys == (key,)
+
+
+ED_TYPE, ED_BLOB, _ = ED25519.split(" ")
+HOSTILE_KEYS = {
+    "dsa": DSA,
+    "rsa-1024": RSA_1024,
+    "options": 'command="/bin/sh" ' + ED25519,
+    "two-lines": ED25519 + "\n" + RSA,
+    "type-mismatch": "ssh-rsa " + ED_BLOB,  # the blob is an ed25519 key
+    "truncated-blob": f"{ED_TYPE} {ED_BLOB[:40]}",
+    "not-base64": f"{ED_TYPE} {ED_BLOB[:-4]}!!!!",
+    "private-key": "-----BEGIN OPENSSH PRIVATE KEY-----",
+    "control-in-comment": ED25519 + "\x1b[2J",
+    "trailing-newline": ED25519 + "\n",
+    "tab-separated": ED25519.replace(" ", "\t", 1),
+    "too-long": f"{ED25519} {'x' * 9000}",
+    "empty": "",
+    "not-text": 12,
+}
+
+
+@pytest.mark.parametrize("key", list(HOSTILE_KEYS.values()), ids=list(HOSTILE_KEYS))
+def test_a_hostile_key_is_rejected_naming_the_entry_and_the_allowed_types(key):
+    (d,) = judge([rel(spec("a", ssh_authorized_keys=[ED25519, key], user_data=SECRET))], RelationSettings(), {})
+    assert d.accepted is None
+    assert d.rejected.startswith("request 'a': ssh_authorized_keys entry 1 is not one OpenSSH public key line")
+    assert "allowed types: ssh-ed25519" in d.rejected and "ssh-dss" not in d.rejected
+    assert "hunter2" not in d.rejected and "AAAA" not in d.rejected and "/bin/sh" not in d.rejected
+
+
+def test_too_many_keys_or_not_a_list_is_rejected():
+    (d,) = judge([rel(spec("a", ssh_authorized_keys=[ED25519] * 33))], RelationSettings(), {})
+    assert d.rejected == "request 'a': ssh_authorized_keys lists 33 keys; at most 32 are allowed"
+    (d,) = judge([rel(spec("a", ssh_authorized_keys=ED25519))], RelationSettings(), {})
+    assert "must be a list" in d.rejected and "AAAA" not in d.rejected
+
+
+@pytest.mark.parametrize(
+    "user_data, words",
+    [
+        (SECRET + "x" * (64 * 1024), "at most 65536"),
+        (SECRET + "\x00", "without NUL"),
+        (SECRET + "\ud800", "UTF-8"),
+        (["#cloud-config"], "must be text"),
+    ],
+    ids=["too-big", "nul", "surrogate", "not-text"],
+)
+def test_hostile_user_data_is_rejected_without_echoing_it(user_data, words):
+    (d,) = judge([rel(spec("a", user_data=user_data))], RelationSettings(), {})
+    assert d.accepted is None and "user_data" in d.rejected and words in d.rejected
+    assert "hunter2" not in d.rejected and "cloud-config" not in d.rejected
+
+
+def test_user_data_is_passed_on_as_opaque_text_and_kept_out_of_reprs():
+    text = "#!/bin/sh\n" + SECRET + "\n{{ not: [yaml\n"  # never parsed by the host: cloud-init's business
+    (d,) = judge([rel(spec("a", user_data=text))], RelationSettings(), {})
+    assert d.accepted.cloud_init.user_data == text
+    assert "hunter2" not in repr(d) and "hunter2" not in repr(d.accepted)
 
 
 def _placement_error(request: VmRequest, hugepages=None, reserved=()) -> str:

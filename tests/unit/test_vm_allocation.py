@@ -17,7 +17,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh
 
 def test_library_metadata():
     assert len(lib.LIBID) == 32 and int(lib.LIBID, 16)
-    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 2)
+    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 3)
     assert lib.PYDEPS == ["pydantic>=2"]
 
 
@@ -145,7 +145,8 @@ def test_changed_and_withdrawn_requests():
 
 def test_events_fire_once_per_transition():
     def provider_data(*vms):
-        return {"vms": json.dumps([{"id": i, "status": s, "name": n, "message": m} for i, s, n, m in vms])}
+        entries = [{"id": i, "status": s, "name": n, "message": m, "addresses": ["10.0.0.5"]} for i, s, n, m in vms]
+        return {"vms": json.dumps(entries)}
 
     r = testing.Relation(
         "vm-host", remote_app_name="vm-host", remote_app_data=provider_data(("a", "pending", None, None))

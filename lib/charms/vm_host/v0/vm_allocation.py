@@ -8,34 +8,68 @@ Requirer app databag, key `requests` (JSON list)::
 
     [{"id": "web-0", "cores": 2, "memory": "4G", "pinned_cores": "auto", "hugepages_backed": false,
       "hugepage_size": null, "numa_nodes": null, "storage": "root:20", "interfaces": "eth0:space=public",
-      "image": "noble", "ssh_authorized_keys": ["ssh-ed25519 AAAA..."], "user_data": "#cloud-config...",
+      "image": "ubuntu:24.04", "ssh_authorized_keys": ["ssh-ed25519 AAAA..."], "user_data": "#cloud-config...",
       "tags": ["web"]}]
+
+`image` is `<os>:<alias>` on the host's image server (absent: the host operator's default image);
+`ssh_authorized_keys` are what the VM's login user accepts; `user_data` reaches cloud-init in the VM
+as it is (the host never logs or reports it).
 
 Provider app databag, key `vms` (JSON list), one entry per request::
 
     [{"id": "web-0", "status": "ready", "message": null, "unit": "vm-host/0", "name": "vm-1a2b3c4d",
-      "mac_addresses": ["52:54:00:..."], "addresses": ["10.20.0.50"]}]
+      "mac_addresses": ["52:54:00:..."], "addresses": ["10.20.0.50"], "login_user": "ubuntu",
+      "host_keys": [{"algorithm": "ssh-ed25519", "public_key": "ssh-ed25519 AAAA...",
+                     "fingerprint": "SHA256:..."}]}]
 
-`status` is pending, ready, failed (the compose failed; the message says why) or rejected (the
-request is invalid, over quota or against the host's network policy; the message names the field).
-A request id maps to at most one VM: sending the same request again never makes a second VM, and
-removing a request from the list releases its VM.
+`status` is pending (being composed, or booting: no address yet; the message says which), ready (it
+runs and has an address: log in as `login_user` with one of your keys, and pin one of `host_keys`),
+failed (the compose failed; the message says why) or rejected (the request is invalid, over quota or
+against the host's policy; the message names the field). A request id maps to at most one VM: sending
+the same request again never makes a second VM, and removing a request from the list releases its VM.
+
+Events, each fired once per change (the library remembers what it last saw in the unit's stored state,
+so a replayed hook fires nothing): `vm_ready` when a VM is first ready, `vm_changed` when an address,
+MAC, login user or host key of a ready VM changes, `vm_released` when a VM that was ready goes away
+(its request withdrawn or failed, the relation removed), `vm_failed` when a request fails or is
+rejected. Each carries `request_id`, `name`, `host_unit` (the vm-host unit serving it), `addresses`,
+`mac_addresses`, `login_user` and `host_keys` (`VmHostKey`: `public_key`, `fingerprint`).
 
 Requirer usage::
 
+    import logging
+
+    import ops
+
     from charms.vm_host.v0.vm_allocation import VmAllocationRequirer
+
+    logger = logging.getLogger(__name__)
+    MY_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@laptop"
+
 
     class MyCharm(ops.CharmBase):
         def __init__(self, framework):
             super().__init__(framework)
             self.vms = VmAllocationRequirer(self, "vm-host")
+            framework.observe(self.on["vm-host"].relation_created, self._on_related)
             framework.observe(self.vms.on.vm_ready, self._on_vm_ready)
+            framework.observe(self.vms.on.vm_changed, self._on_vm_ready)
+            framework.observe(self.vms.on.vm_released, self._on_vm_released)
 
-        def _on_leader_elected(self, _):
-            self.vms.request_vm("web-0", cores=2, memory="4G", interfaces="eth0:space=public")
+        def _on_related(self, event):
+            if self.unit.is_leader():
+                self.vms.request_vm(
+                    "web-0", cores=2, memory="4G", image="ubuntu:24.04", ssh_authorized_keys=[MY_KEY]
+                )
 
         def _on_vm_ready(self, event):
-            logger.info("VM %s is up at %s", event.name, event.addresses)
+            address = event.addresses[0]  # a ready VM has at least one
+            fingerprints = ", ".join(key.fingerprint for key in event.host_keys)
+            logger.info("VM %s: ssh %s@%s (host keys %s)", event.name, event.login_user, address, fingerprints)
+            self.unit.status = ops.ActiveStatus(f"{event.request_id}: ssh {event.login_user}@{address}")
+
+        def _on_vm_released(self, event):
+            self.unit.status = ops.WaitingStatus(f"{event.request_id} was released")
 
 This library needs only `ops` and `pydantic`; remote data is untrusted and validated with bounds.
 
@@ -45,6 +79,10 @@ Over ~400 lines on purpose: a charm library is one file by Charmhub's rules (fet
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import ipaddress
 import json
 import logging
 import re
@@ -53,7 +91,16 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import ops
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The unique Charmhub library identifier, never change it
 LIBID = "a8d68aaefd7f4dfcb59dbe522068f833"
@@ -63,7 +110,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 2
+LIBPATCH = 3
 
 PYDEPS = ["pydantic>=2"]
 
@@ -77,8 +124,12 @@ __all__ = [
     "RequirerAppData",
     "VmAllocationProvider",
     "VmAllocationRequirer",
+    "VmChangedEvent",
+    "VmEvent",
     "VmFailedEvent",
+    "VmHostKey",
     "VmReadyEvent",
+    "VmReleasedEvent",
     "VmRequestSpec",
     "VmStatus",
     "decode_json",
@@ -104,6 +155,9 @@ MAX_STORAGE_LENGTH = 512
 MAX_INTERFACES_LENGTH = 1024
 MAX_MESSAGE = 1024
 MAX_INTERFACES = 16
+MAX_ADDRESSES = 16  # per VM, as the provider publishes them
+MAX_HOST_KEYS = 4
+MAX_HOST_KEY_LENGTH = 2048
 # One databag value (`requests`, `vms`) is refused unread past this size, and its JSON past this depth
 # (a request is 3 levels deep); the requirer side never writes more.
 MAX_FIELD_BYTES = 1024 * 1024
@@ -116,11 +170,16 @@ _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,62}$")
 # characters their syntax uses, so nothing else (quotes, newlines, XML, paths) can ride along.
 _STORAGE_RE = re.compile(r"^[A-Za-z0-9_.:,()-]*$")
 _INTERFACES_RE = re.compile(r"^[A-Za-z0-9_.:,;=/ -]*$")
-# An image is an alias the host resolves (never a path on the host).
-_IMAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
-_KEY_RE = re.compile(
-    r"^(ssh-(rsa|ed25519|dss)|ecdsa-sha2-nistp(256|384|521)|sk-[a-z0-9@.-]+) [A-Za-z0-9+/=]+( [^\r\n]*)?$"
-)
+# An image is `<os>:<alias>` on the host's image server (never a path or a file on the host).
+MAX_IMAGE_LENGTH = 64
+_IMAGE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}:[a-z0-9]+(?:[._-][a-z0-9]+)*$")
+# Key types OpenSSH accepts by default (no DSA); the host checks each key down to its wire format.
+_KEY_TYPES = r"ssh-(rsa|ed25519)|ecdsa-sha2-nistp(256|384|521)|sk-(ssh-ed25519|ecdsa-sha2-nistp256)@openssh\.com"
+_KEY_RE = re.compile(rf"^({_KEY_TYPES}) [A-Za-z0-9+/]+={{0,2}}( [\x20-\x7e]*)?$")
+_HOST_KEY_RE = re.compile(rf"^({_KEY_TYPES}) [A-Za-z0-9+/]+={{0,2}}$")
+_FINGERPRINT_RE = re.compile(r"^SHA256:[A-Za-z0-9+/]{43}$")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
+_USER_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
 _UNITS = {
     "": 1,
@@ -190,7 +249,7 @@ class VmRequestSpec(BaseModel):
     numa_nodes: int | None = Field(None, ge=1, le=MAX_NUMA_NODES, description="exactly this many host NUMA nodes")
     storage: str | None = Field(None, max_length=MAX_STORAGE_LENGTH, pattern=_STORAGE_RE.pattern)
     interfaces: str | None = Field(None, max_length=MAX_INTERFACES_LENGTH, pattern=_INTERFACES_RE.pattern)
-    image: str | None = Field(None, pattern=_IMAGE_RE.pattern)
+    image: str | None = Field(None, max_length=MAX_IMAGE_LENGTH)
     ssh_authorized_keys: list[str] | None = Field(None, max_length=MAX_KEYS, repr=False)
     user_data: str | None = Field(None, max_length=MAX_USER_DATA, repr=False)
     tags: list[str] | None = Field(None, max_length=MAX_TAGS)
@@ -231,21 +290,34 @@ class VmRequestSpec(BaseModel):
             return {"2MIB": "2M", "2048K": "2M", "1GIB": "1G", "1024M": "1G"}.get(v.upper(), v.upper())
         return v
 
+    @field_validator("image")
+    @classmethod
+    def _image(cls, v: str | None) -> str | None:
+        if v is not None and not _IMAGE_RE.fullmatch(v):
+            raise ValueError(
+                "must be <os>:<alias> from the host's image server, such as ubuntu:24.04 or ubuntu:noble "
+                "(lower-case letters, digits, '.', '_', '-'), or left out for the host's default"
+            )
+        return v
+
     @field_validator("user_data")
     @classmethod
     def _user_data(cls, v: str | None) -> str | None:
         if v is not None and not _is_text(v):
             raise ValueError("must be UTF-8 text without NUL characters")
+        if v is not None and len(v.encode("utf-8")) > MAX_USER_DATA:
+            raise ValueError(f"must be at most {MAX_USER_DATA} bytes of UTF-8")
         return v
 
     @field_validator("ssh_authorized_keys")
     @classmethod
     def _keys(cls, v: list[str] | None) -> list[str] | None:
         for i, key in enumerate(v or ()):
-            if len(key) > MAX_KEY_LENGTH or not _KEY_RE.match(key) or not _is_text(key):
+            if len(key) > MAX_KEY_LENGTH or not _KEY_RE.fullmatch(key) or not _is_text(key):
                 raise ValueError(
                     f"entry {i} is not one OpenSSH public key line (type, base64 key, optional comment; "
-                    f"at most {MAX_KEY_LENGTH} characters)"
+                    f"at most {MAX_KEY_LENGTH} characters; types ssh-ed25519, ecdsa-sha2-nistp256/384/521, "
+                    "ssh-rsa, sk-ssh-ed25519@openssh.com, sk-ecdsa-sha2-nistp256@openssh.com)"
                 )
         return v
 
@@ -260,7 +332,7 @@ class VmRequestSpec(BaseModel):
     @classmethod
     def _tags(cls, v: list[str] | None) -> list[str] | None:
         for i, tag in enumerate(v or ()):
-            if not _TAG_RE.match(tag):
+            if not _TAG_RE.fullmatch(tag):
                 raise ValueError(f"entry {i} is not a tag; use letters, digits, '_', '.', ':', '=' or '-' (at most 63)")
         return v
 
@@ -277,6 +349,52 @@ class RequirerAppData(BaseModel):
     requests: list[Any] | None = None
 
 
+def _ip(value: str) -> str:
+    """A bare IP address, as the provider publishes it (nothing a shell or ssh would read otherwise)."""
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError("is not an IP address") from None
+
+
+def _mac(value: str) -> str:
+    if not _MAC_RE.fullmatch(value):
+        raise ValueError("is not a MAC address")
+    return value.lower()
+
+
+_Address = Annotated[str, Field(max_length=64), AfterValidator(_ip)]
+_Mac = Annotated[str, Field(max_length=32), AfterValidator(_mac)]
+
+
+class VmHostKey(BaseModel):
+    """One SSH host public key of a VM (vm-host generated it), so a client pins it instead of trusting
+    first use. Only a public key line of a known type passes, and its fingerprint must be that key's."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    algorithm: str = Field(max_length=64)
+    public_key: str = Field(max_length=MAX_HOST_KEY_LENGTH, pattern=_HOST_KEY_RE.pattern)
+    fingerprint: str = Field(pattern=_FINGERPRINT_RE.pattern)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VmHostKey:
+        kind, _, encoded = self.public_key.partition(" ")
+        if kind != self.algorithm:
+            raise ValueError("public_key is not of the key's algorithm")
+        try:
+            blob = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("public_key is not base64") from None
+        if self.fingerprint != "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("="):
+            raise ValueError("fingerprint is not the public key's")
+        return self
+
+    def known_hosts_line(self, *hosts: str) -> str:
+        """The line for ~/.ssh/known_hosts that pins this key for `hosts` (addresses or names)."""
+        return f"{','.join(hosts)} {self.public_key}"
+
+
 class VmStatus(BaseModel):
     """The provider's answer for one request; every field bounded (the provider is remote to the requirer)."""
 
@@ -287,8 +405,15 @@ class VmStatus(BaseModel):
     message: str | None = Field(None, max_length=MAX_MESSAGE)
     unit: str | None = Field(None, max_length=128)
     name: str | None = Field(None, max_length=64)
-    mac_addresses: list[Annotated[str, Field(max_length=32)]] | None = Field(None, max_length=MAX_INTERFACES)
-    addresses: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=MAX_INTERFACES)
+    mac_addresses: list[_Mac] | None = Field(None, max_length=MAX_INTERFACES)
+    addresses: list[_Address] | None = Field(None, max_length=MAX_ADDRESSES)
+    login_user: str | None = Field(None, max_length=32, pattern=_USER_RE.pattern)
+    host_keys: list[VmHostKey] | None = Field(None, max_length=MAX_HOST_KEYS)
+
+    @property
+    def usable(self) -> bool:
+        """Ready with a name and an address: what `vm_ready` waits for (an older provider may say ready sooner)."""
+        return self.status == "ready" and bool(self.name) and bool(self.addresses)
 
 
 class ProviderAppData(BaseModel):
@@ -371,7 +496,7 @@ def parse_requests(raw: Any, max_requests: int = MAX_REQUESTS) -> tuple[list[Par
     seen: dict[str, int] = {}
     for i, item in enumerate(raw[:max_requests]):
         rid = item.get("id") if isinstance(item, dict) else None
-        rid = rid if isinstance(rid, str) and _ID_RE.match(rid) else f"#{i}"
+        rid = rid if isinstance(rid, str) and _ID_RE.fullmatch(rid) else f"#{i}"
         if not isinstance(item, dict):
             out.append(ParsedRequest(i, rid, error="request must be a JSON object"))
             continue
@@ -466,21 +591,32 @@ class VmAllocationProvider(ops.Object):
             return []
 
 
-class VmReadyEvent(ops.RelationEvent):
-    """A requested VM became ready: `request_id`, `name`, `unit`, `addresses`, `mac_addresses`."""
+class VmEvent(ops.RelationEvent):
+    """A change to one requested VM. `host_unit` is the vm-host unit serving it (ops' own `unit` is the
+    remote unit whose data changed, usually None for application data)."""
 
-    def __init__(self, handle: ops.Handle, relation: ops.Relation, status: dict | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        handle: ops.Handle,
+        relation: ops.Relation,
+        status: dict | None = None,
+        previous: dict | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(handle, relation, **kwargs)
         self.status = status or {}
+        self.previous = previous or {}
 
     def snapshot(self) -> dict[str, Any]:
         snap = super().snapshot()
         snap["status"] = self.status
+        snap["previous"] = self.previous
         return snap
 
     def restore(self, snapshot: dict[str, Any]) -> None:
         super().restore(snapshot)
         self.status = snapshot.get("status") or {}
+        self.previous = snapshot.get("previous") or {}
 
     @property
     def request_id(self) -> str:
@@ -489,6 +625,10 @@ class VmReadyEvent(ops.RelationEvent):
     @property
     def name(self) -> str | None:
         return self.status.get("name")
+
+    @property
+    def host_unit(self) -> str | None:
+        return self.status.get("unit")
 
     @property
     def message(self) -> str | None:
@@ -502,8 +642,40 @@ class VmReadyEvent(ops.RelationEvent):
     def mac_addresses(self) -> list[str]:
         return list(self.status.get("mac_addresses") or ())
 
+    @property
+    def login_user(self) -> str | None:
+        return self.status.get("login_user")
 
-class VmFailedEvent(VmReadyEvent):
+    @property
+    def host_keys(self) -> list[VmHostKey]:
+        return _host_keys(self.status)
+
+
+class VmReadyEvent(VmEvent):
+    """A requested VM runs and has an address: log in as `login_user` at one of `addresses`, pinning `host_keys`."""
+
+
+class VmChangedEvent(VmEvent):
+    """A ready VM's addresses, MACs, login user or host keys changed; `previous_*` are what they were."""
+
+    @property
+    def previous_addresses(self) -> list[str]:
+        return list(self.previous.get("addresses") or ())
+
+    @property
+    def previous_mac_addresses(self) -> list[str]:
+        return list(self.previous.get("mac_addresses") or ())
+
+    @property
+    def previous_host_keys(self) -> list[VmHostKey]:
+        return _host_keys(self.previous)
+
+
+class VmReleasedEvent(VmEvent):
+    """A VM that was ready is gone (withdrawn, failed, or the relation removed); its fields are the last seen."""
+
+
+class VmFailedEvent(VmEvent):
     """A request failed or was rejected; `message` says why, `rejected` tells the two apart."""
 
     @property
@@ -511,8 +683,29 @@ class VmFailedEvent(VmReadyEvent):
         return self.status.get("status") == "rejected"
 
 
+def _host_keys(status: dict) -> list[VmHostKey]:
+    out = []
+    for key in status.get("host_keys") or ():
+        try:
+            out.append(VmHostKey.model_validate(key))
+        except ValidationError:
+            continue
+    return out
+
+
+def _view(status: VmStatus) -> dict[str, Any]:
+    """What a ready VM is, for the events and for noticing a change (order-free lists, no message)."""
+    view = status.model_dump(mode="json", exclude={"message"})
+    view["addresses"] = sorted(view["addresses"] or ())
+    view["mac_addresses"] = sorted(view["mac_addresses"] or ())
+    view["host_keys"] = sorted(view["host_keys"] or (), key=lambda key: key["public_key"])
+    return view
+
+
 class VmAllocationRequirerEvents(ops.ObjectEvents):
     vm_ready = ops.EventSource(VmReadyEvent)
+    vm_changed = ops.EventSource(VmChangedEvent)
+    vm_released = ops.EventSource(VmReleasedEvent)
     vm_failed = ops.EventSource(VmFailedEvent)
 
 
@@ -526,7 +719,7 @@ class VmAllocationRequirer(ops.Object):
         super().__init__(charm, f"{relation_name}-requirer")
         self._charm = charm
         self.relation_name = relation_name
-        self._stored.set_default(seen={})
+        self._stored.set_default(seen={}, known={})
         charm.framework.observe(charm.on[relation_name].relation_changed, self._on_changed)
         charm.framework.observe(charm.on[relation_name].relation_broken, self._on_broken)
 
@@ -633,37 +826,94 @@ class VmAllocationRequirer(ops.Object):
 
     def statuses(self, relation: ops.Relation | None = None) -> dict[str, VmStatus]:
         """The provider's answer per request id (a request it has not answered yet is absent)."""
-        rel = self._relation(relation)
+        read = self._read(self._relation(relation))
+        return read[0] if read else {}
+
+    def _read(self, rel: ops.Relation) -> tuple[dict[str, VmStatus], bool] | None:
+        """(statuses, whether every entry was readable); None when the list cannot be read as a whole
+        (nor the provider application known), so nothing is taken as released."""
         if rel.app is None:
-            return {}
+            return None
         try:
             raw = decode_json(rel.data[rel.app].get("vms"))
         except ValueError as e:
             logger.warning("vm-host's statuses on relation %d are unreadable: vms %s", rel.id, e)
-            return {}
+            return None
+        if raw is not None and not isinstance(raw, list):
+            logger.warning("vm-host's statuses on relation %d are unreadable: vms is not a list", rel.id)
+            return None
         out = parse_statuses(raw)
-        if isinstance(raw, list) and len(out) < len(raw):
-            left = len(raw) - len(out)
+        left = len(raw or ()) - len(out)
+        if left:
             logger.warning(
                 "%d of vm-host's statuses on relation %d are left out (unreadable or repeated)", left, rel.id
             )
-        return out
+        return out, left == 0
 
     def vm(self, id: str, relation: ops.Relation | None = None) -> VmStatus | None:
         return self.statuses(relation).get(id)
 
+    def _known(self, key: str, current: dict[str, VmStatus]) -> dict[str, dict]:
+        """What this unit last saw on relation `key`: request id -> {status, vm (the ready view, or None)}.
+
+        Stored by this library only; read totally all the same. A unit upgraded from LIBPATCH 2 adopts
+        the VMs it already announced as ready without announcing them again.
+        """
+        try:
+            known = json.loads(self._stored.known.get(key) or "{}")
+        except (TypeError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        legacy = self._stored.seen.get(key)
+        if legacy is not None and key not in self._stored.known:
+            for rid, status in dict(legacy).items():
+                st = current.get(rid)
+                vm = _view(st) if status == "ready" and st is not None and st.usable else None
+                known[rid] = {"status": status, "vm": vm}
+        return {rid: entry for rid, entry in known.items() if isinstance(entry, dict)}
+
     def _on_changed(self, event: ops.RelationChangedEvent) -> None:
-        current = self.statuses(event.relation)
-        key = str(event.relation.id)
-        seen = dict(self._stored.seen.get(key, {}))
+        """Compare the provider's statuses with what this unit last saw; fire one event per change."""
+        rel = event.relation
+        read = self._read(rel)
+        if read is None:  # nothing can be told from an unreadable list: nothing is released either
+            return
+        current, complete = read
+        key = str(rel.id)
+        known = self._known(key, current)
+        now: dict[str, dict] = {}
         for rid, st in sorted(current.items()):
-            if seen.get(rid) == st.status:
+            before = known.get(rid, {})
+            vm = before.get("vm") if isinstance(before.get("vm"), dict) else None
+            if vm is not None and (st.name != vm.get("name") or st.status in ("failed", "rejected")):
+                self.on.vm_released.emit(rel, status=vm)
+                vm = None
+            if st.usable:
+                view = _view(st)
+                if vm is None:
+                    self.on.vm_ready.emit(rel, status=view)
+                elif view != vm:
+                    self.on.vm_changed.emit(rel, status=view, previous=vm)
+                vm = view
+            if st.status in ("failed", "rejected") and before.get("status") != st.status:
+                self.on.vm_failed.emit(rel, status=st.model_dump(mode="json"))
+            now[rid] = {"status": st.status, "vm": vm}
+        for rid, before in sorted(known.items()):
+            if rid in current:
                 continue
-            if st.status == "ready":
-                self.on.vm_ready.emit(event.relation, status=st.model_dump(mode="json"))
-            elif st.status in ("failed", "rejected"):
-                self.on.vm_failed.emit(event.relation, status=st.model_dump(mode="json"))
-        self._stored.seen[key] = {rid: st.status for rid, st in current.items()}
+            if not complete:  # it may be one of the unreadable entries: keep it until the list is readable
+                now[rid] = before
+            elif isinstance(before.get("vm"), dict):
+                self.on.vm_released.emit(rel, status=before["vm"])
+        self._stored.known[key] = json.dumps(now)
+        self._stored.seen.pop(key, None)
 
     def _on_broken(self, event: ops.RelationBrokenEvent) -> None:
-        self._stored.seen.pop(str(event.relation.id), None)
+        """The relation is gone, and with it every VM it served."""
+        key = str(event.relation.id)
+        for _rid, entry in sorted(self._known(key, {}).items()):
+            if isinstance(entry.get("vm"), dict):
+                self.on.vm_released.emit(event.relation, status=entry["vm"])
+        self._stored.known.pop(key, None)
+        self._stored.seen.pop(key, None)
