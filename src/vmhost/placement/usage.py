@@ -360,7 +360,8 @@ def _host_usage(
         free = tuple(filterfalse(blocked.__contains__, threads)) if blocked else threads
         free_total += len(free)
         sizes = sorted(
-            set(node.hugepages) | {size for size, on in totals.pages if on == node.id}, key=HUGEPAGE_SIZES.get
+            set(node.hugepages) | {size for size, page_node in totals.pages if page_node == node.id},
+            key=HUGEPAGE_SIZES.get,
         )
         hugepages = {size: (node.hugepages.get(size, 0), totals.pages.get((size, node.id), 0)) for size in sizes}
         general = node.memory - node.hugepage_bytes() - reserved_share[position]
