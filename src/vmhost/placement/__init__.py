@@ -102,10 +102,10 @@ def place(
         raise PlacementError(
             f"a VM needs at least 1 core and some memory; got cores={request.cores}, memory={request.memory}"
         )
-    state = usage_state(host, allocations, policy, index)  # rule 6
+    state = usage_state(host, allocations, policy, index)  # rule 6: counted once, or only what changed
     usage = state.usage
-    disks = place_disks(host, request, policy, usage.storage_committed)
-    interfaces = resolve_interfaces(host, request.interfaces, usage.vfs_used)
+    disks = place_disks(host, request, policy, usage.storage_committed)  # §4 "Storage"
+    interfaces = resolve_interfaces(host, request.interfaces, usage.vfs_used)  # §4 "Interfaces"
     check_static_addresses(host, allocations, request.interfaces)
     common = {
         "name": request.name or DEFAULT_NAME,
