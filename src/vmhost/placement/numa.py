@@ -308,26 +308,17 @@ def choose_nodes(
         picked.sort(key=lambda node: node.id)
         # High shares to the nodes that hold them and are left best by them (the fit measure); unpinned
         # vCPUs are bound by no node resource and go by node id.
-        vcpu_order = (
-            (
-                lambda node, vcpus=high_vcpus, amount=low_amount: (
-                    node.threads < vcpus,
-                    node.splits_a_core(vcpus),
-                    node.fit(vcpus, amount),
-                    node.id,
-                )
-            )
-            if need.pin
-            else None
-        )
         pinned_low = low_vcpus * need.pin
+
+        def vcpu_order(node: NodeFree, vcpus: int = high_vcpus, amount: int = low_amount) -> tuple:
+            return (node.threads < vcpus, node.splits_a_core(vcpus), node.fit(vcpus, amount), node.id)
 
         def amount_order(node: NodeFree, amount: int = high_amount, vcpus: int = pinned_low) -> tuple:
             return (node.amount < amount, node.fit(vcpus, amount), node.id)
 
         return NodeChoice(
             nodes=tuple(picked),
-            vcpus_by_node=_assign_shares(picked, vcpu_shares, vcpu_order),
+            vcpus_by_node=_assign_shares(picked, vcpu_shares, vcpu_order if need.pin else None),
             amount_by_node=_assign_shares(picked, amount_shares, amount_order),
         )
     return None
