@@ -3,6 +3,9 @@
 # system packages, hugepages + hugetlbfs, libvirtd (and, with --lxd, an LXD daemon).
 # Idempotent; safe to run again. Needs root.
 set -euo pipefail
+# The daemons started here outlive this script: they must not inherit a lock its caller holds open
+# (`flock /tmp/vmhost-functional.lock make run` would then stay locked for every later run). 255 is bash's own.
+for fd in /proc/$$/fd/*; do fd=${fd##*/}; if ((fd > 2 && fd != 255)); then eval "exec $fd<&-"; fi; done
 here=$(cd "$(dirname "$0")/.." && pwd)
 want_lxd=0
 [[ ${1:-} == --lxd ]] && want_lxd=1

@@ -2,8 +2,11 @@
 # Start a TEST LXD daemon for make test / CI and preseed it (dir pool "default", bridge lxdbr0 with
 # no NAT, default profile with root disk + eth0; HTTPS on 127.0.0.1:8443 only). Idempotent: a second run changes nothing.
 # The daemon starts with tests/functional/stubs first on PATH: its `modprobe` pretends to load
-# vhost_vsock, which LXD insists on before it creates VM records (DESIGN.md §9). Test use only.
+# vhost_vsock, which LXD insists on before it creates VM records (docs/design.md §9). Test use only.
 set -euo pipefail
+# The daemons started here outlive this script: they must not inherit a lock its caller holds open
+# (`flock /tmp/vmhost-functional.lock make run` would then stay locked for every later run). 255 is bash's own.
+for fd in /proc/$$/fd/*; do fd=${fd##*/}; if ((fd > 2 && fd != 255)); then eval "exec $fd<&-"; fi; done
 here=$(cd "$(dirname "$0")/.." && pwd)
 log=${LXD_TEST_LOG:-/tmp/lxd-test-daemon.log}
 

@@ -13,6 +13,7 @@ line, packages with their transient-failure retries) is one Host class over one 
 from __future__ import annotations
 
 import logging
+import math
 import platform
 import re
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 
 from vmhost.model import HugepageSetting, even_split
 from vmhost.parse import HUGEPAGE_SIZES, human_size
+from vmhost.providers.base import with_retries
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ RUN_TIMEOUT = 300  # s, for any one host command (mount, update-grub, systemctl,
 # Waits between in-hook attempts at a step that failed transiently (a held dpkg lock, an unreachable
 # archive or snap store): "retry a small number of times, with short delays" (ops docs, Handle errors).
 RETRY_WAITS = (5.0, 15.0)
+RETRY_BUDGET = math.inf  # attempts are bounded by RETRY_WAITS; see Host._retrying
 
 
 class HostSetupError(Exception):
@@ -225,17 +228,24 @@ class Host:
         return self.root / rel.lstrip("/")
 
     def _retrying(self, step: Callable[[], T], failure: Callable[[Exception], HostSetupError]) -> T:
-        """step(), tried again after each of `retry_waits` while its failure is transient; else the failure."""
-        for wait in (*self.retry_waits, None):
-            try:
-                return step()
-            except Exception as e:
-                err = failure(e)
-                if not err.transient or wait is None:
-                    raise err from e
-                log.warning("%s; trying again in %g s", err, wait)
-                self.sleep(wait)
-        raise AssertionError("unreachable")
+        """step(), tried again after each of `retry_waits` while its failure is transient; else the failure.
+
+        The project's one retry helper (with_retries), with waits of its own: a held dpkg lock or an
+        unreachable store clears in seconds to minutes, not in a daemon's fraction of a second. The
+        attempts are bounded in number, not in time (RETRY_BUDGET): charmlibs-apt runs apt-get with no
+        time limit, so a budget could not cut a hung attempt short anyway.
+        """
+        try:
+            return with_retries(
+                step,
+                lambda error: isinstance(error, Exception) and failure(error).transient,
+                RETRY_BUDGET,
+                waits=self.retry_waits,
+                sleep=self.sleep,
+                before_wait=lambda error, seconds: log.warning("%s; trying again in %g s", failure(error), seconds),
+            )
+        except Exception as error:
+            raise failure(error) from error
 
     # --- virtualisation -------------------------------------------------------------------
 

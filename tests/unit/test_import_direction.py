@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, ...]] = [
     ("vmhost.parse", "vmhost.guest_access"),  # sizes, cpu sets, MAAS strings, SSH keys: total parsers
     ("vmhost.model", "vmhost.cloudinit"),  # the shared data (and the seed built from it)
-    ("vmhost.placement", "vmhost.nic_match"),  # the allocator and its NIC matching: pure
+    ("vmhost.placement",),  # the allocator (a package: usage, capacity, numa, nics, disks): pure
     ("vmhost.relation", "vmhost.relation_policy", "vmhost.relation_assignment"),  # the relation's decide(): pure
     ("vmhost.timeouts", "vmhost.hostlock", "vmhost.providers"),  # hypervisor I/O, its bounds and the host lock
     (  # the use cases over one host

@@ -266,6 +266,22 @@ def test_held_dpkg_lock_is_transient_and_tried_again_with_bounded_waits(tmp_path
     assert apt.added == []
 
 
+def test_a_held_dpkg_lock_that_clears_before_the_last_attempt_is_waited_out(tmp_path, caplog):
+    """The retry really retries: the lock is held for every attempt but the last, and the install succeeds."""
+    apt = FakeApt()
+    apt.add_failures = [apt_lock_error("install")] * len(RETRY_WAITS)
+    waits = []
+    host = Host(root=tmp_path, run=CommandRecorder(), apt=apt, sleep=waits.append)
+    with caplog.at_level("WARNING", logger="vmhost.machine_setup"):
+        assert host.ensure_libvirt() == libvirt_packages()
+    assert apt.added == [libvirt_packages()] and waits == list(RETRY_WAITS)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the dpkg lock is held by process 4242 (unattended-upgr); vm-host tries again on the next hook (wait for "
+        f"that apt run, e.g. unattended-upgrades, to finish); trying again in {wait:g} s"
+        for wait in RETRY_WAITS
+    ]
+
+
 def test_apt_update_failure_is_transient_and_names_the_cause(tmp_path):
     apt = FakeApt()
     apt.update_failures = [apt_update_error()] * 3

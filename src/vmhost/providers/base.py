@@ -11,10 +11,10 @@ import fnmatch
 import logging
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import tenacity
 
@@ -42,18 +42,40 @@ RETRY_ATTEMPTS = 5  # per call, the first included
 RETRY_WAIT = tenacity.wait_exponential(multiplier=0.2, max=2)  # 0.2, 0.4, 0.8, 1.6 s: about 3 s in all
 
 
-def with_retries(fn: Callable[[], T], transient: Callable[[BaseException], bool], budget: float) -> T:
+def with_retries(
+    fn: Callable[[], T],
+    transient: Callable[[BaseException], bool],
+    budget: float,
+    *,
+    waits: Sequence[float] | None = None,
+    sleep: Callable[[float], None] | None = None,
+    before_wait: Callable[[BaseException, float], None] | None = None,
+) -> T:
     """fn(), tried again while `transient(error)` holds (connection refused, LXD 503, libvirt's operation
     timeout): RETRY_ATTEMPTS in all, RETRY_WAIT between, and no new attempt once `budget` s have passed.
     Neither provider counts a call that overran its time limit as transient, so a call with its
-    retries stays bounded too."""
+    retries stays bounded too. The one retry idiom of the project: `waits` gives other waits (then
+    len(waits) + 1 attempts), `sleep` stands in for time.sleep, `before_wait(error, seconds)` is told
+    before each wait."""
+    hooks: dict[str, Any] = {}
+    if sleep is not None:
+        hooks["sleep"] = sleep
+    if before_wait is not None:
+        hooks["before_sleep"] = lambda state: before_wait(state.outcome.exception(), state.next_action.sleep)
+    attempts = RETRY_ATTEMPTS if waits is None else len(waits) + 1
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(transient),
-        stop=tenacity.stop_after_attempt(RETRY_ATTEMPTS) | tenacity.stop_after_delay(budget),
-        wait=RETRY_WAIT,
+        stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(budget),
+        wait=RETRY_WAIT if waits is None else (lambda state: _nth_wait(waits, state.attempt_number)),
         reraise=True,
+        **hooks,
     )
     return retrying(fn)
+
+
+def _nth_wait(waits: Sequence[float], attempt: int) -> float:
+    """The wait after failed attempt `attempt` (tenacity asks after the last one too, before it stops)."""
+    return waits[attempt - 1] if attempt <= len(waits) else 0.0
 
 
 def volume_name(vm: str, label: str, prefix: str = NAME_PREFIX) -> str:

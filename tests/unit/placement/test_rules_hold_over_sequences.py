@@ -1,4 +1,4 @@
-"""Rules 1-5 of DESIGN.md §4 hold after every step of random compose/decompose sequences.
+"""Rules 1-6 of docs/design.md §4 hold after every step of random compose/decompose sequences.
 
 Hosts of 1-16 NUMA nodes with SMT 1-2, hugepages of both sizes, overcommit ratios, reserved cores and
 memory. Every check is made against an oracle written here from the rules, not against
@@ -274,7 +274,7 @@ def test_rules_hold_over_compose_decompose_sequences(data):
 @SETTINGS
 @given(data=st.data())
 def test_a_usage_index_always_agrees_with_counting_from_scratch(data):
-    """The index is updated by name and content: VMs added, removed, changed in place (same name,
+    """Rule 6 (cost): the index is updated by name and content: VMs added, removed, changed in place (same name,
     other resources), re-read as equal new objects, listed in another order, under another policy."""
     host = data.draw(hosts(max_nodes=8))
     policy = data.draw(policies(host))
