@@ -453,7 +453,7 @@ class VmHostCharm(ops.CharmBase):
         with self._session(config) as vmhost:
             removed = vmhost.prune_images(dry_run=params.dry_run)
             kept = [f"{b['pool']}/{b['volume']}" for b in vmhost.images()]
-        return {"removed": json.dumps(removed), "kept": json.dumps(kept), "dry_run": str(params.dry_run).lower()}
+        return {"removed": json.dumps(removed), "kept": json.dumps(kept), "dry-run": str(params.dry_run).lower()}
 
     def _trust_projects(self, config: CharmConfig, action: str, admin: bool) -> tuple[str, ...] | None:
         """vm-host's own LXD project (made if it is not there yet), or None: full access, only when asked."""

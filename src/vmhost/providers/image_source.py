@@ -119,7 +119,7 @@ class ImageServer:
                     return found
         except StreamError as e:
             raise ImageError(str(e)) from None
-        what = "a disk image" if kind == "disk" else "an LXD VM image"
+        what = "disk image" if kind == "disk" else "LXD VM image"
         raise ImageError(
             f"image server {self.url} has no {what} named {image!r} for {self.arch}; an alias is matched against "
             "the products' release, version and aliases"
