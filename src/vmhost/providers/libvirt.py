@@ -392,7 +392,10 @@ class LibvirtProvider:
         owned = [(v.pool, v.volume) for v in [*volumes.values(), *([seed] if seed else [])]]
         self._check_volumes_free(owned)
         # A stream image's base is shared, not this VM's: made (and verified) before the VM, never undone by it.
-        base = self.bases.ensure(self.image_server, stream, a.disks[0].pool, a.disks[0]) if stream else None
+        base = None
+        if stream:
+            with self._errors(f"make the base volume of image {plan.image}"):
+                base = self.bases.ensure(self.image_server, stream, a.disks[0].pool, a.disks[0])
         tx = Transaction()
         with tx.step("resolve SR-IOV VFs"):
             vfs = self._free_vfs([n for n in nics if n.type == "sriov"])
