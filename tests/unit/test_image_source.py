@@ -5,9 +5,11 @@ CLI, the charm config and the prune-images action pass the server on."""
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import threading
 import time
+import xml.etree.ElementTree as ET
 
 import pytest
 from ops import testing
@@ -184,3 +186,57 @@ def test_prune_images_action_passes_dry_run_and_reports_what_it_removed(monkeypa
     assert provider.pruned is True and settings.options["image_server"] == "http://127.0.0.1:8000"
     with pytest.raises(ValueError):
         PruneImagesParams(dry_run=True, force=True)
+
+
+# -- the record of base images (libvirt_images), without a daemon -------------------------------------
+
+
+def test_overlay_volume_xml_names_its_backing_store():
+    from vmhost.providers.libvirt_images import _volume_xml
+
+    xml = ET.fromstring(_volume_xml("vmhost-vm-1-root", 128 * 1024**2, "qcow2", backing=("/p/vmhost-base-ab", "qcow2")))
+    assert xml.findtext("backingStore/path") == "/p/vmhost-base-ab"
+    assert xml.find("backingStore/format").get("type") == "qcow2"
+    assert xml.find("target/format").get("type") == "qcow2" and xml.findtext("capacity") == str(128 * 1024**2)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"[]",
+        b'{"format": "other", "bases": []}',
+        b'{"format": "vmhost-bases:1", "bases": [1]}',
+        b"[" * 10**5,
+    ],
+)
+def test_a_record_of_bases_that_is_not_ours_is_one_sentence(data):
+    from vmhost.providers.base import ProviderError
+    from vmhost.providers.libvirt_images import _decode_registry
+
+    with pytest.raises(ProviderError, match="is not vm-host's record of base images"):
+        _decode_registry(data, "default")
+
+
+def test_the_record_of_bases_reads_back_and_gc_leaves_bases_alone():
+    from vmhost.providers.libvirt_images import BaseRecord, _decode_registry, is_base
+
+    doc = {
+        "format": "vmhost-bases:1",
+        "bases": [
+            {
+                "volume": "vmhost-base-ab",
+                "sha256": "a" * 64,
+                "image": "ubuntu:noble",
+                "server": "https://m",
+                "version": "1",
+                "state": "ready",
+                "extra": 1,
+            }
+        ],
+    }
+    padded = json.dumps(doc).encode().ljust(4096, b" ")
+    assert _decode_registry(padded, "default") == [
+        BaseRecord("vmhost-base-ab", "a" * 64, "ubuntu:noble", "https://m", "1", state="ready")
+    ]
+    assert is_base("vmhost-base-ab") and is_base("vmhost-bases.json") and not is_base("vmhost-vm-1-root")
