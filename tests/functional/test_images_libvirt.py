@@ -170,7 +170,9 @@ def test_dead_server_unknown_name_and_small_root_are_refused_and_leave_nothing(
         p = provider(index.url)
         with pytest.raises(ProviderError, match="has no disk image named 'ubuntu:jammy' for amd64"):
             p.compose(ComposePlan(_alloc(name, pool), boot="image", image="ubuntu:jammy"))
-        with pytest.raises(ProviderError, match=r"disk root is 16 MiB but image ubuntu:noble needs 64 MiB"):
+        with pytest.raises(
+            ProviderError, match=r"disk root is 16M but image ubuntu:noble needs 64M; give root:64M or more"
+        ):
             p.compose(ComposePlan(_alloc(name, pool, root=16 * M), boot="image", image="ubuntu:noble"))
         assert index.downloads("disk1.img") == 1  # stopped at the header: nothing written
     assert _volumes(pool) == set()
