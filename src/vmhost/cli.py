@@ -18,7 +18,7 @@ from vmhost.providers.base import ProviderError
 from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, vm_line
 from vmhost.service import STOP_WAIT, HostLockBusy, VmHost
-from vmhost.simplestreams import DEFAULT_IMAGE_SERVER
+from vmhost.simplestreams import DEFAULT_IMAGE_SERVER, is_stream_name
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
     DEFAULT_CALL_TIMEOUT,
@@ -234,8 +234,9 @@ def run(args: argparse.Namespace) -> int:
                 _emit(args, alloc.to_dict(), f"would compose {alloc.name}: {json.dumps(alloc.to_dict())}")
                 return 0
             # A path typed at the shell is the operator's own: make it absolute; bare names are looked up
-            # in the image directory by the provider.
-            image = os.path.abspath(args.image) if args.image and "/" in args.image else args.image
+            # in the image directory by the provider, stream names (<os>:<alias>) on the image server.
+            path = args.image and "/" in args.image and not is_stream_name(args.image)
+            image = os.path.abspath(args.image) if path else args.image
             vm = host.compose(
                 request,
                 start=args.start,

@@ -143,6 +143,25 @@ def test_cli_passes_the_image_server_from_its_flag_or_the_environment(monkeypatc
     assert "no base images" in out and "nothing to prune" in out
 
 
+@pytest.mark.parametrize(
+    ("given", "passed"),
+    [
+        ("ubuntu:24.04", "ubuntu:24.04"),
+        ("ubuntu:no/ble", "ubuntu:no/ble"),
+        ("imgs/noble.qcow2", None),
+        ("noble", "noble"),
+    ],
+)
+def test_cli_leaves_stream_names_alone_and_makes_paths_absolute(monkeypatch, tmp_path, given, passed):
+    monkeypatch.chdir(tmp_path)
+    provider = FakeProvider()
+    monkeypatch.setattr(cli, "make_provider", lambda s: provider)
+    monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "lock"))
+    argv = ["compose", "--memory", "128M", "--storage", "root:1", "--boot", "image", "--image", given]
+    assert cli.main(argv) == 0
+    assert provider.composed[0].image == (passed or str(tmp_path / given))
+
+
 def test_cli_refuses_a_bad_image_server_in_one_line(capsys):
     assert cli.main(["images", "list", "--backend", "libvirt", "--image-server", "ftp://x"]) == 1
     err = capsys.readouterr().err

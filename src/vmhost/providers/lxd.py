@@ -323,11 +323,11 @@ class LxdProvider:
             raise
 
     def images(self) -> list[dict]:
-        """LXD keeps pulled images in its own cache (expired after images.remote_cache_expiry days unused)."""
+        """LXD keeps pulled images in its own image store, of which vm-host keeps no record (design §12)."""
         return []
 
     def prune_images(self, dry_run: bool = False) -> list[str]:
-        """Nothing of vm-host's to prune: LXD removes the cached images it pulled itself."""
+        """Nothing vm-host can prove is its own: LXD's image store is the operator's (`lxc image delete`)."""
         return []
 
     def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
