@@ -89,7 +89,7 @@ class ImageServer:
                 while True:
                     if time.monotonic() > deadline:
                         raise ImageError(f"image server {self.url} took too long to send {path}")
-                    chunk = resp.read(CHUNK)
+                    chunk = resp.read1(CHUNK)  # one network read: the deadline is checked between reads
                     if not chunk:
                         return total
                     total += len(chunk)
