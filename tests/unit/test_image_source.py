@@ -211,9 +211,9 @@ def test_prune_images_action_passes_dry_run_and_reports_what_it_removed(monkeypa
 
 
 def test_overlay_volume_xml_names_its_backing_store():
-    from vmhost.providers.libvirt_images import _volume_xml
+    from vmhost.providers.libvirt_images import volume_xml
 
-    xml = ET.fromstring(_volume_xml("vmhost-vm-1-root", 128 * 1024**2, "qcow2", backing=("/p/vmhost-base-ab", "qcow2")))
+    xml = ET.fromstring(volume_xml("vmhost-vm-1-root", 128 * 1024**2, "qcow2", backing=("/p/vmhost-base-ab", "qcow2")))
     assert xml.findtext("backingStore/path") == "/p/vmhost-base-ab"
     assert xml.find("backingStore/format").get("type") == "qcow2"
     assert xml.find("target/format").get("type") == "qcow2" and xml.findtext("capacity") == str(128 * 1024**2)

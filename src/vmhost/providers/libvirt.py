@@ -59,7 +59,8 @@ from vmhost.providers.base import (
 )
 from vmhost.providers.image_source import ImageServer
 from vmhost.providers.libvirt_discovery import cell_hugepages, is_remote, remote_nics
-from vmhost.providers.libvirt_images import Bases, check_root_fits, is_base
+from vmhost.providers.libvirt_images import FILE_POOLS, Bases, check_root_fits, is_base
+from vmhost.providers.libvirt_images import volume_xml as _volume_xml
 from vmhost.providers.libvirt_xml import (
     METADATA_NS,
     METADATA_PREFIX,
@@ -90,8 +91,6 @@ DEFAULT_URI = "qemu:///system"
 # Where images named by a bare name are looked up (the charm's libvirt-image-dir option).
 DEFAULT_IMAGE_DIR = "/var/lib/vmhost/images"
 IMAGE_SUFFIXES = ("", ".qcow2", ".img", ".raw")
-# Pools whose volumes are files: qcow2 there (thin, snapshot-able); raw everywhere else (LVM, disk, RBD, iSCSI).
-FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 _SYSFS_NET = Path("/sys/class/net")
 _SYSFS_NODES = Path("/sys/devices/system/node")
 _PAGE_DIR_SIZES = {f"hugepages-{b // 1024}kB": label for label, b in HUGEPAGE_SIZES.items()}
@@ -917,15 +916,6 @@ def resolve_image(image: str, image_dir: str | Path) -> str:
             return str(path)
     tried = ", ".join(f"{image}{s}" for s in IMAGE_SUFFIXES)
     raise ProviderError(f"no image named {image!r} in {image_dir} (looked for {tried}); put the image there")
-
-
-def _volume_xml(name: str, capacity: int, fmt: str) -> str:
-    """A storage volume definition; ElementTree escapes what the name carries."""
-    vol = ET.Element("volume")
-    ET.SubElement(vol, "name").text = name
-    ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
-    return ET.tostring(vol, encoding="unicode")
 
 
 def _check_root_holds_image(root: DiskAllocation, image: str) -> None:

@@ -40,6 +40,7 @@ REGISTRY = f"{NAME_PREFIX}bases.json"
 REGISTRY_FORMAT = "vmhost-bases:1"
 REGISTRY_SIZE = 256 * 1024  # bytes: the record volume's fixed size (JSON, padded with spaces)
 REGISTRY_MAX = 512  # bases recorded per pool
+# Pools whose volumes are files: qcow2 there (thin, snapshot-able, overlays); raw everywhere else (LVM, disk, RBD, iSCSI).
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 DOWNLOADING, READY = "downloading", "ready"
 QCOW2_MAGIC = b"QFI\xfb"
@@ -76,7 +77,9 @@ def _code(e: BaseException) -> int | None:
     return e.get_error_code() if libvirt is not None and isinstance(e, libvirt.libvirtError) else None
 
 
-def _volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
+def volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
+    """A storage volume definition (with `backing` (path, format): a copy-on-write overlay on it);
+    ElementTree escapes what the name carries."""
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
@@ -150,7 +153,7 @@ class Bases:
         if len(data) > REGISTRY_SIZE:
             raise ProviderError(f"the record of base images in pool {pool.name()!r} is full; run vmhost images prune")
         if vol is None:
-            vol = self.p._call(pool.createXML, _volume_xml(REGISTRY, REGISTRY_SIZE, "raw"), 0)
+            vol = self.p._call(pool.createXML, volume_xml(REGISTRY, REGISTRY_SIZE, "raw"), 0)
         with tempfile.TemporaryDirectory(prefix="vmhost-bases-") as tmp:
             path = Path(tmp) / "bases.json"
             path.write_bytes(data.ljust(REGISTRY_SIZE, b" "))
@@ -216,7 +219,7 @@ class Bases:
                 virtual = int.from_bytes(head[24:32], "big") if qcow2 else f.size
                 check_root_fits(root, virtual, str(image.name))
                 state["format"] = "qcow2" if qcow2 else "raw"
-                vol = self.p._call(pool.createXML, _volume_xml(name, virtual, state["format"]), 0)
+                vol = self.p._call(pool.createXML, volume_xml(name, virtual, state["format"]), 0)
                 stream = self.p.conn.newStream(0)
                 vol.upload(stream, 0, f.size, 0)
                 state["stream"] = stream
@@ -240,7 +243,7 @@ class Bases:
     def overlay(self, pool_name: str, name: str, size: int, base: tuple[str, str]):
         """A qcow2 volume `name` of `size` bytes whose backing store is the base (path, format)."""
         pool = self.p._pool(pool_name)
-        return self.p._call(pool.createXML, _volume_xml(name, size, "qcow2", backing=base), 0)
+        return self.p._call(pool.createXML, volume_xml(name, size, "qcow2", backing=base), 0)
 
     # -- listing and pruning ------------------------------------------------------------------------
 
@@ -309,4 +312,4 @@ class Bases:
         return removed
 
 
-__all__ = ["BASE_PREFIX", "REGISTRY", "Bases", "check_root_fits", "is_base"]
+__all__ = ["BASE_PREFIX", "FILE_POOLS", "REGISTRY", "Bases", "check_root_fits", "is_base", "volume_xml"]
