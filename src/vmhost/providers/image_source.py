@@ -14,7 +14,6 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from pathlib import Path
 
 from vmhost.providers.base import ProviderError
 from vmhost.simplestreams import (
@@ -38,6 +37,7 @@ from vmhost.timeouts import IMAGE_TIMEOUT
 HTTP_TIMEOUT = 30.0  # s: connecting, or waiting for the next bytes of a body
 DOCUMENT_TIMEOUT = 120.0  # s: one whole index or products document
 CHUNK = 1024**2
+CERT_MAX = 64 * 1024  # characters of a PEM certificate handed to LXD
 # Python's machine names -> simplestreams' (Debian) architecture names.
 ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x", "riscv64": "riscv64"}
 
@@ -68,7 +68,10 @@ class ImageServer:
 
     def certificate(self) -> str | None:
         """The PEM text of `cafile` (LXD's pull source takes it to trust a self-signed server)."""
-        return Path(self.cafile).read_text() if self.cafile else None
+        if not self.cafile:
+            return None
+        with open(self.cafile, encoding="ascii", errors="replace") as fh:
+            return fh.read(CERT_MAX)
 
     def _open(self, path: str):
         url = server_url(self.url, path)
