@@ -192,3 +192,25 @@ def test_a_volume_named_like_a_base_that_no_record_names_is_neither_used_nor_rem
         assert p.prune_images() == []
     assert _volumes(pool) == {foreign}
     assert REGISTRY not in _volumes(pool)
+
+
+def test_a_download_a_crash_cut_short_is_replaced_by_the_next_compose(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    from vmhost.providers.libvirt_images import BaseRecord
+
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    sha = sha256_of(qcow2)
+    name = BASE_PREFIX + sha[:32]
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        # As a kill -9 mid-download leaves it: the record says downloading, the volume holds a part.
+        p.bases._write(p._pool(pool.name()), [BaseRecord(name, sha, "ubuntu:noble", index.url, "20250101")])
+        pool.createXML(f"<volume><name>{name}</name><capacity>1048576</capacity></volume>", 0)
+        vm = vm_names("img")
+        p.compose(ComposePlan(_alloc(vm, pool), boot="image", image="ubuntu:noble"))
+        assert index.downloads("disk1.img") == 1
+        assert sha256_of(Path(pool.storageVolLookupByName(name).path())) == sha
+        assert [b["state"] for b in p.images() if b["pool"] == pool.name()] == ["ready"]
+        p.decompose(vm)
+        assert p.prune_images() == [f"{pool.name()}/{name}"]
