@@ -29,6 +29,7 @@ from charm_config import (
     ComposeParams,
     ListVmsParams,
     NameParams,
+    PruneImagesParams,
     StopVmParams,
     error_message,
     vm_results,
@@ -106,6 +107,7 @@ class VmHostCharm(ops.CharmBase):
         framework.observe(on.start_vm_action, self._on_start_vm)
         framework.observe(on.stop_vm_action, self._on_stop_vm)
         framework.observe(on.refresh_action, self._on_refresh)
+        framework.observe(on.prune_images_action, self._on_prune_images)
         framework.observe(on.add_trusted_client_action, self._on_add_trusted_client)
         framework.observe(on.get_client_token_action, self._on_get_client_token)
         framework.observe(on.secret_expired, self._on_secret_expired)  # only join-token secrets are ours
@@ -131,7 +133,9 @@ class VmHostCharm(ops.CharmBase):
     def _vmhost(self, config: CharmConfig) -> VmHost:
         """The one place a VmHost is built: provider from config, policy from config."""
         uri = config.libvirt_uri if config.backend == "libvirt" else None
-        options = {"image_dir": config.libvirt_image_dir} if config.backend == "libvirt" else {}
+        options: dict[str, object] = {"image_server": config.image_server}
+        if config.backend == "libvirt":
+            options["image_dir"] = config.libvirt_image_dir
         provider = make_provider(ProviderSettings(config.backend, uri, config.hypervisor_timeout, options))
         return VmHost(provider, config.policy(), space_bridges=config.space_bridges)
 
@@ -383,6 +387,9 @@ class VmHostCharm(ops.CharmBase):
     def _on_refresh(self, event: ops.ActionEvent) -> None:
         self._run_action(event, None, self._refresh)
 
+    def _on_prune_images(self, event: ops.ActionEvent) -> None:
+        self._run_action(event, PruneImagesParams, self._prune_images)
+
     def _on_add_trusted_client(self, event: ops.ActionEvent) -> None:
         self._run_action(event, AddTrustedClientParams, self._add_trusted_client)
 
@@ -441,6 +448,12 @@ class VmHostCharm(ops.CharmBase):
             raise ActionFailed(self._problem.message)
         summary = self._summary(config)
         return {"removed": json.dumps(removed), "summary": summary.message}
+
+    def _prune_images(self, event: ops.ActionEvent, params: PruneImagesParams, config: CharmConfig) -> dict[str, str]:
+        with self._session(config) as vmhost:
+            removed = vmhost.prune_images(dry_run=params.dry_run)
+            kept = [f"{b['pool']}/{b['volume']}" for b in vmhost.images()]
+        return {"removed": json.dumps(removed), "kept": json.dumps(kept), "dry-run": str(params.dry_run).lower()}
 
     def _trust_projects(self, config: CharmConfig, action: str, admin: bool) -> tuple[str, ...] | None:
         """vm-host's own LXD project (made if it is not there yet), or None: full access, only when asked."""

@@ -36,6 +36,7 @@ from vmhost.parse import (
     parse_vm_name,
 )
 from vmhost.relation_policy import DEFAULT_RELATION_IMAGE, Binding, RelationSettings
+from vmhost.simplestreams import DEFAULT_IMAGE_SERVER, StreamError, check_server
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, seconds
 
 __all__ = [
@@ -143,6 +144,7 @@ class CharmConfig(BaseModel):
     relation_image: str = DEFAULT_RELATION_IMAGE
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
+    image_server: str = DEFAULT_IMAGE_SERVER
     metrics_address: str = "127.0.0.1:9477"
     hypervisor_timeout: float = DEFAULT_CALL_TIMEOUT
 
@@ -175,6 +177,14 @@ class CharmConfig(BaseModel):
             except ParseError as e:
                 raise ValueError(str(e)) from None
         return v
+
+    @field_validator("image_server")
+    @classmethod
+    def _image_server(cls, v: str) -> str:
+        try:
+            return check_server(v)
+        except StreamError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("libvirt_image_dir")
     @classmethod
@@ -359,6 +369,14 @@ class NameParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: Text = Field(min_length=1)
+
+
+class PruneImagesParams(BaseModel):
+    """prune-images: remove the base images no VM uses (dry_run: only say which)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    dry_run: bool = False
 
 
 class StopVmParams(NameParams):

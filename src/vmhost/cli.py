@@ -18,6 +18,7 @@ from vmhost.providers.base import ProviderError
 from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, vm_line
 from vmhost.service import STOP_WAIT, HostLockBusy, VmHost
+from vmhost.simplestreams import DEFAULT_IMAGE_SERVER, is_stream_name
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
     DEFAULT_CALL_TIMEOUT,
@@ -47,6 +48,16 @@ def _common() -> argparse.ArgumentParser:
         help="e.g. 2G (a bare number is MiB)",
     )
     p.add_argument("--default-storage-pool", default=os.environ.get("VMHOST_DEFAULT_POOL"))
+    p.add_argument(
+        "--image-server",
+        default=os.environ.get("VMHOST_IMAGE_SERVER"),
+        help=f"simplestreams server for <os>:<alias> images (env VMHOST_IMAGE_SERVER; default {DEFAULT_IMAGE_SERVER})",
+    )
+    p.add_argument(
+        "--image-server-cert",
+        default=os.environ.get("VMHOST_IMAGE_SERVER_CERT"),
+        help="PEM certificate to trust for an https image server of your own (env VMHOST_IMAGE_SERVER_CERT)",
+    )
     p.add_argument(
         "--timeout",
         metavar="SECONDS",
@@ -96,7 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pool", help="resource pool this VM belongs to")
     c.add_argument("--start", action="store_true", help="start the VM once composed")
     c.add_argument("--boot", default="network", choices=BOOT_MODES)
-    c.add_argument("--image", help="image path (libvirt) or alias (LXD) for --boot image")
+    c.add_argument(
+        "--image",
+        help="for --boot image: <os>:<alias> from the image server (ubuntu:24.04), or a local image path or "
+        "name (libvirt) or alias (LXD)",
+    )
     c.add_argument("--dry-run", action="store_true", help="print the placement, create nothing")
     d = sub.add_parser("decompose", parents=[common], help="delete a VM and its volumes")
     d.add_argument("name")
@@ -114,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds to wait for the guest to shut down (0-3600, default {STOP_WAIT:g}); still running after it is an error",
     )
     sub.add_parser("gc", parents=[common], help="remove what a crashed compose left behind")
+    im = sub.add_parser("images", help="base images kept for <os>:<alias> images")
+    im_sub = im.add_subparsers(dest="images_command", required=True)
+    im_sub.add_parser("list", parents=[common], help="base images and the volumes or VMs using each")
+    pr = im_sub.add_parser("prune", parents=[common], help="remove the base images no VM uses")
+    pr.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     sv = sub.add_parser("serve", parents=[common], help="serve /metrics, a live page and /api/resources (read-only)")
     sv.add_argument(
         "--listen",
@@ -169,6 +189,10 @@ def _host(args: argparse.Namespace) -> VmHost:
             options["project"] = args.project
         if args.server_cert:
             options["verify"] = args.server_cert
+    if args.image_server:
+        options["image_server"] = args.image_server
+    if args.image_server_cert:
+        options["image_server_cert"] = args.image_server_cert
     policy = _policy(args)  # before connecting: a bad value is refused without touching the hypervisor
     provider = make_provider(ProviderSettings(args.backend, uri=args.uri, timeout=timeout, options=options))
     return VmHost(provider, policy, lock_timeout=lock_timeout)
@@ -210,8 +234,9 @@ def run(args: argparse.Namespace) -> int:
                 _emit(args, alloc.to_dict(), f"would compose {alloc.name}: {json.dumps(alloc.to_dict())}")
                 return 0
             # A path typed at the shell is the operator's own: make it absolute; bare names are looked up
-            # in the image directory by the provider.
-            image = os.path.abspath(args.image) if args.image and "/" in args.image else args.image
+            # in the image directory by the provider, stream names (<os>:<alias>) on the image server.
+            path = args.image and "/" in args.image and not is_stream_name(args.image)
+            image = os.path.abspath(args.image) if path else args.image
             vm = host.compose(
                 request,
                 start=args.start,
@@ -237,9 +262,29 @@ def run(args: argparse.Namespace) -> int:
             logging.basicConfig(level=logging.INFO, format="vmhost: %(message)s", stream=sys.stderr)
             removed = host.gc()
             _emit(args, {"removed": removed}, "\n".join(f"removed {r}" for r in removed) or "nothing to remove")
+        elif args.command == "images":
+            _images(args, host)
     finally:
         host.provider.close()
     return 0
+
+
+def _images(args: argparse.Namespace, host: VmHost) -> None:
+    if args.images_command == "list":
+        bases = host.images()
+        lines = [
+            f"{b['pool']}/{b['volume']} {b['image']} {b['version']} {b['state']} used by {len(b['used_by'])}"
+            for b in bases
+        ]
+        _emit(args, bases, "\n".join(lines) or "no base images")
+        return
+    removed = host.prune_images(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    _emit(
+        args,
+        {"removed": removed, "dry_run": args.dry_run},
+        "\n".join(f"{verb} {r}" for r in removed) or "nothing to prune",
+    )
 
 
 def _hint(e: BaseException) -> str:

@@ -234,6 +234,17 @@ class VmHost:
                 log.warning("gc could not confine floating VMs to the shared threads: %s", e)
             return removed
 
+    def images(self) -> list[dict]:
+        """The base images the provider keeps for stream images (libvirt; LXD caches its own)."""
+        return self.provider.images() if hasattr(self.provider, "images") else []
+
+    def prune_images(self, dry_run: bool = False) -> list[str]:
+        """Remove the base images no VM uses, under the host lock (no compose is making one meanwhile)."""
+        if not hasattr(self.provider, "prune_images"):
+            return []
+        with self._locked():
+            return self.provider.prune_images(dry_run)
+
     def resources(self) -> dict:
         """Per NUMA node and host-wide capacity and use, as JSON-ready data."""
         host = self.topology()

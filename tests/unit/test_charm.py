@@ -811,4 +811,4 @@ def test_every_action_runs_through_the_one_helper():
     assert failing == {"_run_action"}
     actions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.startswith("_on_")]
     through = {f.name for f in actions if "_run_action" in ast.unparse(f)}
-    assert len(through) == 9  # compose, decompose, list-vms, resources, start/stop-vm, refresh, trust, token
+    assert len(through) == 10  # compose, decompose, list-vms, resources, start/stop-vm, refresh, prune, trust, token

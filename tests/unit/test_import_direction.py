@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # The layer order, lowest first. A name covers the module and, for a package, everything in it.
 LAYERS: list[tuple[str, ...]] = [
-    ("vmhost.parse", "vmhost.guest_access"),  # sizes, cpu sets, MAAS strings, SSH keys: total parsers
+    # sizes, cpu sets, MAAS strings, SSH keys, image names: total parsers, no project imports
+    ("vmhost.parse", "vmhost.guest_access", "vmhost.simplestreams"),
     ("vmhost.model", "vmhost.cloudinit"),  # the shared data (and the seed built from it)
     ("vmhost.placement",),  # the allocator (a package: usage, capacity, numa, nics, disks): pure
     ("vmhost.relation", "vmhost.relation_policy", "vmhost.relation_assignment"),  # the relation's decide(): pure

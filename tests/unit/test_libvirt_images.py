@@ -19,6 +19,7 @@ from vmhost.parse import ParseError, parse_vm_name
 from vmhost.providers.base import ProviderError
 from vmhost.providers.libvirt import DEFAULT_IMAGE_DIR, LibvirtProvider, _volume_xml, resolve_image
 from vmhost.providers.lxd import LxdProvider
+from vmhost.simplestreams import DEFAULT_IMAGE_SERVER
 
 M = 1024**2
 
@@ -150,10 +151,18 @@ def test_charm_passes_its_image_directory_to_the_libvirt_provider(monkeypatch):
     ctx = charm_context()
     config = {"backend": "libvirt", "libvirt-image-dir": "/srv/images"}
     ctx.run(ctx.on.action("list-vms"), testing.State(config=config))
-    assert made and all(m == ("libvirt", "qemu:///system", {"image_dir": "/srv/images", "timeout": 30.0}) for m in made)
+    assert made and all(
+        m
+        == (
+            "libvirt",
+            "qemu:///system",
+            {"image_dir": "/srv/images", "image_server": DEFAULT_IMAGE_SERVER, "timeout": 30.0},
+        )
+        for m in made
+    )
     made.clear()
     ctx.run(ctx.on.action("list-vms"), testing.State(config={"backend": "libvirt"}))
-    assert made[0][2] == {"image_dir": DEFAULT_IMAGE_DIR, "timeout": 30.0}
+    assert made[0][2] == {"image_dir": DEFAULT_IMAGE_DIR, "image_server": DEFAULT_IMAGE_SERVER, "timeout": 30.0}
 
 
 class _Dom:

@@ -88,8 +88,8 @@ def test_an_unknown_backend_names_what_is_installed():
 @pytest.mark.parametrize(
     ("backend", "options", "takes"),
     [
-        ("libvirt", {"imagedir": "/srv"}, "image_dir"),
-        ("lxd", {"image_dir": "/srv"}, "cert, profile, project, verify"),
+        ("libvirt", {"imagedir": "/srv"}, "image_dir, image_server, image_server_cert"),
+        ("lxd", {"image_dir": "/srv"}, "cert, image_server, image_server_cert, profile, project, verify"),
     ],
 )
 def test_an_option_the_provider_does_not_take_is_refused(backend, options, takes):

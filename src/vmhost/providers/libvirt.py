@@ -39,7 +39,7 @@ from vmhost.model import (
     StoragePool,
     VmInfo,
 )
-from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, format_size, human_size, parse_cpuset
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, parse_cpuset
 from vmhost.providers.base import (
     NAME_PREFIX,
     QEMU_OUI,
@@ -57,7 +57,10 @@ from vmhost.providers.base import (
     volume_name,
     with_retries,
 )
+from vmhost.providers.image_source import ImageServer
 from vmhost.providers.libvirt_discovery import cell_hugepages, is_remote, remote_nics
+from vmhost.providers.libvirt_images import FILE_POOLS, Bases, check_root_fits, is_base
+from vmhost.providers.libvirt_images import volume_xml as _volume_xml
 from vmhost.providers.libvirt_xml import (
     METADATA_NS,
     METADATA_PREFIX,
@@ -69,6 +72,7 @@ from vmhost.providers.libvirt_xml import (
     read_record,
     record_element,
 )
+from vmhost.simplestreams import StreamImage, is_stream_name
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, OPERATION_TIMEOUT, BoundedRunner, HypervisorTimeout
 
 try:
@@ -87,8 +91,6 @@ DEFAULT_URI = "qemu:///system"
 # Where images named by a bare name are looked up (the charm's libvirt-image-dir option).
 DEFAULT_IMAGE_DIR = "/var/lib/vmhost/images"
 IMAGE_SUFFIXES = ("", ".qcow2", ".img", ".raw")
-# Pools whose volumes are files: qcow2 there (thin, snapshot-able); raw everywhere else (LVM, disk, RBD, iSCSI).
-FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 _SYSFS_NET = Path("/sys/class/net")
 _SYSFS_NODES = Path("/sys/devices/system/node")
 _PAGE_DIR_SIZES = {f"hugepages-{b // 1024}kB": label for label, b in HUGEPAGE_SIZES.items()}
@@ -195,9 +197,13 @@ class LibvirtProvider:
         uri: str | None = None,
         image_dir: str | None = None,
         timeout: float = DEFAULT_CALL_TIMEOUT,
+        image_server: str | None = None,
+        image_server_cert: str | None = None,
     ):
         self.uri = uri or DEFAULT_URI
         self.image_dir = image_dir or DEFAULT_IMAGE_DIR
+        self.image_server = ImageServer(image_server, cafile=image_server_cert)  # checked now: one sentence if bad
+        self.bases = Bases(self)
         self.timeout = float(timeout)
         self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
@@ -356,7 +362,12 @@ class LibvirtProvider:
         check_plan(plan)
         if plan.boot == "image" and not (plan.image and a.disks):
             raise ProviderError("boot=image needs an image and a root disk; give both or use boot=network")
-        if plan.image:
+        stream: StreamImage | None = None
+        if plan.image and is_stream_name(plan.image):
+            if not a.disks:
+                raise ProviderError(f"image {plan.image} needs a root disk to be copied onto; give storage")
+            stream = self.image_server.resolve(plan.image, "disk")  # before anything is made
+        elif plan.image:
             plan = replace(plan, image=resolve_image(plan.image, self.image_dir))
             if a.disks:
                 _check_root_holds_image(a.disks[0], plan.image)
@@ -372,13 +383,18 @@ class LibvirtProvider:
         volumes: dict[str, VolumeRef] = {}
         sizes: dict[str, tuple[int, int]] = {}  # label -> (capacity at creation, size to grow to)
         for i, disk in enumerate(a.disks):
-            image = plan.image if i == 0 and plan.image else None
+            image = plan.image if i == 0 and plan.image and not stream else None
             fmt, capacity = self._volume_format(disk.pool, disk.size, image)
             volumes[disk.label] = VolumeRef(disk.pool, volume_name(a.name, disk.label), fmt)
             sizes[disk.label] = (capacity, disk.size)
         seed = VolumeRef(self._seed_pool(a), volume_name(a.name, SEED_LABEL), "raw") if plan.cloud_init else None
         owned = [(v.pool, v.volume) for v in [*volumes.values(), *([seed] if seed else [])]]
         self._check_volumes_free(owned)
+        # A stream image's base is shared, not this VM's: made (and verified) before the VM, never undone by it.
+        base = None
+        if stream:
+            with self._errors(f"make the base volume of image {plan.image}"):
+                base = self.bases.ensure(self.image_server, stream, a.disks[0].pool, a.disks[0])
         tx = Transaction()
         with tx.step("resolve SR-IOV VFs"):
             vfs = self._free_vfs([n for n in nics if n.type == "sriov"])
@@ -399,6 +415,10 @@ class LibvirtProvider:
             tx.on_undo("undefine domain", lambda: _undefine(dom) if not tx.undo_failures else None)
         for i, disk in enumerate(a.disks):
             with tx.step(f"create volume {disk.label} in pool {disk.pool}"):
+                if i == 0 and base:
+                    vol = self.bases.overlay(disk.pool, volumes[disk.label].volume, disk.size, base)
+                    tx.on_undo(f"delete volume {volumes[disk.label].volume}", vol.delete)
+                    continue
                 image = plan.image if i == 0 and plan.image else None
                 self._create_volume(tx, volumes[disk.label], *sizes[disk.label], image)
         if seed:
@@ -729,6 +749,16 @@ class LibvirtProvider:
         self._log_unrecorded(recorded)
         return removed
 
+    def images(self) -> list[dict]:
+        """The base images vm-host keeps (libvirt_images), with what uses each."""
+        with self._errors("list base images"):
+            return self.bases.listing()
+
+    def prune_images(self, dry_run: bool = False) -> list[str]:
+        """Remove the base images no volume or domain uses; returns pool/volume of each."""
+        with self._errors("prune base images"):
+            return self.bases.prune(dry_run)
+
     def _log_unrecorded(self, recorded: set[tuple[str, str]]) -> None:
         """Log volumes named like ours that no record names: gc keeps them (it cannot prove they are ours)."""
         try:
@@ -743,7 +773,7 @@ class LibvirtProvider:
                 log.info("gc skipped pool %s: %s", pool.name(), _msg(e))
                 continue
             for vname in names:
-                if vname.startswith(NAME_PREFIX) and (pool.name(), vname) not in recorded:
+                if vname.startswith(NAME_PREFIX) and (pool.name(), vname) not in recorded and not is_base(vname):
                     log.info(
                         "gc kept volume %s/%s: no vm-host VM records it, so it is not provably ours", pool.name(), vname
                     )
@@ -888,24 +918,10 @@ def resolve_image(image: str, image_dir: str | Path) -> str:
     raise ProviderError(f"no image named {image!r} in {image_dir} (looked for {tried}); put the image there")
 
 
-def _volume_xml(name: str, capacity: int, fmt: str) -> str:
-    """A storage volume definition; ElementTree escapes what the name carries."""
-    vol = ET.Element("volume")
-    ET.SubElement(vol, "name").text = name
-    ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
-    return ET.tostring(vol, encoding="unicode")
-
-
 def _check_root_holds_image(root: DiskAllocation, image: str) -> None:
     """A root disk smaller than its image is refused: the volume would be the image's size while the
     allocation (and every pool count made from it) said less."""
-    virtual = _image_format(image)[1]
-    if root.size < virtual:
-        raise ProviderError(
-            f"disk {root.label} is {human_size(root.size)} but image {image} needs {human_size(virtual)}; "
-            f"give {root.label}:{format_size(-(-virtual // 1024**2) * 1024**2)} or more"
-        )
+    check_root_fits(root, _image_format(image)[1], image)
 
 
 def _image_format(path: str) -> tuple[str, int]:

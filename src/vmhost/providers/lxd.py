@@ -46,6 +46,8 @@ from vmhost.providers.base import (
     random_mac,
     with_retries,
 )
+from vmhost.providers.image_source import ImageServer
+from vmhost.simplestreams import is_stream_name
 from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
@@ -106,7 +108,10 @@ class LxdProvider:
         cert: tuple[str, str] | None = None,
         verify: bool | str = True,
         timeout: float = DEFAULT_CALL_TIMEOUT,
+        image_server: str | None = None,
+        image_server_cert: str | None = None,
     ):
+        self.image_server = ImageServer(image_server, cafile=image_server_cert)  # checked now: one sentence if bad
         if uri is not None and not (uri.startswith("https://") or uri.startswith("/")):
             raise ProviderError(f"LXD uri {uri!r} is not usable; give https://host:8443 or a unix socket path")
         if uri is not None and uri.startswith("https://") and cert is None:
@@ -316,6 +321,14 @@ class LxdProvider:
             if e.status == 404:
                 return False
             raise
+
+    def images(self) -> list[dict]:
+        """LXD keeps pulled images in its own image store, of which vm-host keeps no record (design §12)."""
+        return []
+
+    def prune_images(self, dry_run: bool = False) -> list[str]:
+        """Nothing vm-host can prove is its own: LXD's image store is the operator's (`lxc image delete`)."""
+        return []
 
     def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         """Nothing: LXD cannot keep a floating VM to a thread set without fixing its vCPU count (see
@@ -598,6 +611,11 @@ class LxdProvider:
                 profile_devices=None if cfg.keeps_profile_nics(a) else self._chosen_profile_devices(),
                 uuid=str(uuid_mod.uuid4()),
             )
+            if plan.image and plan.boot == "image" and is_stream_name(plan.image):
+                # Resolved here by vm-host's own name rule (one sentence for an unknown name), pulled by LXD.
+                found = self.image_server.resolve(plan.image, "lxd")
+                cert = self.image_server.certificate()
+                body["source"] = cfg.pull_source(self.image_server.url, found.fingerprint, cert)
         except ValueError as e:
             raise ProviderError(str(e)) from e
         if a.hugepages is not None:

@@ -238,6 +238,19 @@ def instance_body(
     }
 
 
+def pull_source(server: str, fingerprint: str, certificate: str | None = None) -> dict[str, str]:
+    """The instance source that has LXD pull a stream image itself (simplestreams, by the fingerprint vm-host
+    resolved the name to, so LXD makes exactly the image vm-host's name rule chose). LXD pulls over https
+    only; `certificate` pins a private server's own (self-signed) certificate."""
+    if not server.startswith("https://"):
+        raise ValueError(f"LXD pulls images over https only; image server {server} is not https")
+    source = {"type": "image", "mode": "pull", "server": server, "protocol": "simplestreams"}
+    source["fingerprint"] = fingerprint
+    if certificate:
+        source["certificate"] = certificate
+    return source
+
+
 def owned(config: Mapping[str, Any]) -> bool:
     """Whether an instance's own (unexpanded) config proves vm-host made it: our record, bound to the
     instance's own volatile.uuid."""

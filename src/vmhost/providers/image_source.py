@@ -1,0 +1,150 @@
+"""An image server (simplestreams over http(s)): resolve a stream name, and download a file verified.
+
+Every request has a time limit on each network wait (HTTP_TIMEOUT) and on the whole (documents:
+DOCUMENT_TIMEOUT, an image: IMAGE_TIMEOUT), and every body a size ceiling (vmhost.simplestreams); what
+goes wrong is one ProviderError sentence naming the server, never a traceback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import ssl
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+from vmhost.providers.base import ProviderError
+from vmhost.simplestreams import (
+    DEFAULT_IMAGE_SERVER,
+    INDEX_MAX,
+    INDEX_PATH,
+    PRODUCTS_MAX,
+    Kind,
+    StreamError,
+    StreamFile,
+    StreamImage,
+    check_server,
+    decode,
+    parse_image_name,
+    products_paths,
+    select,
+    server_url,
+)
+from vmhost.timeouts import IMAGE_TIMEOUT
+
+HTTP_TIMEOUT = 30.0  # s: connecting, or waiting for the next bytes of a body
+DOCUMENT_TIMEOUT = 120.0  # s: one whole index or products document
+CHUNK = 1024**2
+CERT_MAX = 64 * 1024  # characters of a PEM certificate handed to LXD
+# Python's machine names -> simplestreams' (Debian) architecture names.
+ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": "s390x", "riscv64": "riscv64"}
+
+
+def host_arch() -> str:
+    machine = platform.machine()
+    return ARCHES.get(machine, machine)
+
+
+class ImageError(ProviderError):
+    """The image server could not give the image (unreachable, unknown name, bad document, bad checksum)."""
+
+
+class ImageServer:
+    """One simplestreams server. `cafile`: a PEM certificate to trust for https (a private mirror)."""
+
+    def __init__(self, url: str | None = None, cafile: str | None = None, arch: str | None = None):
+        try:
+            self.url = check_server(url or DEFAULT_IMAGE_SERVER)
+        except StreamError as e:
+            raise ImageError(str(e)) from None
+        self.cafile = cafile
+        self.arch = arch or host_arch()
+        try:
+            self._context = ssl.create_default_context(cafile=cafile) if cafile else None
+        except OSError:  # ssl.SSLError is one too
+            raise ImageError(f"image server certificate {cafile!r} is not a readable PEM certificate file") from None
+
+    def certificate(self) -> str | None:
+        """The PEM text of `cafile` (LXD's pull source takes it to trust a self-signed server)."""
+        if not self.cafile:
+            return None
+        with open(self.cafile, encoding="ascii", errors="replace") as fh:
+            return fh.read(CERT_MAX)
+
+    def _open(self, path: str):
+        url = server_url(self.url, path)
+        try:
+            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT, context=self._context)
+        except urllib.error.HTTPError as e:
+            raise ImageError(f"image server {self.url} answered {e.code} for {path}") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            reason = getattr(e, "reason", e)
+            raise ImageError(f"image server {self.url} is unreachable: {reason}") from None
+
+    def _read(self, path: str, limit: int, sink: Callable[[bytes], None], deadline: float) -> int:
+        """Stream `path` into `sink` in chunks; at most `limit` bytes, done by `deadline` (monotonic)."""
+        resp = self._open(path)
+        total = 0
+        try:
+            with resp:
+                while True:
+                    if time.monotonic() > deadline:
+                        raise ImageError(f"image server {self.url} took too long to send {path}")
+                    chunk = resp.read1(CHUNK)  # one network read: the deadline is checked between reads
+                    if not chunk:
+                        return total
+                    total += len(chunk)
+                    if total > limit:
+                        raise ImageError(f"{path} on image server {self.url} is larger than {limit} bytes")
+                    sink(chunk)
+        except TimeoutError:
+            raise ImageError(f"image server {self.url} stopped sending {path} for {HTTP_TIMEOUT:g} s") from None
+        except OSError as e:
+            raise ImageError(f"image server {self.url} broke off sending {path}: {e}") from None
+
+    def document(self, path: str, limit: int) -> dict:
+        parts: list[bytes] = []
+        self._read(path, limit, parts.append, time.monotonic() + DOCUMENT_TIMEOUT)
+        try:
+            return decode(b"".join(parts), f"{path} on image server {self.url}", limit)
+        except StreamError as e:
+            raise ImageError(str(e)) from None
+
+    def resolve(self, image: str, kind: Kind) -> StreamImage:
+        """The newest image a stream name stands for on this server (kind: "disk" for libvirt, "lxd")."""
+        try:
+            name = parse_image_name(image)
+            for path in products_paths(self.document(INDEX_PATH, INDEX_MAX)):
+                found = select(self.document(path, PRODUCTS_MAX), name, self.arch, kind)
+                if found is not None:
+                    return found
+        except StreamError as e:
+            raise ImageError(str(e)) from None
+        what = "disk image" if kind == "disk" else "LXD VM image"
+        raise ImageError(
+            f"image server {self.url} has no {what} named {image!r} for {self.arch}; an alias is matched against "
+            "the products' release, version and aliases"
+        )
+
+    def download(self, f: StreamFile, sink: Callable[[bytes], None], limit: float = IMAGE_TIMEOUT) -> None:
+        """Send `f` to `sink` chunk by chunk, hashing as it goes; its size and sha256 must be the stream's.
+
+        The caller undoes what `sink` made when this raises: the bytes are only good once it returns."""
+        digest = hashlib.sha256()
+
+        def take(chunk: bytes) -> None:
+            digest.update(chunk)
+            sink(chunk)
+
+        got = self._read(f.path, f.size, take, time.monotonic() + limit)
+        if got != f.size:
+            raise ImageError(f"{f.path} on image server {self.url} is {got} bytes, not the {f.size} its stream says")
+        if digest.hexdigest() != f.sha256:
+            raise ImageError(
+                f"{f.path} on image server {self.url} does not match its stream's sha256; nothing was kept"
+            )
+
+
+__all__ = ["HTTP_TIMEOUT", "ImageError", "ImageServer", "host_arch"]

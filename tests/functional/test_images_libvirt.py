@@ -1,0 +1,216 @@
+"""Images by name on the REAL libvirtd: a local simplestreams index (tests/functional/simplestreams_index.py)
+serves a small qcow2; compose downloads it once into a verified base volume and gives each VM a
+copy-on-write overlay on it; a bad checksum, a dead server, an unknown name leave nothing; prune keeps
+what is in use. Each test uses a storage pool of its own (a temporary directory), removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from tests.functional.simplestreams_index import ImageIndex, Product, sha256_of
+from vmhost.model import Allocation, ComposePlan, DiskAllocation
+from vmhost.providers.base import ProviderError, volume_name
+from vmhost.providers.libvirt_images import BASE_PREFIX, REGISTRY
+
+pytestmark = [
+    pytest.mark.libvirt,
+    pytest.mark.skipif(not shutil.which("qemu-img"), reason="qemu-img (qemu-utils package) is not installed"),
+]
+M = 1024**2
+
+
+@pytest.fixture
+def qcow2(tmp_path):
+    """A 64 MiB qcow2 holding 4 MiB of random data (a few MiB to download)."""
+    raw, out = tmp_path / "disk.raw", tmp_path / "disk.qcow2"
+    with open(raw, "wb") as fh:
+        fh.write(os.urandom(4 * M))
+        fh.truncate(64 * M)
+    subprocess.run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(out)], check=True)
+    raw.unlink()
+    return out
+
+
+@pytest.fixture
+def pool(libvirt_conn, tmp_path):
+    """A dir pool of this test's own; everything in it is deleted with it."""
+    import libvirt
+
+    name = f"ft-images-{uuid.uuid4().hex[:8]}"
+    path = tmp_path / "pool"
+    path.mkdir()
+    xml = f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
+    p = libvirt_conn.storagePoolCreateXML(xml, 0)
+    yield p
+    for vol in p.listAllVolumes(0):
+        with contextlib.suppress(libvirt.libvirtError):
+            vol.delete(0)
+    p.destroy()
+
+
+@pytest.fixture
+def provider(libvirt_uri):
+    from vmhost.providers.libvirt import LibvirtProvider
+
+    made: list = []
+
+    def new(server: str) -> LibvirtProvider:
+        made.append(LibvirtProvider(uri=libvirt_uri, image_server=server))
+        return made[-1]
+
+    yield new
+    for p in made:
+        p.close()
+
+
+def _alloc(name: str, pool, root: int = 128 * M) -> Allocation:
+    return Allocation(name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", root, pool.name()),))
+
+
+def _volumes(pool) -> set[str]:
+    pool.refresh(0)
+    return {v.name() for v in pool.listAllVolumes(0)}
+
+
+def _domains(conn) -> set[str]:
+    return {d.name() for d in conn.listAllDomains(0)}
+
+
+def test_first_compose_downloads_a_verified_base_and_later_ones_only_overlay_it(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2}, aliases=("24.04", "noble", "lts"))
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        first, second = vm_names("img"), vm_names("img")
+        t0 = time.monotonic()
+        p.compose(ComposePlan(_alloc(first, pool), boot="image", image="ubuntu:noble"))
+        t1 = time.monotonic()
+        p.compose(ComposePlan(_alloc(second, pool), boot="image", image="ubuntu:24.04"))
+        t2 = time.monotonic()
+        print(f"\ncompose from a new image: {t1 - t0:.2f} s; from the same image again: {t2 - t1:.2f} s")
+        assert index.downloads("disk1.img") == 1  # the second compose downloaded nothing
+
+        sha = sha256_of(qcow2)
+        base = pool.storageVolLookupByName(BASE_PREFIX + sha[:32])
+        assert sha256_of(Path(base.path())) == sha  # the bytes the stream named
+        for vm in (first, second):
+            overlay = pool.storageVolLookupByName(volume_name(vm, "root"))
+            xml = ET.fromstring(overlay.XMLDesc(0))
+            assert xml.findtext("backingStore/path") == base.path()
+            assert xml.find("target/format").get("type") == "qcow2"
+            info = json.loads(
+                subprocess.run(
+                    ["qemu-img", "info", "--output=json", overlay.path()], capture_output=True, text=True, check=True
+                ).stdout
+            )
+            assert (info["virtual-size"], info["backing-filename"]) == (128 * M, base.path())
+            assert info["actual-size"] < 4 * M  # an overlay, not a copy of the 4 MiB of data
+        # The base is provably ours: the record in the pool names it, ready, with the stream's sha256.
+        [listed] = [b for b in p.images() if b["pool"] == pool.name()]
+        assert (listed["volume"], listed["sha256"], listed["state"], listed["image"]) == (
+            base.name(),
+            sha,
+            "ready",
+            "ubuntu:noble",
+        )
+        assert listed["used_by"] == sorted(f"{pool.name()}/{volume_name(vm, 'root')}" for vm in (first, second))
+
+        # Kept while any VM uses it; gc never removes it; prune removes it once nothing does.
+        assert p.prune_images() == []
+        p.decompose(first)
+        assert p.prune_images() == [] and base.name() in _volumes(pool)
+        p.decompose(second)
+        p.gc()
+        assert base.name() in _volumes(pool)
+        assert p.prune_images(dry_run=True) == [f"{pool.name()}/{base.name()}"]
+        assert base.name() in _volumes(pool)
+        assert p.prune_images() == [f"{pool.name()}/{base.name()}"]
+        assert _volumes(pool) == set()  # base and record gone
+        # After a prune, the next compose downloads again.
+        third = vm_names("img")
+        p.compose(ComposePlan(_alloc(third, pool), boot="image", image="ubuntu:lts"))
+        assert index.downloads("disk1.img") == 2
+        p.decompose(third)
+
+
+def test_checksum_mismatch_is_refused_and_leaves_nothing(provider, pool, libvirt_conn, vm_names, qcow2, tmp_path):
+    bad = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2}, sha256={"disk1.img": "0" * 64})
+    with ImageIndex(tmp_path / "index", [bad]) as index:
+        p = provider(index.url)
+        name = vm_names("img")
+        before = _domains(libvirt_conn)
+        with pytest.raises(ProviderError, match="does not match its stream's sha256"):
+            p.compose(ComposePlan(_alloc(name, pool), boot="image", image="ubuntu:noble"))
+        assert index.downloads("disk1.img") == 1
+    assert _volumes(pool) == set()  # no partial base, no record, no overlay
+    assert _domains(libvirt_conn) == before
+
+
+def test_dead_server_unknown_name_and_small_root_are_refused_and_leave_nothing(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    before = _domains(libvirt_conn)
+    name = vm_names("img")
+    with pytest.raises(ProviderError, match=r"image server http://127\.0\.0\.1:9 is unreachable"):
+        provider("http://127.0.0.1:9").compose(ComposePlan(_alloc(name, pool), boot="image", image="ubuntu:noble"))
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        with pytest.raises(ProviderError, match="has no disk image named 'ubuntu:jammy' for amd64"):
+            p.compose(ComposePlan(_alloc(name, pool), boot="image", image="ubuntu:jammy"))
+        with pytest.raises(
+            ProviderError, match=r"disk root is 16M but image ubuntu:noble needs 64M; give root:64M or more"
+        ):
+            p.compose(ComposePlan(_alloc(name, pool, root=16 * M), boot="image", image="ubuntu:noble"))
+        assert index.downloads("disk1.img") == 1  # stopped at the header: nothing written
+    assert _volumes(pool) == set()
+    assert _domains(libvirt_conn) == before
+
+
+def test_a_volume_named_like_a_base_that_no_record_names_is_neither_used_nor_removed(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    foreign = BASE_PREFIX + sha256_of(qcow2)[:32]
+    pool.createXML(f"<volume><name>{foreign}</name><capacity>1048576</capacity></volume>", 0)
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        with pytest.raises(ProviderError, match="record of base images does not name it"):
+            p.compose(ComposePlan(_alloc(vm_names("img"), pool), boot="image", image="ubuntu:noble"))
+        assert p.prune_images() == []
+    assert _volumes(pool) == {foreign}
+    assert REGISTRY not in _volumes(pool)
+
+
+def test_a_download_a_crash_cut_short_is_replaced_by_the_next_compose(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    from vmhost.providers.libvirt_images import BaseRecord
+
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    sha = sha256_of(qcow2)
+    name = BASE_PREFIX + sha[:32]
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        # As a kill -9 mid-download leaves it: the record says downloading, the volume holds a part.
+        p.bases._write(p._pool(pool.name()), [BaseRecord(name, sha, "ubuntu:noble", index.url, "20250101")])
+        pool.createXML(f"<volume><name>{name}</name><capacity>1048576</capacity></volume>", 0)
+        vm = vm_names("img")
+        p.compose(ComposePlan(_alloc(vm, pool), boot="image", image="ubuntu:noble"))
+        assert index.downloads("disk1.img") == 1
+        assert sha256_of(Path(pool.storageVolLookupByName(name).path())) == sha
+        assert [b["state"] for b in p.images() if b["pool"] == pool.name()] == ["ready"]
+        p.decompose(vm)
+        assert p.prune_images() == [f"{pool.name()}/{name}"]
