@@ -22,6 +22,7 @@ from typing import Any
 from vmhost.guest_access import check_authorized_keys, check_user_data
 from vmhost.model import Allocation, CloudInit, Nic, Quota, VmRequest
 from vmhost.parse import InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
+from vmhost.simplestreams import StreamError, parse_image_name
 
 __all__ = [
     "DEFAULT_RELATION_IMAGE",
@@ -50,7 +51,6 @@ FEW = 3  # how many items of a list a message names before "and N more"
 # ubuntu:noble), never a file or a local name on the host; a request that names none gets relation-image.
 DEFAULT_RELATION_IMAGE = "ubuntu:24.04"
 MAX_IMAGE_NAME = 64
-_REMOTE_IMAGE_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}:[a-z0-9]+(?:[._-][a-z0-9]+)*$")
 IMAGE_REJECTION = (
     "image must be <os>:<alias> from the host's image server, such as ubuntu:24.04 or ubuntu:noble "
     f"(lower-case letters, digits, '.', '_', '-'; at most {MAX_IMAGE_NAME} characters), "
@@ -308,7 +308,13 @@ def remote_image_ok(image: Any) -> bool:
     """Whether a remote model may ask for `image`: `<os>:<alias>` only, never a path or a host-local name
     (docs/design.md §7: no raw hypervisor input passes through; on libvirt a path would upload a host
     file as the root disk)."""
-    return isinstance(image, str) and len(image) <= MAX_IMAGE_NAME and bool(_REMOTE_IMAGE_RE.fullmatch(image))
+    if not isinstance(image, str) or len(image) > MAX_IMAGE_NAME:
+        return False
+    try:
+        parse_image_name(image)  # the one image-name rule (simplestreams), capped shorter for remote models
+    except StreamError:
+        return False
+    return True
 
 
 def _inside(addresses: Sequence[str], cidrs: Sequence[ipaddress._BaseNetwork]) -> list[bool]:
