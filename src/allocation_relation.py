@@ -24,6 +24,7 @@ from charm_config import CharmConfig, relation_settings
 from charms.vm_host.v0.vm_allocation import MAX_FIELD_BYTES, MAX_MESSAGE, VmAllocationProvider, VmStatus, decode_json
 from vmhost.placement import PlacementError, compute_usage
 from vmhost.providers.base import ProviderError
+from vmhost.providers.image_source import ImageError, ImageNotFound
 from vmhost.relation import PeerUnit, Plan, Snapshot, decide, report
 from vmhost.relation_assignment import Capacity, ComposeFailure, UnitResult
 from vmhost.relation_policy import (
@@ -244,6 +245,14 @@ class AllocationRelation(ops.Object):
             # Not the request's fault: the unit waits (the charm says why) and the next hook serves it.
             # Never published: the sentence names the lock holder's command line or the daemon's URI.
             raise
+        except ImageNotFound:  # their image name, told back without the server's address
+            logger.warning("compose for %s failed: no image %r on the image server", accepted.owner, accepted.image)
+            return ComposeFailure("failed", f"the host's image server has no image named {accepted.image}")
+        except ImageError as e:  # unreachable server, checksum mismatch: the operator's to fix
+            logger.warning("compose for %s (image %s) failed: %s", accepted.owner, accepted.image, e)
+            return ComposeFailure(
+                "failed", f"the host could not fetch image {accepted.image}; its operator is told why"
+            )
         except PlacementError as e:  # the remote model learns what was short, the log how much
             logger.warning("compose for %s failed: %s", accepted.owner, e)
             return ComposeFailure("failed", remote_reason(str(e)))

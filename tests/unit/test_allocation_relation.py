@@ -19,6 +19,7 @@ from tests.unit.relation_requests import DhcpProvider
 from tests.unit.ssh_keys import ED25519, host_key
 from vmhost.model import Allocation, HostKey, Nic, Policy, StoragePool, VmInfo
 from vmhost.providers.base import ProviderError
+from vmhost.providers.image_source import ImageError, ImageNotFound
 from vmhost.service import VmHost
 
 MODEL_A = "aaaaaaaa-1111-4111-8111-000000000001"
@@ -519,6 +520,30 @@ def test_a_hypervisor_failure_tells_the_requirer_that_and_the_log_the_detail(pro
     assert st["status"] == "failed"
     assert st["message"] == HYPERVISOR_ERROR
     assert "disk trouble in /var/lib/secret-path" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("error", "told"),
+    [
+        (
+            ImageNotFound("image server https://10.9.8.7/internal has no disk image named 'ubuntu:24.04'"),
+            "has no image",
+        ),
+        (ImageError("image server https://10.9.8.7/internal is unreachable: timed out"), "could not fetch image"),
+    ],
+)
+def test_an_image_failure_names_the_image_but_never_the_hosts_image_server(provider, caplog, error, told):
+    class NoImage(type(provider)):
+        def compose(self, plan):
+            raise error
+
+    provider.__class__ = NoImage
+    r = rel([req("a")])
+    st = statuses(run(r), r)["a"]
+    assert st["status"] == "failed"
+    assert told in st["message"] and "ubuntu:24.04" in st["message"]
+    assert "10.9.8.7" not in st["message"]
+    assert "ubuntu:24.04" in caplog.text
 
 
 def test_a_provider_bug_fails_only_its_own_request(provider, caplog):

@@ -51,6 +51,10 @@ class ImageError(ProviderError):
     """The image server could not give the image (unreachable, unknown name, bad document, bad checksum)."""
 
 
+class ImageNotFound(ImageError):
+    """The server answered, and has no image by that name: the asker's mistake, not the host's."""
+
+
 class ImageServer:
     """One simplestreams server. `cafile`: a PEM certificate to trust for https (a private mirror)."""
 
@@ -123,7 +127,7 @@ class ImageServer:
         except StreamError as e:
             raise ImageError(str(e)) from None
         what = "disk image" if kind == "disk" else "LXD VM image"
-        raise ImageError(
+        raise ImageNotFound(
             f"image server {self.url} has no {what} named {image!r} for {self.arch}; an alias is matched against "
             "the products' release, version and aliases"
         )
@@ -147,4 +151,4 @@ class ImageServer:
             )
 
 
-__all__ = ["HTTP_TIMEOUT", "ImageError", "ImageServer", "host_arch"]
+__all__ = ["HTTP_TIMEOUT", "ImageError", "ImageNotFound", "ImageServer", "host_arch"]
