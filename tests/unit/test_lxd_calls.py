@@ -259,8 +259,10 @@ def test_compose_with_a_volume_and_start_adds_exactly_those_writes(lxd, tmp_path
             ("PUT", "/1.0/instances/vm-b/state"),
         ]
     )
-    # The plain compose (3 checks, create + wait, mark, read back), plus the volume and start + its wait.
-    assert len(lxd.calls) <= len(SNAPSHOT) + 3 + 4 + 1 + 2
+    # The plain compose (3 checks, create + wait, mark, read back), plus the volume and start + its wait,
+    # plus the running VM's state (its addresses) in the read back.
+    assert len(lxd.calls) <= len(SNAPSHOT) + 3 + 4 + 1 + 2 + 1
+    assert ("GET", "/1.0/instances/vm-b/state") in lxd.calls
     assert vm.state == "running"
 
 

@@ -88,7 +88,7 @@ def test_an_unknown_backend_names_what_is_installed():
 @pytest.mark.parametrize(
     ("backend", "options", "takes"),
     [
-        ("libvirt", {"imagedir": "/srv"}, "image_dir"),
+        ("libvirt", {"imagedir": "/srv"}, "domain_type, image_dir"),
         ("lxd", {"image_dir": "/srv"}, "cert, profile, project, verify"),
     ],
 )

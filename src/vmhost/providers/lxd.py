@@ -30,9 +30,11 @@ from typing import Any
 from urllib.parse import quote
 
 from vmhost.cloudinit import static_prefixes
+from vmhost.hostkeys import generate_host_keys
 from vmhost.model import Allocation, ComposePlan, Core, HostTopology, Nic, NumaNode, StoragePool, VmInfo
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache
 from vmhost.providers import lxd_config as cfg
+from vmhost.providers.addresses import static_addresses, vm_addresses
 from vmhost.providers.base import (
     LXD_OUI,
     STATE_COMPOSING,
@@ -546,14 +548,30 @@ class LxdProvider:
             alloc = cfg.with_macs(
                 alloc, {n.label: inst["config"].get(f"volatile.{n.label}.hwaddr", "") for n in alloc.nics}
             )
+        state = str(inst.get("status") or "unknown").lower()
+        login_user, host_keys = cfg.access_from_config(inst.get("config") or {}) if ours else (None, ())
         return VmInfo(
             name=name,
-            state=str(inst.get("status") or "unknown").lower(),
+            state=state,
             allocation=alloc,
             managed=ours,
             macs=tuple(m for m in macs if m),
             phase=(inst.get("config") or {}).get(cfg.STATE_KEY, STATE_READY) if ours else STATE_READY,
+            addresses=self._addresses(project, inst["name"], alloc, macs)
+            if state == "running"
+            else static_addresses(alloc),
+            login_user=login_user,
+            host_keys=host_keys,
         )
+
+    def _addresses(self, project: str, name: str, alloc: Allocation, macs: tuple[str, ...]) -> tuple[str, ...]:
+        """Static ip= addresses, then what the instance state reports on its NICs; a failed read logs and keeps the static."""
+        try:
+            state = self._get(f"/instances/{quote(name, safe='')}/state", project=project)
+        except ProviderError as e:
+            log.warning("could not read the addresses of VM %s from LXD: %s", name, e)
+            state = None
+        return vm_addresses(static_addresses(alloc), cfg.state_addresses(state, macs))
 
     def _read_profile(self, name: str) -> dict | None:
         try:
@@ -597,6 +615,7 @@ class LxdProvider:
                 prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
                 profile_devices=None if cfg.keeps_profile_nics(a) else self._chosen_profile_devices(),
                 uuid=str(uuid_mod.uuid4()),
+                host_keys=generate_host_keys() if plan.cloud_init is not None else (),
             )
         except ValueError as e:
             raise ProviderError(str(e)) from e
