@@ -134,6 +134,8 @@ class VmHost:
             if cloud_init is None and boot == "image":
                 # An image boots with its name as hostname and its static addresses, generated name or not.
                 cloud_init = CloudInit(hostname=allocation.name)
+            elif cloud_init is not None and not cloud_init.hostname:
+                cloud_init = replace(cloud_init, hostname=allocation.name)  # keys or user-data, no hostname given
             if accept is not None and (reason := accept(allocation, host)):
                 raise Refused(reason)
             allocations = [v.allocation for v in vms]

@@ -18,7 +18,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # The layer order, lowest first. A name covers the module and, for a package, everything in it.
 LAYERS: list[tuple[str, ...]] = [
     ("vmhost.parse",),  # sizes, cpu sets, MAAS strings: total parsers, no project imports
-    ("vmhost.model", "vmhost.hostkeys", "vmhost.cloudinit"),  # the shared data (and the seed built from it)
+    (
+        "vmhost.model",
+        "vmhost.hostkeys",
+        "vmhost.cloudinit",
+        "vmhost.access",
+    ),  # the shared data (and the seed built from it)
     ("vmhost.placement", "vmhost.nic_match"),  # the allocator and its NIC matching: pure
     ("vmhost.relation", "vmhost.relation_policy", "vmhost.relation_assignment"),  # the relation's decide(): pure
     ("vmhost.timeouts", "vmhost.hostlock", "vmhost.providers"),  # hypervisor I/O, its bounds and the host lock
