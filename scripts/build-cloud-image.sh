@@ -5,9 +5,10 @@
 # kernel and the initrd, and whose ext4 root (LABEL=cloudimg-rootfs, grown by cloud-init) is the last
 # partition. Console on ttyS0. No SSH host keys and an empty machine-id: every VM makes its own.
 # Built without loop devices or mounts (mkfs.ext4 -d, mtools, syslinux --install on the FAT image).
-# Cached outside the repository, keyed by a hash of this script and lib/debian.sh (the package list is in
-# it): a later run reuses it. Prints the path of the compressed qcow2. Installs what it needs (apt) itself:
+# Cached outside the repository, keyed by a hash of its inputs (suite, package lists, sizes and the build
+# steps below the "build" marker): a later run reuses it. Prints the path of the compressed qcow2. Installs what it needs (apt) itself:
 # CI starts from a fresh machine. Idempotent; concurrent runs wait for each other (bounded).
+# `--path` prints where the image is (or would be) and builds nothing: tests find it that way.
 set -euo pipefail
 # dbus: debootstrap does not resolve systemd's dbus alternatives; sudo: cloud-init's sudo rule for the user.
 BASE_PACKAGES=linux-image-cloud-amd64,systemd-sysv,dbus,udev,openssh-server,sudo,iproute2
@@ -21,9 +22,14 @@ here=$(cd "$(dirname "$0")" && pwd)
 source "$here/lib/debian.sh"
 ROOT_SIZE_MB=1800  # the image's virtual size is this plus the boot partition; a VM's root disk must hold it
 BOOT_SIZE_MB=120
-key=$(cat "$here/build-cloud-image.sh" "$here/lib/debian.sh" | sha256sum | cut -c1-16)
+key=$( (echo "$SUITE $BASE_PACKAGES $PACKAGES $ROOT_SIZE_MB $BOOT_SIZE_MB"; sed -n '/^# --- build/,$p' "$here/build-cloud-image.sh") |
+  sha256sum | cut -c1-16)
 dir=$cache/cloud-image
 image=$dir/$key/debian-$SUITE-cloud.qcow2
+if [[ ${1:-} == --path ]]; then
+  echo "$image"
+  exit 0
+fi
 
 build_lock "$dir"
 if [[ -e $image ]]; then
@@ -31,6 +37,7 @@ if [[ -e $image ]]; then
   exit 0
 fi
 
+# --- build (everything from here on is part of the cache key)
 need_packages debootstrap e2fsprogs debian-archive-keyring dosfstools mtools syslinux syslinux-common fdisk qemu-utils
 make_work "$dir"
 debs=$dir/debs  # downloaded .debs, so a rebuild after an edit fetches less

@@ -72,7 +72,7 @@ _PART_TYPES = (
 
 def check_ssh_keys(keys: Sequence[object]) -> tuple[str, ...]:
     """The keys as OpenSSH public key lines (`type base64 [comment]`), or ValueError in one sentence."""
-    if isinstance(keys, str) or not isinstance(keys, Sequence):
+    if isinstance(keys, str | bytes) or not isinstance(keys, Sequence):
         raise ValueError("ssh_authorized_keys must be a list of OpenSSH public keys")
     if len(keys) > MAX_SSH_KEYS:
         raise ValueError(f"{len(keys)} SSH keys given; at most {MAX_SSH_KEYS} are allowed")
