@@ -4,7 +4,7 @@ Provider-neutral: libvirt attaches the ISO as a CD-ROM volume, LXD can pass the 
 `cloud-init.*` config keys. Static addresses come from NicAllocation.ip; NICs are matched by MAC, so
 the provider sets MACs before building the seed.
 
-Access (docs/design.md §13): every seed creates the one login user DEFAULT_LOGIN_USER (passwordless sudo,
+Access (docs/design.md §12): every seed creates the one login user DEFAULT_LOGIN_USER (passwordless sudo,
 the caller's SSH keys, no password) and installs the VM's vm-host-made SSH host keys (cloud-init
 `ssh_keys`, with key generation in the guest turned off). A caller's `#cloud-config` is merged with
 vm-host's settings, vm-host's winning on the keys it sets (VM_HOST_KEYS) and on its login user's entry in

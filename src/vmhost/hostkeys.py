@@ -2,7 +2,7 @@
 
 ssh-keygen writes each pair into a private (0700) temporary directory that is removed before this returns,
 whether or not it succeeded; the private halves then live only in memory until the seed is built, and in
-the seed itself (see docs/design.md §13). Nothing here logs or raises with key material in it.
+the seed itself (see docs/design.md §12). Nothing here logs or raises with key material in it.
 """
 
 from __future__ import annotations

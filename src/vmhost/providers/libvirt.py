@@ -136,6 +136,7 @@ _SLOW_CALLS = frozenset(
 # Answered by the binding itself, no round trip to the daemon.
 _LOCAL_CALLS = frozenset({"name", "UUIDString", "UUID"})
 UPLOAD_CHUNK = 256 * 1024
+SEED_MODE = "0600"
 
 
 class _Bounded:
@@ -585,7 +586,8 @@ class LibvirtProvider:
         with tempfile.TemporaryDirectory(prefix="vmhost-seed-") as tmp:
             iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
             pool = self._pool(ref.pool)
-            vol = self._call(pool.createXML, _volume_xml(ref.volume, iso.stat().st_size, "raw"), 0)
+            # The seed holds the VM's private SSH host keys: root (and the VM's QEMU) only.
+            vol = self._call(pool.createXML, _volume_xml(ref.volume, iso.stat().st_size, "raw", SEED_MODE), 0)
             tx.on_undo(f"delete volume {ref.volume}", vol.delete)
             self._upload(vol, str(iso))
 
@@ -932,12 +934,15 @@ def resolve_image(image: str, image_dir: str | Path) -> str:
     raise ProviderError(f"no image named {image!r} in {image_dir} (looked for {tried}); put the image there")
 
 
-def _volume_xml(name: str, capacity: int, fmt: str) -> str:
-    """A storage volume definition; ElementTree escapes what the name carries."""
+def _volume_xml(name: str, capacity: int, fmt: str, mode: str | None = None) -> str:
+    """A storage volume definition; ElementTree escapes what the name carries. mode: its file mode (octal text)."""
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if mode:
+        ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = mode
     return ET.tostring(vol, encoding="unicode")
 
 
