@@ -66,6 +66,8 @@ echo 'LABEL=cloudimg-rootfs / ext4 defaults,discard 0 1' >"$root/etc/fstab"
 cat >"$root/etc/cloud/cloud.cfg.d/90-vmhost.cfg" <<'CFG'
 # vm-host's seed is a NoCloud cidata volume (libvirt) or LXD's own; never wait for a metadata server.
 datasource_list: [NoCloud, LXD, None]
+# No locales package here (C.UTF-8 is built in): setting one would fail and mark cloud-init's run an error.
+locale: false
 CFG
 # The kernel and initrd live on the FAT boot partition; apt's kernel hooks are not expected to run here.
 boot=$work/boot.img

@@ -59,6 +59,9 @@ SSH_KEY_TYPES = frozenset(
 _COMMENT = re.compile(r"^[\x20-\x7e]*$")
 # Keys of the merged cloud-config that are vm-host's alone: the caller's values for them are replaced.
 VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", "ssh_deletekeys")
+# vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
+# (so sudo resolves it).
+CALLER_MAY_CHANGE = {"ssh_pwauth": False, "manage_etc_hosts": True}
 # What cloud-init makes of a user-data part by its first line (its own table, the ones a caller may send).
 _PART_TYPES = (
     ("#!", "x-shellscript"),
@@ -221,25 +224,27 @@ def _vm_host_config(ci: CloudInit, host_keys: Sequence[HostKeyPair]) -> dict:
         "lock_passwd": True,
         "ssh_authorized_keys": list(check_ssh_keys(ci.ssh_authorized_keys)),
     }
-    cfg: dict = {"hostname": ci.hostname, "preserve_hostname": False, "users": [user], "ssh_pwauth": False}
+    cfg: dict = {**CALLER_MAY_CHANGE, "hostname": ci.hostname, "preserve_hostname": False, "users": [user]}
     if host_keys:
         keys: dict[str, str] = {}
         for pair in host_keys:
             keys[f"{pair.cloud_init_type}_private"] = pair.private
             keys[f"{pair.cloud_init_type}_public"] = pair.public.public_key
-        cfg.update(ssh_keys=keys, ssh_genkeytypes=[], ssh_deletekeys=True)
+        # Only the types given (each present, so none is made): the guest has exactly the keys vm-host reports.
+        genkeytypes = [pair.cloud_init_type for pair in host_keys]
+        cfg.update(ssh_keys=keys, ssh_genkeytypes=genkeytypes, ssh_deletekeys=True)
     return cfg
 
 
 def _merge(theirs: dict, ours: dict) -> dict:
-    """The caller's cloud-config with vm-host's: ours wins on VM_HOST_KEYS and on our user's `users` entry."""
-    merged = {k: v for k, v in theirs.items() if k not in VM_HOST_KEYS}
+    """The caller's cloud-config with vm-host's: ours wins on VM_HOST_KEYS and on our user's `users` entry;
+    theirs wins on everything else (CALLER_MAY_CHANGE included)."""
+    if not isinstance(theirs.get("users") or [], list):
+        raise ValueError("user_data's cloud-config `users` must be a list")
     users = [
         u for u in (theirs.get("users") or []) if not (isinstance(u, dict) and u.get("name") == DEFAULT_LOGIN_USER)
     ]
-    if isinstance(theirs.get("users"), str) or not isinstance(theirs.get("users", []), list):
-        raise ValueError("user_data's cloud-config `users` must be a list")
-    merged.update({k: v for k, v in ours.items() if k != "users"})
+    merged = {**ours, **{k: v for k, v in theirs.items() if k not in VM_HOST_KEYS}}
     merged["users"] = [*users, *ours["users"]]
     return merged
 

@@ -213,7 +213,7 @@ def test_unpinned_vm_with_cloud_init_and_static_ip(provider, project, names):
     user = yaml.safe_load(shown["config"]["cloud-init.user-data"])
     # The login user with the key, and the VM's own host key pair (the guest makes none of its own).
     assert user["users"][0]["name"] == "ubuntu" and user["users"][0]["ssh_authorized_keys"] == [key]
-    assert user["ssh_keys"]["ed25519_public"] == vm.host_keys[0].public_key and user["ssh_genkeytypes"] == []
+    assert user["ssh_keys"]["ed25519_public"] == vm.host_keys[0].public_key and user["ssh_genkeytypes"] == ["ed25519"]
     # list reports the login user, the public host key and (stopped: nothing learned yet) the static address.
     (listed,) = [v for v in provider.list_vms() if v.name == name]
     assert listed.state == "stopped" and listed.addresses == ("10.197.42.50",)

@@ -63,18 +63,20 @@ def test_host_keys_go_in_ssh_keys_and_the_guest_makes_none():
     user = yaml.safe_load(seed_documents(CloudInit("vm-1", (KEY,)), host_keys=pairs)["user-data"])
     assert user["ssh_keys"]["ed25519_private"] == pairs[0].private
     assert user["ssh_keys"]["ed25519_public"] == pairs[0].public.public_key
-    assert user["ssh_genkeytypes"] == [] and user["ssh_deletekeys"] is True
+    # Only the types given, so cloud-init makes none (each exists) and its schema is satisfied (not empty).
+    assert user["ssh_genkeytypes"] == ["ed25519"] and user["ssh_deletekeys"] is True
+    assert user["manage_etc_hosts"] is True and user["ssh_pwauth"] is False
 
 
 def test_callers_cloud_config_is_merged_vm_host_wins_on_its_own_keys():
     theirs = (
         "#cloud-config\npackages: [htop]\nhostname: other\n"
         "users: [default, {name: ops}, {name: ubuntu, shell: /bin/zsh}]\n"
-        "ssh_keys: {rsa_private: mine}\n"
+        "ssh_keys: {rsa_private: mine}\nssh_pwauth: true\n"
     )
     pairs = generate_host_keys()
     user = yaml.safe_load(seed_documents(CloudInit("vm-2", (KEY,), user_data=theirs), host_keys=pairs)["user-data"])
-    assert user["packages"] == ["htop"]  # theirs kept
+    assert user["packages"] == ["htop"] and user["ssh_pwauth"] is True  # theirs kept, a vm-host default changed
     assert user["hostname"] == "vm-2"  # ours wins
     assert user["ssh_keys"] == {"ed25519_private": pairs[0].private, "ed25519_public": pairs[0].public.public_key}
     names = [u if isinstance(u, str) else u["name"] for u in user["users"]]

@@ -215,7 +215,7 @@ def test_cloud_init_goes_into_cloud_init_keys_with_static_ip_matched_by_mac():
     assert config["cloud-init.user-data"].startswith("#cloud-config\n")
     assert user["hostname"] == "web-1"
     assert user["users"][0]["name"] == DEFAULT_LOGIN_USER and user["users"][0]["ssh_authorized_keys"] == [KEY]
-    assert user["ssh_keys"]["ed25519_private"] == pairs[0].private and user["ssh_genkeytypes"] == []
+    assert user["ssh_keys"]["ed25519_private"] == pairs[0].private and user["ssh_genkeytypes"] == ["ed25519"]
     # The record list reads back: login user and the PUBLIC halves only.
     assert cfg.access_from_config(config) == (DEFAULT_LOGIN_USER, (pairs[0].public,))
     assert pairs[0].private not in config[cfg.HOST_KEYS_KEY] and "user.meta-data" not in config
