@@ -92,11 +92,12 @@ class VmHost:
         return [v for v in vms if pool is None or v.allocation.resource_pool == pool]
 
     def allocations(self) -> list[Allocation]:
-        return [v.allocation for v in self.provider.list_vms()]
+        return [v.allocation for v in self.provider.list_vms(addresses=False)]
 
     def _snapshot(self) -> tuple[HostTopology, list[VmInfo]]:
-        """What the hypervisor reports now: read once per use case, so every decision in it agrees."""
-        return self.topology(), self.provider.list_vms()
+        """What the hypervisor reports now: read once per use case, so every decision in it agrees (without
+        the guests' DHCP addresses: placement does not need them, and the host lock is held meanwhile)."""
+        return self.topology(), self.provider.list_vms(addresses=False)
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""

@@ -339,7 +339,7 @@ class LibvirtProvider:
     def _node_ids(self) -> tuple[int, ...]:
         return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
 
-    def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
+    def _info(self, dom, host_nodes: tuple[int, ...] | None = None, addresses: bool = True) -> VmInfo:
         """One domain; its definition is parsed only when it changed since the last read (self._parsed).
 
         The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
@@ -349,7 +349,8 @@ class LibvirtProvider:
             dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), lambda text: self._read(text, host_nodes)
         )
         state = _STATES.get(dom.state()[0], "unknown")
-        dynamic = dynamic_addresses(dom, macs, (libvirt.libvirtError, ProviderError)) if state == "running" else []
+        learned = addresses and state == "running"
+        dynamic = dynamic_addresses(dom, macs, (libvirt.libvirtError, ProviderError)) if learned else []
         return VmInfo(
             dom.name(),
             state,
@@ -373,13 +374,13 @@ class LibvirtProvider:
             return foreign, False, macs, "ready", None
         return rec.allocation, True, macs, rec.state, rec
 
-    def list_vms(self) -> list[VmInfo]:
+    def list_vms(self, addresses: bool = True) -> list[VmInfo]:
         host_nodes = self._node_ids()
         out = []
         with self._errors("list domains"):
             for dom in self._call(self.conn.listAllDomains, 0):
                 try:
-                    out.append(self._info(dom, host_nodes))
+                    out.append(self._info(dom, host_nodes, addresses))
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished between list and read
                         raise
@@ -452,7 +453,7 @@ class LibvirtProvider:
                 tx.on_undo("destroy domain", lambda: _destroy(dom))
         with tx.step("mark ready"):
             self._set_state(dom, STATE_READY)
-        return self._info(dom)
+        return self._info(dom, addresses=False)  # just made: its static addresses, no lease yet
 
     def _emulated_only_features(self) -> tuple[str, ...]:
         """Features KVM offers host-passthrough guests that the host CPU itself lacks and QEMU may fail to set.

@@ -494,9 +494,11 @@ class LxdProvider:
             out += [(project, i) for i in self._get("/instances", project=project, recursion=1) or []]
         return out
 
-    def list_vms(self) -> list[VmInfo]:
+    def list_vms(self, addresses: bool = True) -> list[VmInfo]:
         out = [
-            self._vm_info(project, inst) for project, inst in self._instances() if inst.get("type") == "virtual-machine"
+            self._vm_info(project, inst, addresses)
+            for project, inst in self._instances()
+            if inst.get("type") == "virtual-machine"
         ]
         self._parsed.end_read()
         return out
@@ -515,7 +517,7 @@ class LxdProvider:
             self._facts = (res, (int(mem.get("total") or 0), self._default_hugepage_size(mem) or "2M", thread_node))
         return self._facts[1]
 
-    def _vm_info(self, project: str, inst: dict) -> VmInfo:
+    def _vm_info(self, project: str, inst: dict, addresses: bool = True) -> VmInfo:
         """One VM as vm-host sees it: ours from its record, anyone else's from its expanded limits."""
         host_memory, hp_size, thread_node = self._host_facts()
         ours = project == self.project and cfg.owned(inst.get("config") or {})
@@ -558,7 +560,7 @@ class LxdProvider:
             macs=tuple(m for m in macs if m),
             phase=(inst.get("config") or {}).get(cfg.STATE_KEY, STATE_READY) if ours else STATE_READY,
             addresses=self._addresses(project, inst["name"], alloc, macs)
-            if state == "running"
+            if addresses and state == "running"
             else static_addresses(alloc),
             login_user=login_user,
             host_keys=host_keys,
@@ -654,7 +656,7 @@ class LxdProvider:
         if plan.start:
             with tx.step(f"start VM {a.name}"):
                 self._state(a.name, "start")
-        return self._vm_info(self.project, self._instance(a.name))
+        return self._vm_info(self.project, self._instance(a.name), addresses=False)  # just made: nothing learned yet
 
     def _prefixes(self, a: Allocation) -> dict[str, int]:
         if not any(n.ip and "/" not in n.ip for n in a.nics):
