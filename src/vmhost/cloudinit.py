@@ -249,14 +249,19 @@ def _merge(theirs: dict, ours: dict) -> dict:
     return merged
 
 
+def _cloud_config_text(cfg: dict) -> str:
+    """A #cloud-config document; long lines (SSH keys) stay whole, so they read (and grep) as given."""
+    return "#cloud-config\n" + yaml.safe_dump(cfg, sort_keys=True, width=1 << 20)
+
+
 def user_data(ci: CloudInit, host_keys: Sequence[HostKeyPair] = ()) -> str:
     """The user-data document: vm-host's cloud-config, merged with or beside the caller's (module docstring)."""
     ours = _vm_host_config(ci, host_keys)
     if ci.user_data is None:
-        return "#cloud-config\n" + yaml.safe_dump(ours, sort_keys=True)
+        return _cloud_config_text(ours)
     text = check_user_data(ci.user_data)
     if not _is_mime(text) and _part_type(text) is None:
-        return "#cloud-config\n" + yaml.safe_dump(_merge(_cloud_config(text), ours), sort_keys=True)
+        return _cloud_config_text(_merge(_cloud_config(text), ours))
     archive = MIMEMultipart()
     if _is_mime(text):
         given = message_from_string(text)
@@ -265,7 +270,7 @@ def user_data(ci: CloudInit, host_keys: Sequence[HostKeyPair] = ()) -> str:
                 archive.attach(part)
     else:
         archive.attach(MIMEText(text, _part_type(text), "utf-8"))
-    archive.attach(MIMEText("#cloud-config\n" + yaml.safe_dump(ours, sort_keys=True), "cloud-config", "utf-8"))
+    archive.attach(MIMEText(_cloud_config_text(ours), "cloud-config", "utf-8"))
     return archive.as_string()
 
 

@@ -28,6 +28,7 @@ def test_documents_carry_hostname_keys_and_static_address():
     docs = seed_documents(CloudInit("vm-1", (KEY,)), NICS, instance_id="i-1", prefixes={"eth0": 23})
     assert set(docs) == {"user-data", "meta-data", "network-config"}
     assert docs["user-data"].startswith("#cloud-config\n")
+    assert f"- {KEY}\n" in docs["user-data"]  # one line, as given
     user = yaml.safe_load(docs["user-data"])
     assert user["hostname"] == "vm-1"
     assert user["users"] == [

@@ -83,6 +83,12 @@ def test_garbage_from_the_guest_is_skipped():
     assert dynamic_addresses(Dom({SRC_LEASE: ["junk"]}), [MAC], (ProviderError,)) == []
 
 
+def test_sources_are_libvirts_own_values():
+    libvirt = pytest.importorskip("libvirt", reason="libvirt-python is not installed")
+    assert SRC_LEASE == libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE
+    assert SRC_AGENT == libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT
+
+
 def test_static_addresses_are_reported_without_asking_anyone():
     a = Allocation(
         name="vm",

@@ -22,8 +22,8 @@ __all__ = ["dynamic_addresses"]
 log = logging.getLogger(__name__)
 
 # libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_LEASE / _AGENT (stable values; unit tests run without the binding)
-SRC_LEASE = 1
-SRC_AGENT = 2
+SRC_LEASE = 0
+SRC_AGENT = 1
 
 
 def _agent_connected(dom: Any) -> bool:
