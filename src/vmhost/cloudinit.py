@@ -1,6 +1,6 @@
 """NoCloud seed for a VM: user-data, meta-data, network-config, and the `cidata` ISO holding them.
 
-Provider-neutral: libvirt attaches the ISO as a CD-ROM volume, LXD can pass the same documents as
+Provider-neutral: libvirt attaches the ISO as a read-only virtio disk, LXD can pass the same documents as
 `cloud-init.*` config keys. Static addresses come from NicAllocation.ip; NICs are matched by MAC, so
 the provider sets MACs before building the seed.
 

@@ -13,6 +13,7 @@ Run under the functional flock: `flock /tmp/vmhost-functional.lock .venv/bin/pyt
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ipaddress
 import json
@@ -113,6 +114,34 @@ def _nat_network(conn):
         net.destroy()
 
 
+def _guest_says(conn, name: str) -> str:
+    """What the guest itself reports through qemu-guest-agent (its addresses, networkd, cloud-init): printed
+    when the test fails, so a failure says where the boot stopped."""
+    import libvirt_qemu
+
+    out = []
+    try:
+        dom = conn.lookupByName(name)
+        for argv in (["ip", "-br", "addr"], ["networkctl", "--no-pager"], ["cloud-init", "status", "--long"],
+                     ["journalctl", "--no-pager", "-b", "-n", "40", "-u", "systemd-networkd", "-u", "ssh"]):  # fmt: skip
+            cmd = {"execute": "guest-exec", "arguments": {"path": argv[0], "arg": argv[1:], "capture-output": True}}
+            pid = json.loads(libvirt_qemu.qemuAgentCommand(dom, json.dumps(cmd), 10, 0))["return"]["pid"]
+            for _ in range(20):
+                status = json.loads(
+                    libvirt_qemu.qemuAgentCommand(
+                        dom, json.dumps({"execute": "guest-exec-status", "arguments": {"pid": pid}}), 10, 0
+                    )
+                )["return"]
+                if status.get("exited"):
+                    break
+                time.sleep(0.5)
+            text = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+            out.append(f"$ {' '.join(argv)}\n{text}")
+    except Exception as e:  # diagnostics only: say why there are none
+        out.append(f"(the guest agent could not be asked: {e})")
+    return "\n".join(out)
+
+
 def _ssh(key: Path, known_hosts: Path, address: str, *command: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         ["ssh", "-i", str(key), "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=yes",
@@ -159,7 +188,10 @@ def test_a_vm_from_the_cloud_image_boots_takes_dhcp_and_lets_the_reported_key_ho
                 address = dhcp[0] if dhcp else None
                 if address is None:
                     time.sleep(5)
-            assert address, f"vmhost list reported no DHCP address in {subnet} within {BOOT_SECONDS:g} s"
+            assert address, (
+                f"vmhost list reported no DHCP address in {subnet} within {BOOT_SECONDS:g} s; "
+                f"the guest says:\n{_guest_says(libvirt_conn, hostname)}"
+            )
             address_s = time.monotonic() - t0 - compose_s
             # The known_hosts file holds ONLY what vm-host reported (list, not compose: what a client reads).
             known.write_text(known_hosts_lines([address], listed.host_keys))

@@ -325,7 +325,7 @@ def test_cloud_init_seed_is_attached_with_the_static_address_and_removed_on_deco
     assert sorted(_our_volumes(libvirt_conn, name)) == sorted([seed, volume_name(name, "root")])
     text = libvirt_conn.lookupByName(name).XMLDesc(0)
     dom = ET.fromstring(text)
-    cdrom = dom.find("devices/disk[@device='cdrom']/source")
+    cdrom = dom.find("devices/disk[serial='cidata']/source")  # the seed: a read-only virtio disk
     assert cdrom.get("volume") == seed
     path = libvirt_conn.storagePoolLookupByName("default").storageVolLookupByName(seed).path()
     assert os.stat(path).st_mode & 0o077 == 0  # it holds the VM's private host key: root (and QEMU) only

@@ -127,9 +127,15 @@ def test_domain_xml_expresses_the_allocation(case):
     page = dom.find("memoryBacking/hugepages/page")
     assert int(page.get("size")) * 1024 == HUGEPAGE_SIZES[a.hugepages.size]
     assert parse_cpuset(page.get("nodeset")) == tuple(range(len(a.cells)))
-    assert [d.find("source").get("volume") for d in dom.findall("devices/disk[@device='disk']")] == [
+    disks = dom.findall("devices/disk[@device='disk']")
+    seeds = [d for d in disks if d.findtext("serial") == "cidata"]
+    assert [d.find("source").get("volume") for d in disks if d not in seeds] == [
         volume_name(a.name, d.label) for d in a.disks
     ]
+    if kwargs.get("seed"):  # the seed: read-only, virtio (every cloud kernel has it; AHCI it may not), last
+        (seed,) = seeds
+        assert seed.find("readonly") is not None and seed.find("target").get("bus") == "virtio"
+        assert disks[-1] is seed and disks[0].find("target").get("dev") == "vda"
     assert [i.find("mac").get("address") for i in dom.findall("devices/interface")] == [n.mac for n in a.nics]
     assert dom.find("devices/graphics") is None and dom.find("devices/console") is not None
 

@@ -263,11 +263,15 @@ def build_domain(
         _sub(d, "target", dev=f"vd{chr(ord('a') + i)}", bus="virtio")
         _sub(d, "serial", disk.label)
     if seed:
-        d = _sub(devices, "disk", type_="volume", device="cdrom")
+        # A read-only virtio disk, not a SATA CD-ROM: minimal cloud kernels (Debian's linux-image-cloud) have no
+        # AHCI driver, and cloud-init finds the seed by its `cidata` label on any block device. After the VM's
+        # own disks, so the root disk stays the first (vda).
+        d = _sub(devices, "disk", type_="volume", device="disk")
         _sub(d, "driver", name="qemu", type_="raw")
         _sub(d, "source", pool=seed.pool, volume=seed.volume)
-        _sub(d, "target", dev="sda", bus="sata")
+        _sub(d, "target", dev="vdzz", bus="virtio")
         _sub(d, "readonly")
+        _sub(d, "serial", SEED_LABEL)
     for nic in a.nics:
         _interface(devices, nic, vf_addresses, tag=nic.label not in untagged)
     serial = _sub(devices, "serial", type_="pty")
