@@ -1,14 +1,18 @@
-"""A libvirt VM's addresses: static at once, DHCP leases and the guest agent by MAC; a failed lookup never fails list."""
+"""A libvirt VM's addresses: static at once, DHCP leases and the guest agent by MAC; a failed lookup never fails list.
+And its domain type, from the hypervisor's capabilities."""
 
 from __future__ import annotations
 
 import logging
+import re
+import xml.etree.ElementTree as ET
 
 import pytest
 
 from vmhost.model import Allocation, NicAllocation
 from vmhost.providers.addresses import MAX_ADDRESSES, static_addresses, vm_addresses
 from vmhost.providers.base import ProviderError
+from vmhost.providers.libvirt import LibvirtProvider
 from vmhost.providers.libvirt_addresses import SRC_AGENT, SRC_LEASE, dynamic_addresses
 
 MAC = "52:54:00:aa:bb:01"
@@ -105,3 +109,30 @@ def test_static_addresses_are_reported_without_asking_anyone():
 @pytest.mark.parametrize("n", [MAX_ADDRESSES + 10])
 def test_addresses_are_bounded(n):
     assert len(vm_addresses([], [f"10.0.{i // 256}.{i % 256}" for i in range(n)])) == MAX_ADDRESSES
+
+
+def _caps(*types: str) -> ET.Element:
+    domains = "".join(f"<domain type='{t}'/>" for t in types)
+    return ET.fromstring(f"<capabilities><guest><arch name='x86_64'>{domains}</arch></guest></capabilities>")
+
+
+@pytest.mark.parametrize(
+    ("setting", "offered", "chosen"),
+    [("auto", ("qemu", "kvm"), "kvm"), ("auto", ("qemu",), "qemu"), ("qemu", ("qemu", "kvm"), "qemu")],
+)
+def test_domain_type_comes_from_the_hypervisors_capabilities(setting, offered, chosen):
+    p = LibvirtProvider(uri="qemu:///system", domain_type=setting)
+    p._caps = _caps(*offered)
+    assert p.resolved_domain_type() == chosen
+
+
+def test_a_forced_domain_type_the_hypervisor_lacks_is_refused_and_a_bad_one_never_built():
+    p = LibvirtProvider(uri="qemu:///system", domain_type="kvm")
+    p._caps = _caps("qemu")
+    with pytest.raises(
+        ProviderError,
+        match=re.escape("domain type 'kvm' is not offered by libvirt at qemu:///system (it offers: qemu); use auto"),
+    ):
+        p.resolved_domain_type()
+    with pytest.raises(ProviderError, match="domain type 'xen' is not one of auto, kvm, qemu"):
+        LibvirtProvider(domain_type="xen")
