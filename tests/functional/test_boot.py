@@ -197,7 +197,8 @@ def test_a_vm_from_the_cloud_image_boots_takes_dhcp_and_lets_the_reported_key_ho
             known.write_text(known_hosts_lines([address], listed.host_keys))
             out = None
             while time.monotonic() < deadline:
-                out = _ssh(key, known, address, "hostname")
+                # After cloud-init's last stage: it restarts sshd (ssh_pwauth), which would refuse a later check.
+                out = _ssh(key, known, address, "cloud-init status --wait >/dev/null 2>&1; hostname")
                 if out.returncode == 0:
                     break
                 time.sleep(5)
@@ -212,7 +213,7 @@ def test_a_vm_from_the_cloud_image_boots_takes_dhcp_and_lets_the_reported_key_ho
             wrong = tmp_path / "wrong_known_hosts"
             wrong.write_text(f"{address} {' '.join(other.with_suffix('.pub').read_text().split()[:2])}\n")
             refused = _ssh(key, wrong, address, "true")
-            assert refused.returncode != 0 and "host key" in refused.stderr.lower()
+            assert refused.returncode != 0 and "host key" in refused.stderr.lower(), refused.stderr
             # The private halves never left vm-host's seed: not in its logs, its report, the domain XML.
             shown = caplog.text + json.dumps([v.to_dict() for v in host.vms()])
             shown += libvirt_conn.lookupByName(hostname).XMLDesc(0)
