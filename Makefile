@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 TOOLS   = $(shell VMHOST_CACHE=$(CACHE) bash scripts/tools-venv.sh)
 UV      = $(TOOLS)/bin/uv
 
-.PHONY: host tools venv lock charm run test unit functional numa numa-guest package integration lint format bench clean
+.PHONY: host tools venv lock charm run test unit functional cloud-image numa numa-guest package integration lint format bench clean
 
 host:                         ## system packages, hugepages, hugetlbfs, libvirtd, test LXD daemon
 	bash scripts/host-setup.sh --lxd
@@ -45,6 +45,9 @@ package: $(STAMP) charm
 
 functional: venv
 	$(VENV)/bin/pytest tests/functional
+
+cloud-image:                  ## the boot test's Debian cloud image (cached under $(CACHE)/cloud-image); prints its path
+	VMHOST_CACHE=$(CACHE) bash scripts/build-cloud-image.sh
 
 numa-guest:                   ## the numa tier's nested guest image and QEMU 10 chroot (cached under $(CACHE)/numa-guest)
 	VMHOST_CACHE=$(CACHE) bash scripts/build-numa-guest.sh

@@ -12,54 +12,27 @@ set -euo pipefail
 GUEST_PACKAGES=linux-image-amd64,systemd-sysv,libpam-systemd,dbus,libvirt-daemon-system,libvirt-clients,qemu-system-x86,qemu-utils,openssh-server,python3,numactl,iproute2,pciutils
 QEMU_PACKAGES=qemu-system-x86
 SUITE=bookworm
-# The Debian archive this machine's apt already uses (its first source for the suite), unless given.
-apt_mirror() {
-  cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null |
-    awk -v s="$SUITE" '$1 == "deb" && $3 == s { print $2; exit }'
-  for f in /etc/apt/sources.list.d/*.sources; do
-    [[ -e $f ]] || continue
-    awk -v s="$SUITE" 'BEGIN { RS = ""; FS = "\n" } $0 ~ "Suites:[^\n]*[ ]" s "([ ]|$|\n)" {
-      for (i = 1; i <= NF; i++) if ($i ~ /^URIs:/) { split($i, u, " "); print u[2]; exit } }' "$f"
-  done
-}
-MIRROR=${VMHOST_DEBIAN_MIRROR:-$(apt_mirror | head -1)}
-[[ -n $MIRROR ]] || { echo "build-numa-guest: no apt source for $SUITE on this machine; set VMHOST_DEBIAN_MIRROR" >&2; exit 1; }
-ROOTFS_SIZE=3G
-cache=${VMHOST_CACHE:-/var/cache/vmhost}
+NAME=build-numa-guest
 here=$(cd "$(dirname "$0")" && pwd)
-key=$( (cat "$here/build-numa-guest.sh"; echo "$GUEST_PACKAGES $QEMU_PACKAGES") | sha256sum | cut -c1-16)
+# shellcheck source=lib/debian.sh
+source "$here/lib/debian.sh"
+ROOTFS_SIZE=3G
+key=$( (cat "$here/build-numa-guest.sh" "$here/lib/debian.sh"; echo "$GUEST_PACKAGES $QEMU_PACKAGES") | sha256sum | cut -c1-16)
 guest=$cache/numa-guest/$key
 # The QEMU chroot depends on its package list only, so editing the guest's part does not rebuild it.
 qemu10=$cache/numa-guest/qemu10-$(echo "$SUITE-backports $QEMU_PACKAGES" | sha256sum | cut -c1-16)
 debs=$cache/numa-guest/debs  # downloaded .debs (named by version), so a rebuild after an edit fetches less
-log() { echo "build-numa-guest: $*" >&2; }
 
-mkdir -p "$cache/numa-guest" "$debs"
-exec 9>"$cache/numa-guest/.lock"
-flock -w 1800 9 || { log "another build held the lock for 30 minutes; giving up"; exit 1; }
+mkdir -p "$debs"
+build_lock "$cache/numa-guest"
 
 if [[ -e $guest/.complete && -e $qemu10/.complete ]]; then
   echo "$guest"
   exit 0
 fi
 
-need=()
-for p in debootstrap e2fsprogs debian-archive-keyring; do
-  [[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == *"ok installed"* ]] || need+=("$p")
-done
-if ((${#need[@]})); then
-  log "installing ${need[*]}"
-  apt-get update -q >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
-fi
-
-work=$(mktemp -d "$cache/numa-guest/.build-XXXXXX")
-cleanup() {
-  # debootstrap mounts proc and sys in its target; never let rm follow a mount back into the host.
-  findmnt -rn -o TARGET | grep "^$work/" | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
-  rm -rf --one-file-system "$work"
-}
-trap cleanup EXIT
+need_packages debootstrap e2fsprogs debian-archive-keyring
+make_work "$cache/numa-guest"
 
 if [[ ! -e $qemu10/.complete ]]; then
   log "QEMU 10 chroot from $SUITE-backports"

@@ -136,6 +136,8 @@ class VmHostCharm(ops.CharmBase):
         options: dict[str, object] = {"image_server": config.image_server}
         if config.backend == "libvirt":
             options["image_dir"] = config.libvirt_image_dir
+            if config.libvirt_domain_type != "auto":
+                options["domain_type"] = config.libvirt_domain_type
         provider = make_provider(ProviderSettings(config.backend, uri, config.hypervisor_timeout, options))
         return VmHost(provider, config.policy(), space_bridges=config.space_bridges)
 
@@ -401,7 +403,9 @@ class VmHostCharm(ops.CharmBase):
     def _compose(self, event: ops.ActionEvent, params: ComposeParams, config: CharmConfig) -> dict[str, str]:
         request = VmRequest.from_dict(params.request_dict())
         with self._session(config) as vmhost:
-            vm = vmhost.compose(request, start=params.start, boot=params.boot, image=params.image)
+            vm = vmhost.compose(
+                request, start=params.start, boot=params.boot, image=params.image, cloud_init=params.cloud_init()
+            )
         event.log(f"composed {vm.name}")
         return vm_results(vm.to_dict())
 

@@ -22,7 +22,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, BootMode, HugepageSetting, Policy, Quota
+from vmhost.access import cloud_init_for
+from vmhost.cloudinit import check_ssh_keys, check_user_data
+from vmhost.model import MAX_RESERVED_MEMORY, RATIO_BOUNDS, BootMode, CloudInit, HugepageSetting, Policy, Quota
 from vmhost.parse import (
     MAX_TEXT,
     MAX_VM_CORES,
@@ -145,6 +147,7 @@ class CharmConfig(BaseModel):
     libvirt_uri: str = "qemu:///system"
     libvirt_image_dir: str = "/var/lib/vmhost/images"
     image_server: str = DEFAULT_IMAGE_SERVER
+    libvirt_domain_type: Literal["auto", "kvm", "qemu"] = "auto"
     metrics_address: str = "127.0.0.1:9477"
     hypervisor_timeout: float = DEFAULT_CALL_TIMEOUT
 
@@ -334,6 +337,24 @@ class ComposeParams(BaseModel):
     start: bool = False
     boot: BootMode = "network"
     image: Text | None = None
+    # Access (vmhost.access): keys for the login user DEFAULT_LOGIN_USER and the caller's user-data, bounded
+    # by vmhost.cloudinit's checks, whose messages never echo the text (user-data may hold secrets).
+    ssh_authorized_keys: tuple[str, ...] = ()
+    user_data: str | None = None
+
+    @field_validator("ssh_authorized_keys", mode="before")
+    @classmethod
+    def _keys(cls, v: Any) -> tuple[str, ...]:
+        return check_ssh_keys(list(v) if isinstance(v, tuple) else v)
+
+    @field_validator("user_data", mode="before")
+    @classmethod
+    def _user_data(cls, v: Any) -> str | None:
+        return None if v is None else check_user_data(v)
+
+    def cloud_init(self) -> CloudInit | None:
+        """The seed's access part, or None for the default seed (no keys, no user-data)."""
+        return cloud_init_for(self.hostname, self.ssh_authorized_keys, self.user_data)
 
     @field_validator("hostname")
     @classmethod
@@ -471,6 +492,8 @@ def error_message(e: ValidationError, kind: str = "config") -> str:
 # Result keys Juju accepts (lower case, no underscores); nested values are JSON text.
 _RESULT_KEYS = {
     "name": "name",
+    "login_user": "login-user",
+    "host_keys": "host-keys",
     "state": "state",
     "vcpus": "vcpus",
     "pinned": "pinned",

@@ -10,11 +10,14 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from vmhost.access import cloud_init_for, read_arg, ssh_key_lines
+from vmhost.cloudinit import MAX_USER_DATA
 from vmhost.exporter import make_server
-from vmhost.model import BOOT_MODES, Policy, VmRequest
+from vmhost.model import BOOT_MODES, DEFAULT_LOGIN_USER, Policy, VmRequest
 from vmhost.parse import ParseError
 from vmhost.placement import PlacementError
 from vmhost.providers.base import ProviderError
+from vmhost.providers.libvirt_xml import DOMAIN_TYPES
 from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, vm_line
 from vmhost.service import STOP_WAIT, HostLockBusy, VmHost
@@ -71,6 +74,12 @@ def _common() -> argparse.ArgumentParser:
         f"default {DEFAULT_LOCK_TIMEOUT:g}, {LOCK_TIMEOUT_RANGE[0]:g}-{LOCK_TIMEOUT_RANGE[1]:g})",
     )
     p.add_argument(
+        "--domain-type",
+        default=os.environ.get("VMHOST_DOMAIN_TYPE", "auto"),
+        choices=("auto", *DOMAIN_TYPES),
+        help="libvirt: kvm, qemu (TCG, emulated) or auto (kvm where the hypervisor offers it; env VMHOST_DOMAIN_TYPE)",
+    )
+    p.add_argument(
         "--confine-foreign-vms",
         default=os.environ.get("VMHOST_CONFINE_FOREIGN_VMS", "true"),
         help="true (default) keeps running VMs vm-host did not make off pinned threads; false only reports them",
@@ -111,6 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         help="for --boot image: <os>:<alias> from the image server (ubuntu:24.04), or a local image path or "
         "name (libvirt) or alias (LXD)",
+    c.add_argument(
+        "--ssh-key",
+        action="append",
+        default=[],
+        metavar="KEY|@FILE",
+        help=f"an OpenSSH public key for the login user {DEFAULT_LOGIN_USER!r}, or @FILE of them (repeatable)",
+    )
+    c.add_argument(
+        "--user-data",
+        metavar="TEXT|@FILE",
+        help="cloud-init user-data (#cloud-config is merged with vm-host's; a script or MIME travels beside it)",
     )
     c.add_argument("--dry-run", action="store_true", help="print the placement, create nothing")
     d = sub.add_parser("decompose", parents=[common], help="delete a VM and its volumes")
@@ -189,6 +209,8 @@ def _host(args: argparse.Namespace) -> VmHost:
             options["project"] = args.project
         if args.server_cert:
             options["verify"] = args.server_cert
+    elif args.backend == "libvirt" and args.domain_type != "auto":
+        options["domain_type"] = args.domain_type
     if args.image_server:
         options["image_server"] = args.image_server
     if args.image_server_cert:
@@ -229,6 +251,8 @@ def run(args: argparse.Namespace) -> int:
             _emit(args, res, render_view(res))
         elif args.command == "compose":
             request = _request(args)
+            user_data = read_arg(args.user_data, "user-data", MAX_USER_DATA) if args.user_data is not None else None
+            cloud_init = cloud_init_for(args.hostname, ssh_key_lines(args.ssh_key), user_data)
             if args.dry_run:
                 alloc = host.plan(request)
                 _emit(args, alloc.to_dict(), f"would compose {alloc.name}: {json.dumps(alloc.to_dict())}")
@@ -242,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
                 start=args.start,
                 boot=args.boot,
                 image=image,
+                cloud_init=cloud_init,
             )
             _emit(args, vm.to_dict(), f"composed {vm_line(vm.to_dict())}")
         elif args.command == "decompose":

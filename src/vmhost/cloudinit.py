@@ -1,23 +1,156 @@
 """NoCloud seed for a VM: user-data, meta-data, network-config, and the `cidata` ISO holding them.
 
-Provider-neutral: libvirt attaches the ISO as a CD-ROM volume, LXD can pass the same documents as
+Provider-neutral: libvirt attaches the ISO as a read-only virtio disk, LXD can pass the same documents as
 `cloud-init.*` config keys. Static addresses come from NicAllocation.ip; NICs are matched by MAC, so
 the provider sets MACs before building the seed.
+
+Access (docs/design.md §13): every seed creates the one login user DEFAULT_LOGIN_USER (passwordless sudo,
+the caller's SSH keys, no password) and installs the VM's vm-host-made SSH host keys (cloud-init
+`ssh_keys`, with key generation in the guest turned off). A caller's `#cloud-config` is merged with
+vm-host's settings, vm-host's winning on the keys it sets (VM_HOST_KEYS) and on its login user's entry in
+`users`; any other user-data (a script, a MIME archive, ...) travels beside vm-host's part in a MIME multipart.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
+import re
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
+from email import message_from_string
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 from pathlib import Path
 
 import yaml
 
-from vmhost.model import CloudInit, NicAllocation
+from vmhost.hostkeys import HostKeyPair
+from vmhost.model import DEFAULT_LOGIN_USER, CloudInit, NicAllocation
 
-__all__ = ["seed_documents", "static_prefixes", "write_seed_iso"]
+__all__ = [
+    "MAX_SSH_KEYS",
+    "MAX_SSH_KEY_LENGTH",
+    "MAX_USER_DATA",
+    "check_ssh_keys",
+    "check_user_data",
+    "seed_documents",
+    "static_prefixes",
+    "user_data",
+    "write_seed_iso",
+]
+
+MAX_SSH_KEYS = 32
+MAX_SSH_KEY_LENGTH = 16 * 1024  # characters; an RSA 16384-bit key is ~2.8 KiB
+MAX_USER_DATA = 64 * 1024  # bytes (UTF-8); well within a NoCloud ISO and an LXD config key
+SSH_KEY_TYPES = frozenset(
+    {
+        "ssh-ed25519",
+        "ssh-rsa",
+        "ecdsa-sha2-nistp256",
+        "ecdsa-sha2-nistp384",
+        "ecdsa-sha2-nistp521",
+        "sk-ssh-ed25519@openssh.com",
+        "sk-ecdsa-sha2-nistp256@openssh.com",
+    }
+)
+_COMMENT = re.compile(r"^[\x20-\x7e]*$")
+# Keys of the merged cloud-config that are vm-host's alone: the caller's values for them are replaced.
+VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", "ssh_deletekeys")
+# vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
+# (so sudo resolves it).
+CALLER_MAY_CHANGE = {"ssh_pwauth": False, "manage_etc_hosts": True}
+# What cloud-init makes of a user-data part by its first line (its own table, the ones a caller may send).
+_PART_TYPES = (
+    ("#!", "x-shellscript"),
+    ("#include", "x-include-url"),
+    ("#cloud-boothook", "cloud-boothook"),
+    ("#cloud-config-archive", "cloud-config-archive"),
+    ("#part-handler", "part-handler"),
+    ("## template: jinja", "jinja2"),
+)
+
+
+def check_ssh_keys(keys: Sequence[object]) -> tuple[str, ...]:
+    """The keys as OpenSSH public key lines (`type base64 [comment]`), or ValueError in one sentence."""
+    if isinstance(keys, str | bytes) or not isinstance(keys, Sequence):
+        raise ValueError("ssh_authorized_keys must be a list of OpenSSH public keys")
+    if len(keys) > MAX_SSH_KEYS:
+        raise ValueError(f"{len(keys)} SSH keys given; at most {MAX_SSH_KEYS} are allowed")
+    out = []
+    for i, key in enumerate(keys, 1):
+        if not isinstance(key, str) or not key.strip():
+            raise ValueError(f"SSH key {i} is empty or not text; give an OpenSSH public key line")
+        if len(key) > MAX_SSH_KEY_LENGTH:
+            raise ValueError(f"SSH key {i} is {len(key)} characters; at most {MAX_SSH_KEY_LENGTH} are allowed")
+        parts = key.strip().split(None, 2)
+        if parts[0] not in SSH_KEY_TYPES:
+            raise ValueError(
+                f"SSH key {i} starts with {parts[0][:40]!r}, not a key type; "
+                f"give an OpenSSH public key line (types: {', '.join(sorted(SSH_KEY_TYPES))})"
+            )
+        if len(parts) < 2 or not _blob_is(parts[1], parts[0]):
+            raise ValueError(f"SSH key {i} ({parts[0]}) has no valid base64 key data after its type")
+        if len(parts) == 3 and not _COMMENT.match(parts[2]):
+            raise ValueError(f"SSH key {i} has a comment with control or non-ASCII characters; remove them")
+        out.append(" ".join(parts))
+    return tuple(out)
+
+
+def _blob_is(data: str, key_type: str) -> bool:
+    """The base64 blob decodes and starts with the length-prefixed key type, as every OpenSSH key does."""
+    try:
+        blob = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    name = key_type.encode()
+    return blob[:4] == len(name).to_bytes(4, "big") and blob[4 : 4 + len(name)] == name
+
+
+def check_user_data(text: object) -> str:
+    """user_data as given when it is text within MAX_USER_DATA that cloud-init can read, else ValueError."""
+    if not isinstance(text, str):
+        raise ValueError("user_data must be text (a #cloud-config document, a script or a MIME archive)")
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= MAX_USER_DATA:
+        raise ValueError(f"user_data is {size} bytes; it must be 1 to {MAX_USER_DATA} bytes")
+    if "\0" in text:
+        raise ValueError("user_data contains a NUL byte; give text")
+    if text.startswith("#cloud-config\n") or text.rstrip() == "#cloud-config":
+        _cloud_config(text)
+    elif not _is_mime(text) and _part_type(text) is None:
+        raise ValueError(
+            "user_data starts with neither #cloud-config, #! (a script), another cloud-init part header "
+            "nor a MIME Content-Type; cloud-init would ignore it"
+        )
+    return text
+
+
+def _cloud_config(text: str) -> dict:
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"user_data's #cloud-config is not valid YAML{where}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ValueError("user_data's #cloud-config must be a mapping of cloud-init settings")
+    return doc
+
+
+def _is_mime(text: str) -> bool:
+    return text.lower().startswith(("content-type:", "mime-version:"))
+
+
+def _part_type(text: str) -> str | None:
+    for prefix, subtype in _PART_TYPES:
+        if text.startswith(prefix):
+            return subtype
+    return None
 
 
 def _address(ip: str, prefix: int | None) -> str:
@@ -81,30 +214,83 @@ def network_config(nics: Sequence[NicAllocation], prefixes: Mapping[str, int] | 
     return {"version": 2, "ethernets": ethernets}
 
 
+def _vm_host_config(ci: CloudInit, host_keys: Sequence[HostKeyPair]) -> dict:
+    """vm-host's own cloud-config: the hostname, the login user with the caller's keys, the VM's host keys."""
+    user = {
+        "name": DEFAULT_LOGIN_USER,
+        "groups": ["sudo"],
+        "sudo": "ALL=(ALL) NOPASSWD:ALL",
+        "shell": "/bin/bash",
+        "lock_passwd": True,
+        "ssh_authorized_keys": list(check_ssh_keys(ci.ssh_authorized_keys)),
+    }
+    cfg: dict = {**CALLER_MAY_CHANGE, "hostname": ci.hostname, "preserve_hostname": False, "users": [user]}
+    if host_keys:
+        keys: dict[str, str] = {}
+        for pair in host_keys:
+            keys[f"{pair.cloud_init_type}_private"] = pair.private
+            keys[f"{pair.cloud_init_type}_public"] = pair.public.public_key
+        # Only the types given (each present, so none is made): the guest has exactly the keys vm-host reports.
+        genkeytypes = [pair.cloud_init_type for pair in host_keys]
+        cfg.update(ssh_keys=keys, ssh_genkeytypes=genkeytypes, ssh_deletekeys=True)
+    return cfg
+
+
+def _merge(theirs: dict, ours: dict) -> dict:
+    """The caller's cloud-config with vm-host's: ours wins on VM_HOST_KEYS and on our user's `users` entry;
+    theirs wins on everything else (CALLER_MAY_CHANGE included)."""
+    if not isinstance(theirs.get("users") or [], list):
+        raise ValueError("user_data's cloud-config `users` must be a list")
+    users = [
+        u for u in (theirs.get("users") or []) if not (isinstance(u, dict) and u.get("name") == DEFAULT_LOGIN_USER)
+    ]
+    merged = {**ours, **{k: v for k, v in theirs.items() if k not in VM_HOST_KEYS}}
+    merged["users"] = [*users, *ours["users"]]
+    return merged
+
+
+def _cloud_config_text(cfg: dict) -> str:
+    """A #cloud-config document; long lines (SSH keys) stay whole, so they read (and grep) as given."""
+    return "#cloud-config\n" + yaml.safe_dump(cfg, sort_keys=True, width=1 << 20)
+
+
+def user_data(ci: CloudInit, host_keys: Sequence[HostKeyPair] = ()) -> str:
+    """The user-data document: vm-host's cloud-config, merged with or beside the caller's (module docstring)."""
+    ours = _vm_host_config(ci, host_keys)
+    if ci.user_data is None:
+        return _cloud_config_text(ours)
+    text = check_user_data(ci.user_data)
+    if not _is_mime(text) and _part_type(text) is None:
+        return _cloud_config_text(_merge(_cloud_config(text), ours))
+    archive = MIMEMultipart()
+    if _is_mime(text):
+        given = message_from_string(text)
+        for part in given.walk() if given.is_multipart() else [given]:
+            if not part.is_multipart():
+                archive.attach(part)
+    else:
+        archive.attach(MIMEText(text, _part_type(text), "utf-8"))
+    archive.attach(MIMEText(_cloud_config_text(ours), "cloud-config", "utf-8"))
+    return archive.as_string()
+
+
 def seed_documents(
     ci: CloudInit,
     nics: Sequence[NicAllocation] = (),
     *,
     instance_id: str | None = None,
     prefixes: Mapping[str, int] | None = None,
+    host_keys: Sequence[HostKeyPair] = (),
 ) -> dict[str, str]:
     """{"user-data", "meta-data", "network-config"} as the strings NoCloud reads.
 
-    A caller's user_data passes through untouched (it may be a script or a MIME archive); the hostname
-    and SSH keys then travel in meta-data, which cloud-init honours either way.
+    host_keys: the SSH host key pairs the VM is to have (vmhost.hostkeys).
+    The caller's SSH keys go to the login user only (not meta-data's public-keys, which would give them
+    to the image's own default user too).
     """
     meta = {"instance-id": instance_id or ci.hostname, "local-hostname": ci.hostname}
-    if ci.ssh_authorized_keys:
-        meta["public-keys"] = list(ci.ssh_authorized_keys)
-    if ci.user_data is not None:
-        user = ci.user_data
-    else:
-        cfg: dict = {"hostname": ci.hostname, "preserve_hostname": False}
-        if ci.ssh_authorized_keys:
-            cfg["ssh_authorized_keys"] = list(ci.ssh_authorized_keys)
-        user = "#cloud-config\n" + yaml.safe_dump(cfg, sort_keys=True)
     return {
-        "user-data": user,
+        "user-data": user_data(ci, host_keys),
         "meta-data": yaml.safe_dump(meta, sort_keys=True),
         "network-config": yaml.safe_dump(network_config(nics, prefixes), sort_keys=False),
     }

@@ -151,15 +151,19 @@ def summary_line(res: dict) -> str:
 
 
 def vm_line(vm: dict) -> str:
-    """One VM in a line: name, state, vCPUs and where they run, memory, hugepages."""
+    """One VM in a line: name, state, vCPUs and where they run, memory, hugepages, how to reach it."""
     where = f"pinned {format_cpuset(vm['pinned'])}" if vm.get("pinned") else "floating"
     nodes = ",".join(str(n) for n in vm.get("numa_nodes") or ()) or "-"
     hp = vm.get("hugepages")
     pages = f", {sum(hp['per_node'].values())}x{hp['size']} pages" if hp else ""
     extra = "" if vm.get("managed", True) else " (not made by vm-host)"
+    addresses = vm.get("addresses") or ()
+    reach = f", ssh {vm['login_user']}@{addresses[0]}" if addresses and vm.get("login_user") else ""
+    if len(addresses) > 1 or (addresses and not reach):
+        reach += f", addresses {' '.join(addresses)}"
     return (
         f"{vm['name']:<16} {vm.get('state', '?'):<8} {vm['vcpus']} vCPU {where:<16} node {nodes:<5} "
-        f"{_gib(vm['memory'])} GiB{pages}{extra}"
+        f"{_gib(vm['memory'])} GiB{pages}{extra}{reach}"
     )
 
 

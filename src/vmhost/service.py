@@ -92,11 +92,12 @@ class VmHost:
         return [v for v in vms if pool is None or v.allocation.resource_pool == pool]
 
     def allocations(self) -> list[Allocation]:
-        return [v.allocation for v in self.provider.list_vms()]
+        return [v.allocation for v in self.provider.list_vms(addresses=False)]
 
     def _snapshot(self) -> tuple[HostTopology, list[VmInfo]]:
-        """What the hypervisor reports now: read once per use case, so every decision in it agrees."""
-        return self.topology(), self.provider.list_vms()
+        """What the hypervisor reports now: read once per use case, so every decision in it agrees (without
+        the guests' DHCP addresses: placement does not need them, and the host lock is held meanwhile)."""
+        return self.topology(), self.provider.list_vms(addresses=False)
 
     def plan(self, request: VmRequest, snapshot: tuple[HostTopology, list[VmInfo]] | None = None) -> Allocation:
         """What compose would allocate now, without creating anything (raises PlacementError)."""
@@ -134,6 +135,8 @@ class VmHost:
             if cloud_init is None and boot == "image":
                 # An image boots with its name as hostname and its static addresses, generated name or not.
                 cloud_init = CloudInit(hostname=allocation.name)
+            elif cloud_init is not None and not cloud_init.hostname:
+                cloud_init = replace(cloud_init, hostname=allocation.name)  # keys or user-data, no hostname given
             if accept is not None and (reason := accept(allocation, host)):
                 raise Refused(reason)
             allocations = [v.allocation for v in vms]

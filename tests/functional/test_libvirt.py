@@ -7,6 +7,8 @@ layer (test_service_libvirt.py); here the provider must make exactly what it is 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -317,17 +319,28 @@ def test_cloud_init_seed_is_attached_with_the_static_address_and_removed_on_deco
     alloc = Allocation(
         name=name, vcpus=1, memory=64 * M, disks=(DiskAllocation("root", 8 * M, "default"),), nics=(nic,)
     )
-    vm = libvirt_provider.compose(ComposePlan(alloc, cloud_init=CloudInit(name, ("ssh-ed25519 AAAAC3Nza test",))))
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXuzinACkSeBrlWwMqzXdLesbcyptFCAOXux58IMPQz test"
+    vm = libvirt_provider.compose(ComposePlan(alloc, cloud_init=CloudInit(name, (key,))))
     seed = volume_name(name, "cidata")
     assert sorted(_our_volumes(libvirt_conn, name)) == sorted([seed, volume_name(name, "root")])
-    dom = ET.fromstring(libvirt_conn.lookupByName(name).XMLDesc(0))
-    cdrom = dom.find("devices/disk[@device='cdrom']/source")
+    text = libvirt_conn.lookupByName(name).XMLDesc(0)
+    dom = ET.fromstring(text)
+    cdrom = dom.find("devices/disk[serial='cidata']/source")  # the seed: a read-only virtio disk
     assert cdrom.get("volume") == seed
     path = libvirt_conn.storagePoolLookupByName("default").storageVolLookupByName(seed).path()
+    assert os.stat(path).st_mode & 0o077 == 0  # it holds the VM's private host key: root (and QEMU) only
     net = subprocess.run(["isoinfo", "-J", "-i", path, "-x", "/network-config"], capture_output=True, text=True)
     meta = subprocess.run(["isoinfo", "-J", "-i", path, "-x", "/meta-data"], capture_output=True, text=True)
+    user = subprocess.run(["isoinfo", "-J", "-i", path, "-x", "/user-data"], capture_output=True, text=True)
     assert "10.99.0.7/" in net.stdout and vm.macs[0] in net.stdout
-    assert "ssh-ed25519 AAAAC3Nza test" in meta.stdout and f"local-hostname: {name}" in meta.stdout
+    assert f"local-hostname: {name}" in meta.stdout
+    assert key in user.stdout and "ed25519_private" in user.stdout and "name: ubuntu" in user.stdout
+    # What vm-host reports: the static address at once, the login user, the public host key only.
+    (listed,) = [v for v in libvirt_provider.list_vms() if v.name == name]
+    assert vm.addresses == listed.addresses == ("10.99.0.7",)
+    assert listed.login_user == "ubuntu" and listed.host_keys == vm.host_keys and len(vm.host_keys) == 1
+    assert vm.host_keys[0].public_key in user.stdout
+    assert "PRIVATE KEY" not in text and "PRIVATE KEY" not in json.dumps(listed.to_dict())
     libvirt_provider.decompose(name)
     assert _our_volumes(libvirt_conn, name) == []
 

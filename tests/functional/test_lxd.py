@@ -205,12 +205,20 @@ def test_unpinned_vm_with_cloud_init_and_static_ip(provider, project, names):
         disks=(DiskAllocation("root", 5 * 10**9, "default"),),
         nics=(NicAllocation("eth0", "network", "lxdbr0", ip="10.197.42.50"),),
     )
-    provider.compose(ComposePlan(alloc, cloud_init=CloudInit(name, ("ssh-ed25519 AAAAC3Nza test@host",))))
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXuzinACkSeBrlWwMqzXdLesbcyptFCAOXux58IMPQz test@host"
+    vm = provider.compose(ComposePlan(alloc, cloud_init=CloudInit(name, (key,))))
     shown = yaml.safe_load(lxc("config", "show", name, "--project", project).stdout)
     assert shown["config"]["limits.cpu"] == "2"
     assert "limits.memory.hugepages" not in shown["config"]
     user = yaml.safe_load(shown["config"]["cloud-init.user-data"])
-    assert user["ssh_authorized_keys"] == ["ssh-ed25519 AAAAC3Nza test@host"]
+    # The login user with the key, and the VM's own host key pair (the guest makes none of its own).
+    assert user["users"][0]["name"] == "ubuntu" and user["users"][0]["ssh_authorized_keys"] == [key]
+    assert user["ssh_keys"]["ed25519_public"] == vm.host_keys[0].public_key and user["ssh_genkeytypes"] == ["ed25519"]
+    # list reports the login user, the public host key and (stopped: nothing learned yet) the static address.
+    (listed,) = [v for v in provider.list_vms() if v.name == name]
+    assert listed.state == "stopped" and listed.addresses == ("10.197.42.50",)
+    assert listed.login_user == "ubuntu" and listed.host_keys == vm.host_keys
+    assert "PRIVATE KEY" not in shown["config"][cfg.HOST_KEYS_KEY]
     net = yaml.safe_load(shown["config"]["cloud-init.network-config"])
     mac = shown["devices"]["eth0"]["hwaddr"]
     # The prefix comes from the host's own address on lxdbr0 (10.197.42.1/24).
@@ -220,6 +228,15 @@ def test_unpinned_vm_with_cloud_init_and_static_ip(provider, project, names):
         "addresses": ["10.197.42.50/24"],
     }
     assert volume_names(project) & {f"{name}-root"} == set()
+
+
+def test_a_stopped_dhcp_vm_is_listed_with_no_address(provider, project, names):
+    """LXD VMs cannot start here: list still works, reading no address for a stopped VM (nothing is guessed)."""
+    name = names()
+    alloc = planned(name, disks=(), nics=(NicAllocation("eth0", "network", "lxdbr0"),))
+    provider.compose(ComposePlan(alloc))
+    (listed,) = [v for v in provider.list_vms() if v.name == name]
+    assert listed.state == "stopped" and listed.addresses == () and listed.login_user is None
 
 
 def test_configured_profile_is_used_and_a_missing_one_is_refused(project, names):

@@ -67,7 +67,7 @@ class FakeProvider:
     def plans(self) -> dict[str, ComposePlan]:
         return {p.allocation.name: p for p in self.composed}
 
-    def list_vms(self) -> list[VmInfo]:
+    def list_vms(self, addresses: bool = True) -> list[VmInfo]:
         return list(self.vms.values())
 
     def compose(self, plan: ComposePlan) -> VmInfo:

@@ -132,6 +132,7 @@ def fake(monkeypatch) -> FakeProvider:
     def make_provider(settings):
         provider.name = settings.backend
         provider.uris.append((settings.backend, settings.uri))
+        provider.options = dict(settings.options)
         return provider
 
     monkeypatch.setattr(charm, "make_provider", make_provider)
@@ -463,6 +464,39 @@ def test_compose_pinned_hugepage_vm(fake, machine):
     assert plan.start is True and plan.boot == "network"
     assert plan.cloud_init is None  # network (PXE) boot: the installer names the machine, no seed needed
     assert fake.vms["web-1"].allocation.resource_pool == "tenant-a"
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXuzinACkSeBrlWwMqzXdLesbcyptFCAOXux58IMPQz alice@laptop"
+
+
+def test_compose_takes_ssh_keys_and_user_data_for_the_login_user(fake, machine):
+    params = {"memory": "256M", "hostname": "web-2", "ssh_authorized_keys": [KEY], "user_data": "#!/bin/sh\ntrue\n"}
+    results, _ = run_action("compose", params)
+    ci = fake.composed[0].cloud_init
+    assert (ci.hostname, ci.ssh_authorized_keys, ci.user_data) == ("web-2", (KEY,), "#!/bin/sh\ntrue\n")
+    assert "login-user" not in results  # the fake provider records none; keys are in the results' own names
+    assert all(k == k.lower() and "_" not in k for k in results)
+
+
+@pytest.mark.parametrize(
+    ("params", "says"),
+    [
+        ({"ssh_authorized_keys": ["ssh-rsa nope"]}, "SSH key 1 (ssh-rsa) has no valid base64 key data"),
+        ({"ssh_authorized_keys": [KEY] * 33}, "parameter ssh-authorized-keys: 33 SSH keys given; at most 32"),
+        ({"user_data": "echo hi"}, "cloud-init would ignore it"),
+        ({"user_data": "#!/bin/sh\n" + "#" * 65536}, "parameter user-data: user_data is 65546 bytes; it must be 1 to"),
+    ],
+)
+def test_compose_bad_access_fails_in_one_sentence_and_makes_nothing(fake, machine, params, says):
+    message = fail_action("compose", {"memory": "256M", **params})
+    assert says in message and "\n" not in message and KEY[20:60] not in message and "####" not in message
+    assert fake.composed == []
+
+
+@pytest.mark.parametrize(("value", "option"), [("qemu", {"domain_type": "qemu"}), ("auto", {})])
+def test_libvirt_domain_type_reaches_the_provider(fake, machine, value, option):
+    run_action("list-vms", config={**LIBVIRT, "libvirt-domain-type": value})
+    assert {k: v for k, v in fake.options.items() if k == "domain_type"} == option
 
 
 def test_compose_policy_from_config_reserved_cores_never_pinned(fake, machine):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import email
 import shutil
 import subprocess
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
 
 import pytest
 import yaml
 
-from vmhost.cloudinit import seed_documents, write_seed_iso
-from vmhost.model import CloudInit, NicAllocation
+from vmhost.cloudinit import check_ssh_keys, seed_documents, user_data, write_seed_iso
+from vmhost.hostkeys import generate_host_keys
+from vmhost.model import DEFAULT_LOGIN_USER, CloudInit, NicAllocation
 
 NICS = (
     NicAllocation("eth0", "bridge", "br0", ip="10.20.0.50", mac="52:54:00:00:00:01"),
@@ -17,14 +21,29 @@ NICS = (
 )
 
 
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXuzinACkSeBrlWwMqzXdLesbcyptFCAOXux58IMPQz alice@laptop"
+
+
 def test_documents_carry_hostname_keys_and_static_address():
-    docs = seed_documents(CloudInit("vm-1", ("ssh-ed25519 AAAA k",)), NICS, instance_id="i-1", prefixes={"eth0": 23})
+    docs = seed_documents(CloudInit("vm-1", (KEY,)), NICS, instance_id="i-1", prefixes={"eth0": 23})
     assert set(docs) == {"user-data", "meta-data", "network-config"}
     assert docs["user-data"].startswith("#cloud-config\n")
+    assert f"- {KEY}\n" in docs["user-data"]  # one line, as given
     user = yaml.safe_load(docs["user-data"])
-    assert user["hostname"] == "vm-1" and user["ssh_authorized_keys"] == ["ssh-ed25519 AAAA k"]
+    assert user["hostname"] == "vm-1"
+    assert user["users"] == [
+        {
+            "name": DEFAULT_LOGIN_USER,
+            "groups": ["sudo"],
+            "sudo": "ALL=(ALL) NOPASSWD:ALL",
+            "shell": "/bin/bash",
+            "lock_passwd": True,
+            "ssh_authorized_keys": [KEY],
+        }
+    ]
+    # The keys go to the one login user only: meta-data's public-keys would also reach the image's own user.
     meta = yaml.safe_load(docs["meta-data"])
-    assert meta == {"instance-id": "i-1", "local-hostname": "vm-1", "public-keys": ["ssh-ed25519 AAAA k"]}
+    assert meta == {"instance-id": "i-1", "local-hostname": "vm-1"}
     net = yaml.safe_load(docs["network-config"])
     assert net["version"] == 2
     assert net["ethernets"]["eth0"] == {
@@ -35,11 +54,96 @@ def test_documents_carry_hostname_keys_and_static_address():
     assert net["ethernets"]["eth1"]["dhcp4"] is True and "addresses" not in net["ethernets"]["eth1"]
 
 
-def test_callers_user_data_passes_through_untouched():
+def test_login_user_is_made_without_keys_too():
+    user = yaml.safe_load(seed_documents(CloudInit("vm-1"))["user-data"])
+    assert [u["name"] for u in user["users"]] == [DEFAULT_LOGIN_USER] and user["users"][0]["ssh_authorized_keys"] == []
+
+
+def test_host_keys_go_in_ssh_keys_and_the_guest_makes_none():
+    pairs = generate_host_keys()
+    user = yaml.safe_load(seed_documents(CloudInit("vm-1", (KEY,)), host_keys=pairs)["user-data"])
+    assert user["ssh_keys"]["ed25519_private"] == pairs[0].private
+    assert user["ssh_keys"]["ed25519_public"] == pairs[0].public.public_key
+    # Only the types given, so cloud-init makes none (each exists) and its schema is satisfied (not empty).
+    assert user["ssh_genkeytypes"] == ["ed25519"] and user["ssh_deletekeys"] is True
+    assert user["manage_etc_hosts"] is True and user["ssh_pwauth"] is False
+
+
+def test_callers_cloud_config_is_merged_vm_host_wins_on_its_own_keys():
+    theirs = (
+        "#cloud-config\npackages: [htop]\nhostname: other\n"
+        "users: [default, {name: ops}, {name: ubuntu, shell: /bin/zsh}]\n"
+        "ssh_keys: {rsa_private: mine}\nssh_pwauth: true\n"
+    )
+    pairs = generate_host_keys()
+    user = yaml.safe_load(seed_documents(CloudInit("vm-2", (KEY,), user_data=theirs), host_keys=pairs)["user-data"])
+    assert user["packages"] == ["htop"] and user["ssh_pwauth"] is True  # theirs kept, a vm-host default changed
+    assert user["hostname"] == "vm-2"  # ours wins
+    assert user["ssh_keys"] == {"ed25519_private": pairs[0].private, "ed25519_public": pairs[0].public.public_key}
+    names = [u if isinstance(u, str) else u["name"] for u in user["users"]]
+    assert names == ["default", "ops", DEFAULT_LOGIN_USER]
+    assert user["users"][-1]["shell"] == "/bin/bash" and user["users"][-1]["ssh_authorized_keys"] == [KEY]
+
+
+def test_a_script_travels_beside_vm_host_part_in_a_mime_multipart():
     script = "#!/bin/sh\necho hi\n"
-    docs = seed_documents(CloudInit("vm-2", ("k",), user_data=script))
-    assert docs["user-data"] == script
-    assert yaml.safe_load(docs["meta-data"])["public-keys"] == ["k"]
+    docs = seed_documents(CloudInit("vm-2", (KEY,), user_data=script))
+    msg = email.message_from_string(docs["user-data"])
+    assert msg.is_multipart()
+    parts = [(p.get_content_type(), p.get_payload(decode=True).decode()) for p in msg.get_payload()]
+    assert parts[0] == ("text/x-shellscript", script)
+    assert parts[1][0] == "text/cloud-config"
+    assert yaml.safe_load(parts[1][1])["users"][0]["ssh_authorized_keys"] == [KEY]
+
+
+def test_a_callers_mime_archive_keeps_its_parts_and_gains_ours():
+    given = MIMEMultipart()
+    given.attach(MIMEText("#!/bin/sh\ntrue\n", "x-shellscript"))
+    given.attach(MIMEText("#cloud-config\npackages: [jq]\n", "cloud-config"))
+    msg = email.message_from_string(seed_documents(CloudInit("vm-3", user_data=given.as_string()))["user-data"])
+    types = [p.get_content_type() for p in msg.get_payload()]
+    assert types == ["text/x-shellscript", "text/cloud-config", "text/cloud-config"]
+    assert "hostname: vm-3" in msg.get_payload()[2].get_payload(decode=True).decode()
+
+
+@pytest.mark.parametrize(
+    ("keys", "says"),
+    [
+        (["ssh-ed25519"], "no valid base64"),
+        (["ssh-ed25519 AAAAB3NzaC1yc2EAAAADAQABAAABAQ"], "no valid base64"),  # an RSA blob under the ed25519 type
+        (["ssh-dss AAAAB3NzaC1kc3M="], "not a key type"),
+        (['from="x" ' + KEY], "not a key type"),
+        ([KEY + "\u00e9\x07"], "comment"),
+        ([KEY] * 33, "at most 32"),
+        (["ssh-rsa " + "A" * 17000], "at most 16384"),
+        ([""], "empty"),
+        ("ssh-ed25519 AAAA", "list"),
+    ],
+)
+def test_bad_ssh_keys_are_refused_in_one_sentence(keys, says):
+    with pytest.raises(ValueError, match=says):
+        check_ssh_keys(keys)
+
+
+def test_good_ssh_keys_pass_with_their_comment():
+    assert check_ssh_keys([KEY + "  ", "  " + KEY.rsplit(" ", 1)[0]]) == (KEY, KEY.rsplit(" ", 1)[0])
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("", "1 to 65536 bytes"),
+        ("#!/bin/sh\n" + "x" * 65536, "1 to 65536 bytes"),
+        ("echo hi\n", "cloud-init would ignore it"),
+        ("#cloud-config\n- a list\n", "must be a mapping"),
+        ("#cloud-config\nkey: [unclosed\n", "not valid YAML at line"),
+        ("#cloud-config\nusers: ubuntu\n", "must be a list"),
+        (b"#!/bin/sh", "must be text"),
+    ],
+)
+def test_bad_user_data_is_refused_in_one_sentence(text, says):
+    with pytest.raises(ValueError, match=says):
+        user_data(CloudInit("vm", user_data=text))
 
 
 def test_unknown_prefix_falls_back_to_the_lan_default():

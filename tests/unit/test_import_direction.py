@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS: list[tuple[str, ...]] = [
     # sizes, cpu sets, MAAS strings, SSH keys, image names: total parsers, no project imports
     ("vmhost.parse", "vmhost.guest_access", "vmhost.simplestreams"),
-    ("vmhost.model", "vmhost.cloudinit"),  # the shared data (and the seed built from it)
+    ("vmhost.model", "vmhost.hostkeys", "vmhost.cloudinit", "vmhost.access"),  # the shared data and the seed
     ("vmhost.placement",),  # the allocator (a package: usage, capacity, numa, nics, disks): pure
     ("vmhost.relation", "vmhost.relation_policy", "vmhost.relation_assignment"),  # the relation's decide(): pure
     ("vmhost.timeouts", "vmhost.hostlock", "vmhost.providers"),  # hypervisor I/O, its bounds and the host lock

@@ -127,9 +127,15 @@ def test_domain_xml_expresses_the_allocation(case):
     page = dom.find("memoryBacking/hugepages/page")
     assert int(page.get("size")) * 1024 == HUGEPAGE_SIZES[a.hugepages.size]
     assert parse_cpuset(page.get("nodeset")) == tuple(range(len(a.cells)))
-    assert [d.find("source").get("volume") for d in dom.findall("devices/disk[@device='disk']")] == [
+    disks = dom.findall("devices/disk[@device='disk']")
+    seeds = [d for d in disks if d.findtext("serial") == "cidata"]
+    assert [d.find("source").get("volume") for d in disks if d not in seeds] == [
         volume_name(a.name, d.label) for d in a.disks
     ]
+    if kwargs.get("seed"):  # the seed: read-only, virtio (every cloud kernel has it; AHCI it may not), last
+        (seed,) = seeds
+        assert seed.find("readonly") is not None and seed.find("target").get("bus") == "virtio"
+        assert disks[-1] is seed and disks[0].find("target").get("dev") == "vda"
     assert [i.find("mac").get("address") for i in dom.findall("devices/interface")] == [n.mac for n in a.nics]
     assert dom.find("devices/graphics") is None and dom.find("devices/console") is not None
 
@@ -262,3 +268,39 @@ def test_a_record_that_does_not_decode_proves_nothing():
     el.set("volumes", "[]")
     el.text = "{not json"
     assert read_record(dom) is None
+
+
+def test_qemu_domain_type_keeps_pinning_cells_and_hugepages():
+    """TCG (type qemu) where KVM cannot boot the guest: the CPU model changes, the placement does not."""
+    plan, kwargs = CASES["two_nodes_cells_1g"]
+    kvm = ET.fromstring(domain_xml(plan, **kwargs))
+    tcg = ET.fromstring(domain_xml(plan, **kwargs, domain_type="qemu"))
+    assert (kvm.get("type"), tcg.get("type")) == ("kvm", "qemu")
+    assert kvm.find("cpu").get("mode") == "host-passthrough"
+    assert tcg.find("cpu").get("mode") == "maximum" and tcg.find("cpu/feature") is None
+    for path in ("memoryBacking", "cputune", "numatune", "cpu/numa", "cpu/topology", "vcpu"):
+        assert ET.tostring(tcg.find(path)) == ET.tostring(kvm.find(path)), path
+    with pytest.raises(ValueError, match="not one of kvm, qemu"):
+        domain_xml(plan, domain_type="xen")
+
+
+def test_seeded_domain_records_login_user_and_public_host_keys_only():
+    from vmhost.hostkeys import generate_host_keys
+    from vmhost.model import DEFAULT_LOGIN_USER, CloudInit
+    from vmhost.providers.libvirt_xml import read_record, record_element
+
+    pairs = generate_host_keys()
+    plan = ComposePlan(ONE_NODE, boot="image", image="/x.qcow2", cloud_init=CloudInit("vm-one"))
+    seed = VolumeRef("default", volume_name("vm-one", "cidata"), "raw")
+    text = domain_xml(plan, uuid="u-1", seed=seed, host_keys=[p.public for p in pairs])
+    assert pairs[0].private.splitlines()[1] not in text and "PRIVATE" not in text
+    rec = read_record(ET.fromstring(text))
+    assert rec.login_user == DEFAULT_LOGIN_USER and rec.host_keys == (pairs[0].public,)
+    again = ET.Element("domain")
+    ET.SubElement(again, "uuid").text = "u-1"
+    ET.SubElement(again, "metadata").append(record_element(replace(rec, state=STATE_READY)))
+    assert read_record(again).host_keys == rec.host_keys  # a state change keeps them
+    channel = ET.fromstring(text).find("devices/channel/target")
+    assert channel.get("name") == "org.qemu.guest_agent.0"
+    unseeded = read_record(ET.fromstring(domain_xml(ComposePlan(ONE_NODE), uuid="u-2")))
+    assert (unseeded.login_user, unseeded.host_keys) == (None, ())

@@ -264,6 +264,20 @@ def test_compose_with_a_volume_and_start_adds_exactly_those_writes(lxd, tmp_path
     assert vm.state == "running"
 
 
+def test_addresses_are_read_by_list_not_by_compose_under_the_host_lock(lxd, tmp_path):
+    """A running VM's state (its DHCP addresses) costs a call per VM: list makes it, placement's snapshot does not."""
+    h = host(tmp_path)
+    h.compose(request(name="vm-a"), start=True)
+    lxd.calls.clear()
+    h.compose(request(name="vm-b"))
+    assert not [c for c in lxd.calls if c[1].startswith("/1.0/instances/") and c[1].endswith("/state")]
+    lxd.calls.clear()
+    assert [v.name for v in h.vms()] == ["vm-a", "vm-b"]
+    assert [c for c in lxd.calls if c[1].startswith("/1.0/instances/") and c[1].endswith("/state")] == [
+        ("GET", "/1.0/instances/vm-a/state")
+    ]
+
+
 def test_a_second_compose_in_the_same_hook_does_not_reread_server_profile_or_project(lxd, tmp_path):
     h = host(tmp_path)
     h.compose(request(name="vm-a"))

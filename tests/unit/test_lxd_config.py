@@ -7,7 +7,16 @@ import json
 import pytest
 import yaml
 
-from vmhost.model import Allocation, CloudInit, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.hostkeys import generate_host_keys
+from vmhost.model import (
+    DEFAULT_LOGIN_USER,
+    Allocation,
+    CloudInit,
+    ComposePlan,
+    DiskAllocation,
+    HugepageAllocation,
+    NicAllocation,
+)
 from vmhost.parse import ParseCache
 from vmhost.providers import lxd_config as cfg
 
@@ -199,17 +208,50 @@ def test_sizes_are_exact_and_read_back():
 
 def test_cloud_init_goes_into_cloud_init_keys_with_static_ip_matched_by_mac():
     nic = NicAllocation("eth0", "bridge", "br0", ip="10.20.0.50", mac="00:16:3e:aa:bb:cc")
-    plan = ComposePlan(alloc(nics=(nic,)), cloud_init=CloudInit("web-1", ("ssh-ed25519 AAAA k",)))
-    config = cfg.instance_config(plan, prefixes={"eth0": 24})
+    plan = ComposePlan(alloc(nics=(nic,)), cloud_init=CloudInit("web-1", (KEY,)))
+    pairs = generate_host_keys()
+    config = cfg.instance_config(plan, prefixes={"eth0": 24}, host_keys=pairs)
     user = yaml.safe_load(config["cloud-init.user-data"])
     assert config["cloud-init.user-data"].startswith("#cloud-config\n")
     assert user["hostname"] == "web-1"
-    assert user["ssh_authorized_keys"] == ["ssh-ed25519 AAAA k"]
+    assert user["users"][0]["name"] == DEFAULT_LOGIN_USER and user["users"][0]["ssh_authorized_keys"] == [KEY]
+    assert user["ssh_keys"]["ed25519_private"] == pairs[0].private and user["ssh_genkeytypes"] == ["ed25519"]
+    # The record list reads back: login user and the PUBLIC halves only.
+    assert cfg.access_from_config(config) == (DEFAULT_LOGIN_USER, (pairs[0].public,))
+    assert pairs[0].private not in config[cfg.HOST_KEYS_KEY] and "user.meta-data" not in config
     net = yaml.safe_load(config["cloud-init.network-config"])
     assert net["ethernets"]["eth0"]["match"] == {"macaddress": "00:16:3e:aa:bb:cc"}
     assert net["ethernets"]["eth0"]["addresses"] == ["10.20.0.50/24"]
     old = cfg.instance_config(plan, cloud_init_keys=False)
     assert "user.user-data" in old and "cloud-init.user-data" not in old
+
+
+KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXuzinACkSeBrlWwMqzXdLesbcyptFCAOXux58IMPQz alice@laptop"
+
+
+def test_addresses_come_from_the_state_of_the_vms_own_nics_global_scope_only():
+    state = {
+        "network": {
+            "enp5s0": {
+                "hwaddr": "00:16:3E:AA:BB:CC",
+                "addresses": [
+                    {"family": "inet", "address": "10.5.0.7", "scope": "global"},
+                    {"family": "inet6", "address": "fe80::1", "scope": "link"},
+                    {"family": "inet6", "address": "fd42::7", "scope": "global"},
+                ],
+            },
+            "lo": {"hwaddr": "", "addresses": [{"address": "127.0.0.1", "scope": "local"}]},
+            "docker0": {"hwaddr": "02:42:00:00:00:01", "addresses": [{"address": "172.17.0.1", "scope": "global"}]},
+        }
+    }
+    assert cfg.state_addresses(state, ["00:16:3e:aa:bb:cc"]) == ("10.5.0.7", "fd42::7")
+    assert cfg.state_addresses(None, ["00:16:3e:aa:bb:cc"]) == ()
+    assert cfg.state_addresses({"network": ["junk"]}, ["00:16:3e:aa:bb:cc"]) == ()
+
+
+def test_a_damaged_access_record_reads_as_none():
+    assert cfg.access_from_config({cfg.LOGIN_USER_KEY: "ubuntu", cfg.HOST_KEYS_KEY: "[{"}) == ("ubuntu", ())
+    assert cfg.access_from_config({}) == (None, ())
 
 
 def test_our_allocation_round_trips_through_the_config():

@@ -88,7 +88,7 @@ def test_an_unknown_backend_names_what_is_installed():
 @pytest.mark.parametrize(
     ("backend", "options", "takes"),
     [
-        ("libvirt", {"imagedir": "/srv"}, "image_dir, image_server, image_server_cert"),
+        ("libvirt", {"imagedir": "/srv"}, "domain_type, image_dir, image_server, image_server_cert"),
         ("lxd", {"image_dir": "/srv"}, "cert, image_server, image_server_cert, profile, project, verify"),
     ],
 )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vmhost.cloudinit import seed_documents, static_prefixes, write_seed_iso
+from vmhost.hostkeys import HostKeyPair, generate_host_keys
 from vmhost.model import (
     Allocation,
     ComposePlan,
@@ -39,7 +40,8 @@ from vmhost.model import (
     StoragePool,
     VmInfo,
 )
-from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, parse_cpuset
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, format_size, human_size, parse_cpuset
+from vmhost.providers.addresses import static_addresses, vm_addresses
 from vmhost.providers.base import (
     NAME_PREFIX,
     QEMU_OUI,
@@ -58,10 +60,12 @@ from vmhost.providers.base import (
     with_retries,
 )
 from vmhost.providers.image_source import ImageServer
+from vmhost.providers.libvirt_addresses import dynamic_addresses
 from vmhost.providers.libvirt_discovery import cell_hugepages, is_remote, remote_nics
 from vmhost.providers.libvirt_images import FILE_POOLS, Bases, check_root_fits, is_base
 from vmhost.providers.libvirt_images import volume_xml as _volume_xml
 from vmhost.providers.libvirt_xml import (
+    DOMAIN_TYPES,
     METADATA_NS,
     METADATA_PREFIX,
     SEED_LABEL,
@@ -134,6 +138,7 @@ _SLOW_CALLS = frozenset(
 # Answered by the binding itself, no round trip to the daemon.
 _LOCAL_CALLS = frozenset({"name", "UUIDString", "UUID"})
 UPLOAD_CHUNK = 256 * 1024
+SEED_MODE = "0600"
 
 
 class _Bounded:
@@ -199,7 +204,11 @@ class LibvirtProvider:
         timeout: float = DEFAULT_CALL_TIMEOUT,
         image_server: str | None = None,
         image_server_cert: str | None = None,
+        domain_type: str = "auto",
     ):
+        if domain_type not in ("auto", *DOMAIN_TYPES):
+            raise ProviderError(f"domain type {str(domain_type)[:20]!r} is not one of auto, {', '.join(DOMAIN_TYPES)}")
+        self.domain_type = domain_type  # auto: kvm where the hypervisor offers it, else qemu (TCG)
         self.uri = uri or DEFAULT_URI
         self.image_dir = image_dir or DEFAULT_IMAGE_DIR
         self.image_server = ImageServer(image_server, cafile=image_server_cert)  # checked now: one sentence if bad
@@ -208,7 +217,9 @@ class LibvirtProvider:
         self._runner = BoundedRunner(f"libvirt at {self.uri}", self.timeout)
         self._conn = None
         self._caps: ET.Element | None = None
-        self._parsed: ParseCache[tuple[Allocation, bool, tuple[str, ...]]] = ParseCache()  # by domain XML
+        self._parsed: ParseCache[tuple[Allocation, bool, tuple[str, ...], str, Record | None]] = (
+            ParseCache()
+        )  # by domain XML
         # sysfs describes this machine only; a remote host is read through libvirt alone (libvirt_discovery).
         self.local = not is_remote(self.uri)
 
@@ -269,6 +280,18 @@ class LibvirtProvider:
                 self._caps = ET.fromstring(self._call(self.conn.getCapabilities))
         return self._caps
 
+    def resolved_domain_type(self) -> str:
+        """kvm or qemu: the forced type if the hypervisor offers it, else (auto) kvm where offered, else qemu."""
+        offered = {d.get("type") for d in self._capabilities().findall("guest/arch[@name='x86_64']/domain")}
+        if self.domain_type == "auto":
+            return "kvm" if "kvm" in offered else "qemu"
+        if self.domain_type not in offered:
+            raise ProviderError(
+                f"domain type {self.domain_type!r} is not offered by libvirt at {self.uri} "
+                f"(it offers: {', '.join(sorted(t for t in offered if t)) or 'none'}); use auto"
+            )
+        return self.domain_type
+
     def discover(self) -> HostTopology:
         caps = self._capabilities()
         cells = caps.findall("host/topology/cells/cell")
@@ -322,33 +345,48 @@ class LibvirtProvider:
     def _node_ids(self) -> tuple[int, ...]:
         return tuple(int(c.get("id")) for c in self._capabilities().findall("host/topology/cells/cell")) or (0,)
 
-    def _info(self, dom, host_nodes: tuple[int, ...] | None = None) -> VmInfo:
+    def _info(self, dom, host_nodes: tuple[int, ...] | None = None, addresses: bool = True) -> VmInfo:
         """One domain; its definition is parsed only when it changed since the last read (self._parsed).
 
         The definition, not the live XML: vm-host's live confinement of a foreign VM would otherwise
         read back as that VM pinning itself to the shared threads.
         """
-        alloc, managed, macs, phase = self._parsed.get(
+        alloc, managed, macs, phase, rec = self._parsed.get(
             dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE), lambda text: self._read(text, host_nodes)
         )
         state = _STATES.get(dom.state()[0], "unknown")
-        return VmInfo(dom.name(), state, alloc, managed=managed, macs=macs, phase=phase)
+        learned = addresses and state == "running"
+        dynamic = dynamic_addresses(dom, macs, (libvirt.libvirtError, ProviderError)) if learned else []
+        return VmInfo(
+            dom.name(),
+            state,
+            alloc,
+            managed=managed,
+            macs=macs,
+            phase=phase,
+            addresses=vm_addresses(static_addresses(alloc) if managed else (), dynamic),
+            login_user=rec.login_user if rec else None,
+            host_keys=rec.host_keys if rec else (),
+        )
 
-    def _read(self, text: str, host_nodes: tuple[int, ...] | None) -> tuple[Allocation, bool, tuple[str, ...], str]:
+    def _read(
+        self, text: str, host_nodes: tuple[int, ...] | None
+    ) -> tuple[Allocation, bool, tuple[str, ...], str, Record | None]:
         xml = ET.fromstring(text)
         rec = read_record(xml)
         macs = tuple(m.get("address") for m in xml.findall("devices/interface/mac") if m.get("address"))
         if rec is None:
-            return allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids()), False, macs, "ready"
-        return rec.allocation, True, macs, rec.state
+            foreign = allocation_from_foreign_xml(xml, host_nodes=host_nodes or self._node_ids())
+            return foreign, False, macs, "ready", None
+        return rec.allocation, True, macs, rec.state, rec
 
-    def list_vms(self) -> list[VmInfo]:
+    def list_vms(self, addresses: bool = True) -> list[VmInfo]:
         host_nodes = self._node_ids()
         out = []
         with self._errors("list domains"):
             for dom in self._call(self.conn.listAllDomains, 0):
                 try:
-                    out.append(self._info(dom, host_nodes))
+                    out.append(self._info(dom, host_nodes, addresses))
                 except libvirt.libvirtError as e:
                     if _code(e) != libvirt.VIR_ERR_NO_DOMAIN:  # vanished between list and read
                         raise
@@ -375,6 +413,7 @@ class LibvirtProvider:
             self._domain(a.name)
             raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
         untagged = self._check_vlans(a.nics)
+        domain_type = self.resolved_domain_type()
         nics = tuple(replace(n, mac=n.mac or random_mac(QEMU_OUI)) for n in a.nics)
         plan = replace(plan, allocation=replace(a, nics=nics))
         a = plan.allocation
@@ -396,6 +435,8 @@ class LibvirtProvider:
             with self._errors(f"make the base volume of image {plan.image}"):
                 base = self.bases.ensure(self.image_server, stream, a.disks[0].pool, a.disks[0])
         tx = Transaction()
+        # The VM's SSH host keys: public halves into its record, the pairs into its seed only.
+        host_keys = generate_host_keys() if plan.cloud_init else ()
         with tx.step("resolve SR-IOV VFs"):
             vfs = self._free_vfs([n for n in nics if n.type == "sriov"])
         with tx.step("define domain"):
@@ -409,6 +450,8 @@ class LibvirtProvider:
                 owned_volumes=owned,
                 untagged=untagged,
                 disabled_cpu_features=self._emulated_only_features(),
+                domain_type=domain_type,
+                host_keys=[k.public for k in host_keys],
             )
             dom = self._call(self.conn.defineXML, xml)
             # Kept when an undo before it failed: its record is then what lets gc remove the rest.
@@ -423,14 +466,14 @@ class LibvirtProvider:
                 self._create_volume(tx, volumes[disk.label], *sizes[disk.label], image)
         if seed:
             with tx.step("create cloud-init seed"):
-                self._create_seed(tx, plan, seed)
+                self._create_seed(tx, plan, seed, host_keys)
         if plan.start:
             with tx.step("start domain"):
                 self._call(dom.create)
                 tx.on_undo("destroy domain", lambda: _destroy(dom))
         with tx.step("mark ready"):
             self._set_state(dom, STATE_READY)
-        return self._info(dom)
+        return self._info(dom, addresses=False)  # just made: its static addresses, no lease yet
 
     def _emulated_only_features(self) -> tuple[str, ...]:
         """Features KVM offers host-passthrough guests that the host CPU itself lacks and QEMU may fail to set.
@@ -554,14 +597,18 @@ class LibvirtProvider:
         # a.resource_pool is the operator's resource pool (a VM grouping), never a storage pool.
         return a.disks[0].pool if a.disks else self._default_pool()
 
-    def _create_seed(self, tx: Transaction, plan: ComposePlan, ref: VolumeRef) -> None:
+    def _create_seed(
+        self, tx: Transaction, plan: ComposePlan, ref: VolumeRef, host_keys: tuple[HostKeyPair, ...]
+    ) -> None:
         a = plan.allocation
         host = {n.name: n.addresses for n in (_local_nics() if self.local else [])}
-        docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=static_prefixes(a.nics, host))
+        prefixes = static_prefixes(a.nics, host)
+        docs = seed_documents(plan.cloud_init, a.nics, instance_id=a.name, prefixes=prefixes, host_keys=host_keys)
         with tempfile.TemporaryDirectory(prefix="vmhost-seed-") as tmp:
             iso = write_seed_iso(docs, Path(tmp) / "seed.iso")
             pool = self._pool(ref.pool)
-            vol = self._call(pool.createXML, _volume_xml(ref.volume, iso.stat().st_size, "raw"), 0)
+            # The seed holds the VM's private SSH host keys: root (and the VM's QEMU) only.
+            vol = self._call(pool.createXML, _volume_xml(ref.volume, iso.stat().st_size, "raw", SEED_MODE), 0)
             tx.on_undo(f"delete volume {ref.volume}", vol.delete)
             self._upload(vol, str(iso))
 

@@ -77,13 +77,18 @@ def _code(e: BaseException) -> int | None:
     return e.get_error_code() if libvirt is not None and isinstance(e, libvirt.libvirtError) else None
 
 
-def volume_xml(name: str, capacity: int, fmt: str, backing: tuple[str, str] | None = None) -> str:
-    """A storage volume definition (with `backing` (path, format): a copy-on-write overlay on it);
-    ElementTree escapes what the name carries."""
+def volume_xml(
+    name: str, capacity: int, fmt: str, mode: str | None = None, backing: tuple[str, str] | None = None
+) -> str:
+    """A storage volume definition (mode: its file mode as octal text; with `backing` (path, format): a
+    copy-on-write overlay on it); ElementTree escapes what the name carries."""
     vol = ET.Element("volume")
     ET.SubElement(vol, "name").text = name
     ET.SubElement(vol, "capacity", unit="bytes").text = str(int(capacity))
-    ET.SubElement(ET.SubElement(vol, "target"), "format", type=fmt)
+    target = ET.SubElement(vol, "target")
+    ET.SubElement(target, "format", type=fmt)
+    if mode:
+        ET.SubElement(ET.SubElement(target, "permissions"), "mode").text = mode
     if backing is not None:
         bs = ET.SubElement(vol, "backingStore")
         ET.SubElement(bs, "path").text = backing[0]

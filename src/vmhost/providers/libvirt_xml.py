@@ -12,11 +12,13 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from vmhost.model import Allocation, Cell, ComposePlan, HugepageAllocation
+from vmhost.model import DEFAULT_LOGIN_USER, Allocation, Cell, ComposePlan, HostKey, HugepageAllocation
 from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
 from vmhost.providers.base import STATE_COMPOSING, STATE_READY, volume_name
 
 __all__ = [
+    "DOMAIN_TYPES",
+    "GUEST_AGENT_CHANNEL",
     "METADATA_NS",
     "METADATA_PREFIX",
     "Record",
@@ -32,6 +34,8 @@ __all__ = [
 METADATA_NS = "https://vm-host.dev/xmlns/libvirt/allocation/1"
 METADATA_PREFIX = "vmhost"
 SEED_LABEL = "cidata"
+DOMAIN_TYPES = ("kvm", "qemu")  # qemu: TCG, QEMU's emulator, where KVM is absent or cannot boot the guest
+GUEST_AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
 ET.register_namespace(METADATA_PREFIX, METADATA_NS)
 
@@ -65,6 +69,9 @@ class Record:
     state: str
     uuid: str | None = None
     volumes: tuple[tuple[str, str], ...] = ()
+    # How to reach the VM (seeded VMs only): the login user and the public halves of its SSH host keys.
+    login_user: str | None = None
+    host_keys: tuple[HostKey, ...] = ()
 
 
 def metadata_element(
@@ -73,24 +80,38 @@ def metadata_element(
     *,
     uuid: str | None = None,
     volumes: Collection[tuple[str, str]] = (),
+    login_user: str | None = None,
+    host_keys: Collection[HostKey] = (),
 ) -> ET.Element:
     """`<vmhost:allocation state=... uuid=... volumes=...>` holding the Allocation as JSON.
 
     uuid binds the record to its own domain (a copy of the domain gets another uuid, so reads as foreign);
     volumes are the (pool, volume) pairs this VM owns: decompose and gc delete these and nothing else.
+    login_user and host_keys (public halves only) are what list reports for reaching the VM.
     """
     attrs = {"state": state}
     if uuid:
         attrs["uuid"] = uuid
     if volumes:
         attrs["volumes"] = json.dumps([list(v) for v in volumes], separators=(",", ":"))
+    if login_user:
+        attrs["login-user"] = login_user
+    if host_keys:
+        attrs["host-keys"] = json.dumps([k.to_dict() for k in host_keys], separators=(",", ":"))
     el = ET.Element(f"{{{METADATA_NS}}}allocation", attrs)
     el.text = json.dumps(allocation.to_dict(), sort_keys=True, separators=(",", ":"))
     return el
 
 
 def record_element(record: Record) -> ET.Element:
-    return metadata_element(record.allocation, record.state, uuid=record.uuid, volumes=record.volumes)
+    return metadata_element(
+        record.allocation,
+        record.state,
+        uuid=record.uuid,
+        volumes=record.volumes,
+        login_user=record.login_user,
+        host_keys=record.host_keys,
+    )
 
 
 def _topology(a: Allocation) -> tuple[int, int, int]:
@@ -143,6 +164,8 @@ def build_domain(
     machine: str | None = "q35",
     untagged: Collection[str] = (),
     disabled_cpu_features: Collection[str] = (),
+    domain_type: str = "kvm",
+    host_keys: Collection[HostKey] = (),
 ) -> ET.Element:
     """The <domain> for `plan`.
 
@@ -152,16 +175,24 @@ def build_domain(
     guest port must not tag it again.
     disabled_cpu_features: host-passthrough features to hide (ones KVM emulates but cannot set, see the provider).
     uuid, owned_volumes: the domain's identity and the volumes made for it, both recorded in our metadata.
+    domain_type: kvm, or qemu (TCG): the CPU is then QEMU's `maximum` model, as host-passthrough needs KVM;
+    pinning, NUMA cells and hugepages are the same either way.
+    host_keys: the public SSH host keys of a seeded VM, recorded with its login user.
     """
+    if domain_type not in DOMAIN_TYPES:
+        raise ValueError(f"domain type {domain_type!r} is not one of {', '.join(DOMAIN_TYPES)}")
     a = plan.allocation
     volumes = volumes or {}
     vf_addresses = vf_addresses or {}
-    dom = ET.Element("domain", type="kvm")
+    dom = ET.Element("domain", type=domain_type)
     _sub(dom, "name", a.name)
     if uuid:
         _sub(dom, "uuid", uuid)
     meta = _sub(dom, "metadata")
-    meta.append(metadata_element(a, state, uuid=uuid, volumes=owned_volumes))
+    login_user = DEFAULT_LOGIN_USER if plan.cloud_init else None
+    meta.append(
+        metadata_element(a, state, uuid=uuid, volumes=owned_volumes, login_user=login_user, host_keys=host_keys)
+    )
     _sub(dom, "memory", _kib(a.memory), unit="KiB")
     _sub(dom, "currentMemory", _kib(a.memory), unit="KiB")
 
@@ -204,7 +235,11 @@ def build_domain(
     _sub(features, "acpi")
     _sub(features, "apic")
 
-    cpu = _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="off")
+    if domain_type == "kvm":
+        cpu = _sub(dom, "cpu", mode="host-passthrough", check="none", migratable="off")
+    else:
+        cpu = _sub(dom, "cpu", mode="maximum", check="none")
+        disabled_cpu_features = ()  # KVM's MSR quirks; TCG emulates its own model
     sockets, cores, threads = _topology(a)
     _sub(cpu, "topology", sockets=str(sockets), dies="1", cores=str(cores), threads=str(threads))
     for feature in sorted(disabled_cpu_features):
@@ -228,17 +263,24 @@ def build_domain(
         _sub(d, "target", dev=f"vd{chr(ord('a') + i)}", bus="virtio")
         _sub(d, "serial", disk.label)
     if seed:
-        d = _sub(devices, "disk", type_="volume", device="cdrom")
+        # A read-only virtio disk, not a SATA CD-ROM: minimal cloud kernels (Debian's linux-image-cloud) have no
+        # AHCI driver, and cloud-init finds the seed by its `cidata` label on any block device. After the VM's
+        # own disks, so the root disk stays the first (vda).
+        d = _sub(devices, "disk", type_="volume", device="disk")
         _sub(d, "driver", name="qemu", type_="raw")
         _sub(d, "source", pool=seed.pool, volume=seed.volume)
-        _sub(d, "target", dev="sda", bus="sata")
+        _sub(d, "target", dev="vdzz", bus="virtio")
         _sub(d, "readonly")
+        _sub(d, "serial", SEED_LABEL)
     for nic in a.nics:
         _interface(devices, nic, vf_addresses, tag=nic.label not in untagged)
     serial = _sub(devices, "serial", type_="pty")
     _sub(serial, "target", port="0")
     console = _sub(devices, "console", type_="pty")
     _sub(console, "target", type_="serial", port="0")
+    if seed:  # a seeded guest may run qemu-guest-agent: vm-host then also asks it for the guest's addresses
+        channel = _sub(devices, "channel", type_="unix")
+        _sub(channel, "target", type_="virtio", name=GUEST_AGENT_CHANNEL)
     _sub(devices, "memballoon", model="none" if a.hugepages or a.pinned else "virtio")
     return dom
 
@@ -302,7 +344,18 @@ def read_record(xml: str | ET.Element) -> Record | None:
         allocation = Allocation.from_dict(json.loads(el.text))
     except (ValueError, TypeError, KeyError):
         return None  # not a record we wrote: nothing in it is proof
-    return Record(allocation, el.get("state", STATE_READY), uuid, volumes)
+    return Record(allocation, el.get("state", STATE_READY), uuid, volumes, el.get("login-user"), _host_keys(el))
+
+
+def _host_keys(el: ET.Element) -> tuple[HostKey, ...]:
+    """The recorded public host keys; a damaged list reads as none (list reports what it knows)."""
+    try:
+        return tuple(
+            HostKey(str(k["algorithm"]), str(k["public_key"]), str(k["fingerprint"]))
+            for k in json.loads(el.get("host-keys") or "[]")
+        )
+    except (ValueError, TypeError, KeyError):
+        return ()
 
 
 def read_metadata(xml: str | ET.Element) -> tuple[Allocation, str] | None:

@@ -30,9 +30,11 @@ from typing import Any
 from urllib.parse import quote
 
 from vmhost.cloudinit import static_prefixes
+from vmhost.hostkeys import generate_host_keys
 from vmhost.model import Allocation, ComposePlan, Core, HostTopology, Nic, NumaNode, StoragePool, VmInfo
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache
 from vmhost.providers import lxd_config as cfg
+from vmhost.providers.addresses import static_addresses, vm_addresses
 from vmhost.providers.base import (
     LXD_OUI,
     STATE_COMPOSING,
@@ -505,9 +507,11 @@ class LxdProvider:
             out += [(project, i) for i in self._get("/instances", project=project, recursion=1) or []]
         return out
 
-    def list_vms(self) -> list[VmInfo]:
+    def list_vms(self, addresses: bool = True) -> list[VmInfo]:
         out = [
-            self._vm_info(project, inst) for project, inst in self._instances() if inst.get("type") == "virtual-machine"
+            self._vm_info(project, inst, addresses)
+            for project, inst in self._instances()
+            if inst.get("type") == "virtual-machine"
         ]
         self._parsed.end_read()
         return out
@@ -526,7 +530,7 @@ class LxdProvider:
             self._facts = (res, (int(mem.get("total") or 0), self._default_hugepage_size(mem) or "2M", thread_node))
         return self._facts[1]
 
-    def _vm_info(self, project: str, inst: dict) -> VmInfo:
+    def _vm_info(self, project: str, inst: dict, addresses: bool = True) -> VmInfo:
         """One VM as vm-host sees it: ours from its record, anyone else's from its expanded limits."""
         host_memory, hp_size, thread_node = self._host_facts()
         ours = project == self.project and cfg.owned(inst.get("config") or {})
@@ -559,14 +563,30 @@ class LxdProvider:
             alloc = cfg.with_macs(
                 alloc, {n.label: inst["config"].get(f"volatile.{n.label}.hwaddr", "") for n in alloc.nics}
             )
+        state = str(inst.get("status") or "unknown").lower()
+        login_user, host_keys = cfg.access_from_config(inst.get("config") or {}) if ours else (None, ())
         return VmInfo(
             name=name,
-            state=str(inst.get("status") or "unknown").lower(),
+            state=state,
             allocation=alloc,
             managed=ours,
             macs=tuple(m for m in macs if m),
             phase=(inst.get("config") or {}).get(cfg.STATE_KEY, STATE_READY) if ours else STATE_READY,
+            addresses=self._addresses(project, inst["name"], alloc, macs)
+            if addresses and state == "running"
+            else static_addresses(alloc),
+            login_user=login_user,
+            host_keys=host_keys,
         )
+
+    def _addresses(self, project: str, name: str, alloc: Allocation, macs: tuple[str, ...]) -> tuple[str, ...]:
+        """Static ip= addresses, then what the instance state reports on its NICs; a failed read logs and keeps the static."""
+        try:
+            state = self._get(f"/instances/{quote(name, safe='')}/state", project=project)
+        except ProviderError as e:
+            log.warning("could not read the addresses of VM %s from LXD: %s", name, e)
+            state = None
+        return vm_addresses(static_addresses(alloc), cfg.state_addresses(state, macs))
 
     def _read_profile(self, name: str) -> dict | None:
         try:
@@ -610,6 +630,7 @@ class LxdProvider:
                 prefixes=self._prefixes(a) if plan.cloud_init is not None else None,
                 profile_devices=None if cfg.keeps_profile_nics(a) else self._chosen_profile_devices(),
                 uuid=str(uuid_mod.uuid4()),
+                host_keys=generate_host_keys() if plan.cloud_init is not None else (),
             )
             if plan.image and plan.boot == "image" and is_stream_name(plan.image):
                 # Resolved here by vm-host's own name rule (one sentence for an unknown name), pulled by LXD.
@@ -653,7 +674,7 @@ class LxdProvider:
         if plan.start:
             with tx.step(f"start VM {a.name}"):
                 self._state(a.name, "start")
-        return self._vm_info(self.project, self._instance(a.name))
+        return self._vm_info(self.project, self._instance(a.name), addresses=False)  # just made: nothing learned yet
 
     def _prefixes(self, a: Allocation) -> dict[str, int]:
         if not any(n.ip and "/" not in n.ip for n in a.nics):

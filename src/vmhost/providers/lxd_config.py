@@ -8,12 +8,21 @@ used both for our VMs (read from `user.vmhost.allocation`) and for VMs made by o
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from vmhost.cloudinit import seed_documents
-from vmhost.model import Allocation, ComposePlan, DiskAllocation, HugepageAllocation, NicAllocation
+from vmhost.hostkeys import HostKeyPair
+from vmhost.model import (
+    DEFAULT_LOGIN_USER,
+    Allocation,
+    ComposePlan,
+    DiskAllocation,
+    HostKey,
+    HugepageAllocation,
+    NicAllocation,
+)
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache, ParseError, parse_cpuset, parse_size
 from vmhost.providers.base import STATE_COMPOSING, volume_name
 
@@ -23,6 +32,8 @@ OWNER_KEY = "user.vmhost.owner"  # on volumes: the VM that owns them (gc deletes
 # The instance's identity: compose gives the instance this volatile.uuid and records it here. A copy
 # (lxc copy) gets a new volatile.uuid, so it reads as made by others however much of our config it carries.
 UUID_KEY = "user.vmhost.uuid"
+LOGIN_USER_KEY = "user.vmhost.login-user"  # seeded VMs: DEFAULT_LOGIN_USER
+HOST_KEYS_KEY = "user.vmhost.host-keys"  # seeded VMs: the public SSH host keys, JSON [HostKey.to_dict()]
 OUR_PREFIX = "user.vmhost."
 
 # LXD's own defaults for a VM with no limits (counted for VMs made by others).
@@ -169,8 +180,12 @@ def instance_config(
     cloud_init_keys: bool = True,
     prefixes: Mapping[str, int] | None = None,
     uuid: str | None = None,
+    host_keys: Sequence[HostKeyPair] = (),
 ) -> dict[str, str]:
     """`limits.*`, boot and cloud-init keys, and our own `user.vmhost.*` record of the allocation.
+
+    host_keys: the VM's SSH host key pairs; the pairs go into its user-data, the public halves and the
+    login user into LOGIN_USER_KEY and HOST_KEYS_KEY, which list reads back.
 
     uuid: the instance's volatile.uuid, set here and recorded in UUID_KEY (see owned()).
 
@@ -194,19 +209,43 @@ def instance_config(
     if plan.boot == "network":
         config["security.secureboot"] = "false"
     if plan.cloud_init is not None:
-        # Imported here: YAML and the seed builder cost a CLI call more than its API calls, and only seeds need them.
-        import yaml
-
-        # LXD writes meta-data itself (instance-id, hostname = VM name); keys also go in `user.meta-data`,
-        # which LXD appends, so they reach the guest even when the caller's user-data is a script.
-        docs = seed_documents(plan.cloud_init, a.nics, prefixes=prefixes)
+        # LXD writes meta-data itself (instance-id, hostname = VM name); the login user and its keys travel
+        # in the user-data (beside a caller's script in a MIME multipart), so no meta-data keys are needed.
+        docs = seed_documents(plan.cloud_init, a.nics, prefixes=prefixes, host_keys=host_keys)
         prefix = "cloud-init." if cloud_init_keys else "user."
         config[f"{prefix}user-data"] = docs["user-data"]
         if a.nics:
             config[f"{prefix}network-config"] = docs["network-config"]
-        if plan.cloud_init.ssh_authorized_keys:
-            config["user.meta-data"] = yaml.safe_dump({"public-keys": list(plan.cloud_init.ssh_authorized_keys)})
+        config[LOGIN_USER_KEY] = DEFAULT_LOGIN_USER
+        if host_keys:
+            config[HOST_KEYS_KEY] = json.dumps([k.public.to_dict() for k in host_keys], separators=(",", ":"))
     return config
+
+
+def access_from_config(config: Mapping[str, Any]) -> tuple[str | None, tuple[HostKey, ...]]:
+    """(login user, public host keys) recorded for one of our VMs; a damaged record reads as none."""
+    try:
+        keys = tuple(
+            HostKey(str(k["algorithm"]), str(k["public_key"]), str(k["fingerprint"]))
+            for k in json.loads(config.get(HOST_KEYS_KEY) or "[]")
+        )
+    except (ValueError, TypeError, KeyError):
+        keys = ()
+    return config.get(LOGIN_USER_KEY) or None, keys
+
+
+def state_addresses(state: object, macs: Sequence[str]) -> tuple[str, ...]:
+    """Global addresses in an instance's state (GET .../state) on the interfaces with one of `macs`."""
+    wanted = {m.lower() for m in macs if m}
+    out: list[str] = []
+    network = state.get("network") if isinstance(state, dict) else None
+    for iface in (network or {}).values() if isinstance(network, dict) else ():
+        if not isinstance(iface, dict) or str(iface.get("hwaddr") or "").lower() not in wanted:
+            continue
+        for entry in iface.get("addresses") or ():
+            if isinstance(entry, dict) and entry.get("scope") == "global" and entry.get("address"):
+                out.append(str(entry["address"]))
+    return tuple(out)
 
 
 def instance_body(
@@ -218,6 +257,7 @@ def instance_body(
     prefixes: Mapping[str, int] | None = None,
     profile_devices: Mapping[str, Mapping[str, Any]] | None = None,
     uuid: str | None = None,
+    host_keys: Sequence[HostKeyPair] = (),
 ) -> dict[str, Any]:
     """The POST /1.0/instances body: an empty VM for network boot, else one from the image alias."""
     if plan.boot == "network":
@@ -231,7 +271,12 @@ def instance_body(
         "type": "virtual-machine",
         "profiles": [profile],
         "config": instance_config(
-            plan, numa_placement=numa_placement, cloud_init_keys=cloud_init_keys, prefixes=prefixes, uuid=uuid
+            plan,
+            numa_placement=numa_placement,
+            cloud_init_keys=cloud_init_keys,
+            prefixes=prefixes,
+            uuid=uuid,
+            host_keys=host_keys,
         ),
         "devices": instance_devices(plan, profile_devices),
         "source": source,
