@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--image",
         help="for --boot image: <os>:<alias> from the image server (ubuntu:24.04), or a local image path or "
         "name (libvirt) or alias (LXD)",
+    )
     c.add_argument(
         "--ssh-key",
         action="append",

@@ -40,7 +40,7 @@ from vmhost.model import (
     StoragePool,
     VmInfo,
 )
-from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, format_size, human_size, parse_cpuset
+from vmhost.parse import HUGEPAGE_SIZES, ParseCache, format_cpuset, parse_cpuset
 from vmhost.providers.addresses import static_addresses, vm_addresses
 from vmhost.providers.base import (
     NAME_PREFIX,
