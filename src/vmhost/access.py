@@ -7,12 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from vmhost.cloudinit import MAX_SSH_KEY_LENGTH, MAX_SSH_KEYS, check_ssh_keys, check_user_data
+from vmhost.cloudinit import MAX_SSH_KEYS, check_ssh_keys, check_user_data
+from vmhost.guest_access import MAX_KEY_LINE
 from vmhost.model import CloudInit
 
 __all__ = ["cloud_init_for", "read_arg", "ssh_key_lines"]
 
-MAX_KEY_FILE = MAX_SSH_KEYS * (MAX_SSH_KEY_LENGTH + 1)
+MAX_KEY_FILE = MAX_SSH_KEYS * (MAX_KEY_LINE + 1)
 
 
 def read_arg(value: str, what: str, limit: int) -> str:

@@ -13,10 +13,7 @@ vm-host's settings, vm-host's winning on the keys it sets (VM_HOST_KEYS) and on 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import ipaddress
-import re
 import subprocess
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -27,12 +24,13 @@ from pathlib import Path
 
 import yaml
 
+from vmhost.guest_access import MAX_AUTHORIZED_KEYS, MAX_USER_DATA, check_authorized_keys
+from vmhost.guest_access import check_user_data as check_bounded_user_data
 from vmhost.hostkeys import HostKeyPair
 from vmhost.model import DEFAULT_LOGIN_USER, CloudInit, NicAllocation
 
 __all__ = [
     "MAX_SSH_KEYS",
-    "MAX_SSH_KEY_LENGTH",
     "MAX_USER_DATA",
     "check_ssh_keys",
     "check_user_data",
@@ -42,21 +40,7 @@ __all__ = [
     "write_seed_iso",
 ]
 
-MAX_SSH_KEYS = 32
-MAX_SSH_KEY_LENGTH = 16 * 1024  # characters; an RSA 16384-bit key is ~2.8 KiB
-MAX_USER_DATA = 64 * 1024  # bytes (UTF-8); well within a NoCloud ISO and an LXD config key
-SSH_KEY_TYPES = frozenset(
-    {
-        "ssh-ed25519",
-        "ssh-rsa",
-        "ecdsa-sha2-nistp256",
-        "ecdsa-sha2-nistp384",
-        "ecdsa-sha2-nistp521",
-        "sk-ssh-ed25519@openssh.com",
-        "sk-ecdsa-sha2-nistp256@openssh.com",
-    }
-)
-_COMMENT = re.compile(r"^[\x20-\x7e]*$")
+MAX_SSH_KEYS = MAX_AUTHORIZED_KEYS  # one bound, guest_access's
 # Keys of the merged cloud-config that are vm-host's alone: the caller's values for them are replaced.
 VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", "ssh_deletekeys")
 # vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
@@ -74,50 +58,18 @@ _PART_TYPES = (
 
 
 def check_ssh_keys(keys: Sequence[object]) -> tuple[str, ...]:
-    """The keys as OpenSSH public key lines (`type base64 [comment]`), or ValueError in one sentence."""
+    """The keys as OpenSSH public key lines, each trimmed and single-spaced, then checked by the one key
+    rule (vmhost.guest_access, which the relation uses too); ValueError in one sentence."""
     if isinstance(keys, str | bytes) or not isinstance(keys, Sequence):
         raise ValueError("ssh_authorized_keys must be a list of OpenSSH public keys")
-    if len(keys) > MAX_SSH_KEYS:
-        raise ValueError(f"{len(keys)} SSH keys given; at most {MAX_SSH_KEYS} are allowed")
-    out = []
-    for i, key in enumerate(keys, 1):
-        if not isinstance(key, str) or not key.strip():
-            raise ValueError(f"SSH key {i} is empty or not text; give an OpenSSH public key line")
-        if len(key) > MAX_SSH_KEY_LENGTH:
-            raise ValueError(f"SSH key {i} is {len(key)} characters; at most {MAX_SSH_KEY_LENGTH} are allowed")
-        parts = key.strip().split(None, 2)
-        if parts[0] not in SSH_KEY_TYPES:
-            raise ValueError(
-                f"SSH key {i} starts with {parts[0][:40]!r}, not a key type; "
-                f"give an OpenSSH public key line (types: {', '.join(sorted(SSH_KEY_TYPES))})"
-            )
-        if len(parts) < 2 or not _blob_is(parts[1], parts[0]):
-            raise ValueError(f"SSH key {i} ({parts[0]}) has no valid base64 key data after its type")
-        if len(parts) == 3 and not _COMMENT.match(parts[2]):
-            raise ValueError(f"SSH key {i} has a comment with control or non-ASCII characters; remove them")
-        out.append(" ".join(parts))
-    return tuple(out)
-
-
-def _blob_is(data: str, key_type: str) -> bool:
-    """The base64 blob decodes and starts with the length-prefixed key type, as every OpenSSH key does."""
-    try:
-        blob = base64.b64decode(data, validate=True)
-    except (binascii.Error, ValueError):
-        return False
-    name = key_type.encode()
-    return blob[:4] == len(name).to_bytes(4, "big") and blob[4 : 4 + len(name)] == name
+    return check_authorized_keys([" ".join(k.strip().split(None, 2)) if isinstance(k, str) else k for k in keys])
 
 
 def check_user_data(text: object) -> str:
     """user_data as given when it is text within MAX_USER_DATA that cloud-init can read, else ValueError."""
-    if not isinstance(text, str):
+    if not isinstance(text, str) or not text:
         raise ValueError("user_data must be text (a #cloud-config document, a script or a MIME archive)")
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if not 1 <= size <= MAX_USER_DATA:
-        raise ValueError(f"user_data is {size} bytes; it must be 1 to {MAX_USER_DATA} bytes")
-    if "\0" in text:
-        raise ValueError("user_data contains a NUL byte; give text")
+    check_bounded_user_data(text)  # size, UTF-8, no NUL: the relation's rule too (vmhost.guest_access)
     if text.startswith("#cloud-config\n") or text.rstrip() == "#cloud-config":
         _cloud_config(text)
     elif not _is_mime(text) and _part_type(text) is None:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vmhost.cloudinit import check_user_data as check_seed_user_data
 from vmhost.guest_access import check_authorized_keys, check_user_data
 from vmhost.model import Allocation, CloudInit, Nic, Quota, VmRequest
 from vmhost.parse import InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
@@ -255,7 +256,9 @@ def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSett
     try:
         keys = check_authorized_keys(spec.get("ssh_authorized_keys"))
         user_data = check_user_data(spec.get("user_data"))
-    except ParseError as e:
+        if user_data is not None:
+            check_seed_user_data(user_data)  # what the seed can merge or carry, judged now, not at compose
+    except ValueError as e:  # ParseError, or the seed's one-sentence refusal (it never echoes the text)
         raise RequestRejected(str(e)) from None
     try:
         storage = parse_storage(spec.get("storage"))

@@ -16,7 +16,7 @@ from vmhost.cloudinit import MAX_SSH_KEYS, seed_documents
 from vmhost.model import DEFAULT_LOGIN_USER
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGXuzinACkSeBrlWwMqzXdLesbcyptFCAOXux58IMPQz alice@laptop"
-RSA = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAAAgQC7" + "A" * 168 + " bob"
+RSA = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQCy+PObycCnqwUcbahrJyFhhCUKFX/MUzoCDnadPtXYmMigqahxMHsgsGXQ6Su3lmWyvPU7TZEN4IlSzekSmSMdotV2gyq9vyQtXgqZyvhi69xQ+fjDXf30BlNhZZkkYbbW+bSCgT06fA3euWjaO6opyNIwsKvxekVKSSH+h5qY7EL6Dw+DUhFb7R5yg5354Ik5ZiPlXNeK1y3rb6Zgehdaw895dOURgUmike/E1zVa5ERtfrjxy6nMXniro46Eq7n+ddeTIzfVCTvdriMAeDqzQaRy4R7YVd0+5LjHsiXtaFyRj5tnEv1VFDdYigl8j3hDTYsXufhycPpgqhIgn28l bob"  # a real 2048-bit key: smaller RSA is refused
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_cli_keys_without_a_hostname_get_the_vms_generated_name(fake, capsys):
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--ssh-key", "ssh-ed25519 AAAA"], "SSH key 1 (ssh-ed25519) has no valid base64 key data"),
+        (["--ssh-key", "ssh-ed25519 AAAA"], "entry 0 is not one OpenSSH public key line"),
         (["--ssh-key", "@/nonexistent/keys"], "SSH key file '/nonexistent/keys' cannot be read"),
         (["--user-data", "echo hi"], "cloud-init would ignore it"),
         (["--user-data", "#cloud-config\n[1"], "not valid YAML"),

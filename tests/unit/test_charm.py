@@ -481,10 +481,13 @@ def test_compose_takes_ssh_keys_and_user_data_for_the_login_user(fake, machine):
 @pytest.mark.parametrize(
     ("params", "says"),
     [
-        ({"ssh_authorized_keys": ["ssh-rsa nope"]}, "SSH key 1 (ssh-rsa) has no valid base64 key data"),
-        ({"ssh_authorized_keys": [KEY] * 33}, "parameter ssh-authorized-keys: 33 SSH keys given; at most 32"),
+        ({"ssh_authorized_keys": ["ssh-rsa nope"]}, "entry 0 is not one OpenSSH public key line"),
+        (
+            {"ssh_authorized_keys": [KEY] * 33},
+            "parameter ssh-authorized-keys: ssh_authorized_keys lists 33 keys; at most 32",
+        ),
         ({"user_data": "echo hi"}, "cloud-init would ignore it"),
-        ({"user_data": "#!/bin/sh\n" + "#" * 65536}, "parameter user-data: user_data is 65546 bytes; it must be 1 to"),
+        ({"user_data": "#!/bin/sh\n" + "#" * 65536}, "parameter user-data: user_data is 65546 bytes; at most 65536"),
     ],
 )
 def test_compose_bad_access_fails_in_one_sentence_and_makes_nothing(fake, machine, params, says):

@@ -39,7 +39,16 @@ def test_owner_keys_round_trip_and_names_are_stable_and_distinct():
 
 def test_request_is_named_owned_and_mapped_onto_the_space_bridge():
     d = judge(
-        [rel(spec("a", interfaces="eth0:space=public,ip=10.0.0.5", ssh_authorized_keys=[ED25519], user_data="u"))],
+        [
+            rel(
+                spec(
+                    "a",
+                    interfaces="eth0:space=public,ip=10.0.0.5",
+                    ssh_authorized_keys=[ED25519],
+                    user_data="#!/bin/sh\ntrue",
+                )
+            )
+        ],
         RelationSettings(space_bridges={"public": "br0"}),
         {},
     )[0]
@@ -49,7 +58,7 @@ def test_request_is_named_owned_and_mapped_onto_the_space_bridge():
     (iface,) = acc.request.interfaces
     assert (iface.name, iface.space, iface.ip) == ("br0", (), "10.0.0.5")
     assert acc.cloud_init.hostname == acc.request.name
-    assert acc.cloud_init.ssh_authorized_keys == (ED25519,) and acc.cloud_init.user_data == "u"
+    assert acc.cloud_init.ssh_authorized_keys == (ED25519,) and acc.cloud_init.user_data == "#!/bin/sh\ntrue"
     assert (acc.boot, acc.image) == ("image", DEFAULT_RELATION_IMAGE)  # the operator's default: a usable OS
 
 
@@ -402,3 +411,16 @@ def test_numa_nodes_reach_the_request_and_are_bounded_by_cores():
     assert d.accepted.request.numa_nodes == 2
     (d,) = judge([rel(spec("a", cores=1, numa_nodes=2))])
     assert d.accepted is None and "numa_nodes 2 needs at least 2 cores" in d.rejected
+
+
+@pytest.mark.parametrize(
+    ("user_data", "says"),
+    [
+        ("#cloud-config\n[1", "not valid YAML"),
+        ("echo hi", "cloud-init would ignore it"),
+        ("#cloud-config\n- a", "mapping"),
+    ],
+)
+def test_user_data_the_seed_cannot_carry_is_rejected_before_anything_is_made(user_data, says):
+    (d,) = judge([rel(spec("a", user_data=user_data))], RelationSettings(), {})
+    assert d.accepted is None and says in d.rejected and user_data not in d.rejected
