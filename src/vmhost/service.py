@@ -239,12 +239,10 @@ class VmHost:
 
     def images(self) -> list[dict]:
         """The base images the provider keeps for stream images (libvirt; LXD caches its own)."""
-        return self.provider.images() if hasattr(self.provider, "images") else []
+        return self.provider.images()
 
     def prune_images(self, dry_run: bool = False) -> list[str]:
         """Remove the base images no VM uses, under the host lock (no compose is making one meanwhile)."""
-        if not hasattr(self.provider, "prune_images"):
-            return []
         with self._locked():
             return self.provider.prune_images(dry_run)
 

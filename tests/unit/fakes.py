@@ -103,6 +103,12 @@ class FakeProvider:
         removed, self.orphans = self.orphans, []
         return removed
 
+    def images(self) -> list[dict]:
+        return []  # the fake keeps no base images (LXD-like: the hypervisor's own store)
+
+    def prune_images(self, dry_run: bool = False) -> list[str]:
+        return []
+
     def close(self) -> None:
         self.closed += 1
 

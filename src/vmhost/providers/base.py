@@ -177,6 +177,15 @@ class Provider(Protocol):
         whether anything was confined (False: this backend cannot)."""
         ...
 
+    def images(self) -> list[dict]:
+        """The base images vm-host keeps for stream images (§12), each with what uses it; [] where the
+        hypervisor keeps its own image store."""
+        ...
+
+    def prune_images(self, dry_run: bool = False) -> list[str]:
+        """Remove the base images nothing uses; returns what was (or, dry, would be) removed."""
+        ...
+
     def close(self) -> None: ...
 
 
