@@ -1,7 +1,7 @@
 """The churn stream of the packing benchmark (bench/packing.py): seeded arrivals and departures.
 
 Every arrival carries its departure step, so every engine sees the same stream whatever it accepts;
-`check` recomputes DESIGN.md §4 rules 1-3 independently of the engine after every step.
+`check` recomputes docs/design.md §4 rules 1-3 independently of the engine after every step.
 """
 
 from __future__ import annotations

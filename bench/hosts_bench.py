@@ -1,4 +1,4 @@
-"""Synthetic hosts for the benchmarks, as HostTopology dicts (DESIGN.md §4 shape).
+"""Synthetic hosts for the benchmarks, as HostTopology dicts (docs/design.md §4 shape).
 
 Stdlib only, so both interpreters (ours and the Nova venv) build their engine's view of a host
 from the very same dict. Threads follow Linux x86 numbering (sibling j of every core comes after

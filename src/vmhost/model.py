@@ -1,6 +1,6 @@
 """The data every part shares: what the host has, what a VM asks for, what it was given.
 
-Plain frozen dataclasses with `from_dict`/`to_dict` in the JSON shapes of DESIGN.md §4, so the
+Plain frozen dataclasses with `from_dict`/`to_dict` in the JSON shapes of docs/design.md §4, so the
 placement engine, the providers (which store allocations in hypervisor metadata), the CLI and the
 charm all speak one language. Sizes are bytes, hugepages are page counts keyed by "2M"/"1G".
 
@@ -675,7 +675,7 @@ class ComposePlan:
     boot: BootMode = "network"
     image: str | None = None
     cloud_init: CloudInit | None = None
-    # Host threads a floating VM may run on (those no VM pins, DESIGN.md §4 rule 1); None leaves it unconfined.
+    # Host threads a floating VM may run on (those no VM pins, docs/design.md §4 rule 1); None leaves it unconfined.
     shared_threads: tuple[int, ...] | None = None
 
 

@@ -2,7 +2,7 @@
 
 Plan and compose happen under one host-wide file lock, so two processes composing at once can never
 be handed the same threads or pages. Every call reads usage from what the hypervisor reports
-(DESIGN.md §3): there is no side state to drift. Under the lock, a usage index (placement.UsageIndex,
+(docs/design.md §3): there is no side state to drift. Under the lock, a usage index (placement.UsageIndex,
 one per VmHost) counts again only the VMs whose allocation changed since the last compose or decompose
 of this VmHost, and the provider's parse cache hands back unchanged allocations without parsing them.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from vmhost.hostlock import DEFAULT_LOCK, HostLockBusy, HostLockError, host_lock
 from vmhost.model import BOOT_MODES, Allocation, CloudInit, ComposePlan, HostTopology, Policy, VmInfo, VmRequest
 from vmhost.placement import UsageIndex, compute_usage, place
-from vmhost.providers.base import NotFound, Provider, ProviderError, fault_point
+from vmhost.providers.base import NotFound, Provider, ProviderError, fault_point, name_taken
 from vmhost.resources_view import resources_dict
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
@@ -107,7 +107,7 @@ class VmHost:
         if request.name is None:
             request = replace(request, name=new_vm_name({v.name for v in vms}))
         elif any(v.name == request.name for v in vms):
-            raise ValueError(f"a VM named {request.name!r} already exists on this host; choose another name")
+            raise ValueError(name_taken(request.name))
         return place(host, [v.allocation for v in vms], request, self.policy, index=index)
 
     def compose(

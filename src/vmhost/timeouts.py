@@ -1,4 +1,4 @@
-"""Time limits on everything that waits: hypervisor calls and the host lock (DESIGN.md §10).
+"""Time limits on everything that waits: hypervisor calls and the host lock (docs/design.md §11).
 
 A daemon that accepts a connection and never answers must cost a bounded wait, not a hung compose
 holding the host lock. libvirt-python blocks inside C, where no signal reaches it, so a connection's

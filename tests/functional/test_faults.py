@@ -275,7 +275,7 @@ def test_gc_goes_on_past_a_busy_pool_and_past_a_failure(libvirt_host, libvirt_co
 
 
 # ---------------------------------------------------------------------------------------------
-# LXD (real test daemon; VMs cannot start here, DESIGN.md §9)
+# LXD (real test daemon; VMs cannot start here, docs/design.md §9)
 
 LXD_COMPOSE_STEPS = [
     "create volume {name}-data in pool default",

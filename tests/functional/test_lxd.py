@@ -1,6 +1,6 @@
 """The LXD provider against the REAL test daemon (scripts/lxd-test-daemon.sh), no mocks.
 
-VMs cannot start on this machine (DESIGN.md §9), so these check VM records, volumes and devices, read
+VMs cannot start on this machine (docs/design.md §9), so these check VM records, volumes and devices, read
 back through pylxd and `lxc` as an operator would. Each session uses a fresh project of its own, so the
 project-creation path is exercised and gc can never touch anything outside the tests.
 """

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Every result of `charmcraft analyse` that is not plainly fine, with why we keep it.
 ACCEPTED = {
     "naming-conventions": "the action parameters pinned_cores, hugepages_backed and hugepage_size keep MAAS's "
-    "names on purpose, so `maas ... vm-host compose` habits carry over (docs: DESIGN.md §6)",
+    "names on purpose, so `maas ... vm-host compose` habits carry over (docs: docs/design.md §6)",
     "framework": "charmcraft 4.5's detector looks for venv/ops, the charm plugin's layout; the uv plugin's venv "
     "keeps ops in venv/lib/python3.X/site-packages (test_venv_alone_imports_the_runtime proves ops is there)",
     "ops-main-call": "follows from 'framework' above: the linter runs only when that detector says 'operator'",

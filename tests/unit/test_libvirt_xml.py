@@ -211,6 +211,14 @@ def test_foreign_unbound_hugepages_are_spread_over_host_nodes_and_ranges_are_not
     assert a.hugepages.per_node == {0: 256, 1: 256}
 
 
+def test_foreign_unbound_hugepages_split_by_the_one_even_split_rule():
+    # 11 pages (22 MiB of 2M pages) on 3 nodes: model.even_split's 4, 4, 3, as vm-host splits its own VMs.
+    xml = """<domain><name>x</name><memory>22528</memory><vcpu>1</vcpu>
+      <memoryBacking><hugepages/></memoryBacking></domain>"""
+    a = allocation_from_foreign_xml(xml, host_nodes=(0, 1, 2))
+    assert a.hugepages.per_node == {0: 4, 1: 4, 2: 3}
+
+
 def test_foreign_guest_cells_without_numatune_spread_pages_over_host_nodes_not_node_0():
     """Guest NUMA cells tied to no host node say nothing about where the kernel took the pages."""
     xml = """<domain><name>cells</name><memory unit='GiB'>4</memory><vcpu>2</vcpu>

@@ -90,6 +90,12 @@ def random_mac(oui: str) -> str:
     return f"{oui}:" + ":".join(f"{rnd.randrange(256):02x}" for _ in range(3))
 
 
+def name_taken(name: str, where: str = "on this host") -> str:
+    """The one refusal for a VM name already in use: the service says it before placing, each provider
+    again when it makes the VM (another process may have taken the name in between)."""
+    return f"a VM named {name!r} already exists {where}; choose another name"
+
+
 def check_plan(plan: ComposePlan) -> None:
     """What every provider refuses before it touches the hypervisor: a VM name outside the one rule
     (vmhost.parse.parse_vm_name) and a boot mode that is not one."""

@@ -1,6 +1,6 @@
 """The libvirt/KVM provider: discovery, compose as a transaction, and reading allocations back.
 
-libvirt is the only database (DESIGN.md §3): each domain carries its Allocation in `<metadata>`, bound
+libvirt is the only database (docs/design.md §3): each domain carries its Allocation in `<metadata>`, bound
 to the domain's own uuid, with the list of volumes made for it written before any of them is created
 (volumes have no metadata of their own). Usage is recomputed from libvirt, and `gc` finishes what a crash
 left unfinished from those records alone, never from names. The XML itself comes from the pure builder in libvirt_xml.
@@ -55,6 +55,7 @@ from vmhost.providers.base import (
     Transaction,
     check_plan,
     fault_point,
+    name_taken,
     random_mac,
     volume_name,
     with_retries,
@@ -411,7 +412,7 @@ class LibvirtProvider:
                 _check_root_holds_image(a.disks[0], plan.image)
         with contextlib.suppress(NotFound):
             self._domain(a.name)
-            raise ProviderError(f"a VM named {a.name!r} already exists on this host; choose another name")
+            raise ProviderError(name_taken(a.name))
         untagged = self._check_vlans(a.nics)
         domain_type = self.resolved_domain_type()
         nics = tuple(replace(n, mac=n.mac or random_mac(QEMU_OUI)) for n in a.nics)
@@ -705,7 +706,7 @@ class LibvirtProvider:
     def confine_floating(self, threads: tuple[int, ...], foreign: bool = False) -> bool:
         """Pin every vCPU and the emulator of each floating VM we made to `threads`, live and in its config.
 
-        Otherwise the kernel runs floating vCPUs on threads that pinned VMs own (DESIGN.md §4 rule 1). Only
+        Otherwise the kernel runs floating vCPUs on threads that pinned VMs own (docs/design.md §4 rule 1). Only
         pins that differ are set, so repeating it is cheap. With `foreign`, running VMs made by others that
         pin nothing themselves get the same affinity, live only: their definition is not ours to change.
         """

@@ -2,7 +2,7 @@
 
 Pure functions (no libvirt connection, no sysfs) so golden tests can pin the exact XML: whatever the
 provider has to look up on the host (a free SR-IOV VF's PCI address, the seed ISO volume) is passed in.
-The allocation rides in the domain's own `<metadata>` under our namespace (DESIGN.md §3).
+The allocation rides in the domain's own `<metadata>` under our namespace (docs/design.md §3).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from vmhost.model import DEFAULT_LOGIN_USER, Allocation, Cell, ComposePlan, HostKey, HugepageAllocation
+from vmhost.model import DEFAULT_LOGIN_USER, Allocation, Cell, ComposePlan, HostKey, HugepageAllocation, even_split
 from vmhost.parse import HUGEPAGE_SIZES, format_cpuset, parse_cpuset
 from vmhost.providers.base import STATE_COMPOSING, STATE_READY, volume_name
 
@@ -407,10 +407,8 @@ def allocation_from_foreign_xml(
             for c in cells:
                 per_node[c.node] = per_node.get(c.node, 0) + c.memory // page_bytes
         else:
-            nodes = numa_nodes or host_nodes or (0,)
-            total = memory // page_bytes
-            per_node = {n: total // len(nodes) for n in nodes}
-            per_node[nodes[0]] += total % len(nodes)
+            nodes = numa_nodes or host_nodes or (0,)  # a domain without cells: pages split as vm-host splits
+            per_node = dict(zip(nodes, even_split(memory // page_bytes, len(nodes)), strict=True))
         hugepages = HugepageAllocation(size, per_node)
     return Allocation(
         name=name,

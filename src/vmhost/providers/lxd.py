@@ -2,7 +2,7 @@
 
 Our VMs live in a project of our own (sharing the default project's profiles and images); each carries
 its allocation in `user.vmhost.allocation`, each extra volume its owner VM in `user.vmhost.owner`, so
-the daemon is the only database (DESIGN.md §3). VMs made by others are counted from their own limits.
+the daemon is the only database (docs/design.md §3). VMs made by others are counted from their own limits.
 
 Transport: pylxd's client and session, for the local unix socket and for a remote daemon (https, client
 certificate, pinned server certificate) alike; the provider speaks the REST API through that session
@@ -45,6 +45,7 @@ from vmhost.providers.base import (
     Transaction,
     check_plan,
     fault_point,
+    name_taken,
     random_mac,
     with_retries,
 )
@@ -649,9 +650,7 @@ class LxdProvider:
         self.ensure_project()
         vm_path = f"/instances/{quote(a.name, safe='')}"
         if self._exists(vm_path, project=self.project):
-            raise ProviderError(
-                f"a VM named {a.name!r} already exists in LXD project {self.project!r}; choose another name"
-            )
+            raise ProviderError(name_taken(a.name, f"in LXD project {self.project!r}"))
         tx = Transaction()
         for pool, vol in cfg.volume_bodies(a):
             vol_path = f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
