@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.simplestreams_index import ImageIndex, Product
 from vmhost.access import cloud_init_for
 from vmhost.hostkeys import known_hosts_lines
 from vmhost.model import DEFAULT_LOGIN_USER, Policy, VmRequest
@@ -160,10 +161,14 @@ def test_a_vm_from_the_cloud_image_boots_takes_dhcp_and_lets_the_reported_key_ho
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "boot-test", "-f", str(key)], check=True)
     hostname = f"boot-{uuid.uuid4().hex[:6]}"
-    provider = LibvirtProvider(uri=libvirt_uri, domain_type=domain_type)
-    host = VmHost(provider, Policy(), lock_path=str(tmp_path / "lock"))
+    # The image reaches vm-host as a user's would: by name from a simplestreams index (here on 127.0.0.1).
+    bookworm = Product("debian", "bookworm", "12", {"disk1.img": image}, aliases=("12", "bookworm"))
+    index = ImageIndex(tmp_path / "index", [bookworm])
     caplog.set_level(logging.DEBUG)
-    with _nat_network(libvirt_conn) as (network, subnet):
+    with index, _nat_network(libvirt_conn) as (network, subnet):
+        provider = LibvirtProvider(uri=libvirt_uri, domain_type=domain_type, image_server=index.url)
+        # cpu overcommit 2: the later compose (1 vCPU) fits beside the booted VM (2) on this 2-thread host
+        host = VmHost(provider, Policy(cpu_overcommit_ratio=2.0), lock_path=str(tmp_path / "lock"))
         request = VmRequest.from_dict(
             {"cores": 2, "memory": "1G", "storage": "root:4", "interfaces": f"eth0:name={network}", "name": hostname}
         )
@@ -173,10 +178,11 @@ def test_a_vm_from_the_cloud_image_boots_takes_dhcp_and_lets_the_reported_key_ho
                 request,
                 start=True,
                 boot="image",
-                image=str(image),
+                image="debian:12",
                 cloud_init=cloud_init_for(hostname, [key.with_suffix(".pub").read_text().strip()]),
             )
             compose_s = time.monotonic() - t0
+            assert index.downloads("disk1.img") == 1
             assert libvirt_conn.lookupByName(hostname).XMLDesc(0).startswith(f"<domain type='{domain_type}'")
             assert vm.login_user == DEFAULT_LOGIN_USER and [k.algorithm for k in vm.host_keys] == ["ssh-ed25519"]
 
@@ -218,17 +224,31 @@ def test_a_vm_from_the_cloud_image_boots_takes_dhcp_and_lets_the_reported_key_ho
             shown = caplog.text + json.dumps([v.to_dict() for v in host.vms()])
             shown += libvirt_conn.lookupByName(hostname).XMLDesc(0)
             assert "PRIVATE KEY" not in shown
+            # A later compose from the same image overlays the base it already has: no second download.
+            t1 = time.monotonic()
+            host.compose(
+                VmRequest.from_dict({"cores": 1, "memory": "512M", "storage": "root:4", "name": hostname + "-b"}),
+                boot="image",
+                image="debian:bookworm",
+            )
+            again_s = time.monotonic() - t1
+            assert index.downloads("disk1.img") == 1
             print(
-                f"boot test: compose {compose_s:.1f} s, start to DHCP address reported {address_s:.0f} s, "
+                f"boot test: first compose from debian:12 {compose_s:.1f} s (download, sha256, base, overlay), "
+                f"a later one {again_s:.1f} s; start to DHCP address reported {address_s:.0f} s, "
                 f"start to SSH login {ssh_s:.0f} s ({domain_type}); {hostname} at {address}"
             )
         finally:
+            for name in (hostname, hostname + "-b"):
+                with contextlib.suppress(Exception):
+                    host.decompose(name)
             with contextlib.suppress(Exception):
-                host.decompose(hostname)
+                host.prune_images()
     names = [d.name() for d in libvirt_conn.listAllDomains(0)]
     assert hostname not in names
     pool = libvirt_conn.storagePoolLookupByName("default")
     pool.refresh(0)
     assert not [v for v in pool.listVolumes() if hostname in v]
+    assert not [b for b in provider.images() if b.get("image") == "debian:12"]  # pruned once unused
     assert not [n for n in libvirt_conn.listAllNetworks(0) if n.name() == network]
     provider.close()
