@@ -5,7 +5,7 @@ Thin on purpose: host preparation lives in vmhost.machine_setup, placement and c
 vmhost.service, typed config/params in charm_config. Nothing about VMs is kept in
 StoredState: the hypervisor is the only database (docs/design.md §3).
 
-Over ~400 lines on purpose: nine actions, install/upgrade/set-up and collect-status are Juju glue that
+Over ~400 lines on purpose: ten actions, install/upgrade/set-up and collect-status are Juju glue that
 belongs to the one CharmBase; each action is a few lines through `_run_action`, the logic lives in vmhost.
 """
 

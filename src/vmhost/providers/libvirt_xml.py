@@ -3,6 +3,10 @@
 Pure functions (no libvirt connection, no sysfs) so golden tests can pin the exact XML: whatever the
 provider has to look up on the host (a free SR-IOV VF's PCI address, the seed ISO volume) is passed in.
 The allocation rides in the domain's own `<metadata>` under our namespace (docs/design.md §3).
+
+Over ~400 lines on purpose: one idea, the domain XML both ways (what vm-host writes, and what it reads
+back from its own and from foreign domains); splitting writer from reader would split each element's
+rule in two.
 """
 
 from __future__ import annotations
