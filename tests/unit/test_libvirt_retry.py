@@ -14,6 +14,9 @@ from vmhost.providers import libvirt as lv  # noqa: E402
 
 def _error(code: int, msg: str = "boom") -> libvirt.libvirtError:
     e = libvirt.libvirtError(msg)
+    # libvirtError takes the process's last libvirt error as its text when there is one (an earlier test's
+    # dropped connection, say), so the text is set here, not left to whatever ran before.
+    e.args = (msg,)
     e.err = (code, 0, msg, 0, "", None, None, 0, 0)
     return e
 
