@@ -15,7 +15,9 @@ command -v iptables >/dev/null || { echo "lxd-test-daemon: iptables is not insta
 
 if ! lxc info >/dev/null 2>&1; then
   echo "lxd-test-daemon: starting lxd (log $log)"
-  PATH="$here/tests/functional/stubs:$PATH" setsid nohup lxd --group root >>"$log" 2>&1 </dev/null &
+  # From /: the daemon's children (rsync for `lxc copy`) inherit its working directory, and a checkout
+  # the daemon was started from may be removed while it runs (then rsync fails in getcwd()).
+  (cd / && PATH="$here/tests/functional/stubs:$PATH" exec setsid nohup lxd --group root >>"$log" 2>&1 </dev/null) &
 fi
 if ! lxd waitready --timeout 60; then
   echo "lxd-test-daemon: lxd did not become ready; last log lines:" >&2
