@@ -7,13 +7,102 @@ skip into a failure where /dev/kvm works (tests/conftest.py).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import re
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
 LIBVIRT_URI = os.environ.get("VMHOST_TEST_LIBVIRT_URI", "qemu:///system")
+
+# The names this tier gives what it makes: a prefix, a random hex id, maybe a suffix (test_race: race<id><n>-<k>).
+TEST_MADE = re.compile(r"^(?:(?:ft|obs|nt|fk|boot)(?:-[a-z]+)?-[0-9a-f]{6,8}|race[0-9a-f]{6}\d+-\d+)(?:-.*)?$")
+
+
+# Functional runs on one machine share its libvirtd; this lock says one is under way (`flock LOCK pytest ...`).
+FUNCTIONAL_LOCK = "/tmp/vmhost-functional.lock"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _leftovers_of_a_killed_run(request) -> Iterator[None]:
+    """A run killed midway (a stopped session, a machine imaged mid-run) leaves its VMs defined, and they take
+    the next run's host capacity: a CI run once refused the boot test's compose over one. Before any test,
+    remove what carries this tier's test names, and nothing else; only while no other run can be under way
+    (this session holds the functional lock, or was started under it)."""
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+
+    def say(line: str) -> None:  # shown at once, not captured with the first test's output
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            print(f"\n{line}")
+
+    held = _lock_inherited()
+    lock = None
+    if not held:
+        lock = open(FUNCTIONAL_LOCK, "a")  # noqa: SIM115 - held for the whole session
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = True
+        except BlockingIOError:
+            say(f"functional tier: another run holds {FUNCTIONAL_LOCK}; its VMs are left alone (no sweep)")
+    if held:
+        try:
+            import libvirt
+
+            conn = libvirt.open(LIBVIRT_URI)
+        except Exception:  # no libvirt here: the tests that need it skip with the reason
+            conn = None
+        if conn is not None:
+            try:
+                removed = remove_test_made(conn)
+            finally:
+                conn.close()
+            if removed:
+                say(f"functional tier: removed what an earlier, killed run left: {', '.join(removed)}")
+    yield
+    if lock is not None:
+        lock.close()
+
+
+def _lock_inherited() -> bool:
+    """This process was started under `flock FUNCTIONAL_LOCK ...` (it has the locked file open)."""
+    with contextlib.suppress(OSError):
+        return any(os.path.realpath(f"/proc/self/fd/{fd}") == FUNCTIONAL_LOCK for fd in os.listdir("/proc/self/fd"))
+    return False
+
+
+def remove_test_made(conn) -> list[str]:
+    """Domains, their volumes, pools and volumes whose names match TEST_MADE; returns what went."""
+    import libvirt
+
+    from vmhost.providers.base import NAME_PREFIX
+
+    removed = []
+    for dom in conn.listAllDomains(0):
+        if TEST_MADE.match(dom.name()):
+            _cleanup(conn, [dom.name()])
+            removed.append(f"domain {dom.name()}")
+    for pool in conn.listAllStoragePools(0):
+        if TEST_MADE.match(pool.name()):
+            with contextlib.suppress(libvirt.libvirtError):
+                if pool.isActive():
+                    pool.destroy()
+            with contextlib.suppress(libvirt.libvirtError):
+                pool.undefine()
+            removed.append(f"pool {pool.name()}")
+            continue
+        if not pool.isActive():
+            continue
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.refresh(0)
+        for vol in pool.listAllVolumes(0):
+            name = vol.name().removeprefix(NAME_PREFIX)
+            if TEST_MADE.match(name):
+                with contextlib.suppress(libvirt.libvirtError):
+                    vol.delete(0)
+                    removed.append(f"volume {vol.name()}")
+    return removed
 
 
 @pytest.fixture(scope="session")
