@@ -137,7 +137,7 @@ class ImageIndex:
         crt, key = self.root.parent / "index.crt", self.root.parent / "index.key"
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(crt)],
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(crt)],
             check=True, capture_output=True,
         )  # fmt: skip
         self.cert = crt

@@ -99,6 +99,47 @@ def test_a_server_that_never_answers_costs_a_bounded_wait(monkeypatch):
     assert time.monotonic() - t0 < 5
 
 
+@pytest.fixture
+def names(monkeypatch):
+    """The resolver, with `mirror.test` at 127.0.0.1 and `hung.test` a lookup that never ends (until teardown)."""
+    real, stuck = socket.getaddrinfo, threading.Event()
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host == "hung.test":
+            stuck.wait(30)
+            raise socket.gaierror("released")
+        return real("127.0.0.1" if host == "mirror.test" else host, port, *args, **kwargs)
+
+    monkeypatch.setattr(image_source.socket, "getaddrinfo", getaddrinfo)
+    yield
+    stuck.set()
+
+
+def test_a_name_lookup_that_never_ends_costs_a_bounded_wait(names, monkeypatch):
+    monkeypatch.setattr(image_source, "RESOLVE_TIMEOUT", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(
+        ImageError,
+        match=r"image server http://hung\.test is unreachable: looking up hung\.test took longer than 0\.5 s",
+    ):
+        ImageServer("http://hung.test").resolve("ubuntu:noble", "disk")
+    assert time.monotonic() - t0 < 3
+
+
+def test_servers_named_by_host_name_are_reached_and_tls_still_checks_that_name(names, tmp_path, disk):
+    product = Product("ubuntu", "noble", "24.04", {"disk1.img": disk})
+    with ImageIndex(tmp_path / "plain", [product]) as index:
+        port = index.url.rsplit(":", 1)[1]
+        assert ImageServer(f"http://mirror.test:{port}", arch="amd64").resolve("ubuntu:noble", "disk").disk.size > 0
+    with ImageIndex(tmp_path / "tls", [product], tls=True) as index:
+        port, cert = index.url.rsplit(":", 1)[1], str(index.cert)
+        # localhost may be ::1 first, where nothing listens: the next address is tried.
+        found = ImageServer(f"https://localhost:{port}", cafile=cert, arch="amd64").resolve("ubuntu:noble", "disk")
+        assert found.disk.size == disk.stat().st_size
+        with pytest.raises(ImageError, match=r"https://mirror\.test:\d+ is unreachable: .*(hostname|match)"):
+            ImageServer(f"https://mirror.test:{port}", cafile=cert, arch="amd64").resolve("ubuntu:noble", "disk")
+
+
 def test_a_bad_server_or_certificate_is_refused_when_the_provider_is_made(tmp_path):
     with pytest.raises(ImageError, match="is not an http"):
         ImageServer("file:///etc")

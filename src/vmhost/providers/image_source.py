@@ -8,8 +8,11 @@ goes wrong is one ProviderError sentence naming the server, never a traceback.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import platform
+import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,6 +38,7 @@ from vmhost.simplestreams import (
 from vmhost.timeouts import IMAGE_TIMEOUT
 
 HTTP_TIMEOUT = 30.0  # s: connecting, or waiting for the next bytes of a body
+RESOLVE_TIMEOUT = 15.0  # s: looking the server's name up (the resolver's own retries are not ours to bound)
 DOCUMENT_TIMEOUT = 120.0  # s: one whole index or products document
 CHUNK = 1024**2
 CERT_MAX = 64 * 1024  # characters of a PEM certificate handed to LXD
@@ -45,6 +49,61 @@ ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": 
 def host_arch() -> str:
     machine = platform.machine()
     return ARCHES.get(machine, machine)
+
+
+def resolve(host: str, port: int, limit: float = RESOLVE_TIMEOUT) -> list[tuple]:
+    """getaddrinfo with a time limit: Python's socket timeout does not cover the name lookup, which a dead
+    resolver can stretch past any budget. A lookup that overruns is left to finish in its daemon thread."""
+    answer: dict[str, object] = {}
+
+    def lookup() -> None:
+        try:
+            answer["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            answer["error"] = e
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if "error" in answer:
+        raise answer["error"]  # type: ignore[misc]
+    if "addresses" not in answer:
+        raise TimeoutError(f"looking up {host} took longer than {limit:g} s")
+    return answer["addresses"]  # type: ignore[return-value]
+
+
+def _connect(address: tuple[str, int], timeout: float | None = None, source_address=None, **_: object):
+    """socket.create_connection, with the name lookup bounded by RESOLVE_TIMEOUT."""
+    host, port = address
+    error: OSError | None = None
+    for *_kind, sockaddr in resolve(host, port, RESOLVE_TIMEOUT):
+        try:
+            return socket.create_connection(sockaddr[:2], timeout, source_address)
+        except OSError as e:
+            error = e
+    raise error or OSError(f"{host} has no address")
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect  # http.client's own hook for how the socket is made
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._create_connection = _connect  # TLS still checks the server's name, not the address
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
 
 
 class ImageError(ProviderError):
@@ -66,9 +125,10 @@ class ImageServer:
         self.cafile = cafile
         self.arch = arch or host_arch()
         try:
-            self._context = ssl.create_default_context(cafile=cafile) if cafile else None
+            context = ssl.create_default_context(cafile=cafile) if cafile else None
         except OSError:  # ssl.SSLError is one too
             raise ImageError(f"image server certificate {cafile!r} is not a readable PEM certificate file") from None
+        self._opener = urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler(context=context))
 
     def certificate(self) -> str | None:
         """The PEM text of `cafile` (LXD's pull source takes it to trust a self-signed server)."""
@@ -80,7 +140,7 @@ class ImageServer:
     def _open(self, path: str):
         url = server_url(self.url, path)
         try:
-            return urllib.request.urlopen(url, timeout=HTTP_TIMEOUT, context=self._context)
+            return self._opener.open(url, timeout=HTTP_TIMEOUT)
         except urllib.error.HTTPError as e:
             raise ImageError(f"image server {self.url} answered {e.code} for {path}") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
@@ -151,4 +211,4 @@ class ImageServer:
             )
 
 
-__all__ = ["HTTP_TIMEOUT", "ImageError", "ImageNotFound", "ImageServer", "host_arch"]
+__all__ = ["HTTP_TIMEOUT", "RESOLVE_TIMEOUT", "ImageError", "ImageNotFound", "ImageServer", "host_arch", "resolve"]
