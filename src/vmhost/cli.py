@@ -20,7 +20,7 @@ from vmhost.providers.base import ProviderError
 from vmhost.providers.libvirt_xml import DOMAIN_TYPES
 from vmhost.providers.registry import ProviderSettings, make_provider
 from vmhost.resources_view import render_view, vm_line
-from vmhost.service import STOP_WAIT, HostLockBusy, VmHost
+from vmhost.service import STOP_WAIT, HostLockBusy, VmHost, check_boot
 from vmhost.simplestreams import DEFAULT_IMAGE_SERVER, is_stream_name
 from vmhost.timeouts import (
     CALL_TIMEOUT_RANGE,
@@ -255,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             user_data = read_arg(args.user_data, "user-data", MAX_USER_DATA) if args.user_data is not None else None
             cloud_init = cloud_init_for(args.hostname, ssh_key_lines(args.ssh_key), user_data)
             if args.dry_run:
+                check_boot(args.boot, args.image)
                 alloc = host.plan(request)
                 _emit(args, alloc.to_dict(), f"would compose {alloc.name}: {json.dumps(alloc.to_dict())}")
                 return 0

@@ -21,6 +21,7 @@ from vmhost.model import BOOT_MODES, Allocation, CloudInit, ComposePlan, HostTop
 from vmhost.placement import UsageIndex, compute_usage, place
 from vmhost.providers.base import NotFound, Provider, ProviderError, fault_point, name_taken
 from vmhost.resources_view import resources_dict
+from vmhost.simplestreams import is_stream_name, parse_image_name
 from vmhost.timeouts import DEFAULT_LOCK_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,16 @@ def new_vm_name(taken: set[str]) -> str:
         name = f"vm-{secrets.token_hex(2)}"
         if name not in taken:
             return name
+
+
+def check_boot(boot: str, image: str | None) -> None:
+    """What compose refuses about boot and image before it places anything (a dry run asks the same)."""
+    if boot not in BOOT_MODES:
+        raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
+    if boot == "image" and not image:
+        raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
+    if image and is_stream_name(image):
+        parse_image_name(image)  # the server is asked only by a real compose
 
 
 @dataclass
@@ -125,10 +136,7 @@ class VmHost:
         `accept`, when given, sees the planned allocation under the same lock and returns a reason to
         refuse it (raised as Refused) or None: what it checked is exactly what gets created.
         """
-        if boot not in BOOT_MODES:
-            raise ValueError(f"boot {boot!r} is not a boot mode; allowed: {', '.join(BOOT_MODES)}")
-        if boot == "image" and not image:
-            raise ValueError("boot=image needs an image; give image=<path or alias> or use boot=network")
+        check_boot(boot, image)
         with self._locked():
             host, vms = self._snapshot()
             allocation = self._plan(request, host, vms, self._index)

@@ -83,3 +83,19 @@ def test_stop_says_so_and_fails_when_the_guest_keeps_running(tmp_path):
     assert (p.returncode, p.stdout.strip()) == (0, "web: stopped")
     p = vmhost("stop", "web", "--wait", "9999", env=env, tmp_path=tmp_path)
     assert p.returncode == 2 and "not a number of seconds from 0 to 3600" in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--boot", "image"], "boot=image needs an image"),
+        (["--boot", "image", "--image", "ubuntu:$(reboot)"], "image 'ubuntu:$(reboot)' is not an image name"),
+        (["--image", "ubuntu:"], "image 'ubuntu:' is not an image name"),
+    ],
+)
+def test_a_dry_run_refuses_what_the_compose_would(tmp_path, args, says):
+    """A dry run must not promise a VM that the same compose would refuse."""
+    p = vmhost("compose", "--dry-run", *args, tmp_path=tmp_path)
+    assert says in one_line_error(p)
+    ok = vmhost("compose", "--dry-run", "--boot", "image", "--image", "ubuntu:24.04", tmp_path=tmp_path)
+    assert ok.returncode == 0 and ok.stdout.startswith("would compose "), ok.stderr
