@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import queue
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ DEFAULT_CALL_TIMEOUT = 30.0  # s: one hypervisor call, its retries included
 # s: calls that do real work on the host (start or stop a VM, create, grow or delete a volume) get at least this.
 OPERATION_TIMEOUT = 120.0
 IMAGE_TIMEOUT = 1800.0  # s: copying or downloading an image into a new VM's root disk
+RESOLVE_TIMEOUT = 15.0  # s: looking a server's name up (a dead resolver's own retries can run far longer)
 DEFAULT_LOCK_TIMEOUT = 60.0  # s: waiting for another vmhost process to release the host lock
 CALL_TIMEOUT_RANGE = (1.0, 3600.0)
 LOCK_TIMEOUT_RANGE = (0.0, 3600.0)
@@ -35,6 +37,27 @@ class HypervisorTimeout(ProviderError):
 def no_answer(daemon: str, what: str, limit: float) -> str:
     """The one sentence for a call that ran out of time ("libvirt at qemu:///system did not answer ...")."""
     return f"{daemon} did not answer {what} within {limit:g} s; check that the daemon is responsive"
+
+
+def resolve(host: str, port: int, limit: float = RESOLVE_TIMEOUT) -> list[tuple]:
+    """getaddrinfo with a time limit: no socket timeout covers the name lookup. A lookup that overruns is
+    left to finish on its daemon thread, and TimeoutError (an OSError) says how long was waited."""
+    answer: dict[str, Any] = {}
+
+    def lookup() -> None:
+        try:
+            answer["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            answer["error"] = e
+
+    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
+    thread.start()
+    thread.join(limit)
+    if "error" in answer:
+        raise answer["error"]
+    if "addresses" not in answer:
+        raise TimeoutError(f"looking up {host} took longer than {limit:g} s")
+    return answer["addresses"]
 
 
 def seconds(value: object, what: str, limits: tuple[float, float] = CALL_TIMEOUT_RANGE) -> float:
@@ -119,8 +142,10 @@ __all__ = [
     "IMAGE_TIMEOUT",
     "LOCK_TIMEOUT_RANGE",
     "OPERATION_TIMEOUT",
+    "RESOLVE_TIMEOUT",
     "BoundedRunner",
     "HypervisorTimeout",
     "no_answer",
+    "resolve",
     "seconds",
 ]

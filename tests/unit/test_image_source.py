@@ -188,7 +188,6 @@ def test_cli_passes_the_image_server_from_its_flag_or_the_environment(monkeypatc
     ("given", "passed"),
     [
         ("ubuntu:24.04", "ubuntu:24.04"),
-        ("ubuntu:no/ble", "ubuntu:no/ble"),
         ("imgs/noble.qcow2", None),
         ("noble", "noble"),
     ],
@@ -201,6 +200,16 @@ def test_cli_leaves_stream_names_alone_and_makes_paths_absolute(monkeypatch, tmp
     argv = ["compose", "--memory", "128M", "--storage", "root:1", "--boot", "image", "--image", given]
     assert cli.main(argv) == 0
     assert provider.composed[0].image == (passed or str(tmp_path / given))
+
+
+def test_a_stream_name_with_a_slash_is_refused_as_typed_not_as_a_path(monkeypatch, tmp_path, capsys):
+    provider = FakeProvider()
+    monkeypatch.setattr(cli, "make_provider", lambda s: provider)
+    monkeypatch.setenv("VMHOST_LOCK_FILE", str(tmp_path / "lock"))
+    argv = ["compose", "--memory", "128M", "--storage", "root:1", "--boot", "image", "--image", "ubuntu:no/ble"]
+    assert cli.main(argv) == 1
+    assert "image 'ubuntu:no/ble' is not an image name" in capsys.readouterr().err
+    assert provider.composed == []
 
 
 def test_cli_refuses_a_bad_image_server_in_one_line(capsys):

@@ -235,3 +235,33 @@ def test_an_lxd_request_that_times_out_is_not_retried_and_compose_stops_asking(m
     with pytest.raises(HypervisorTimeout):
         vmhost.provider.list_vms()
     assert len(fake.calls) == n
+
+
+# ---- name lookups: no socket timeout covers them ---------------------------------------------------
+
+
+def test_a_name_lookup_that_never_ends_is_given_up_after_the_limit(monkeypatch):
+    from vmhost import timeouts
+
+    assert timeouts.resolve("127.0.0.1", 80, 5)[0][4] == ("127.0.0.1", 80)  # a lookup that answers is returned
+    monkeypatch.setattr(timeouts.socket, "getaddrinfo", lambda *a, **k: FOREVER.wait())
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"looking up lxd\.test took longer than 0\.3 s"):
+        timeouts.resolve("lxd.test", 8443, 0.3)
+    assert time.monotonic() - t0 < 2
+
+
+def test_a_remote_lxd_whose_name_never_resolves_is_one_sentence_within_the_limit(monkeypatch, tmp_path):
+    from vmhost import timeouts
+    from vmhost.providers.lxd import LxdProvider
+
+    monkeypatch.setattr(timeouts.socket, "getaddrinfo", lambda *a, **k: FOREVER.wait())
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("x"), key.write_text("x")
+    provider = LxdProvider(uri="https://lxd.test:8443", cert=(str(cert), str(key)), timeout=1)
+    t0 = time.monotonic()
+    with pytest.raises(
+        HypervisorTimeout, match=r"LXD at https://lxd\.test:8443: looking up lxd\.test took longer than 1 s"
+    ):
+        provider.list_vms()
+    assert time.monotonic() - t0 < 3

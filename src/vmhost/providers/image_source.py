@@ -12,7 +12,6 @@ import http.client
 import platform
 import socket
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -35,10 +34,9 @@ from vmhost.simplestreams import (
     select,
     server_url,
 )
-from vmhost.timeouts import IMAGE_TIMEOUT
+from vmhost.timeouts import IMAGE_TIMEOUT, RESOLVE_TIMEOUT, resolve
 
 HTTP_TIMEOUT = 30.0  # s: connecting, or waiting for the next bytes of a body
-RESOLVE_TIMEOUT = 15.0  # s: looking the server's name up (the resolver's own retries are not ours to bound)
 DOCUMENT_TIMEOUT = 120.0  # s: one whole index or products document
 CHUNK = 1024**2
 CERT_MAX = 64 * 1024  # characters of a PEM certificate handed to LXD
@@ -49,27 +47,6 @@ ARCHES = {"x86_64": "amd64", "aarch64": "arm64", "ppc64le": "ppc64el", "s390x": 
 def host_arch() -> str:
     machine = platform.machine()
     return ARCHES.get(machine, machine)
-
-
-def resolve(host: str, port: int, limit: float = RESOLVE_TIMEOUT) -> list[tuple]:
-    """getaddrinfo with a time limit: Python's socket timeout does not cover the name lookup, which a dead
-    resolver can stretch past any budget. A lookup that overruns is left to finish in its daemon thread."""
-    answer: dict[str, object] = {}
-
-    def lookup() -> None:
-        try:
-            answer["addresses"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as e:
-            answer["error"] = e
-
-    thread = threading.Thread(target=lookup, name=f"resolve {host}", daemon=True)
-    thread.start()
-    thread.join(limit)
-    if "error" in answer:
-        raise answer["error"]  # type: ignore[misc]
-    if "addresses" not in answer:
-        raise TimeoutError(f"looking up {host} took longer than {limit:g} s")
-    return answer["addresses"]  # type: ignore[return-value]
 
 
 def _connect(address: tuple[str, int], timeout: float | None = None, source_address=None, **_: object):
@@ -211,4 +188,4 @@ class ImageServer:
             )
 
 
-__all__ = ["HTTP_TIMEOUT", "RESOLVE_TIMEOUT", "ImageError", "ImageNotFound", "ImageServer", "host_arch", "resolve"]
+__all__ = ["HTTP_TIMEOUT", "ImageError", "ImageNotFound", "ImageServer", "host_arch"]

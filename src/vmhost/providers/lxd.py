@@ -27,7 +27,7 @@ import uuid as uuid_mod
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from vmhost.cloudinit import static_prefixes
 from vmhost.hostkeys import generate_host_keys
@@ -51,7 +51,7 @@ from vmhost.providers.base import (
 )
 from vmhost.providers.image_source import ImageServer
 from vmhost.simplestreams import is_stream_name
-from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer
+from vmhost.timeouts import DEFAULT_CALL_TIMEOUT, IMAGE_TIMEOUT, HypervisorTimeout, no_answer, resolve
 from vmhost.timeouts import OPERATION_TIMEOUT as _OPERATION_TIMEOUT
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,15 @@ class LxdProvider:
 
         if self.uri and not self._remote and not os.path.exists(self.uri):
             raise FileNotFoundError(f"no LXD socket at {self.uri}")  # pylxd would take the path for a URL
+        if self._remote:
+            # requests' timeouts do not cover the name lookup: a dead resolver is met here, within the limit.
+            where = urlsplit(self.uri)
+            try:
+                resolve(where.hostname or "", where.port or 8443, self.timeout)
+            except TimeoutError as e:
+                raise HypervisorTimeout(
+                    f"LXD at {self.uri}: {e}; check this machine's DNS, or use an address"
+                ) from None
         with self._bounded("the connection"):
             try:
                 client = pylxd.Client(endpoint=self.uri, timeout=self.timeout, session=self._session())
