@@ -151,6 +151,21 @@ def test_lxd_root_smaller_than_its_image_is_refused_and_nothing_is_made(lxd_host
     assert test_lxd.instance_names(project) == before
 
 
+def test_lxd_an_alias_it_lacks_is_one_sentence_and_nothing_is_made(lxd_host, project, lxd_vm_image):
+    before = (
+        test_lxd.instance_names(project),
+        test_lxd.lxc("storage", "volume", "list", "default", "--project", project).stdout,
+    )
+    request = VmRequest.from_dict({"cores": 1, "memory": "256M", "storage": "root:128M,data:64M"})
+    with pytest.raises(ProviderError, match=f"LXD has no image alias '{lxd_vm_image}-x' for project '{project}'"):
+        lxd_host.compose(request, boot="image", image=lxd_vm_image + "-x")
+    after = (
+        test_lxd.instance_names(project),
+        test_lxd.lxc("storage", "volume", "list", "default", "--project", project).stdout,
+    )
+    assert after == before
+
+
 def test_lxd_several_ips_and_link_up_reach_the_guests_network_config(lxd_host, project, lxd_vm_image):
     """Issue 16: two ip= on one interface give the guest both; mode=link_up brings a second one up bare."""
     bridge, iface = _addressed_bridge(lxd_host)

@@ -18,7 +18,7 @@ from vmhost.model import Policy, VmRequest
 from vmhost.providers import base
 from vmhost.providers import lxd as lxdmod
 from vmhost.providers import lxd_config as cfg
-from vmhost.providers.base import STATE_COMPOSING, STATE_READY, ComposeError
+from vmhost.providers.base import STATE_COMPOSING, STATE_READY, ComposeError, ProviderError
 from vmhost.service import VmHost
 
 GIB = 1024**3
@@ -81,6 +81,7 @@ class FakeLxd:
         self.profiles = {"default": {"name": "default", "devices": DEFAULT_PROFILE_DEVICES}}
         self.wait_timeout_is_an_error = False
         self.wait_timeouts: dict[str, list[int]] = {}  # operation id -> the timeout of each wait for it
+        self.image_aliases = {"noble"}  # LXD's own image store (shared by every project here)
 
     def close(self) -> None:
         pass
@@ -112,6 +113,10 @@ class FakeLxd:
                     "network": {"cards": []},
                 }
             )
+        if method == "GET" and parts[:2] == ["images", "aliases"] and len(parts) == 3:
+            if parts[2] in self.image_aliases:
+                return _sync({"name": parts[2], "target": "f" * 64})
+            return _error(404, "Image alias not found")
         if method == "GET" and path == "/1.0/networks":
             return _sync(
                 [
@@ -370,6 +375,15 @@ def test_image_compose_keeps_waiting_while_lxd_is_still_creating(lxd, tmp_path):
     assert lxd.instances[("vmhost", "vm-i")]["config"][cfg.STATE_KEY] == STATE_READY
 
 
+def test_an_image_alias_lxd_does_not_have_is_one_sentence_before_anything_is_made(lxd, tmp_path):
+    with pytest.raises(
+        ProviderError, match=r"LXD has no image alias 'jammy' for project 'vmhost' \(lxc image alias list\)"
+    ):
+        host(tmp_path).compose(request(name="vm-a", storage="root:1G,data:1G"), boot="image", image="jammy")
+    assert not [c for c in lxd.calls if c[0] in ("POST", "PUT", "PATCH", "DELETE") and "projects" not in c[1]]
+    assert not lxd.instances and not lxd.volumes
+
+
 def test_a_wait_that_times_out_with_an_error_answer_reads_the_operation_and_keeps_waiting(lxd, tmp_path):
     lxd.running["op-1"] = 2
     lxd.wait_timeout_is_an_error = True
@@ -406,7 +420,6 @@ def test_an_operation_past_its_bound_is_cancelled_before_the_vm_is_undone(lxd, t
 
 
 def test_no_daemon_on_the_socket_is_one_clear_error_after_bounded_retries(tmp_path, monkeypatch):
-    from vmhost.providers.base import ProviderError
 
     slept: list[float] = []
     monkeypatch.setattr("time.sleep", slept.append)  # ours and tenacity's waits

@@ -660,6 +660,12 @@ class LxdProvider:
         vm_path = f"/instances/{quote(a.name, safe='')}"
         if self._exists(vm_path, project=self.project):
             raise ProviderError(name_taken(a.name, f"in LXD project {self.project!r}"))
+        local = body["source"].get("alias")
+        if local and not self._exists(f"/images/aliases/{quote(local, safe='')}", project=self.project):
+            raise ProviderError(
+                f"LXD has no image alias {local!r} for project {self.project!r} (lxc image alias list); "
+                "give one it has, or a stream name such as ubuntu:24.04"
+            )
         tx = Transaction()
         for pool, vol in cfg.volume_bodies(a):
             vol_path = f"/storage-pools/{quote(pool, safe='')}/volumes/custom/{quote(vol['name'], safe='')}"
