@@ -10,6 +10,7 @@ or boot is an error, not a skip.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -84,12 +85,29 @@ class Guests:
             self.current = None
 
 
+_running: list[Guests] = []  # the session's Guests, for the failure report below
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed numa test carries the nested guest's console tail: a guest that died (an OOM, a hang) says so
+    there, and CI keeps no files, only what the run printed."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _running and _running[0].current is not None:
+        console = _running[0].current.console
+        with contextlib.suppress(OSError):
+            tail = console.read_text(errors="replace")[-3000:]
+            report.sections.append((f"{_running[0].current.profile.name} guest console (last 3000 characters)", tail))
+
+
 @pytest.fixture(scope="session")
 def guests() -> Iterator[Guests]:
     reason = _missing()
     if reason:
         pytest.skip(reason)
     g = Guests()
+    _running[:] = [g]
     atexit.register(g.stop)  # also when pytest is interrupted past its finalizers
     yield g
     g.stop()
