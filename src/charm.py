@@ -347,8 +347,8 @@ class VmHostCharm(ops.CharmBase):
     ) -> None:
         """The one way an action runs: typed parameters (`params_class`, None for none) and config, then
         `run(event, params, config)` gives the results. A bad parameter or config option, an ActionFailed
-        or a refused request (REQUEST_ERRORS) fails the action with one sentence; nothing else is caught
-        here, so an unforeseen error is Juju's to report with its traceback in the log."""
+        or a refused request (REQUEST_ERRORS) fails the action with one sentence; so does an unforeseen
+        error, whose traceback goes to the unit's log only (no exception escapes a hook)."""
         params = None
         if params_class is not None:
             try:
@@ -365,6 +365,14 @@ class VmHostCharm(ops.CharmBase):
             results = run(event, params, config)
         except (ActionFailed, *REQUEST_ERRORS) as e:
             event.fail(str(e))
+            return
+        except Exception as e:
+            logger.exception("action %s failed", event.handle.kind)
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            event.fail(
+                f"{event.handle.kind.removesuffix('_action').replace('_', '-')} failed: {type(e).__name__}"
+                f"{': ' + first if first else ''}; the unit's log has the details (juju debug-log)"
+            )
             return
         event.set_results(results)
 

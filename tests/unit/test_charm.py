@@ -849,3 +849,15 @@ def test_every_action_runs_through_the_one_helper():
     actions = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.startswith("_on_")]
     through = {f.name for f in actions if "_run_action" in ast.unparse(f)}
     assert len(through) == 10  # compose, decompose, list-vms, resources, start/stop-vm, refresh, prune, trust, token
+
+
+def test_an_unforeseen_error_in_an_action_is_one_sentence_and_never_escapes_the_hook(fake, machine, monkeypatch):
+    from vmhost.service import VmHost
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("the unexpected\nsecond line")
+
+    monkeypatch.setattr(VmHost, "compose", broken)
+    message = fail_action("compose", {"cores": 1, "memory": "128M"})
+    assert message == "compose failed: RuntimeError: the unexpected; the unit's log has the details (juju debug-log)"
+    assert fake.composed == []
