@@ -110,7 +110,7 @@ def _parse_quota(value: str) -> Quota:
         key, sep, val = tok.partition("=")
         key = key.strip().lower()
         if not sep or key not in ("vms", "cores", "memory"):
-            raise ValueError(f"entry {tok!r} is not vms=N, cores=N or memory=SIZE")
+            raise ValueError(f"entry {clip(tok)} is not vms=N, cores=N or memory=SIZE")
         if key == "memory":
             try:
                 found[key] = check_size("memory", parse_size(val, default_unit="M"), 0, QUOTA_MAX[key])
@@ -121,6 +121,9 @@ def _parse_quota(value: str) -> Quota:
         else:
             raise ValueError(f"{key} {clip(val)} is not a whole number from 0 to {QUOTA_MAX[key]}")
     return Quota(**found)
+
+
+CONFIG_TEXT_MAX = 4096  # characters in any one text option (the longest real ones, hugepages per node, are far shorter)
 
 
 class CharmConfig(BaseModel):
@@ -151,6 +154,14 @@ class CharmConfig(BaseModel):
     metrics_address: str = "127.0.0.1:9477"
     hypervisor_timeout: float = DEFAULT_CALL_TIMEOUT
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _bounded_text(cls, v: Any) -> Any:
+        """Every option's text has a ceiling, and a message never echoes more than a clip of it."""
+        if isinstance(v, str) and len(v) > CONFIG_TEXT_MAX:
+            raise ValueError(f"{clip(v)} is {len(v)} characters long; at most {CONFIG_TEXT_MAX}")
+        return v
+
     @field_validator("hypervisor_timeout", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> float:
@@ -160,14 +171,14 @@ class CharmConfig(BaseModel):
     @classmethod
     def _channel(cls, v: str) -> str:
         if not re.fullmatch(r"(?:[a-z0-9.-]+/)?(?:stable|candidate|beta|edge)(?:/[\w.-]+)?|[a-z0-9.-]+", v):
-            raise ValueError(f"{v!r} is not a snap channel; use track/risk such as 5.21/stable or 6/stable")
+            raise ValueError(f"{clip(v)} is not a snap channel; use track/risk such as 5.21/stable or 6/stable")
         return v
 
     @field_validator("libvirt_uri")
     @classmethod
     def _uri(cls, v: str) -> str:
         if not re.fullmatch(r"[a-z0-9+]+://[^\s]*", v):
-            raise ValueError(f"{v!r} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://virsh@host/system")
+            raise ValueError(f"{clip(v)} is not a libvirt URI; use e.g. qemu:///system or qemu+ssh://virsh@host/system")
         return v
 
     @field_validator("metrics_address")
@@ -194,7 +205,7 @@ class CharmConfig(BaseModel):
     def _image_dir(cls, v: str) -> str:
         v = v.strip()
         if not v.startswith("/") or "\n" in v:
-            raise ValueError(f"{v!r} is not an absolute directory path; use e.g. /var/lib/vmhost/images")
+            raise ValueError(f"{clip(v)} is not an absolute directory path; use e.g. /var/lib/vmhost/images")
         return v
 
     @field_validator("relation_image")
@@ -258,7 +269,7 @@ class CharmConfig(BaseModel):
                 continue
             space, sep, bridge = tok.partition("=")
             if not sep or not _NAME_RE.match(space) or not _NAME_RE.match(bridge):
-                raise ValueError(f"entry {tok!r} is not space=bridge (e.g. public=br0 storage=br1)")
+                raise ValueError(f"entry {clip(tok)} is not space=bridge (e.g. public=br0 storage=br1)")
             out[space] = bridge
         return out
 
@@ -275,9 +286,9 @@ class CharmConfig(BaseModel):
                 try:
                     tok = str(ipaddress.ip_network(tok, strict=False))
                 except ValueError:
-                    raise ValueError(f"{tok!r} is not a CIDR (e.g. 10.20.0.0/24)") from None
+                    raise ValueError(f"{clip(tok)} is not a CIDR (e.g. 10.20.0.0/24)") from None
             elif not _NAME_RE.match(tok):
-                raise ValueError(f"{tok!r} is not a space, bridge or network name, nor a CIDR")
+                raise ValueError(f"{clip(tok)} is not a space, bridge or network name, nor a CIDR")
             out.append(tok)
         return tuple(out)
 
@@ -289,15 +300,15 @@ class CharmConfig(BaseModel):
             return v
         m = re.fullmatch(r"\[([0-9A-Fa-f:]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", v)
         if not m:
-            raise ValueError(f"{v!r} is not an address[:port] (e.g. 10.0.0.5:8443 or [::]:8443)")
+            raise ValueError(f"{clip(v)} is not an address[:port] (e.g. 10.0.0.5:8443 or [::]:8443)")
         host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
         if port is not None and not 0 < int(port) < 65536:
-            raise ValueError(f"port {port} in {v!r} is not 1-65535")
+            raise ValueError(f"port {port} in {clip(v)} is not 1-65535")
         try:
             ipaddress.ip_address(host)
         except ValueError:
-            if not re.fullmatch(r"[A-Za-z0-9.-]+", host):
-                raise ValueError(f"{host!r} in {v!r} is not an IP address or host name") from None
+            if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
+                raise ValueError(f"{clip(host)} in {clip(v)} is not an IP address or host name") from None
         return v
 
     @field_validator("bridge", "default_storage_pool")
@@ -305,7 +316,7 @@ class CharmConfig(BaseModel):
     def _name(cls, v: str) -> str:
         v = v.strip()
         if v and not _NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a name; use letters, digits, '-', '_' or '.'")
+            raise ValueError(f"{clip(v)} is not a name; use letters, digits, '-', '_' or '.'")
         return v
 
     def policy(self) -> Policy:
@@ -365,7 +376,7 @@ class ComposeParams(BaseModel):
     @classmethod
     def _pool(cls, v: str | None) -> str | None:
         if v and not _NAME_RE.match(v):
-            raise ValueError(f"{v!r} is not a pool name; use letters, digits, '-', '_' or '.'")
+            raise ValueError(f"{clip(v)} is not a pool name; use letters, digits, '-', '_' or '.'")
         return v or None
 
     def request_dict(self) -> dict:
@@ -449,7 +460,9 @@ class ClientTokenParams(BaseModel):
         m = re.fullmatch(r"\s*(\d{1,6})\s*([mhd]?)\s*", v.lower())
         seconds = int(m.group(1)) * _EXPIRY_UNITS[m.group(2) or "m"] if m else None
         if seconds is None or not TOKEN_EXPIRY_MIN <= seconds <= TOKEN_EXPIRY_MAX:
-            raise ValueError(f"{v!r} is not an expiry from 1m to 7d; give minutes, hours or days, e.g. 30m, 1h or 2d")
+            raise ValueError(
+                f"{clip(v)} is not an expiry from 1m to 7d; give minutes, hours or days, e.g. 30m, 1h or 2d"
+            )
         return f"{m.group(1)}{m.group(2) or 'm'}"
 
     @property

@@ -188,3 +188,90 @@ def test_dispatch_runs_install_config_changed_and_resources(juju_env, unpacked):
     resources = json.loads(results["json"])
     assert resources["nodes"] and resources["nodes"][0]["threads"]
     assert results["view"].strip()
+
+
+def _results(calls: list[dict]) -> dict[str, str]:
+    out = {}
+    for c in calls:
+        if c["tool"] == "action-set":
+            for kv in c["args"]:
+                key, _, value = kv.partition("=")
+                out[key] = value
+    return out
+
+
+def _no_traceback(calls: list[dict]) -> None:
+    shown = [" ".join(c["args"]) for c in calls if c["tool"] in ("status-set", "action-fail", "action-set")]
+    assert not [s for s in shown if "Traceback" in s or 'File "' in s], shown
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("reserved-cores", "0-99999999"),
+        ("hugepages", "2M:999999999999"),
+        ("libvirt-uri", "x" * 5000),
+        ("relation-quota", "vms=-1"),
+        ("image-server", "ftp://mirror/releases"),
+        ("cpu-overcommit-ratio", 1e308),
+        ("space-bridges", "public=" + "b" * 300),
+    ],
+    ids=lambda v: str(v)[:24],
+)
+def test_hostile_config_blocks_naming_the_option_through_the_packed_charm(juju_env, unpacked, option, value):
+    env, state = juju_env
+    (state / "config.json").write_text(json.dumps({"backend": "libvirt", "metrics-address": "", option: value}))
+    calls = dispatch(unpacked, env, state, "hooks/config-changed")
+    final = statuses(calls)[-1]
+    assert "blocked" in final and option in final[-1], final
+    assert len(final[-1]) < 400 and "\n" not in final[-1]
+    _no_traceback(calls)
+
+
+def test_compose_and_decompose_actions_through_the_packed_charm_on_real_libvirt(juju_env, unpacked):
+    """The actions as Juju runs them from the artefact: hostile parameters fail in one sentence and make
+    nothing; a good compose makes a real domain, and decompose removes it. (Parameters actions.yaml does
+    not declare are Juju's to refuse: every action there has additionalProperties: false.)"""
+    import uuid
+
+    env, state = juju_env
+
+    def domains() -> set[str]:
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                             text=True, timeout=60, check=True)  # fmt: skip
+        return {n for n in out.stdout.split() if n}
+
+    def action(name: str, params: dict) -> list[dict]:
+        (state / "params.json").write_text(json.dumps(params))
+        return dispatch(unpacked, env, state, f"actions/{name}", JUJU_ACTION_NAME=name, JUJU_ACTION_UUID="7")
+
+    before = domains()
+    hostile = [
+        ({"cores": 0}, "cores"),
+        ({"memory": "9" * 70}, "memory"),
+        ({"boot": "image", "image": "ubuntu:$(reboot)"}, "is not an image name"),
+        ({"ssh_authorized_keys": ["ssh-ed25519 AAAA; rm -rf /"]}, "ssh_authorized_keys"),
+        ({"user_data": "#cloud-config\n" + "a: b\n" * 20000}, "user"),
+        ({"interfaces": "eth0:name=nosuchnet"}, "nosuchnet"),
+        ({"hostname": "-bad-"}, "host name"),
+        ({"storage": "root:99999"}, "too large"),
+    ]
+    for params, says in hostile:
+        calls = action("compose", params)
+        failed = [c["args"] for c in calls if c["tool"] == "action-fail"]
+        assert len(failed) == 1 and says in failed[0][-1] and "\n" not in failed[0][-1], (params, failed)
+        _no_traceback(calls)
+    assert domains() == before
+
+    name = f"ft-{uuid.uuid4().hex[:8]}"
+    try:
+        calls = action("compose", {"cores": 1, "memory": "128M", "storage": "root:1", "hostname": name})
+        assert not [c for c in calls if c["tool"] == "action-fail"], calls
+        assert _results(calls)["name"] == name
+        assert domains() == before | {name}
+        calls = action("decompose", {"name": name})
+        assert not [c for c in calls if c["tool"] == "action-fail"], calls
+        assert domains() == before
+    finally:
+        subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name, "--remove-all-storage"],
+                       capture_output=True, timeout=60)  # fmt: skip

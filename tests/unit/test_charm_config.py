@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pydantic
 import pytest
+import yaml
 
 from charm_config import (
     AddTrustedClientParams,
@@ -247,3 +249,22 @@ def test_relation_settings_are_the_charm_config_parsed_plus_the_binding():
     assert relation_settings(CharmConfig(), Binding()) == RelationSettings()
     with pytest.raises(ValueError):
         CharmConfig.model_validate({"relation_quota": "vms=lots"})
+
+
+TEXT_OPTIONS = [
+    option
+    for option, spec in yaml.safe_load((Path(__file__).parents[2] / "config.yaml").read_text())["options"].items()
+    if spec["type"] == "string"
+]
+
+
+@pytest.mark.parametrize("option", TEXT_OPTIONS)
+@pytest.mark.parametrize("length", [300, 5000])
+def test_a_long_text_option_is_refused_in_a_short_sentence(option, length):
+    """The status line an operator reads never carries kilobytes of what they typed (a 5,000-character
+    libvirt-uri was once echoed whole through the packed charm)."""
+    value = "x" * (length - 1) + "\n"
+    with pytest.raises(pydantic.ValidationError) as e:
+        CharmConfig(**{option.replace("-", "_"): value})
+    message = error_message(e.value)
+    assert message.startswith(f"config {option}: ") and len(message) < 400 and "\n" not in message, message
