@@ -103,7 +103,7 @@ def test_venv_alone_imports_the_runtime(unpacked):
 
 TOOLS = [
     "juju-log", "status-set", "status-get", "config-get", "is-leader", "relation-ids", "relation-list",
-    "relation-get", "relation-set", "action-get", "action-set", "action-log", "action-fail", "goal-state",
+    "relation-get", "relation-set", "relation-model-get", "action-get", "action-set", "action-log", "action-fail", "goal-state",
     "application-version-set", "opened-ports", "open-port", "close-port", "network-get", "juju-reboot",
     "secret-add", "secret-get", "secret-set", "secret-ids", "secret-info-get", "secret-grant", "secret-remove",
     "state-get", "state-set", "state-delete", "leader-get", "leader-set", "storage-list", "storage-get",
@@ -275,3 +275,90 @@ def test_compose_and_decompose_actions_through_the_packed_charm_on_real_libvirt(
     finally:
         subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name, "--remove-all-storage"],
                        capture_output=True, timeout=60)  # fmt: skip
+
+
+def _relation_hook(unpacked, env, state, requests_value: str | None, hook: str = "changed") -> tuple[list, dict]:
+    """One vm-allocation relation hook from a remote application `req` whose `requests` is what a hostile
+    (or honest) model wrote; returns the calls and vm-host's application databag afterwards."""
+    relations = json.loads((state / "relations.json").read_text()) if (state / "relations.json").exists() else {}
+    rel = relations.setdefault("vm-allocation", {}).setdefault(
+        "5", {"app": "req", "units": ["req/0"], "data": {"req": {}, "req/0": {}}}
+    )
+    if requests_value is None:
+        rel["data"]["req"].pop("requests", None)
+    else:
+        rel["data"]["req"]["requests"] = requests_value
+    (state / "relations.json").write_text(json.dumps(relations))
+    extra = {"JUJU_RELATION": "vm-allocation", "JUJU_RELATION_ID": "vm-allocation:5", "JUJU_REMOTE_APP": "req",
+             "JUJU_REMOTE_UNIT": "req/0"}  # fmt: skip
+    calls = dispatch(unpacked, env, state, f"hooks/vm-allocation-relation-{hook}", **extra)
+    after = json.loads((state / "relations.json").read_text())["vm-allocation"]["5"]["data"]
+    return calls, after.get("vm-host", {})
+
+
+def test_the_relation_through_the_packed_charm_hostile_data_then_a_real_vm(juju_env, unpacked, tmp_path):
+    """What a remote model writes reaches the artefact's hooks: hostile data never fails a hook, never makes
+    a VM, and is answered in vm-host's databag; an honest request makes a real VM on libvirt, and
+    withdrawing it removes the VM."""
+    env, state = juju_env
+    images = tmp_path / "images"
+    images.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(images / "tiny.qcow2"), "64M"], check=True)
+    config = {"backend": "libvirt", "metrics-address": "", "libvirt-image-dir": str(images), "relation-image": "tiny",
+              "cpu-overcommit-ratio": 4}  # fmt: skip
+    (state / "config.json").write_text(json.dumps(config))
+
+    def domains() -> set[str]:
+        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                             text=True, timeout=60, check=True)  # fmt: skip
+        return {n for n in out.stdout.split() if n}
+
+    before = domains()
+    deep = "[" * 5000 + "]" * 5000
+    hostile = [
+        "x" * 2048,
+        "\u0000\ud800" * 1000,
+        deep,
+        json.dumps({"not": "a list"}),
+        json.dumps([{"id": "a", "cores": 10**30}]),
+        json.dumps([{"id": "b" * 5000, "cores": 1}]),
+        json.dumps([{"id": "c", "memory": "1E", "interfaces": "eth0:name=" + "n" * 3000}]),
+        json.dumps([{"id": "d", "cores": 1, "memory": "128M", "image": "/etc/shadow"}]),
+        json.dumps([{"id": "e", "cores": 1, "memory": "128M", "user_data": "#cloud-config\n" + "[" * 200000}]),
+    ]
+    try:
+        for value in hostile:
+            calls, ours = _relation_hook(unpacked, env, state, value)
+            _no_traceback(calls)
+            assert not [c for c in calls if c["tool"] == "juju-log" and "Traceback" in " ".join(c["args"])]
+            served = json.loads(ours.get("vms", "[]"))
+            assert ours.get("error") or (served and all(v["status"] == "rejected" for v in served)), (value[:80], ours)
+            assert len(json.dumps(ours)) < 64 * 1024
+            assert domains() == before
+        # Asking for far too much is bounded, not refused: the first 64 entries are read, the quota (vms=3
+        # here) and the host's capacity decide how many are made, the rest are told why.
+        config["relation-quota"] = "vms=3"
+        (state / "config.json").write_text(json.dumps(config))
+        many = [{"id": f"r{i}", "cores": 1, "memory": "128M", "storage": "root:1"} for i in range(5000)]
+        calls, ours = _relation_hook(unpacked, env, state, json.dumps(many))
+        _no_traceback(calls)
+        served = json.loads(ours["vms"])
+        assert "too many requests: 5000 entries, at most 64" in ours["error"]
+        assert len(served) == 64 and len(domains() - before) == 3
+        assert {v["status"] for v in served[3:]} == {"rejected"}, served[3]
+        calls, ours = _relation_hook(unpacked, env, state, json.dumps([]))
+        assert json.loads(ours.get("vms", "[]")) == [] and domains() == before
+        request = [{"id": "web-0", "cores": 1, "memory": "128M", "storage": "root:1"}]
+        calls, ours = _relation_hook(unpacked, env, state, json.dumps(request))
+        _no_traceback(calls)
+        (vm,) = json.loads(ours["vms"])
+        assert vm["id"] == "web-0" and vm["status"] == "pending" and vm["name"], vm
+        assert domains() == before | {vm["name"]}
+        calls, ours = _relation_hook(unpacked, env, state, json.dumps([]))
+        assert json.loads(ours.get("vms", "[]")) == []
+        assert domains() == before
+    finally:
+        for name in domains() - before:
+            subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True, timeout=60)
+            subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name, "--remove-all-storage"],
+                           capture_output=True, timeout=60)  # fmt: skip
