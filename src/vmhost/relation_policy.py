@@ -439,27 +439,43 @@ def judge_requests(
 ) -> list[RequestDecision]:
     """Accept or reject every request of every relation, quotas included.
 
-    VMs that already exist count first, so a new request can never push an existing VM over quota;
-    then new requests count in the order the requirer listed them.
+    A quota is per application, across all its relations (a requirer charm may relate several of its
+    endpoints to this host), and an id one relation of an application lists is rejected on its others,
+    so one owner key never stands for two requests. VMs that already exist count first, so a new
+    request can never push an existing VM over quota; then new requests count in the order listed.
     """
-    out: list[RequestDecision] = []
-    for relation in sorted(relations, key=lambda relation: relation.relation_id):
-        verdicts = [_judge_one(relation, incoming, settings) for incoming in relation.requests]
-        listed = {verdict.owner for verdict in verdicts if verdict.owner}
-        use = _QuotaUse()
-        for owner, vm in held.items():
-            if owner in listed:
-                use = use.plus(vm.cores, vm.memory)
-        for verdict in verdicts:
-            if verdict.accepted is None or verdict.owner in held:
-                out.append(verdict)
-                continue
-            request = verdict.accepted.request
-            overrun = use.overrun(settings.quota, request.cores, request.memory)
-            if overrun:
-                rejected = f"request {verdict.id!r}: {overrun} for {relation.app}"
-                out.append(replace(verdict, accepted=None, rejected=rejected))
-                continue
-            use = use.plus(request.cores, request.memory)
-            out.append(verdict)
+    ordered = sorted(relations, key=lambda relation: relation.relation_id)
+    judged: list[tuple[RelationRequests, RequestDecision]] = []
+    claimed: set[str] = set()
+    for relation in ordered:
+        for incoming in relation.requests:
+            verdict = _judge_one(relation, incoming, settings)
+            if verdict.owner in claimed:
+                verdict = replace(
+                    verdict,
+                    owner=None,
+                    accepted=None,
+                    rejected=f"request {verdict.id!r}: {relation.app} lists this id on another of its "
+                    "relations to this host; use one id per VM",
+                )
+            elif verdict.owner:
+                claimed.add(verdict.owner)
+            judged.append((relation, verdict))
+    uses: dict[str, _QuotaUse] = {}
+    for owner, vm in held.items():
+        if owner in claimed and (parts := split_owner(owner)):
+            app_key = f"{parts[0]}/{parts[1]}"
+            uses[app_key] = uses.get(app_key, _QuotaUse()).plus(vm.cores, vm.memory)
+    out = [verdict for _, verdict in judged]
+    for i, (relation, verdict) in enumerate(judged):
+        if verdict.accepted is None or verdict.owner in held:
+            continue
+        request = verdict.accepted.request
+        use = uses.get(relation.app_key, _QuotaUse())
+        overrun = use.overrun(settings.quota, request.cores, request.memory)
+        if overrun:
+            rejected = f"request {verdict.id!r}: {overrun} for {relation.app}"
+            out[i] = replace(verdict, accepted=None, rejected=rejected)
+            continue
+        uses[relation.app_key] = use.plus(request.cores, request.memory)
     return out

@@ -235,3 +235,17 @@ def test_allowed_networks_refuse_a_named_bridge_not_listed():
     settings = RelationSettings(allowed_networks=("br0",))
     plan = decide(snapshot(rel(spec("a", interfaces="eth0:name=br1")), settings=settings))
     assert plan.compose == () and "allowed-networks" in rejected(plan)["a"]
+
+
+def test_an_application_related_twice_has_one_quota_and_one_vm_per_id():
+    # A requirer charm with two vm_allocation endpoints can relate both to this host: still one application.
+    settings = RelationSettings(quota=Quota(vms=2))
+    state = snapshot(rel(spec("a"), spec("b")), rel(spec("c"), spec("a", cores=2), rid=2), settings=settings)
+    plan = decide(state)
+    assert composed(plan) == [owner("a"), owner("b")]
+    again = {(decision.relation_id, decision.id): decision for decision in plan.decisions}
+    assert "over quota" in again[2, "c"].rejected
+    assert again[2, "a"].owner is None and "another of its relations" in again[2, "a"].rejected
+    made = tuple(vm(accepted.request.name, accepted.owner, addresses=("10.0.0.9",)) for accepted in plan.compose)
+    second = {entry["id"]: entry for entry in report(state, plan, vms=made, failures={}).statuses[2]}
+    assert second["a"]["status"] == "rejected" and second["a"]["name"] is None  # relation 1's VM is not told to 2
