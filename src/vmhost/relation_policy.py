@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -435,14 +435,20 @@ def _judge_one(relation: RelationRequests, incoming: IncomingRequest, settings: 
 
 
 def judge_requests(
-    relations: Sequence[RelationRequests], *, settings: RelationSettings, held: Mapping[str, HeldVm]
+    relations: Sequence[RelationRequests],
+    *,
+    settings: RelationSettings,
+    held: Mapping[str, HeldVm],
+    assigned: Collection[str] = (),
 ) -> list[RequestDecision]:
     """Accept or reject every request of every relation, quotas included.
 
     A quota is per application, across all its relations (a requirer charm may relate several of its
     endpoints to this host), and an id one relation of an application lists is rejected on its others,
     so one owner key never stands for two requests. VMs that already exist count first, so a new
-    request can never push an existing VM over quota; then new requests count in the order listed.
+    request can never push an existing VM over quota; then those the leader already `assigned` to a unit
+    (that unit may have made the VM and not published it yet, so a reordered list cannot slip a new request
+    in beside it); then new requests, in the order listed.
     """
     ordered = sorted(relations, key=lambda relation: relation.relation_id)
     judged: list[tuple[RelationRequests, RequestDecision]] = []
@@ -467,7 +473,8 @@ def judge_requests(
             app_key = f"{parts[0]}/{parts[1]}"
             uses[app_key] = uses.get(app_key, _QuotaUse()).plus(vm.cores, vm.memory)
     out = [verdict for _, verdict in judged]
-    for i, (relation, verdict) in enumerate(judged):
+    for i in sorted(range(len(judged)), key=lambda i: judged[i][1].owner not in assigned):
+        relation, verdict = judged[i]
         if verdict.accepted is None or verdict.owner in held:
             continue
         request = verdict.accepted.request

@@ -3,6 +3,8 @@ seen through the one entry point the charm calls, and report() after the plan is
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tests.unit.relation_requests import GiB, M, rel, spec, vm
 from tests.unit.ssh_keys import ED25519
 from vmhost.model import CloudInit
@@ -249,3 +251,15 @@ def test_an_application_related_twice_has_one_quota_and_one_vm_per_id():
     made = tuple(vm(accepted.request.name, accepted.owner, addresses=("10.0.0.9",)) for accepted in plan.compose)
     second = {entry["id"]: entry for entry in report(state, plan, vms=made, failures={}).statuses[2]}
     assert second["a"]["status"] == "rejected" and second["a"]["name"] is None  # relation 1's VM is not told to 2
+
+
+def test_a_request_already_assigned_counts_before_new_ones_so_reordering_cannot_pass_the_quota():
+    # h/1 was given "a" and may have made it without publishing yet; the requirer then lists a new "c" first.
+    settings = RelationSettings(quota=Quota(vms=1))
+    peers = (PeerUnit("h/1", capacity=ROOMY),)
+    state = snapshot(rel(spec("c"), spec("a")), peers=peers, settings=settings, assignments={owner("a"): "h/1"})
+    plan = decide(state)
+    assert plan.assignments == {owner("a"): "h/1"} and plan.compose == ()
+    assert "over quota" in rejected(plan)["c"] and "a" not in rejected(plan)
+    follower = decide(replace(state, unit="h/1", leader=False, peers=(PeerUnit("h/0", capacity=ROOMY),)))
+    assert composed(follower) == [owner("a")]
