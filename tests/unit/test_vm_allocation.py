@@ -17,7 +17,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh
 
 def test_library_metadata():
     assert len(lib.LIBID) == 32 and int(lib.LIBID, 16)
-    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 3)
+    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 4)
     assert lib.PYDEPS == ["pydantic>=2"]
 
 

@@ -292,3 +292,12 @@ def test_the_docstring_example_runs_as_written():
     rel = replace(rel, remote_app_data={"vms": "[]"})
     out = ctx.run(ctx.on.relation_changed(rel), replace(out, relations=[rel]))
     assert out.unit_status == testing.WaitingStatus("web-0 was released")
+
+
+def test_a_vm_made_again_on_another_unit_is_a_release_then_a_ready():
+    # vm-host names a request's VM alike on every unit: another unit means another machine (disk, host keys).
+    unit = Requirer()
+    unit.provider(entry())
+    moved = entry(unit="vm-host/1", addresses=("10.0.0.8",), host_keys=[KEY2])
+    assert unit.provider(moved) == [("released", "a", "vm-1", ("10.0.0.5",)), ("ready", "a", "vm-1", ("10.0.0.8",))]
+    assert unit.provider(moved) == []

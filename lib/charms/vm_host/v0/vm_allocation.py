@@ -31,7 +31,8 @@ the same request again never makes a second VM, and removing a request from the 
 Events, each fired once per change (the library remembers what it last saw in the unit's stored state,
 so a replayed hook fires nothing): `vm_ready` when a VM is first ready, `vm_changed` when an address,
 MAC, login user or host key of a ready VM changes, `vm_released` when a VM that was ready goes away
-(its request withdrawn or failed, the relation removed), `vm_failed` when a request fails or is
+(its request withdrawn or failed, the relation removed, or it is made again on another vm-host unit:
+then `vm_ready` follows for the new machine), `vm_failed` when a request fails or is
 rejected. Each carries `request_id`, `name`, `host_unit` (the vm-host unit serving it), `addresses`,
 `mac_addresses`, `login_user` and `host_keys` (`VmHostKey`: `public_key`, `fingerprint`).
 
@@ -110,7 +111,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 3
+LIBPATCH = 4
 
 PYDEPS = ["pydantic>=2"]
 
@@ -672,7 +673,8 @@ class VmChangedEvent(VmEvent):
 
 
 class VmReleasedEvent(VmEvent):
-    """A VM that was ready is gone (withdrawn, failed, or the relation removed); its fields are the last seen."""
+    """A VM that was ready is gone (withdrawn, failed, made again on another unit, or the relation removed);
+    its fields are the last seen."""
 
 
 class VmFailedEvent(VmEvent):
@@ -886,7 +888,9 @@ class VmAllocationRequirer(ops.Object):
         for rid, st in sorted(current.items()):
             before = known.get(rid, {})
             vm = before.get("vm") if isinstance(before.get("vm"), dict) else None
-            if vm is not None and (st.name != vm.get("name") or st.status in ("failed", "rejected")):
+            # vm-host names a request's VM alike on every unit: one on another unit is another machine
+            moved = vm is not None and st.unit is not None and st.unit != vm.get("unit")
+            if vm is not None and (st.name != vm.get("name") or st.status in ("failed", "rejected") or moved):
                 self.on.vm_released.emit(rel, status=vm)
                 vm = None
             if st.usable:
