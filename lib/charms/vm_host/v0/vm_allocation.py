@@ -72,7 +72,7 @@ Requirer usage::
         def _on_vm_released(self, event):
             self.unit.status = ops.WaitingStatus(f"{event.request_id} was released")
 
-This library needs only `ops` and `pydantic`; remote data is untrusted and validated with bounds.
+This library needs only `ops` (2.17 or later) and `pydantic` (2.x); remote data is untrusted and validated with bounds.
 
 Over ~400 lines on purpose: a charm library is one file by Charmhub's rules (fetched with
 `charmcraft fetch-lib`), holding both sides of the interface and their total decoding.
@@ -540,6 +540,11 @@ def parse_statuses(raw: Any) -> dict[str, VmStatus]:
     return out
 
 
+def _requirer_data(databag: Any) -> RequirerAppData:
+    """The requirer application databag, decoded totally (by hand: `Relation.load` is only in ops 2.23+)."""
+    return RequirerAppData.model_validate({"requests": decode_json(databag.get("requests"))})
+
+
 def _spec_dump(item: dict) -> dict | None:
     try:
         return VmRequestSpec.model_validate(item).model_dump()
@@ -564,7 +569,7 @@ class VmAllocationProvider(ops.Object):
         if relation.app is None:
             return [], None
         try:
-            data = relation.load(RequirerAppData, relation.app, decoder=decode_json)
+            data = _requirer_data(relation.data[relation.app])
         except ValidationError:
             return [], "requests must be a JSON list of request objects"
         except ValueError as e:  # decode_json's own sentence
@@ -582,7 +587,8 @@ class VmAllocationProvider(ops.Object):
         """Write the statuses; only the leader may write the application databag (a Juju rule)."""
         if not self._charm.unit.is_leader():
             return
-        relation.save(ProviderAppData(vms=list(statuses)[:MAX_REQUESTS], error=error), self._charm.app)
+        data = ProviderAppData(vms=list(statuses)[:MAX_REQUESTS], error=error).model_dump(mode="json")
+        relation.data[self._charm.app].update({key: json.dumps(value) for key, value in sorted(data.items())})
 
     def published(self, relation: ops.Relation) -> list[VmStatus]:
         """What this application last published on `relation` (empty when unreadable)."""
@@ -741,7 +747,7 @@ class VmAllocationRequirer(ops.Object):
         self._check_leader()
         rel = self._relation(relation)
         try:
-            data = rel.load(RequirerAppData, self._charm.app, decoder=decode_json)
+            data = _requirer_data(rel.data[self._charm.app])
         except ValueError:  # only this application writes it, so only a bug gets here: start afresh
             logger.warning("this application's own VM requests on relation %d are unreadable", rel.id)
             return []
