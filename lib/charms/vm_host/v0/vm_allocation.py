@@ -897,17 +897,17 @@ class VmAllocationRequirer(ops.Object):
             # vm-host names a request's VM alike on every unit: one on another unit is another machine
             moved = vm is not None and st.unit is not None and st.unit != vm.get("unit")
             if vm is not None and (st.name != vm.get("name") or st.status in ("failed", "rejected") or moved):
-                self.on.vm_released.emit(rel, status=vm)
+                self.on.vm_released.emit(rel, app=rel.app, status=vm)
                 vm = None
             if st.usable:
                 view = _view(st)
                 if vm is None:
-                    self.on.vm_ready.emit(rel, status=view)
+                    self.on.vm_ready.emit(rel, app=rel.app, status=view)
                 elif view != vm:
-                    self.on.vm_changed.emit(rel, status=view, previous=vm)
+                    self.on.vm_changed.emit(rel, app=rel.app, status=view, previous=vm)
                 vm = view
             if st.status in ("failed", "rejected") and before.get("status") != st.status:
-                self.on.vm_failed.emit(rel, status=st.model_dump(mode="json"))
+                self.on.vm_failed.emit(rel, app=rel.app, status=st.model_dump(mode="json"))
             now[rid] = {"status": st.status, "vm": vm}
         for rid, before in sorted(known.items()):
             if rid in current:
@@ -915,7 +915,7 @@ class VmAllocationRequirer(ops.Object):
             if not complete:  # it may be one of the unreadable entries: keep it until the list is readable
                 now[rid] = before
             elif isinstance(before.get("vm"), dict):
-                self.on.vm_released.emit(rel, status=before["vm"])
+                self.on.vm_released.emit(rel, app=rel.app, status=before["vm"])
         self._stored.known[key] = json.dumps(now)
         self._stored.seen.pop(key, None)
 
@@ -924,6 +924,6 @@ class VmAllocationRequirer(ops.Object):
         key = str(event.relation.id)
         for _rid, entry in sorted(self._known(key, {}).items()):
             if isinstance(entry.get("vm"), dict):
-                self.on.vm_released.emit(event.relation, status=entry["vm"])
+                self.on.vm_released.emit(event.relation, app=event.app, status=entry["vm"])
         self._stored.known.pop(key, None)
         self._stored.seen.pop(key, None)
