@@ -428,6 +428,13 @@ def _judge_one(relation: RelationRequests, incoming: IncomingRequest, settings: 
     verdict = RequestDecision(relation.relation_id, incoming.id, owner)
     if incoming.error is not None or incoming.spec is None or owner is None:
         return replace(verdict, rejected=incoming.error or "request is invalid")
+    if split_owner(owner) is None:  # a VM whose owner key reads back as no relation's could never be released
+        return replace(
+            verdict,
+            owner=None,
+            rejected=f"request {incoming.id!r}: the application name is longer than the 63 characters a "
+            "vm-host owner key holds; relate an application with a shorter name",
+        )
     try:
         return replace(verdict, accepted=build_request(incoming.spec, owner=owner, settings=settings))
     except RequestRejected as e:

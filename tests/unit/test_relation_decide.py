@@ -263,3 +263,10 @@ def test_a_request_already_assigned_counts_before_new_ones_so_reordering_cannot_
     assert "over quota" in rejected(plan)["c"] and "a" not in rejected(plan)
     follower = decide(replace(state, unit="h/1", leader=False, peers=(PeerUnit("h/0", capacity=ROOMY),)))
     assert composed(follower) == [owner("a")]
+
+
+def test_an_application_name_no_owner_key_can_hold_is_rejected_so_no_vm_is_made_that_could_never_be_released():
+    plan = decide(snapshot(rel(spec("x"), app="a" * 64)))
+    assert plan.compose == () and plan.assignments == {}
+    assert "application name" in rejected(plan)["x"] and "63" in rejected(plan)["x"]
+    assert composed(decide(snapshot(rel(spec("x"), app="a" * 63)))) == [owner("x", "a" * 63)]
