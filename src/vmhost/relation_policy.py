@@ -452,10 +452,11 @@ def judge_requests(
 
     A quota is per application, across all its relations (a requirer charm may relate several of its
     endpoints to this host), and an id one relation of an application lists is rejected on its others,
-    so one owner key never stands for two requests. VMs that already exist count first, so a new
-    request can never push an existing VM over quota; then those the leader already `assigned` to a unit
-    (that unit may have made the VM and not published it yet, so a reordered list cannot slip a new request
-    in beside it); then new requests, in the order listed.
+    so one owner key never stands for two requests. VMs that exist and are kept count first (the listed
+    ones; all of an application whose list has an `error`, as none of them is released), so a new request
+    can never push an existing VM over quota; then those the leader already `assigned` to a unit (that unit
+    may have made the VM and not published it yet, so a reordered list cannot slip a new request in beside
+    it); then new requests, in the order listed.
     """
     ordered = sorted(relations, key=lambda relation: relation.relation_id)
     judged: list[tuple[RelationRequests, RequestDecision]] = []
@@ -474,10 +475,13 @@ def judge_requests(
             elif verdict.owner:
                 claimed.add(verdict.owner)
             judged.append((relation, verdict))
+    # An application whose list is not served as written keeps all its VMs (none is released), so all count.
+    keeps_all = {relation.app_key for relation in ordered if relation.error}
     uses: dict[str, _QuotaUse] = {}
     for owner, vm in held.items():
-        if owner in claimed and (parts := split_owner(owner)):
-            app_key = f"{parts[0]}/{parts[1]}"
+        parts = split_owner(owner)
+        app_key = f"{parts[0]}/{parts[1]}" if parts else ""
+        if owner in claimed or app_key in keeps_all:
             uses[app_key] = uses.get(app_key, _QuotaUse()).plus(vm.cores, vm.memory)
     out = [verdict for _, verdict in judged]
     for i in sorted(range(len(judged)), key=lambda i: judged[i][1].owner not in assigned):

@@ -270,3 +270,14 @@ def test_an_application_name_no_owner_key_can_hold_is_rejected_so_no_vm_is_made_
     assert plan.compose == () and plan.assignments == {}
     assert "application name" in rejected(plan)["x"] and "63" in rejected(plan)["x"]
     assert composed(decide(snapshot(rel(spec("x"), app="a" * 63)))) == [owner("x", "a" * 63)]
+
+
+def test_the_vms_a_too_long_list_keeps_still_count_against_its_quota():
+    # Past 64 entries a list is served only up to there and none of its VMs is released (the rest may be
+    # listed further on): those VMs must count, or every longer list would get a fresh quota's worth.
+    settings = RelationSettings(quota=Quota(vms=1))
+    here = (vm("vm-a", owner("a")),)
+    too_long = "too many requests: 65 entries, at most 64 per application; the first 64 are served"
+    plan = decide(snapshot(rel(spec("b"), error=too_long), settings=settings, vms=here))
+    assert plan.compose == () and plan.release == ()
+    assert "over quota" in rejected(plan)["b"]
