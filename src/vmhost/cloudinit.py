@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 MAX_SSH_KEYS = MAX_AUTHORIZED_KEYS  # one bound, guest_access's
+# No cloud-config nests this deep; a deeper one (remote text) would hit Python's recursion limit in YAML.
+MAX_CLOUD_CONFIG_DEPTH = 32
 # Keys of the merged cloud-config that are vm-host's alone: the caller's values for them are replaced.
 VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", "ssh_deletekeys")
 # vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
@@ -87,11 +89,39 @@ def _cloud_config(text: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"user_data's #cloud-config is not valid YAML{where}") from None
+    except RecursionError:
+        doc = None
+        too_deep = True
+    else:
+        too_deep = _depth(doc) > MAX_CLOUD_CONFIG_DEPTH
+    if too_deep:
+        raise ValueError(f"user_data's #cloud-config is nested more than {MAX_CLOUD_CONFIG_DEPTH} levels deep")
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise ValueError("user_data's #cloud-config must be a mapping of cloud-init settings")
     return doc
+
+
+def _depth(doc: object) -> int:
+    """How deep lists and mappings nest in `doc`, without recursion and visiting each node once (YAML
+    aliases share nodes; an alias inside itself is a cycle, endlessly deep)."""
+    height: dict[int, int] = {}  # id -> levels from that node down; -1 while its children are walked
+    stack: list[tuple[object, bool]] = [(doc, False)]
+    while stack:
+        item, walked = stack.pop()
+        if not isinstance(item, dict | list):
+            continue
+        children = [c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, dict | list)]
+        if walked:
+            height[id(item)] = 1 + max((height[id(c)] for c in children), default=0)
+        elif height.get(id(item)) == -1:
+            return MAX_CLOUD_CONFIG_DEPTH + 1  # reached from inside itself
+        elif id(item) not in height:
+            height[id(item)] = -1
+            stack.append((item, True))
+            stack.extend((c, False) for c in children)
+    return height.get(id(doc), 0)
 
 
 def _is_mime(text: str) -> bool:

@@ -104,7 +104,9 @@ def _held(snapshot: Snapshot) -> dict[str, HeldVm]:
 def decide(snapshot: Snapshot) -> Plan:
     """Judge every request, assign units (leader), and say what this unit composes and releases."""
     held = _held(snapshot)
-    decisions = tuple(judge_requests(snapshot.relations, settings=snapshot.settings, held=held))
+    decisions = tuple(
+        judge_requests(snapshot.relations, settings=snapshot.settings, held=held, assigned=snapshot.assignments)
+    )
     accepted = [decision.accepted for decision in decisions if decision.accepted is not None]
     assignments: Mapping[str, str] = snapshot.assignments
     waiting: Mapping[str, str] = {}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -428,6 +428,13 @@ def _judge_one(relation: RelationRequests, incoming: IncomingRequest, settings: 
     verdict = RequestDecision(relation.relation_id, incoming.id, owner)
     if incoming.error is not None or incoming.spec is None or owner is None:
         return replace(verdict, rejected=incoming.error or "request is invalid")
+    if split_owner(owner) is None:  # a VM whose owner key reads back as no relation's could never be released
+        return replace(
+            verdict,
+            owner=None,
+            rejected=f"request {incoming.id!r}: the application name is longer than the 63 characters a "
+            "vm-host owner key holds; relate an application with a shorter name",
+        )
     try:
         return replace(verdict, accepted=build_request(incoming.spec, owner=owner, settings=settings))
     except RequestRejected as e:
@@ -435,31 +442,58 @@ def _judge_one(relation: RelationRequests, incoming: IncomingRequest, settings: 
 
 
 def judge_requests(
-    relations: Sequence[RelationRequests], *, settings: RelationSettings, held: Mapping[str, HeldVm]
+    relations: Sequence[RelationRequests],
+    *,
+    settings: RelationSettings,
+    held: Mapping[str, HeldVm],
+    assigned: Collection[str] = (),
 ) -> list[RequestDecision]:
     """Accept or reject every request of every relation, quotas included.
 
-    VMs that already exist count first, so a new request can never push an existing VM over quota;
-    then new requests count in the order the requirer listed them.
+    A quota is per application, across all its relations (a requirer charm may relate several of its
+    endpoints to this host), and an id one relation of an application lists is rejected on its others,
+    so one owner key never stands for two requests. VMs that exist and are kept count first (the listed
+    ones; all of an application whose list has an `error`, as none of them is released), so a new request
+    can never push an existing VM over quota; then those the leader already `assigned` to a unit (that unit
+    may have made the VM and not published it yet, so a reordered list cannot slip a new request in beside
+    it); then new requests, in the order listed.
     """
-    out: list[RequestDecision] = []
-    for relation in sorted(relations, key=lambda relation: relation.relation_id):
-        verdicts = [_judge_one(relation, incoming, settings) for incoming in relation.requests]
-        listed = {verdict.owner for verdict in verdicts if verdict.owner}
-        use = _QuotaUse()
-        for owner, vm in held.items():
-            if owner in listed:
-                use = use.plus(vm.cores, vm.memory)
-        for verdict in verdicts:
-            if verdict.accepted is None or verdict.owner in held:
-                out.append(verdict)
-                continue
-            request = verdict.accepted.request
-            overrun = use.overrun(settings.quota, request.cores, request.memory)
-            if overrun:
-                rejected = f"request {verdict.id!r}: {overrun} for {relation.app}"
-                out.append(replace(verdict, accepted=None, rejected=rejected))
-                continue
-            use = use.plus(request.cores, request.memory)
-            out.append(verdict)
+    ordered = sorted(relations, key=lambda relation: relation.relation_id)
+    judged: list[tuple[RelationRequests, RequestDecision]] = []
+    claimed: set[str] = set()
+    for relation in ordered:
+        for incoming in relation.requests:
+            verdict = _judge_one(relation, incoming, settings)
+            if verdict.owner in claimed:
+                verdict = replace(
+                    verdict,
+                    owner=None,
+                    accepted=None,
+                    rejected=f"request {verdict.id!r}: {relation.app} lists this id on another of its "
+                    "relations to this host; use one id per VM",
+                )
+            elif verdict.owner:
+                claimed.add(verdict.owner)
+            judged.append((relation, verdict))
+    # An application whose list is not served as written keeps all its VMs (none is released), so all count.
+    keeps_all = {relation.app_key for relation in ordered if relation.error}
+    uses: dict[str, _QuotaUse] = {}
+    for owner, vm in held.items():
+        parts = split_owner(owner)
+        app_key = f"{parts[0]}/{parts[1]}" if parts else ""
+        if owner in claimed or app_key in keeps_all:
+            uses[app_key] = uses.get(app_key, _QuotaUse()).plus(vm.cores, vm.memory)
+    out = [verdict for _, verdict in judged]
+    for i in sorted(range(len(judged)), key=lambda i: judged[i][1].owner not in assigned):
+        relation, verdict = judged[i]
+        if verdict.accepted is None or verdict.owner in held:
+            continue
+        request = verdict.accepted.request
+        use = uses.get(relation.app_key, _QuotaUse())
+        overrun = use.overrun(settings.quota, request.cores, request.memory)
+        if overrun:
+            rejected = f"request {verdict.id!r}: {overrun} for {relation.app}"
+            out[i] = replace(verdict, accepted=None, rejected=rejected)
+            continue
+        uses[relation.app_key] = use.plus(request.cores, request.memory)
     return out

@@ -50,3 +50,19 @@ def test_a_bad_relation_image_blocks_naming_the_option(fake, machine):
     out = c.run(c.on.config_changed(), testing.State(config={**CONFIG, "relation-image": "/etc/shadow"}))
     assert out.unit_status.name == "blocked" and "relation-image" in out.unit_status.message
     assert fake.composed == []
+
+
+def test_user_data_nested_past_pythons_recursion_limit_is_rejected_and_the_others_are_served(fake, machine):
+    deep = "#cloud-config\na: " + "[" * 20000 + "]" * 20000  # 40 KB: within the 64 KiB user_data allows
+    requests = [{"id": "deep", "user_data": deep}, {"id": "web-0", "cores": 1, "memory": "512M"}]
+    rel = testing.Relation(
+        "vm-allocation",
+        remote_app_name="client",
+        remote_model_uuid=MODEL,
+        remote_app_data={"requests": json.dumps(requests)},
+    )
+    c = charm_context()
+    out = c.run(c.on.relation_changed(rel), testing.State(leader=True, config=CONFIG, relations=[rel]))
+    statuses = {entry["id"]: entry for entry in json.loads(out.get_relation(rel.id).local_app_data["vms"])}
+    assert statuses["deep"]["status"] == "rejected" and "nested" in statuses["deep"]["message"]
+    assert statuses["web-0"]["status"] == "pending" and len(fake.composed) == 1

@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import ops
 import pytest
 import yaml
 from ops import testing
@@ -75,3 +76,10 @@ def test_show_action_reports_what_vm_host_said(ctx_args):
     ctx.run(ctx.on.action("show"), testing.State(relations=[rel]))
     shown = json.loads(ctx.action_results["vms"])
     assert shown["vm-0"]["addresses"] == ["10.0.0.5"] and shown["vm-0"]["login_user"] == "ubuntu"
+
+
+def test_the_example_runs_on_ops_older_than_2_23_as_its_requirements_allow(ctx_args, monkeypatch):
+    # requirements.txt says ops>=2.17; Relation.load and Relation.save are only in ops 2.23 and later
+    monkeypatch.delattr(ops.Relation, "load")
+    monkeypatch.delattr(ops.Relation, "save")
+    test_the_example_asks_for_vm_0_and_shows_where_to_log_in(ctx_args)

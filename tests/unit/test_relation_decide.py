@@ -3,6 +3,8 @@ seen through the one entry point the charm calls, and report() after the plan is
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tests.unit.relation_requests import GiB, M, rel, spec, vm
 from tests.unit.ssh_keys import ED25519
 from vmhost.model import CloudInit
@@ -235,3 +237,47 @@ def test_allowed_networks_refuse_a_named_bridge_not_listed():
     settings = RelationSettings(allowed_networks=("br0",))
     plan = decide(snapshot(rel(spec("a", interfaces="eth0:name=br1")), settings=settings))
     assert plan.compose == () and "allowed-networks" in rejected(plan)["a"]
+
+
+def test_an_application_related_twice_has_one_quota_and_one_vm_per_id():
+    # A requirer charm with two vm_allocation endpoints can relate both to this host: still one application.
+    settings = RelationSettings(quota=Quota(vms=2))
+    state = snapshot(rel(spec("a"), spec("b")), rel(spec("c"), spec("a", cores=2), rid=2), settings=settings)
+    plan = decide(state)
+    assert composed(plan) == [owner("a"), owner("b")]
+    again = {(decision.relation_id, decision.id): decision for decision in plan.decisions}
+    assert "over quota" in again[2, "c"].rejected
+    assert again[2, "a"].owner is None and "another of its relations" in again[2, "a"].rejected
+    made = tuple(vm(accepted.request.name, accepted.owner, addresses=("10.0.0.9",)) for accepted in plan.compose)
+    second = {entry["id"]: entry for entry in report(state, plan, vms=made, failures={}).statuses[2]}
+    assert second["a"]["status"] == "rejected" and second["a"]["name"] is None  # relation 1's VM is not told to 2
+
+
+def test_a_request_already_assigned_counts_before_new_ones_so_reordering_cannot_pass_the_quota():
+    # h/1 was given "a" and may have made it without publishing yet; the requirer then lists a new "c" first.
+    settings = RelationSettings(quota=Quota(vms=1))
+    peers = (PeerUnit("h/1", capacity=ROOMY),)
+    state = snapshot(rel(spec("c"), spec("a")), peers=peers, settings=settings, assignments={owner("a"): "h/1"})
+    plan = decide(state)
+    assert plan.assignments == {owner("a"): "h/1"} and plan.compose == ()
+    assert "over quota" in rejected(plan)["c"] and "a" not in rejected(plan)
+    follower = decide(replace(state, unit="h/1", leader=False, peers=(PeerUnit("h/0", capacity=ROOMY),)))
+    assert composed(follower) == [owner("a")]
+
+
+def test_an_application_name_no_owner_key_can_hold_is_rejected_so_no_vm_is_made_that_could_never_be_released():
+    plan = decide(snapshot(rel(spec("x"), app="a" * 64)))
+    assert plan.compose == () and plan.assignments == {}
+    assert "application name" in rejected(plan)["x"] and "63" in rejected(plan)["x"]
+    assert composed(decide(snapshot(rel(spec("x"), app="a" * 63)))) == [owner("x", "a" * 63)]
+
+
+def test_the_vms_a_too_long_list_keeps_still_count_against_its_quota():
+    # Past 64 entries a list is served only up to there and none of its VMs is released (the rest may be
+    # listed further on): those VMs must count, or every longer list would get a fresh quota's worth.
+    settings = RelationSettings(quota=Quota(vms=1))
+    here = (vm("vm-a", owner("a")),)
+    too_long = "too many requests: 65 entries, at most 64 per application; the first 64 are served"
+    plan = decide(snapshot(rel(spec("b"), error=too_long), settings=settings, vms=here))
+    assert plan.compose == () and plan.release == ()
+    assert "over quota" in rejected(plan)["b"]

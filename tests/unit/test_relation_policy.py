@@ -419,7 +419,10 @@ def test_numa_nodes_reach_the_request_and_are_bounded_by_cores():
         ("#cloud-config\n[1", "not valid YAML"),
         ("echo hi", "cloud-init would ignore it"),
         ("#cloud-config\n- a", "mapping"),
+        ("#cloud-config\na: " + "[" * 20000 + "]" * 20000, "nested"),  # past Python's recursion limit
+        ("#cloud-config\na: " + "[" * 300 + "]" * 300, "nested"),  # loads, but deeper than any cloud-config
     ],
+    ids=["yaml", "no-header", "not-mapping", "deep", "deeper-than-any"],
 )
 def test_user_data_the_seed_cannot_carry_is_rejected_before_anything_is_made(user_data, says):
     (d,) = judge([rel(spec("a", user_data=user_data))], RelationSettings(), {})

@@ -10,14 +10,21 @@ from ops import testing
 from pydantic import ValidationError
 
 from charms.vm_host.v0 import vm_allocation as lib
-from charms.vm_host.v0.vm_allocation import VmAllocationRequirer, VmRequestSpec, parse_requests, parse_size
+from charms.vm_host.v0.vm_allocation import (
+    VmAllocationProvider,
+    VmAllocationRequirer,
+    VmRequestSpec,
+    VmStatus,
+    parse_requests,
+    parse_size,
+)
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl me@host"
 
 
 def test_library_metadata():
     assert len(lib.LIBID) == 32 and int(lib.LIBID, 16)
-    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 3)
+    assert (lib.LIBAPI, lib.LIBPATCH) == (0, 4)
     assert lib.PYDEPS == ["pydantic>=2"]
 
 
@@ -292,3 +299,28 @@ def test_requirer_refuses_to_write_more_than_the_provider_reads():
 def test_text_that_cannot_be_written_out_is_rejected_naming_the_field(field, value):
     entries, _ = parse_requests([{"id": "a", field: value}])
     assert entries[0].spec is None and field in entries[0].error
+
+
+class HostCharm(ops.CharmBase):
+    """The provider side as a charm of its own would use it: read the requests, answer each."""
+
+    def __init__(self, framework):
+        super().__init__(framework)
+        self.vms = VmAllocationProvider(self, "vm-allocation")
+        framework.observe(self.on["vm-allocation"].relation_changed, self._serve)
+
+    def _serve(self, event):
+        parsed, error = self.vms.requests(event.relation)
+        self.vms.publish(event.relation, [VmStatus(id=p.id, status="pending") for p in parsed], error=error)
+
+
+def test_both_sides_run_on_ops_older_than_2_23(monkeypatch):
+    # The library needs only ops and pydantic; Relation.load and Relation.save are only in ops 2.23 and later.
+    monkeypatch.delattr(ops.Relation, "load")
+    monkeypatch.delattr(ops.Relation, "save")
+    c = testing.Context(HostCharm, meta={"name": "host", "provides": {"vm-allocation": {"interface": "vm_allocation"}}})
+    r = testing.Relation("vm-allocation", remote_app_data={"requests": json.dumps([{"id": "a"}, {"id": "Bad"}])})
+    out = c.run(c.on.relation_changed(r), testing.State(leader=True, relations=[r]))
+    data = out.get_relation(r.id).local_app_data
+    assert [s["id"] for s in json.loads(data["vms"])] == ["a", "#1"] and json.loads(data["error"]) is None
+    test_requirer_writes_validated_requests_once()

@@ -292,3 +292,20 @@ def test_the_docstring_example_runs_as_written():
     rel = replace(rel, remote_app_data={"vms": "[]"})
     out = ctx.run(ctx.on.relation_changed(rel), replace(out, relations=[rel]))
     assert out.unit_status == testing.WaitingStatus("web-0 was released")
+
+
+def test_a_vm_made_again_on_another_unit_is_a_release_then_a_ready():
+    # vm-host names a request's VM alike on every unit: another unit means another machine (disk, host keys).
+    unit = Requirer()
+    unit.provider(entry())
+    moved = entry(unit="vm-host/1", addresses=("10.0.0.8",), host_keys=[KEY2])
+    assert unit.provider(moved) == [("released", "a", "vm-1", ("10.0.0.5",)), ("ready", "a", "vm-1", ("10.0.0.8",))]
+    assert unit.provider(moved) == []
+
+
+def test_the_events_carry_the_vm_host_application_and_log_no_false_juju_bug_warning():
+    unit = Requirer()
+    unit.provider(entry("a"), entry("b", name="vm-2"))
+    unit.provider(entry("a", addresses=("10.0.0.6",)))
+    unit.broken()
+    assert not [log.message for log in unit.ctx.juju_log if "expected" in log.message]  # "'app' expected but not..."

@@ -31,7 +31,8 @@ the same request again never makes a second VM, and removing a request from the 
 Events, each fired once per change (the library remembers what it last saw in the unit's stored state,
 so a replayed hook fires nothing): `vm_ready` when a VM is first ready, `vm_changed` when an address,
 MAC, login user or host key of a ready VM changes, `vm_released` when a VM that was ready goes away
-(its request withdrawn or failed, the relation removed), `vm_failed` when a request fails or is
+(its request withdrawn or failed, the relation removed, or it is made again on another vm-host unit:
+then `vm_ready` follows for the new machine), `vm_failed` when a request fails or is
 rejected. Each carries `request_id`, `name`, `host_unit` (the vm-host unit serving it), `addresses`,
 `mac_addresses`, `login_user` and `host_keys` (`VmHostKey`: `public_key`, `fingerprint`).
 
@@ -71,7 +72,7 @@ Requirer usage::
         def _on_vm_released(self, event):
             self.unit.status = ops.WaitingStatus(f"{event.request_id} was released")
 
-This library needs only `ops` and `pydantic`; remote data is untrusted and validated with bounds.
+This library needs only `ops` (2.17 or later) and `pydantic` (2.x); remote data is untrusted and validated with bounds.
 
 Over ~400 lines on purpose: a charm library is one file by Charmhub's rules (fetched with
 `charmcraft fetch-lib`), holding both sides of the interface and their total decoding.
@@ -110,7 +111,7 @@ LIBAPI = 0
 
 # Increment this PATCH version before using `charmcraft publish-lib` or reset
 # to 0 if you are raising the major API version
-LIBPATCH = 3
+LIBPATCH = 4
 
 PYDEPS = ["pydantic>=2"]
 
@@ -539,6 +540,11 @@ def parse_statuses(raw: Any) -> dict[str, VmStatus]:
     return out
 
 
+def _requirer_data(databag: Any) -> RequirerAppData:
+    """The requirer application databag, decoded totally (by hand: `Relation.load` is only in ops 2.23+)."""
+    return RequirerAppData.model_validate({"requests": decode_json(databag.get("requests"))})
+
+
 def _spec_dump(item: dict) -> dict | None:
     try:
         return VmRequestSpec.model_validate(item).model_dump()
@@ -563,7 +569,7 @@ class VmAllocationProvider(ops.Object):
         if relation.app is None:
             return [], None
         try:
-            data = relation.load(RequirerAppData, relation.app, decoder=decode_json)
+            data = _requirer_data(relation.data[relation.app])
         except ValidationError:
             return [], "requests must be a JSON list of request objects"
         except ValueError as e:  # decode_json's own sentence
@@ -581,7 +587,8 @@ class VmAllocationProvider(ops.Object):
         """Write the statuses; only the leader may write the application databag (a Juju rule)."""
         if not self._charm.unit.is_leader():
             return
-        relation.save(ProviderAppData(vms=list(statuses)[:MAX_REQUESTS], error=error), self._charm.app)
+        data = ProviderAppData(vms=list(statuses)[:MAX_REQUESTS], error=error).model_dump(mode="json")
+        relation.data[self._charm.app].update({key: json.dumps(value) for key, value in sorted(data.items())})
 
     def published(self, relation: ops.Relation) -> list[VmStatus]:
         """What this application last published on `relation` (empty when unreadable)."""
@@ -672,7 +679,8 @@ class VmChangedEvent(VmEvent):
 
 
 class VmReleasedEvent(VmEvent):
-    """A VM that was ready is gone (withdrawn, failed, or the relation removed); its fields are the last seen."""
+    """A VM that was ready is gone (withdrawn, failed, made again on another unit, or the relation removed);
+    its fields are the last seen."""
 
 
 class VmFailedEvent(VmEvent):
@@ -739,7 +747,7 @@ class VmAllocationRequirer(ops.Object):
         self._check_leader()
         rel = self._relation(relation)
         try:
-            data = rel.load(RequirerAppData, self._charm.app, decoder=decode_json)
+            data = _requirer_data(rel.data[self._charm.app])
         except ValueError:  # only this application writes it, so only a bug gets here: start afresh
             logger.warning("this application's own VM requests on relation %d are unreadable", rel.id)
             return []
@@ -886,18 +894,20 @@ class VmAllocationRequirer(ops.Object):
         for rid, st in sorted(current.items()):
             before = known.get(rid, {})
             vm = before.get("vm") if isinstance(before.get("vm"), dict) else None
-            if vm is not None and (st.name != vm.get("name") or st.status in ("failed", "rejected")):
-                self.on.vm_released.emit(rel, status=vm)
+            # vm-host names a request's VM alike on every unit: one on another unit is another machine
+            moved = vm is not None and st.unit is not None and st.unit != vm.get("unit")
+            if vm is not None and (st.name != vm.get("name") or st.status in ("failed", "rejected") or moved):
+                self.on.vm_released.emit(rel, app=rel.app, status=vm)
                 vm = None
             if st.usable:
                 view = _view(st)
                 if vm is None:
-                    self.on.vm_ready.emit(rel, status=view)
+                    self.on.vm_ready.emit(rel, app=rel.app, status=view)
                 elif view != vm:
-                    self.on.vm_changed.emit(rel, status=view, previous=vm)
+                    self.on.vm_changed.emit(rel, app=rel.app, status=view, previous=vm)
                 vm = view
             if st.status in ("failed", "rejected") and before.get("status") != st.status:
-                self.on.vm_failed.emit(rel, status=st.model_dump(mode="json"))
+                self.on.vm_failed.emit(rel, app=rel.app, status=st.model_dump(mode="json"))
             now[rid] = {"status": st.status, "vm": vm}
         for rid, before in sorted(known.items()):
             if rid in current:
@@ -905,7 +915,7 @@ class VmAllocationRequirer(ops.Object):
             if not complete:  # it may be one of the unreadable entries: keep it until the list is readable
                 now[rid] = before
             elif isinstance(before.get("vm"), dict):
-                self.on.vm_released.emit(rel, status=before["vm"])
+                self.on.vm_released.emit(rel, app=rel.app, status=before["vm"])
         self._stored.known[key] = json.dumps(now)
         self._stored.seen.pop(key, None)
 
@@ -914,6 +924,6 @@ class VmAllocationRequirer(ops.Object):
         key = str(event.relation.id)
         for _rid, entry in sorted(self._known(key, {}).items()):
             if isinstance(entry.get("vm"), dict):
-                self.on.vm_released.emit(event.relation, status=entry["vm"])
+                self.on.vm_released.emit(event.relation, app=event.app, status=entry["vm"])
         self._stored.known.pop(key, None)
         self._stored.seen.pop(key, None)
