@@ -226,6 +226,16 @@ class AllocationRelation(ops.Object):
         except Exception as e:  # one bad release must not stop the other requests being served
             logger.error("could not release relation VM %s: unexpected %s", name, _where(e))
 
+    @staticmethod
+    def _nic_policy(planned, topology, settings: RelationSettings, owner: str) -> str | None:
+        """nic_policy_error, and the host-side detail the remote model is not told, in the operator's log."""
+        reason = nic_policy_error(planned, host_nics=topology.nics, settings=settings)
+        if reason:
+            parents = ", ".join(sorted({nic.parent for nic in planned.nics if nic.parent}))
+            logger.info("refused %s for %s: NICs on %s, allowed-networks %s", planned.name, owner, parents,
+                        ", ".join(settings.allowed_networks))  # fmt: skip
+        return reason
+
     def _compose(self, host: VmHost, settings: RelationSettings, accepted: AcceptedRequest) -> ComposeFailure | None:
         """Compose one accepted request; why not, when it did not happen."""
         try:
@@ -236,7 +246,7 @@ class AllocationRelation(ops.Object):
                 image=accepted.image,
                 cloud_init=accepted.cloud_init,
                 # checked on the very plan that is created, under the host lock
-                accept=lambda planned, topology: nic_policy_error(planned, host_nics=topology.nics, settings=settings),
+                accept=lambda planned, topology: self._nic_policy(planned, topology, settings, accepted.owner),
             )
             logger.info("composed %s for %s", vm.name, accepted.owner)
         except Refused as e:

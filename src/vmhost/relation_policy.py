@@ -216,22 +216,18 @@ def _map_interface(wanted: InterfaceSpec, settings: RelationSettings) -> Interfa
     bridges = {settings.space_bridges[space] for space in wanted.space if space in settings.space_bridges}
     if not bridges:
         if wanted.space:
-            known = first_few(sorted(settings.space_bridges)) or "none"
             asked = first_few(wanted.space)
             raise RequestRejected(
-                f"interfaces: {wanted.label} asks for space {asked}, which this host does not know "
-                f"(spaces in its space-bridges: {known}); leave space out to get the network "
-                f"the vm-allocation endpoint is bound to"
+                f"interfaces: {wanted.label} asks for space {asked}, which this host does not offer; leave "
+                "space out to get the network the vm-allocation endpoint is bound to"
             )
         return wanted
     if len(bridges) > 1:
-        raise RequestRejected(
-            f"interfaces: {wanted.label} asks for spaces on different bridges ({first_few(sorted(bridges))})"
-        )
+        raise RequestRejected(f"interfaces: {wanted.label} asks for spaces that are on different host networks")
     bridge = bridges.pop()
     if wanted.name is not None and wanted.name != bridge:
         raise RequestRejected(
-            f"interfaces: {wanted.label} names host interface {wanted.name} but its space is on bridge {bridge}"
+            f"interfaces: {wanted.label} names host interface {wanted.name} but its space is on another one"
         )
     return replace(wanted, space=(), name=bridge)
 
@@ -279,10 +275,7 @@ def build_request(spec: Mapping[str, Any], *, owner: str, settings: RelationSett
             continue
         mapped = _map_interface(wanted, settings)
         if settings.allowed_networks and mapped.name is not None and not _allowed_by_name(mapped.name, settings):
-            raise RequestRejected(
-                f"interfaces: {wanted.label} would attach to {mapped.name}, which is not in allowed-networks "
-                f"({first_few(settings.allowed_networks)})"
-            )
+            raise RequestRejected(not_allowed(wanted.label))
         interfaces.append(mapped)
     name = vm_name(owner)
     try:
@@ -356,11 +349,13 @@ def nic_policy_error(allocation: Allocation, *, host_nics: Sequence[Nic], settin
         vm_inside = _inside(((nic.ip,) if nic.ip else ()) + tuple(nic.more_ips), cidrs)
         if any(_inside(host_nic.addresses if host_nic else (), cidrs)) or (vm_inside and all(vm_inside)):
             continue  # the host's side is allowed, or every address the VM gets there is
-        return (
-            f"interfaces: {nic.label} would attach to {nic.parent}, which is not in allowed-networks "
-            f"({first_few(settings.allowed_networks)})"
-        )
+        return not_allowed(nic.label)
     return None
+
+
+def not_allowed(label: str) -> str:
+    """A NIC the operator's allowed-networks keeps out, told without the host's network names or the list."""
+    return f"interfaces: {label} would attach to a host network this host does not offer to remote models"
 
 
 # What a remote model is told when placement fails: the resource that was short, from the first words

@@ -303,7 +303,7 @@ def test_interfaces_only_onto_allowed_networks(provider):
     assert st["ok"]["status"] == "ready"
     for rid in ("mapped", "subnet", "named"):
         assert st[rid]["status"] == "rejected", rid
-        assert "allowed-networks" in st[rid]["message"] and "br1" in st[rid]["message"]
+        assert "does not offer to remote models" in st[rid]["message"] and "br1" not in st[rid]["message"]
     assert [v.allocation.nics[0].parent for v in provider.vms.values()] == ["br0"]
 
 
@@ -463,24 +463,27 @@ def test_without_binding_information_a_request_naming_no_network_gets_no_nic(pro
     assert vm.allocation.nics == ()
 
 
-def test_request_naming_an_unknown_space_is_rejected_with_the_known_spaces(provider):
+def test_request_naming_an_unknown_space_is_rejected_without_the_hosts_spaces(provider):
     r = rel([req("dmz", interfaces="eth0:space=dmz"), req("ok", interfaces="eth0:space=public")])
     out = run_bound(r, bound("br1"))
     st = statuses(out, r)
     assert st["ok"]["status"] == "ready"
     assert st["dmz"]["status"] == "rejected"
     msg = st["dmz"]["message"]
-    assert "space dmz" in msg and "public, storage" in msg and "vm-allocation endpoint is bound to" in msg
+    assert "space dmz" in msg and "vm-allocation endpoint is bound to" in msg
+    assert "public" not in msg and "storage" not in msg  # the host's spaces are not told
     assert [v.allocation.owner.rsplit("/", 1)[1] for v in provider.vms.values()] == ["ok"]
 
 
-def test_allowed_networks_still_refuses_a_bound_network_that_is_not_allowed(ported):
+def test_allowed_networks_still_refuses_a_bound_network_that_is_not_allowed(ported, caplog):
     ENV["config"].allowed_networks = "storage"  # space storage = br1 (space-bridges); br0 is not allowed
     r = rel([req("a")])
+    caplog.set_level("INFO")
     out = run_bound(r, bound("br0"))
     st = statuses(out, r)["a"]
     assert st["status"] == "rejected"
-    assert "allowed-networks" in st["message"] and "br0" in st["message"]
+    assert "does not offer to remote models" in st["message"] and "br0" not in st["message"]
+    assert "NICs on br0, allowed-networks storage" in caplog.text  # the operator's log has what they are not told
     assert ported.vms == {} and ported.composed == []
     # bound to a port of the allowed bridge br1: the NIC lands on br1, which is allowed
     out = run_bound(r, bound("enp1s0", "10.30.0.1", "10.30.0.0/24"))

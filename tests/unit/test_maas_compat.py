@@ -651,7 +651,7 @@ def test_relation_allowed_networks_hold_for_every_address_the_vm_gets():
         return Allocation("x", 1, 1024**3, nics=(nic,))
 
     assert nic_policy_error(alloc("10.5.0.9", "10.5.1.9"), host_nics=nics, settings=s) is None
-    assert "allowed-networks" in nic_policy_error(alloc("10.5.0.9", "192.168.0.9"), host_nics=nics, settings=s)
+    assert "does not offer" in nic_policy_error(alloc("10.5.0.9", "192.168.0.9"), host_nics=nics, settings=s)
 
 
 def test_addresses_and_mode_survive_the_hypervisor_metadata_round_trip():
