@@ -115,17 +115,19 @@ class AllocationRelation(ops.Object):
         if event.departing_unit == self._charm.unit:
             self._departing = True
 
-    def reconcile(self, host: VmHost, config: CharmConfig) -> None:
-        """Bring the relation VMs on this host and every requirer's statuses in line with the requests."""
+    def reconcile(self, host: VmHost, config: CharmConfig) -> str | None:
+        """Bring the relation VMs on this host and every requirer's statuses in line with the requests;
+        returns why the relation is paused (for the unit's status), or None."""
         try:
             settings = relation_settings(config, self._binding())
         except ValueError as e:  # e.g. network-get answered with something that is not JSON
             logger.error("vm-allocation is paused: the relation settings are invalid (%s)", e)
-            return
+            return f"vm-allocation paused: cannot read this unit's binding ({bounded(str(e), 120)})"
         snapshot = self._gather(host, settings)
         plan = decide(snapshot)
         failures = self._execute(host, snapshot, plan)
         self._publish(host, snapshot, plan, failures)
+        return None
 
     # --- gather -------------------------------------------------------------------------------
 

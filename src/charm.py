@@ -188,7 +188,9 @@ class VmHostCharm(ops.CharmBase):
                 removed = vmhost.gc()
                 if removed:
                     logger.info("removed orphans of crashed composes: %s", ", ".join(removed))
-                self.vm_allocation.reconcile(vmhost, config)
+                paused = self.vm_allocation.reconcile(vmhost, config)
+                if paused:
+                    self._problem = ops.WaitingStatus(paused)
         except (HostLockError, HypervisorTimeout):  # _session set Waiting with their sentence
             return []
         except ProviderError as e:

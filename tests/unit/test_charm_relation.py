@@ -66,3 +66,24 @@ def test_user_data_nested_past_pythons_recursion_limit_is_rejected_and_the_other
     statuses = {entry["id"]: entry for entry in json.loads(out.get_relation(rel.id).local_app_data["vms"])}
     assert statuses["deep"]["status"] == "rejected" and "nested" in statuses["deep"]["message"]
     assert statuses["web-0"]["status"] == "pending" and len(fake.composed) == 1
+
+
+def test_a_binding_that_cannot_be_read_pauses_the_relation_and_the_unit_says_so(fake, machine, monkeypatch):
+    import allocation_relation
+
+    def unreadable(self):
+        raise ValueError("Expecting value: line 1 column 1 (char 0)")
+
+    monkeypatch.setattr(allocation_relation.AllocationRelation, "_binding", unreadable)
+    request = {"id": "web-0", "cores": 1, "memory": "512M"}
+    rel = testing.Relation(
+        "vm-allocation",
+        remote_app_name="client",
+        remote_model_uuid=MODEL,
+        remote_app_data={"requests": json.dumps([request])},
+    )
+    c = charm_context()
+    out = c.run(c.on.relation_changed(rel), testing.State(leader=True, config=CONFIG, relations=[rel]))
+    assert fake.composed == []
+    assert out.unit_status.name == "waiting"
+    assert out.unit_status.message.startswith("vm-allocation paused: cannot read this unit's binding (Expecting value")
