@@ -99,7 +99,7 @@ def parse_hugepages_setting(value: str) -> tuple[HugepageSetting, ...]:
 
 
 # Ceilings of relation-quota: far above any one host, low enough that sums stay small integers.
-QUOTA_MAX = {"vms": 100_000, "cores": 1_000_000, "memory": 1024**5}
+QUOTA_MAX = {"vms": 100_000, "cores": 1_000_000, "memory": 1024**5, "storage": 1024**5}
 
 
 def _parse_quota(value: str) -> Quota:
@@ -109,11 +109,12 @@ def _parse_quota(value: str) -> Quota:
             continue
         key, sep, val = tok.partition("=")
         key = key.strip().lower()
-        if not sep or key not in ("vms", "cores", "memory"):
-            raise ValueError(f"entry {clip(tok)} is not vms=N, cores=N or memory=SIZE")
-        if key == "memory":
+        if not sep or key not in QUOTA_MAX:
+            raise ValueError(f"entry {clip(tok)} is not vms=N, cores=N, memory=SIZE or storage=SIZE")
+        if key in ("memory", "storage"):  # a bare number: MiB of memory, GB of disk (MAAS's units)
+            unit = "M" if key == "memory" else "GB"
             try:
-                found[key] = check_size("memory", parse_size(val, default_unit="M"), 0, QUOTA_MAX[key])
+                found[key] = check_size(key, parse_size(val, default_unit=unit), 0, QUOTA_MAX[key])
             except ParseError as e:
                 raise ValueError(str(e)) from None
         elif val.isascii() and val.isdigit() and int(val[:12]) <= QUOTA_MAX[key]:

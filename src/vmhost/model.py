@@ -425,6 +425,7 @@ class Quota:
     vms: int | None = None
     cores: int | None = None
     memory: int | None = None
+    storage: int | None = None  # bytes of disk, summed over the VMs' disks
 
 
 RATIO_BOUNDS = {"cpu_overcommit_ratio": (0.1, 64.0), "memory_overcommit_ratio": (0.1, 4.0)}

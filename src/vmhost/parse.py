@@ -22,6 +22,7 @@ __all__ = [
     "InterfaceSpec",
     "ParseCache",
     "ParseError",
+    "disk_gigabytes",
     "format_cpuset",
     "format_size",
     "guest_ifname",
@@ -131,6 +132,11 @@ def format_size(n: int) -> str:
         if n and n % mult == 0:
             return f"{n // mult}{suffix}"
     return str(n)
+
+
+def disk_gigabytes(n: int) -> str:
+    """Disk sizes as MAAS's storage syntax counts them: decimal GB ("8 GB", "0.5 GB")."""
+    return f"{round(n / 10**9, 2):g} GB"
 
 
 def human_size(n: int) -> str:

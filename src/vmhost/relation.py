@@ -90,14 +90,15 @@ def _held(snapshot: Snapshot) -> dict[str, HeldVm]:
     """owner -> where its VM is: the VMs other units hold (ready or booting; the lowest unit name wins),
     then this host's own relation VMs, which are known for certain."""
     held = {
-        owner: HeldVm(peer.name, result.cores, result.memory)
+        owner: HeldVm(peer.name, result.cores, result.memory, result.storage)
         for peer in sorted(snapshot.peers, key=lambda peer: peer.name, reverse=True)
         for owner, result in peer.results.items()
         if result.has_vm
     }
     for vm in snapshot.vms:
         if split_owner(vm.allocation.owner):
-            held[vm.allocation.owner] = HeldVm(snapshot.unit, vm.allocation.vcpus, vm.allocation.memory)
+            disks = sum(disk.size for disk in vm.allocation.disks)
+            held[vm.allocation.owner] = HeldVm(snapshot.unit, vm.allocation.vcpus, vm.allocation.memory, disks)
     return held
 
 

@@ -59,6 +59,7 @@ class UnitResult:
     addresses: tuple[str, ...] = ()
     cores: int = 0
     memory: int = 0
+    storage: int = 0  # bytes of disk its VM holds (the storage quota); 0 from units that predate it
     login_user: str | None = None
     host_keys: tuple[HostKey, ...] = ()
 
@@ -76,6 +77,7 @@ class UnitResult:
             "addresses": list(self.addresses),
             "cores": self.cores,
             "memory": self.memory,
+            "storage": self.storage,
             "login_user": self.login_user,
             "host_keys": [key.to_dict() for key in self.host_keys],
         }
@@ -92,6 +94,7 @@ class UnitResult:
             addresses=tuple(valid.addresses or ()),
             cores=valid.cores,
             memory=valid.memory,
+            storage=valid.storage,
             login_user=valid.login_user,
             host_keys=tuple(_public_host_keys(HostKey(**key.model_dump()) for key in valid.host_keys or ())),
         )
@@ -128,6 +131,7 @@ class _ResultData(BaseModel):
     addresses: list[_Short] | None = Field(None, max_length=64)
     cores: _Count = 0
     memory: _Count = 0
+    storage: _Count = 0
     login_user: _Short | None = None
     host_keys: list[_HostKeyData] | None = Field(None, max_length=MAX_HOST_KEYS)
 
@@ -427,6 +431,7 @@ def _ready(vm: VmInfo, decision: RequestDecision) -> UnitResult:
         addresses=() if waiting else addresses,
         cores=allocation.vcpus,
         memory=allocation.memory,
+        storage=sum(disk.size for disk in allocation.disks),
         login_user=vm.login_user,
         host_keys=tuple(_public_host_keys(vm.host_keys)),
     )

@@ -22,7 +22,15 @@ from typing import Any
 from vmhost.cloudinit import check_user_data as check_seed_user_data
 from vmhost.guest_access import check_authorized_keys, check_user_data
 from vmhost.model import Allocation, CloudInit, Nic, Quota, VmRequest
-from vmhost.parse import InterfaceSpec, ParseError, format_size, parse_interfaces, parse_storage
+from vmhost.parse import (
+    DEFAULT_ROOT_DISK,
+    InterfaceSpec,
+    ParseError,
+    disk_gigabytes,
+    format_size,
+    parse_interfaces,
+    parse_storage,
+)
 from vmhost.simplestreams import StreamError, parse_image_name
 
 __all__ = [
@@ -196,6 +204,7 @@ class HeldVm:
     unit: str
     cores: int
     memory: int
+    storage: int = 0
 
 
 class RequestRejected(ValueError):
@@ -398,11 +407,12 @@ class _QuotaUse:
     vms: int = 0
     cores: int = 0
     memory: int = 0
+    storage: int = 0
 
-    def plus(self, cores: int, memory: int) -> _QuotaUse:
-        return _QuotaUse(self.vms + 1, self.cores + cores, self.memory + memory)
+    def plus(self, cores: int, memory: int, storage: int) -> _QuotaUse:
+        return _QuotaUse(self.vms + 1, self.cores + cores, self.memory + memory, self.storage + storage)
 
-    def overrun(self, quota: Quota, cores: int, memory: int) -> str | None:
+    def overrun(self, quota: Quota, cores: int, memory: int, storage: int) -> str | None:
         """Why one more VM of this size breaks the quota; None when it fits."""
         if quota.vms is not None and self.vms + 1 > quota.vms:
             return f"over quota: {self.vms} of {quota.vms} VMs in use (relation-quota vms={quota.vms})"
@@ -413,7 +423,17 @@ class _QuotaUse:
             left = format_size(max(0, quota.memory - self.memory))
             total = format_size(quota.memory)
             return f"over quota: needs {format_size(memory)} memory, {left} of {total} left (relation-quota memory)"
+        if quota.storage is not None and self.storage + storage > quota.storage:
+            left, total = disk_gigabytes(max(0, quota.storage - self.storage)), disk_gigabytes(quota.storage)
+            return (
+                f"over quota: needs {disk_gigabytes(storage)} of disk, {left} of {total} left (relation-quota storage)"
+            )
         return None
+
+
+def request_storage(request: VmRequest) -> int:
+    """The disk a request takes: its disks, or the default root disk placement gives one that names none."""
+    return sum(disk.size for disk in request.storage or (DEFAULT_ROOT_DISK,))
 
 
 def _judge_one(relation: RelationRequests, incoming: IncomingRequest, settings: RelationSettings) -> RequestDecision:
@@ -477,7 +497,7 @@ def judge_requests(
         parts = split_owner(owner)
         app_key = f"{parts[0]}/{parts[1]}" if parts else ""
         if owner in claimed or app_key in keeps_all:
-            uses[app_key] = uses.get(app_key, _QuotaUse()).plus(vm.cores, vm.memory)
+            uses[app_key] = uses.get(app_key, _QuotaUse()).plus(vm.cores, vm.memory, vm.storage)
     out = [verdict for _, verdict in judged]
     for i in sorted(range(len(judged)), key=lambda i: judged[i][1].owner not in assigned):
         relation, verdict = judged[i]
@@ -485,10 +505,11 @@ def judge_requests(
             continue
         request = verdict.accepted.request
         use = uses.get(relation.app_key, _QuotaUse())
-        overrun = use.overrun(settings.quota, request.cores, request.memory)
+        storage = request_storage(request)
+        overrun = use.overrun(settings.quota, request.cores, request.memory, storage)
         if overrun:
             rejected = f"request {verdict.id!r}: {overrun} for {relation.app}"
             out[i] = replace(verdict, accepted=None, rejected=rejected)
             continue
-        uses[relation.app_key] = use.plus(request.cores, request.memory)
+        uses[relation.app_key] = use.plus(request.cores, request.memory, storage)
     return out

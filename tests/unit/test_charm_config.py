@@ -85,6 +85,12 @@ def test_strings_parse_into_typed_values():
         ("allowed_networks", "10.0.0.0/33", "config allowed-networks: '10.0.0.0/33' is not a CIDR"),
         ("relation_quota", "vms=lots", "config relation-quota: vms 'lots' is not a whole number"),
         ("relation_quota", "disks=3", "config relation-quota: entry 'disks=3' is not vms=N"),
+        ("relation_quota", "storage=lots", "config relation-quota: size 'lots'"),
+        (
+            "relation_quota",
+            "storage=2000T",
+            "config relation-quota: storage is too large (over 1024T); allowed: 0B to 1024T",
+        ),
         ("lxd_listen_address", "10.0.0.5:99999", "config lxd-listen-address: port 99999"),
         ("lxd_snap_channel", "5.21/stabel", "config lxd-snap-channel: '5.21/stabel' is not a snap channel"),
         ("libvirt_uri", "/var/run/libvirt", "config libvirt-uri: '/var/run/libvirt' is not a libvirt URI"),
@@ -244,6 +250,8 @@ def test_relation_settings_are_the_charm_config_parsed_plus_the_binding():
     )
     settings = relation_settings(config, Binding(("br5",)))
     assert settings.quota == Quota(vms=2, memory=4 * 1024**3)
+    assert CharmConfig(relation_quota="storage=500,vms=1").relation_quota == Quota(vms=1, storage=500 * 10**9)
+    assert CharmConfig(relation_quota="storage=2T").relation_quota == Quota(storage=2 * 1024**4)
     assert settings.allowed_networks == ("br0", "public") and dict(settings.space_bridges) == {"public": "br0"}
     assert settings.binding == Binding(("br5",))
     assert relation_settings(CharmConfig(), Binding()) == RelationSettings()

@@ -56,6 +56,20 @@ def test_quota_counts_vms_that_exist_first_then_requests_in_order():
     assert plan.release == ()
 
 
+def test_storage_quota_counts_the_disks_of_vms_here_and_on_peers():
+    from vmhost.model import DiskAllocation
+
+    settings = RelationSettings(quota=Quota(storage=40 * 10**9))
+    here = vm("vm-c", owner("c"))
+    here = replace(here, allocation=replace(here.allocation, disks=(DiskAllocation("root", 20 * 10**9, "default"),)))
+    peer = PeerUnit("h/1", results={owner("d"): UnitResult("ready", name="vm-d", storage=15 * 10**9)})
+    requests = rel(spec("c"), spec("d"), spec("a", storage="root:10"), spec("b", storage="root:5"))
+    plan = decide(snapshot(requests, settings=settings, vms=(here,), peers=(peer,)))
+    assert "needs 10 GB of disk, 5 GB of 40 GB left" in rejected(plan)["a"]  # 20 here + 15 on h/1
+    assert owner("b") in composed(plan)
+    assert UnitResult.from_dict(UnitResult("ready", name="vm-d", storage=15 * 10**9).to_dict()).storage == 15 * 10**9
+
+
 def test_quota_is_per_application():
     settings = RelationSettings(quota=Quota(vms=1))
     plan = decide(snapshot(rel(spec("a")), rel(spec("a"), app="other", rid=2), settings=settings))

@@ -139,6 +139,22 @@ def test_quota_counts_existing_vms_first_then_new_requests_in_order():
     assert "memory" in ds[0].rejected
 
 
+def test_storage_quota_counts_every_disk_and_the_default_root_of_a_request_that_names_none():
+    """A remote application cannot fill the host's pools: relation-quota storage= bounds its disks."""
+    s = RelationSettings(quota=Quota(storage=30 * 10**9))
+    c = owner_key(M, "client", "c")
+    held = {c: HeldVm("vm-host/0", 1, GiB, 15 * 10**9)}  # an existing VM with 15 GB of disk counts first
+    ds = judge([rel(spec("c"), spec("a", storage="root:10,data:10"), spec("b", storage="root:5"), spec("d"))], s, held)
+    by = {d.id: d for d in ds}
+    assert by["c"].accepted is not None
+    assert "over quota: needs 20 GB of disk, 15 GB of 30 GB left (relation-quota storage)" in by["a"].rejected
+    assert by["b"].accepted is not None  # 15 + 5 = 20 GB
+    # no storage named: the 8 GB default root disk placement gives it, 20 + 8 = 28 GB still fits
+    assert by["d"].accepted is not None
+    ds = judge([rel(spec("c"), spec("b", storage="root:5"), spec("d"), spec("e"))], s, held)
+    assert "needs 8 GB of disk, 2 GB of 30 GB left" in {d.id: d for d in ds}["e"].rejected
+
+
 def test_invalid_entry_keeps_its_owner_so_its_vm_is_not_released():
     ds = judge(
         [

@@ -8,15 +8,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from vmhost.model import DiskAllocation, HostTopology, Policy, VmRequest
-from vmhost.parse import DEFAULT_ROOT_DISK
+from vmhost.parse import DEFAULT_ROOT_DISK, disk_gigabytes
 from vmhost.placement.errors import PlacementError
 
 __all__ = ["place_disks"]
-
-
-def _gigabytes(size: int) -> str:
-    """Disks are sized in decimal GB (MAAS storage syntax)."""
-    return f"{round(size / 10**9, 2):g} GB"
 
 
 def place_disks(
@@ -49,15 +44,15 @@ def place_disks(
             fits = [name for name in pools if free(name) >= disk.size]
             if not fits:
                 have = (
-                    ", ".join(f"{name} has {_gigabytes(max(0, free(name)))} free" for name in pools)
+                    ", ".join(f"{name} has {disk_gigabytes(max(0, free(name)))} free" for name in pools)
                     or "the host has no storage pools"
                 )
-                raise PlacementError(f"disk {disk.label}: need {_gigabytes(disk.size)} in one pool, {have}")
+                raise PlacementError(f"disk {disk.label}: need {disk_gigabytes(disk.size)} in one pool, {have}")
             pool, why = fits[0], ""
         if free(pool) < disk.size:
             raise PlacementError(
-                f"disk {disk.label}: need {_gigabytes(disk.size)} in pool {pool} ({why}), "
-                f"it has {_gigabytes(max(0, free(pool)))} free"
+                f"disk {disk.label}: need {disk_gigabytes(disk.size)} in pool {pool} ({why}), "
+                f"it has {disk_gigabytes(max(0, free(pool)))} free"
             )
         taken[pool] = taken.get(pool, 0) + disk.size
         out.append(DiskAllocation(label=disk.label, size=disk.size, pool=pool, tags=disk.tags))
