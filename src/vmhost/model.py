@@ -664,7 +664,7 @@ class CloudInit:
 
     hostname: str
     ssh_authorized_keys: tuple[str, ...] = ()
-    user_data: str | None = None
+    user_data: str | None = field(default=None, repr=False)  # may hold secrets: never in a repr or a log
 
 
 @dataclass(frozen=True)

@@ -183,3 +183,13 @@ def test_static_prefixes_come_from_the_first_host_address_containing_the_ip():
         "br2": ["10.0.0.1/8", "2001:db8::1/48"],
     }
     assert static_prefixes(nics, host) == {"eth0": 23, "eth2": 48}
+
+
+def test_user_data_never_shows_in_a_repr():
+    """A plan or request printed in a log or a traceback must not carry the caller's user-data (it may hold
+    secrets); keys are public and may show."""
+    from vmhost.model import CloudInit, ComposePlan
+
+    seed = CloudInit("vm-1", ("ssh-ed25519 AAAA k",), user_data="#cloud-config\npassword: hunter2\n")
+    assert "hunter2" not in repr(seed) and "vm-1" in repr(seed)
+    assert "hunter2" not in repr(ComposePlan(allocation=None, cloud_init=seed))  # type: ignore[arg-type]
