@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import threading
 import time
@@ -97,6 +98,49 @@ def test_a_server_that_never_answers_costs_a_bounded_wait(monkeypatch):
         for s in held:
             s.close()
     assert time.monotonic() - t0 < 5
+
+
+def _raw_server(answer: bytes) -> socket.socket:
+    """A TCP server on 127.0.0.1 that answers every request with `answer` and hangs up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"garbage\r\n\r\n",  # not HTTP
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n{}",  # more headers than http.client reads
+        b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n{}",  # a header line too long
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",  # a chunk size that is not one
+    ],
+    ids=["not-http", "many-headers", "long-header", "bad-chunk"],
+)
+def test_a_server_that_does_not_speak_http_is_one_sentence(answer):
+    listener = _raw_server(answer)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(
+            ImageError,
+            match=rf"^image server {re.escape(url)} (did not answer streams/v1/index\.json in HTTP|broke off sending)",
+        ):
+            ImageServer(url).resolve("ubuntu:noble", "disk")
+    finally:
+        listener.close()
 
 
 @pytest.fixture

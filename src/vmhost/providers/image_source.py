@@ -120,6 +120,8 @@ class ImageServer:
             return self._opener.open(url, timeout=HTTP_TIMEOUT)
         except urllib.error.HTTPError as e:
             raise ImageError(f"image server {self.url} answered {e.code} for {path}") from None
+        except http.client.HTTPException as e:  # not an OSError: a status line or headers that are not HTTP
+            raise ImageError(f"image server {self.url} did not answer {path} in HTTP ({type(e).__name__})") from None
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise ImageError(f"image server {self.url} is unreachable: {reason}") from None
@@ -142,7 +144,7 @@ class ImageServer:
                     sink(chunk)
         except TimeoutError:
             raise ImageError(f"image server {self.url} stopped sending {path} for {HTTP_TIMEOUT:g} s") from None
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:  # HTTPException: a chunked body cut short or malformed
             raise ImageError(f"image server {self.url} broke off sending {path}: {e}") from None
 
     def document(self, path: str, limit: int) -> dict:
