@@ -214,3 +214,29 @@ def test_a_download_a_crash_cut_short_is_replaced_by_the_next_compose(
         assert [b["state"] for b in p.images() if b["pool"] == pool.name()] == ["ready"]
         p.decompose(vm)
         assert p.prune_images() == [f"{pool.name()}/{name}"]
+
+
+@pytest.mark.parametrize("points_at", ["backing file", "external data file"])
+def test_a_base_whose_qcow2_header_points_at_another_file_is_refused_and_leaves_nothing(
+    provider, pool, libvirt_conn, vm_names, tmp_path, points_at
+):
+    """The server's qcow2 must hold all of the VM's bytes: a backing or data file named in its header would
+    make every overlay on it read that host file (another VM's disk, a key) into the guest."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"host secret\n".ljust(64 * M, b"\0"))
+    hostile = tmp_path / "hostile.qcow2"
+    if points_at == "backing file":
+        args = ["-b", str(secret), "-F", "raw", str(hostile)]
+    else:
+        args = ["-o", f"data_file={secret},data_file_raw=on", str(hostile), str(64 * M)]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args], check=True)
+    product = Product("ubuntu", "noble", "24.04", {"disk1.img": hostile})
+    before = _domains(libvirt_conn)
+    with ImageIndex(tmp_path / "index", [product]) as index:
+        p = provider(index.url)
+        with pytest.raises(
+            ProviderError, match=f"image ubuntu:noble on {index.url} names a {points_at} in its qcow2 header"
+        ):
+            p.compose(ComposePlan(_alloc(vm_names("img"), pool), boot="image", image="ubuntu:noble"))
+    assert _volumes(pool) == set()
+    assert _domains(libvirt_conn) == before

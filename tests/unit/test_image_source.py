@@ -353,3 +353,39 @@ def test_the_record_of_bases_reads_back_and_gc_leaves_bases_alone():
         BaseRecord("vmhost-base-ab", "a" * 64, "ubuntu:noble", "https://m", "1", state="ready")
     ]
     assert is_base("vmhost-base-ab") and is_base("vmhost-bases.json") and not is_base("vmhost-vm-1-root")
+
+
+def _qcow2_head(version: int = 3, backing_offset: int = 0, incompatible: int = 0) -> bytes:
+    head = bytearray(104)
+    head[0:4] = b"QFI\xfb"
+    head[4:8] = version.to_bytes(4, "big")
+    head[8:16] = backing_offset.to_bytes(8, "big")
+    head[24:32] = (64 * 1024**2).to_bytes(8, "big")
+    head[72:80] = incompatible.to_bytes(8, "big")
+    return bytes(head)
+
+
+@pytest.mark.parametrize(
+    ("head", "what"),
+    [
+        (_qcow2_head(backing_offset=0x200), "backing file"),
+        (_qcow2_head(version=2, backing_offset=0x200), "backing file"),
+        (_qcow2_head(incompatible=0b100), "external data file"),
+        (_qcow2_head(incompatible=0b101), "external data file"),  # dirty as well
+    ],
+)
+def test_a_qcow2_base_naming_another_host_file_is_refused(head, what):
+    from vmhost.providers.base import ProviderError
+    from vmhost.providers.libvirt_images import check_self_contained
+
+    with pytest.raises(ProviderError, match=f"^image ubuntu:noble names a {what} in its qcow2 header;"):
+        check_self_contained(head, "image ubuntu:noble")
+
+
+@pytest.mark.parametrize(
+    "head", [_qcow2_head(), _qcow2_head(version=2, incompatible=0b100), _qcow2_head(incompatible=0b11)]
+)
+def test_a_self_contained_qcow2_base_passes(head):
+    from vmhost.providers.libvirt_images import check_self_contained
+
+    check_self_contained(head, "image ubuntu:noble")  # v2 has no feature bits: bytes 72-80 are not a header field

@@ -44,6 +44,8 @@ REGISTRY_MAX = 512  # bases recorded per pool
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 DOWNLOADING, READY = "downloading", "ready"
 QCOW2_MAGIC = b"QFI\xfb"
+QCOW2_HEAD = 80  # bytes of a qcow2 header read before anything is made: up to v3's incompatible features
+QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the guest's data lives in another file
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,22 @@ def check_root_fits(root: DiskAllocation, virtual: int, image: str) -> None:
             f"disk {root.label} is {human_size(root.size)} but image {image} needs {human_size(virtual)}; "
             f"give {root.label}:{format_size(-(-virtual // 1024**2) * 1024**2)} or more"
         )
+
+
+def check_self_contained(head: bytes, image: str) -> None:
+    """A qcow2 from the server must hold all of its bytes: a backing or data file named in its header would
+    be opened (and labelled for the guest) by libvirt and QEMU under every overlay, handing that host file,
+    another VM's disk say, to the VM. Cloud images name neither."""
+    version = int.from_bytes(head[4:8], "big")
+    if int.from_bytes(head[8:16], "big"):
+        what = "backing file"
+    elif version >= 3 and int.from_bytes(head[72:80], "big") & QCOW2_EXTERNAL_DATA:
+        what = "external data file"
+    else:
+        return
+    raise ProviderError(
+        f"{image} names a {what} in its qcow2 header; vm-host takes only self-contained images from an image server"
+    )
 
 
 def is_base(volume: str) -> bool:
@@ -218,9 +236,11 @@ class Bases:
             nonlocal head
             if "stream" not in state:
                 head += chunk
-                if len(head) < 32 and len(head) < f.size:
+                if len(head) < QCOW2_HEAD and len(head) < f.size:
                     return
                 qcow2 = head[:4] == QCOW2_MAGIC
+                if qcow2:
+                    check_self_contained(head, f"image {image.name} on {server.url}")
                 virtual = int.from_bytes(head[24:32], "big") if qcow2 else f.size
                 check_root_fits(root, virtual, str(image.name))
                 state["format"] = "qcow2" if qcow2 else "raw"
