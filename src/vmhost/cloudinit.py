@@ -46,6 +46,10 @@ VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", 
 # vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
 # (so sudo resolves it).
 CALLER_MAY_CHANGE = {"ssh_pwauth": False, "manage_etc_hosts": True}
+# A caller's cloud-config: nesting levels (cloud-init's own settings need under 10) and values, aliases expanded
+# (a 64 KiB document without aliases holds fewer). Deeper documents exhaust Python's recursion in PyYAML.
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 100_000
 # What cloud-init makes of a user-data part by its first line (its own table, the ones a caller may send).
 _PART_TYPES = (
     ("#!", "x-shellscript"),
@@ -87,11 +91,36 @@ def _cloud_config(text: str) -> dict:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"user_data's #cloud-config is not valid YAML{where}") from None
+    except RecursionError:
+        raise ValueError(_too_deep()) from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise ValueError("user_data's #cloud-config must be a mapping of cloud-init settings")
+    _check_shape(doc)
     return doc
+
+
+def _too_deep() -> str:
+    return f"user_data's #cloud-config is nested more than {MAX_CONFIG_DEPTH} levels deep; at most {MAX_CONFIG_DEPTH} are allowed"
+
+
+def _check_shape(doc: dict) -> None:
+    """Depth and size within bounds, walked without recursion (an alias may make the document refer to itself)."""
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    values = 1
+    while stack:
+        node, depth = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+        if children and depth >= MAX_CONFIG_DEPTH:
+            raise ValueError(_too_deep())
+        values += len(children)
+        if values > MAX_CONFIG_VALUES:
+            raise ValueError(
+                f"user_data's #cloud-config holds more than {MAX_CONFIG_VALUES} values (aliases expanded); "
+                f"at most {MAX_CONFIG_VALUES} are allowed"
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _is_mime(text: str) -> bool:

@@ -149,6 +149,35 @@ def test_bad_user_data_is_refused_in_one_sentence(text, says):
         user_data(CloudInit("vm", user_data=text))
 
 
+def _nested(depth: int) -> str:
+    return "#cloud-config\nwrite_files: " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("#cloud-config\n" + "[" * 20000, "is nested more than 32 levels deep"),  # deeper than PyYAML recurses
+        ("#cloud-config\n" + "{a: " * 15000, "is nested more than 32 levels deep"),
+        (_nested(400), "is nested more than 32 levels deep"),  # parses, but deeper than merging and dumping go
+        (_nested(33), "is nested more than 32 levels deep"),
+        ("#cloud-config\na: &x [*x]\n", "is nested more than 32 levels deep"),  # refers to itself
+        (  # an alias bomb: 10**6 values from 200 bytes
+            "#cloud-config\n"
+            + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 7)).replace("*l0", "x"),
+            "holds more than 100000 values",
+        ),
+    ],
+    ids=["unparsed-depth", "unparsed-mapping", "parsed-depth", "one-too-deep", "cycle", "alias-bomb"],
+)
+def test_a_cloud_config_too_deep_or_too_big_is_one_sentence(text, says):
+    with pytest.raises(ValueError, match=f"^user_data's #cloud-config {says}"):
+        user_data(CloudInit("vm", user_data=text))
+
+
+def test_a_cloud_config_at_the_depth_limit_is_merged():
+    assert "write_files:" in user_data(CloudInit("vm", user_data=_nested(32)))
+
+
 def test_unknown_prefix_falls_back_to_the_lan_default():
     docs = seed_documents(CloudInit("h"), (NicAllocation("e", "bridge", "b", ip="fd00::5", mac="52:54:00:00:00:09"),))
     assert yaml.safe_load(docs["network-config"])["ethernets"]["e"]["addresses"] == ["fd00::5/64"]

@@ -419,6 +419,7 @@ def test_numa_nodes_reach_the_request_and_are_bounded_by_cores():
         ("#cloud-config\n[1", "not valid YAML"),
         ("echo hi", "cloud-init would ignore it"),
         ("#cloud-config\n- a", "mapping"),
+        pytest.param("#cloud-config\n" + "[" * 20000, "nested more than", id="deep"),  # was a RecursionError
     ],
 )
 def test_user_data_the_seed_cannot_carry_is_rejected_before_anything_is_made(user_data, says):
