@@ -46,6 +46,7 @@ VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", 
 # vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
 # (so sudo resolves it).
 CALLER_MAY_CHANGE = {"ssh_pwauth": False, "manage_etc_hosts": True}
+SEED_TIMEOUT = 30.0  # s: genisoimage writing a seed of a few KiB (it takes milliseconds)
 # A caller's cloud-config: nesting levels (cloud-init's own settings need under 10) and values, aliases expanded
 # (a 64 KiB document without aliases holds fewer). Deeper documents exhaust Python's recursion in PyYAML.
 MAX_CONFIG_DEPTH = 32
@@ -292,9 +293,13 @@ def write_seed_iso(documents: Mapping[str, str], path: str | Path) -> Path:
                 check=True,
                 capture_output=True,
                 text=True,
+                timeout=SEED_TIMEOUT,
+                stdin=subprocess.DEVNULL,
             )
         except FileNotFoundError:
             raise RuntimeError("genisoimage is not installed; install the genisoimage package") from None
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"genisoimage did not finish within {SEED_TIMEOUT:g} s") from None
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"genisoimage failed: {e.stderr.strip() or e}") from None
     return path

@@ -196,6 +196,23 @@ def test_iso_is_a_cidata_volume_with_the_three_files(tmp_path):
         assert got.stdout == text
 
 
+def test_a_seed_tool_that_hangs_costs_a_bounded_wait(tmp_path, monkeypatch):
+    import time
+
+    from vmhost import cloudinit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "genisoimage").write_text("#!/bin/sh\nexec sleep 60\n")
+    (bin_dir / "genisoimage").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(cloudinit, "SEED_TIMEOUT", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^genisoimage did not finish within 0\.5 s$"):
+        write_seed_iso(seed_documents(CloudInit("vm-3")), tmp_path / "seed.iso")
+    assert time.monotonic() - t0 < 5
+
+
 def test_static_prefixes_come_from_the_first_host_address_containing_the_ip():
     from vmhost.cloudinit import static_prefixes
     from vmhost.model import NicAllocation
