@@ -313,6 +313,18 @@ def test_overlay_volume_xml_names_its_backing_store():
     assert xml.find("target/format").get("type") == "qcow2" and xml.findtext("capacity") == str(128 * 1024**2)
 
 
+_RECORD = {
+    "volume": "vmhost-base-" + "a" * 32,
+    "sha256": "a" * 64,
+    "image": "ubuntu:noble",
+    "server": "https://m",
+    "version": "1",
+    "format": "qcow2",
+    "state": "ready",
+    "created": 1.5,
+}
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -321,6 +333,20 @@ def test_overlay_volume_xml_names_its_backing_store():
         b'{"format": "other", "bases": []}',
         b'{"format": "vmhost-bases:1", "bases": [1]}',
         b"[" * 10**5,
+        # Records that name what is not a base: prune would delete that volume, list would hand libvirt a number.
+        *(
+            json.dumps({"format": "vmhost-bases:1", "bases": [{**_RECORD, **bad}]}).encode()
+            for bad in (
+                {"volume": "vmhost-web-1-root"},
+                {"volume": "precious"},
+                {"volume": "vmhost-base-" + "a" * 31 + "/"},
+                {"volume": 5},
+                {"sha256": None},
+                {"state": "gone"},
+                {"format": "vmdk"},
+                {"created": "yesterday"},
+            )
+        ),
     ],
 )
 def test_a_record_of_bases_that_is_not_ours_is_one_sentence(data):
@@ -338,7 +364,7 @@ def test_the_record_of_bases_reads_back_and_gc_leaves_bases_alone():
         "format": "vmhost-bases:1",
         "bases": [
             {
-                "volume": "vmhost-base-ab",
+                "volume": "vmhost-base-" + "a" * 32,
                 "sha256": "a" * 64,
                 "image": "ubuntu:noble",
                 "server": "https://m",
@@ -350,7 +376,7 @@ def test_the_record_of_bases_reads_back_and_gc_leaves_bases_alone():
     }
     padded = json.dumps(doc).encode().ljust(4096, b" ")
     assert _decode_registry(padded, "default") == [
-        BaseRecord("vmhost-base-ab", "a" * 64, "ubuntu:noble", "https://m", "1", state="ready")
+        BaseRecord("vmhost-base-" + "a" * 32, "a" * 64, "ubuntu:noble", "https://m", "1", state="ready")
     ]
     assert is_base("vmhost-base-ab") and is_base("vmhost-bases.json") and not is_base("vmhost-vm-1-root")
 

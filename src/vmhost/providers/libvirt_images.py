@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -44,6 +45,8 @@ REGISTRY_MAX = 512  # bases recorded per pool
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 DOWNLOADING, READY = "downloading", "ready"
 QCOW2_MAGIC = b"QFI\xfb"
+_BASE_NAME_RE = re.compile(re.escape(BASE_PREFIX) + "[0-9a-f]{32}")
+_SHA256_RE = re.compile("[0-9a-f]{64}")
 QCOW2_HEAD = 80  # bytes of a qcow2 header read before anything is made: up to v3's incompatible features
 QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the guest's data lives in another file
 
@@ -114,13 +117,32 @@ def volume_xml(
     return ET.tostring(vol, encoding="unicode")
 
 
+def _well_formed(r: BaseRecord) -> bool:
+    """Fields of the types vm-host writes, and a base's own name: prune deletes what a record names."""
+    texts = (r.image, r.server, r.version)
+    return (
+        isinstance(r.volume, str)
+        and _BASE_NAME_RE.fullmatch(r.volume) is not None
+        and isinstance(r.sha256, str)
+        and _SHA256_RE.fullmatch(r.sha256) is not None
+        and all(isinstance(t, str) and len(t) <= 1024 for t in texts)
+        and r.format in ("", "qcow2", "raw")
+        and r.state in (DOWNLOADING, READY)
+        and isinstance(r.created, int | float)
+        and not isinstance(r.created, bool)
+    )
+
+
 def _decode_registry(data: bytes, pool: str) -> list[BaseRecord]:
     try:
         doc = json.loads(data.decode("utf-8", "replace").strip() or "{}")
         if doc.get("format") != REGISTRY_FORMAT or not isinstance(doc.get("bases"), list):
             raise ValueError
         fields = set(BaseRecord.__dataclass_fields__)
-        return [BaseRecord(**{k: v for k, v in r.items() if k in fields}) for r in doc["bases"][:REGISTRY_MAX]]
+        records = [BaseRecord(**{k: v for k, v in r.items() if k in fields}) for r in doc["bases"][:REGISTRY_MAX]]
+        if not all(map(_well_formed, records)):
+            raise ValueError
+        return records
     except (ValueError, TypeError, AttributeError, RecursionError):
         raise ProviderError(
             f"volume {REGISTRY} in pool {pool!r} is not vm-host's record of base images (or is damaged); "
