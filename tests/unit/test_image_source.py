@@ -170,6 +170,23 @@ def test_a_name_lookup_that_never_ends_costs_a_bounded_wait(names, monkeypatch):
     assert time.monotonic() - t0 < 3
 
 
+def test_a_redirect_off_http_is_refused_without_a_lookup(names, monkeypatch):
+    """Only http(s) is followed: urllib's ftp handler would look the name up with no time limit."""
+    looked_up: list[str] = []
+    monkeypatch.setattr(image_source.socket, "gethostbyname", lambda host: looked_up.append(host) or time.sleep(30))
+    for target in ("ftp://hung.test/streams/v1/index.json", "file:///etc/passwd", "data:,{}"):
+        answer = f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode()
+        listener = _raw_server(answer)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ImageError, match=rf"^image server {re.escape(url)} (is unreachable|answered 302)"):
+                ImageServer(url).resolve("ubuntu:noble", "disk")
+        finally:
+            listener.close()
+        assert time.monotonic() - t0 < 5 and looked_up == []
+
+
 def test_servers_named_by_host_name_are_reached_and_tls_still_checks_that_name(names, tmp_path, disk):
     product = Product("ubuntu", "noble", "24.04", {"disk1.img": disk})
     with ImageIndex(tmp_path / "plain", [product]) as index:

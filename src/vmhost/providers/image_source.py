@@ -105,7 +105,18 @@ class ImageServer:
             context = ssl.create_default_context(cafile=cafile) if cafile else None
         except OSError:  # ssl.SSLError is one too
             raise ImageError(f"image server certificate {cafile!r} is not a readable PEM certificate file") from None
-        self._opener = urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler(context=context))
+        # http(s) only, redirects included: urllib's ftp handler would look a name up with no time limit.
+        self._opener = urllib.request.OpenerDirector()
+        for handler in (
+            urllib.request.ProxyHandler(),
+            _HTTPHandler(),
+            _HTTPSHandler(context=context),
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPRedirectHandler(),
+            urllib.request.HTTPErrorProcessor(),
+            urllib.request.UnknownHandler(),
+        ):
+            self._opener.add_handler(handler)
 
     def certificate(self) -> str | None:
         """The PEM text of `cafile` (LXD's pull source takes it to trust a self-signed server)."""
