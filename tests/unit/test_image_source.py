@@ -143,6 +143,40 @@ def test_a_server_that_does_not_speak_http_is_one_sentence(answer):
         listener.close()
 
 
+def test_a_server_that_drips_its_headers_costs_a_bounded_wait(monkeypatch):
+    """Each byte comes within the per-read limit, the headers never end: the document's limit still holds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.1):
+                try:
+                    conn.sendall(b"X")  # a header line that never ends
+                except OSError:
+                    return
+
+    threading.Thread(target=drip, daemon=True).start()
+    monkeypatch.setattr(image_source, "HTTP_TIMEOUT", 0.5)
+    monkeypatch.setattr(image_source, "DOCUMENT_TIMEOUT", 1.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(
+            ImageError, match=rf"^image server {re.escape(url)} took too long to send streams/v1/index\.json"
+        ):
+            ImageServer(url).resolve("ubuntu:noble", "disk")
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - t0 < 5
+
+
 @pytest.fixture
 def names(monkeypatch):
     """The resolver, with `mirror.test` at 127.0.0.1 and `hung.test` a lookup that never ends (until teardown)."""
