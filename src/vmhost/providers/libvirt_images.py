@@ -303,11 +303,17 @@ class Bases:
                 if path:
                     users.setdefault(path, []).append(f"{pool.name()}/{vol.name()}")
         for dom in self.p._call(self.p.conn.listAllDomains, 0):
-            xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            for disk in xml.findall("devices/disk"):
-                for src in (disk.find("source"), *disk.findall(".//backingStore/source")):
-                    if src is not None and src.get("file"):
-                        users.setdefault(src.get("file"), []).append(f"domain {dom.name()}")
+            # A running domain's live definition names its disks' backing chains (an overlay outside any pool
+            # on a base); its inactive one, the disks it boots from next.
+            flags = (0, libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isActive() else (libvirt.VIR_DOMAIN_XML_INACTIVE,)
+            files: set[str] = set()
+            for flag in flags:
+                for disk in ET.fromstring(dom.XMLDesc(flag)).findall("devices/disk"):
+                    for src in (disk.find("source"), *disk.findall(".//backingStore/source")):
+                        if src is not None and src.get("file"):
+                            files.add(src.get("file"))
+            for path in files:
+                users.setdefault(path, []).append(f"domain {dom.name()}")
         return users
 
     def _pools(self) -> list:
