@@ -291,3 +291,25 @@ def test_prune_keeps_a_base_a_running_vm_uses_through_an_overlay_outside_any_poo
             dom.destroy()
         outside.unlink()
         assert p.prune_images() == [f"{reachable_pool.name()}/{base.name()}"]
+
+
+def test_prune_keeps_a_base_under_an_overlay_put_into_a_pool_by_hand(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    """A file copied or made in a pool's directory is a volume of it once the pool is refreshed: prune
+    refreshes before it looks, so the overlay's backing store counts though libvirt had not listed it."""
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        vm = vm_names("img")
+        p.compose(ComposePlan(_alloc(vm, pool), boot="image", image="ubuntu:noble"))
+        p.decompose(vm)
+        base = pool.storageVolLookupByName(BASE_PREFIX + sha256_of(qcow2)[:32])
+        by_hand = Path(base.path()).parent / "their-disk.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.path(), "-F", "qcow2", str(by_hand)], check=True
+        )
+        assert p.prune_images() == []
+        assert base.name() in _volumes(pool)
+        by_hand.unlink()
+        assert p.prune_images() == [f"{pool.name()}/{base.name()}"]

@@ -298,6 +298,12 @@ class Bases:
         """Path -> what uses it as a backing store (pool/volume) or a disk (domain)."""
         users: dict[str, list[str]] = {}
         for pool in self._pools():
+            try:  # a file put in the pool's directory by hand is one of its volumes too
+                self.p._call(pool.refresh, 0)
+            except Exception as e:  # libvirt refuses while a volume is being built there: what it listed stands
+                if _code(e) is None:
+                    raise
+                log.warning("could not refresh pool %s before looking for base image users: %s", pool.name(), e)
             for vol in pool.listAllVolumes(0):
                 path = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")
                 if path:
