@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from ops import testing
@@ -240,6 +241,19 @@ def test_a_bad_server_or_certificate_is_refused_when_the_provider_is_made(tmp_pa
         ImageServer("file:///etc")
     with pytest.raises(ImageError, match="is not a readable PEM certificate file"):
         ImageServer("https://mirror", cafile=str(tmp_path / "missing.pem"))
+
+
+def test_a_certificate_lxd_cannot_be_handed_whole_is_one_sentence(tmp_path):
+    """LXD's pull source takes one certificate: a bundle past CERT_MAX was cut mid-PEM, a vanished file
+    was a FileNotFoundError."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())  # hundreds of certificates
+    server = ImageServer("https://mirror", cafile=str(bundle))  # vm-host itself trusts the whole bundle
+    with pytest.raises(ImageError, match=r"^image server certificate .*bundle\.pem' is larger than 65536 bytes;"):
+        server.certificate()
+    bundle.unlink()
+    with pytest.raises(ImageError, match=r"^image server certificate .*bundle\.pem' cannot be read:"):
+        server.certificate()
 
 
 def test_lxd_pulls_over_https_only_and_by_fingerprint():

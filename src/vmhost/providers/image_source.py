@@ -152,8 +152,17 @@ class ImageServer:
         """The PEM text of `cafile` (LXD's pull source takes it to trust a self-signed server)."""
         if not self.cafile:
             return None
-        with open(self.cafile, encoding="ascii", errors="replace") as fh:
-            return fh.read(CERT_MAX)
+        try:
+            with open(self.cafile, encoding="ascii", errors="replace") as fh:
+                text = fh.read(CERT_MAX + 1)
+        except OSError as e:
+            raise ImageError(f"image server certificate {self.cafile!r} cannot be read: {e.strerror or e}") from None
+        if len(text) > CERT_MAX:
+            raise ImageError(
+                f"image server certificate {self.cafile!r} is larger than {CERT_MAX} bytes; LXD takes the server's "
+                "own certificate (or its CA's), not a bundle"
+            )
+        return text
 
     def _open(self, path: str, deadline: float):
         """The response to GET `path`, its status and headers in by `deadline` (monotonic; redirects included)."""
