@@ -313,3 +313,22 @@ def test_prune_keeps_a_base_under_an_overlay_put_into_a_pool_by_hand(
         assert base.name() in _volumes(pool)
         by_hand.unlink()
         assert p.prune_images() == [f"{pool.name()}/{base.name()}"]
+
+
+def test_a_first_record_write_that_fails_leaves_no_record_volume(provider, pool, qcow2, tmp_path, monkeypatch):
+    """The record volume is made, then filled: a fill that fails must not leave a volume of zeros that every
+    later compose from an image in that pool refuses as a damaged record."""
+    from vmhost.providers.base import ProviderError as Refused
+    from vmhost.providers.libvirt_images import BaseRecord
+
+    p = provider("http://127.0.0.1:9")
+
+    def failing_upload(vol, path):
+        raise Refused("copying image to libvirt took more than 1 s")
+
+    monkeypatch.setattr(p, "_upload", failing_upload)
+    record = BaseRecord(BASE_PREFIX + "a" * 32, "a" * 64, "ubuntu:noble", p.image_server.url, "1")
+    with pytest.raises(Refused, match="took more than"):
+        p.bases._write(p._pool(pool.name()), [record])
+    assert REGISTRY not in _volumes(pool)
+    assert [b for b in p.images() if b["pool"] == pool.name()] == []

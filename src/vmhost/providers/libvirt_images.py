@@ -197,12 +197,19 @@ class Bases:
         data = json.dumps({"format": REGISTRY_FORMAT, "bases": [asdict(r) for r in records]}).encode()
         if len(data) > REGISTRY_SIZE:
             raise ProviderError(f"the record of base images in pool {pool.name()!r} is full; run vmhost images prune")
-        if vol is None:
+        made = vol is None
+        if made:
             vol = self.p._call(pool.createXML, volume_xml(REGISTRY, REGISTRY_SIZE, "raw"), 0)
         with tempfile.TemporaryDirectory(prefix="vmhost-bases-") as tmp:
             path = Path(tmp) / "bases.json"
             path.write_bytes(data.ljust(REGISTRY_SIZE, b" "))
-            self.p._upload(vol, str(path))
+            try:
+                self.p._upload(vol, str(path))
+            except BaseException:
+                if made:  # zeros, not a record: every later compose in this pool would refuse it as damaged
+                    with contextlib.suppress(Exception):
+                        self.p._call(vol.delete, 0)
+                raise
 
     # -- compose ----------------------------------------------------------------------------------
 
