@@ -41,13 +41,16 @@ __all__ = [
 ]
 
 MAX_SSH_KEYS = MAX_AUTHORIZED_KEYS  # one bound, guest_access's
-# No cloud-config nests this deep; a deeper one (remote text) would hit Python's recursion limit in YAML.
-MAX_CLOUD_CONFIG_DEPTH = 32
 # Keys of the merged cloud-config that are vm-host's alone: the caller's values for them are replaced.
 VM_HOST_KEYS = ("hostname", "preserve_hostname", "ssh_keys", "ssh_genkeytypes", "ssh_deletekeys")
 # vm-host's defaults a caller's cloud-config may override: no password logins; /etc/hosts names the host
 # (so sudo resolves it).
 CALLER_MAY_CHANGE = {"ssh_pwauth": False, "manage_etc_hosts": True}
+SEED_TIMEOUT = 30.0  # s: genisoimage writing a seed of a few KiB (it takes milliseconds)
+# A caller's cloud-config: nesting levels (cloud-init's own settings need under 10) and values, aliases expanded
+# (a 64 KiB document without aliases holds fewer). Deeper documents exhaust Python's recursion in PyYAML.
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_VALUES = 100_000
 # What cloud-init makes of a user-data part by its first line (its own table, the ones a caller may send).
 _PART_TYPES = (
     ("#!", "x-shellscript"),
@@ -90,38 +93,35 @@ def _cloud_config(text: str) -> dict:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ValueError(f"user_data's #cloud-config is not valid YAML{where}") from None
     except RecursionError:
-        doc = None
-        too_deep = True
-    else:
-        too_deep = _depth(doc) > MAX_CLOUD_CONFIG_DEPTH
-    if too_deep:
-        raise ValueError(f"user_data's #cloud-config is nested more than {MAX_CLOUD_CONFIG_DEPTH} levels deep")
+        raise ValueError(_too_deep()) from None
     if doc is None:
         return {}
     if not isinstance(doc, dict):
         raise ValueError("user_data's #cloud-config must be a mapping of cloud-init settings")
+    _check_shape(doc)
     return doc
 
 
-def _depth(doc: object) -> int:
-    """How deep lists and mappings nest in `doc`, without recursion and visiting each node once (YAML
-    aliases share nodes; an alias inside itself is a cycle, endlessly deep)."""
-    height: dict[int, int] = {}  # id -> levels from that node down; -1 while its children are walked
-    stack: list[tuple[object, bool]] = [(doc, False)]
+def _too_deep() -> str:
+    return f"user_data's #cloud-config is nested more than {MAX_CONFIG_DEPTH} levels deep; at most {MAX_CONFIG_DEPTH} are allowed"
+
+
+def _check_shape(doc: dict) -> None:
+    """Depth and size within bounds, walked without recursion (an alias may make the document refer to itself)."""
+    stack: list[tuple[object, int]] = [(doc, 1)]
+    values = 1
     while stack:
-        item, walked = stack.pop()
-        if not isinstance(item, dict | list):
-            continue
-        children = [c for c in (item.values() if isinstance(item, dict) else item) if isinstance(c, dict | list)]
-        if walked:
-            height[id(item)] = 1 + max((height[id(c)] for c in children), default=0)
-        elif height.get(id(item)) == -1:
-            return MAX_CLOUD_CONFIG_DEPTH + 1  # reached from inside itself
-        elif id(item) not in height:
-            height[id(item)] = -1
-            stack.append((item, True))
-            stack.extend((c, False) for c in children)
-    return height.get(id(doc), 0)
+        node, depth = stack.pop()
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+        if children and depth >= MAX_CONFIG_DEPTH:
+            raise ValueError(_too_deep())
+        values += len(children)
+        if values > MAX_CONFIG_VALUES:
+            raise ValueError(
+                f"user_data's #cloud-config holds more than {MAX_CONFIG_VALUES} values (aliases expanded); "
+                f"at most {MAX_CONFIG_VALUES} are allowed"
+            )
+        stack.extend((child, depth + 1) for child in children)
 
 
 def _is_mime(text: str) -> bool:
@@ -293,9 +293,13 @@ def write_seed_iso(documents: Mapping[str, str], path: str | Path) -> Path:
                 check=True,
                 capture_output=True,
                 text=True,
+                timeout=SEED_TIMEOUT,
+                stdin=subprocess.DEVNULL,
             )
         except FileNotFoundError:
             raise RuntimeError("genisoimage is not installed; install the genisoimage package") from None
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"genisoimage did not finish within {SEED_TIMEOUT:g} s") from None
         except subprocess.CalledProcessError as e:
             raise RuntimeError(f"genisoimage failed: {e.stderr.strip() or e}") from None
     return path

@@ -42,13 +42,11 @@ def qcow2(tmp_path):
     return out
 
 
-@pytest.fixture
-def pool(libvirt_conn, tmp_path):
-    """A dir pool of this test's own; everything in it is deleted with it."""
+def _dir_pool(libvirt_conn, path: Path):
+    """A dir pool of this test's own at `path`; everything in it is deleted with it."""
     import libvirt
 
     name = f"ft-images-{uuid.uuid4().hex[:8]}"
-    path = tmp_path / "pool"
     path.mkdir()
     xml = f"<pool type='dir'><name>{name}</name><target><path>{path}</path></target></pool>"
     p = libvirt_conn.storagePoolCreateXML(xml, 0)
@@ -57,6 +55,21 @@ def pool(libvirt_conn, tmp_path):
         with contextlib.suppress(libvirt.libvirtError):
             vol.delete(0)
     p.destroy()
+
+
+@pytest.fixture
+def pool(libvirt_conn, tmp_path):
+    yield from _dir_pool(libvirt_conn, tmp_path / "pool")
+
+
+@pytest.fixture
+def reachable_pool(libvirt_conn):
+    """A pool QEMU can open files in (under libvirt's own image directory: a test's tmp_path is root's alone)."""
+    path = Path("/var/lib/libvirt/images") / f"ft-images-{uuid.uuid4().hex[:8]}"
+    try:
+        yield from _dir_pool(libvirt_conn, path)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -214,3 +227,108 @@ def test_a_download_a_crash_cut_short_is_replaced_by_the_next_compose(
         assert [b["state"] for b in p.images() if b["pool"] == pool.name()] == ["ready"]
         p.decompose(vm)
         assert p.prune_images() == [f"{pool.name()}/{name}"]
+
+
+@pytest.mark.parametrize("points_at", ["backing file", "external data file"])
+def test_a_base_whose_qcow2_header_points_at_another_file_is_refused_and_leaves_nothing(
+    provider, pool, libvirt_conn, vm_names, tmp_path, points_at
+):
+    """The server's qcow2 must hold all of the VM's bytes: a backing or data file named in its header would
+    make every overlay on it read that host file (another VM's disk, a key) into the guest."""
+    secret = tmp_path / "host-secret.raw"
+    secret.write_bytes(b"host secret\n".ljust(64 * M, b"\0"))
+    hostile = tmp_path / "hostile.qcow2"
+    if points_at == "backing file":
+        args = ["-b", str(secret), "-F", "raw", str(hostile)]
+    else:
+        args = ["-o", f"data_file={secret},data_file_raw=on", str(hostile), str(64 * M)]
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args], check=True)
+    product = Product("ubuntu", "noble", "24.04", {"disk1.img": hostile})
+    before = _domains(libvirt_conn)
+    with ImageIndex(tmp_path / "index", [product]) as index:
+        p = provider(index.url)
+        with pytest.raises(
+            ProviderError, match=f"image ubuntu:noble on {index.url} names a {points_at} in its qcow2 header"
+        ):
+            p.compose(ComposePlan(_alloc(vm_names("img"), pool), boot="image", image="ubuntu:noble"))
+    assert _volumes(pool) == set()
+    assert _domains(libvirt_conn) == before
+
+
+def test_prune_keeps_a_base_a_running_vm_uses_through_an_overlay_outside_any_pool(
+    provider, reachable_pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    """Its inactive definition names only the overlay; the live one names the base as the overlay's backing
+    store: prune reads both, and deletes nothing under a running VM."""
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        vm = vm_names("img")
+        p.compose(ComposePlan(_alloc(vm, reachable_pool), boot="image", image="ubuntu:noble"))
+        p.decompose(vm)
+        base = reachable_pool.storageVolLookupByName(BASE_PREFIX + sha256_of(qcow2)[:32])
+        # Someone else's overlay on the base, a file in a directory no pool covers.
+        outside = Path(base.path()).parent / "theirs" / "disk.qcow2"
+        outside.parent.mkdir()
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.path(), "-F", "qcow2", str(outside)], check=True
+        )
+        theirs = vm_names("fx")
+        kind = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
+        dom = libvirt_conn.defineXML(
+            f"<domain type='{kind}'><name>{theirs}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+            "<os><type arch='x86_64'>hvm</type></os><devices><memballoon model='none'/>"
+            f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{outside}'/>"
+            "<target dev='vda' bus='virtio'/></disk></devices></domain>"
+        )
+        dom.create()
+        try:
+            assert p.prune_images() == []
+            assert base.name() in _volumes(reachable_pool)
+            [listed] = [b for b in p.images() if b["pool"] == reachable_pool.name()]
+            assert listed["used_by"] == [f"domain {theirs}"]
+        finally:
+            dom.destroy()
+        outside.unlink()
+        assert p.prune_images() == [f"{reachable_pool.name()}/{base.name()}"]
+
+
+def test_prune_keeps_a_base_under_an_overlay_put_into_a_pool_by_hand(
+    provider, pool, libvirt_conn, vm_names, qcow2, tmp_path
+):
+    """A file copied or made in a pool's directory is a volume of it once the pool is refreshed: prune
+    refreshes before it looks, so the overlay's backing store counts though libvirt had not listed it."""
+    noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
+    with ImageIndex(tmp_path / "index", [noble]) as index:
+        p = provider(index.url)
+        vm = vm_names("img")
+        p.compose(ComposePlan(_alloc(vm, pool), boot="image", image="ubuntu:noble"))
+        p.decompose(vm)
+        base = pool.storageVolLookupByName(BASE_PREFIX + sha256_of(qcow2)[:32])
+        by_hand = Path(base.path()).parent / "their-disk.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.path(), "-F", "qcow2", str(by_hand)], check=True
+        )
+        assert p.prune_images() == []
+        assert base.name() in _volumes(pool)
+        by_hand.unlink()
+        assert p.prune_images() == [f"{pool.name()}/{base.name()}"]
+
+
+def test_a_first_record_write_that_fails_leaves_no_record_volume(provider, pool, qcow2, tmp_path, monkeypatch):
+    """The record volume is made, then filled: a fill that fails must not leave a volume of zeros that every
+    later compose from an image in that pool refuses as a damaged record."""
+    from vmhost.providers.base import ProviderError as Refused
+    from vmhost.providers.libvirt_images import BaseRecord
+
+    p = provider("http://127.0.0.1:9")
+
+    def failing_upload(vol, path):
+        raise Refused("copying image to libvirt took more than 1 s")
+
+    monkeypatch.setattr(p, "_upload", failing_upload)
+    record = BaseRecord(BASE_PREFIX + "a" * 32, "a" * 64, "ubuntu:noble", p.image_server.url, "1")
+    with pytest.raises(Refused, match="took more than"):
+        p.bases._write(p._pool(pool.name()), [record])
+    assert REGISTRY not in _volumes(pool)
+    assert [b for b in p.images() if b["pool"] == pool.name()] == []

@@ -149,6 +149,35 @@ def test_bad_user_data_is_refused_in_one_sentence(text, says):
         user_data(CloudInit("vm", user_data=text))
 
 
+def _nested(depth: int) -> str:
+    return "#cloud-config\nwrite_files: " + "[" * (depth - 1) + "]" * (depth - 1) + "\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("#cloud-config\n" + "[" * 20000, "is nested more than 32 levels deep"),  # deeper than PyYAML recurses
+        ("#cloud-config\n" + "{a: " * 15000, "is nested more than 32 levels deep"),
+        (_nested(400), "is nested more than 32 levels deep"),  # parses, but deeper than merging and dumping go
+        (_nested(33), "is nested more than 32 levels deep"),
+        ("#cloud-config\na: &x [*x]\n", "is nested more than 32 levels deep"),  # refers to itself
+        (  # an alias bomb: 10**6 values from 200 bytes
+            "#cloud-config\n"
+            + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 7)).replace("*l0", "x"),
+            "holds more than 100000 values",
+        ),
+    ],
+    ids=["unparsed-depth", "unparsed-mapping", "parsed-depth", "one-too-deep", "cycle", "alias-bomb"],
+)
+def test_a_cloud_config_too_deep_or_too_big_is_one_sentence(text, says):
+    with pytest.raises(ValueError, match=f"^user_data's #cloud-config {says}"):
+        user_data(CloudInit("vm", user_data=text))
+
+
+def test_a_cloud_config_at_the_depth_limit_is_merged():
+    assert "write_files:" in user_data(CloudInit("vm", user_data=_nested(32)))
+
+
 def test_unknown_prefix_falls_back_to_the_lan_default():
     docs = seed_documents(CloudInit("h"), (NicAllocation("e", "bridge", "b", ip="fd00::5", mac="52:54:00:00:00:09"),))
     assert yaml.safe_load(docs["network-config"])["ethernets"]["e"]["addresses"] == ["fd00::5/64"]
@@ -165,6 +194,23 @@ def test_iso_is_a_cidata_volume_with_the_three_files(tmp_path):
     for name, text in docs.items():
         got = subprocess.run(["isoinfo", "-J", "-i", str(iso), "-x", f"/{name}"], capture_output=True, text=True)
         assert got.stdout == text
+
+
+def test_a_seed_tool_that_hangs_costs_a_bounded_wait(tmp_path, monkeypatch):
+    import time
+
+    from vmhost import cloudinit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "genisoimage").write_text("#!/bin/sh\nexec sleep 60\n")
+    (bin_dir / "genisoimage").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setattr(cloudinit, "SEED_TIMEOUT", 0.5)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"^genisoimage did not finish within 0\.5 s$"):
+        write_seed_iso(seed_documents(CloudInit("vm-3")), tmp_path / "seed.iso")
+    assert time.monotonic() - t0 < 5
 
 
 def test_static_prefixes_come_from_the_first_host_address_containing_the_ip():

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import threading
 import time
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 import pytest
 from ops import testing
@@ -99,6 +101,83 @@ def test_a_server_that_never_answers_costs_a_bounded_wait(monkeypatch):
     assert time.monotonic() - t0 < 5
 
 
+def _raw_server(answer: bytes) -> socket.socket:
+    """A TCP server on 127.0.0.1 that answers every request with `answer` and hangs up."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"garbage\r\n\r\n",  # not HTTP
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 200 + b"\r\n{}",  # more headers than http.client reads
+        b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n{}",  # a header line too long
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n",  # a chunk size that is not one
+    ],
+    ids=["not-http", "many-headers", "long-header", "bad-chunk"],
+)
+def test_a_server_that_does_not_speak_http_is_one_sentence(answer):
+    listener = _raw_server(answer)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(
+            ImageError,
+            match=rf"^image server {re.escape(url)} (did not answer streams/v1/index\.json in HTTP|broke off sending)",
+        ):
+            ImageServer(url).resolve("ubuntu:noble", "disk")
+    finally:
+        listener.close()
+
+
+def test_a_server_that_drips_its_headers_costs_a_bounded_wait(monkeypatch):
+    """Each byte comes within the per-read limit, the headers never end: the document's limit still holds."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            while not stop.wait(0.1):
+                try:
+                    conn.sendall(b"X")  # a header line that never ends
+                except OSError:
+                    return
+
+    threading.Thread(target=drip, daemon=True).start()
+    monkeypatch.setattr(image_source, "HTTP_TIMEOUT", 0.5)
+    monkeypatch.setattr(image_source, "DOCUMENT_TIMEOUT", 1.5)
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(
+            ImageError, match=rf"^image server {re.escape(url)} took too long to send streams/v1/index\.json"
+        ):
+            ImageServer(url).resolve("ubuntu:noble", "disk")
+    finally:
+        stop.set()
+        listener.close()
+    assert time.monotonic() - t0 < 5
+
+
 @pytest.fixture
 def names(monkeypatch):
     """The resolver, with `mirror.test` at 127.0.0.1 and `hung.test` a lookup that never ends (until teardown)."""
@@ -126,6 +205,23 @@ def test_a_name_lookup_that_never_ends_costs_a_bounded_wait(names, monkeypatch):
     assert time.monotonic() - t0 < 3
 
 
+def test_a_redirect_off_http_is_refused_without_a_lookup(names, monkeypatch):
+    """Only http(s) is followed: urllib's ftp handler would look the name up with no time limit."""
+    looked_up: list[str] = []
+    monkeypatch.setattr(image_source.socket, "gethostbyname", lambda host: looked_up.append(host) or time.sleep(30))
+    for target in ("ftp://hung.test/streams/v1/index.json", "file:///etc/passwd", "data:,{}"):
+        answer = f"HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\n\r\n".encode()
+        listener = _raw_server(answer)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        t0 = time.monotonic()
+        try:
+            with pytest.raises(ImageError, match=rf"^image server {re.escape(url)} (is unreachable|answered 302)"):
+                ImageServer(url).resolve("ubuntu:noble", "disk")
+        finally:
+            listener.close()
+        assert time.monotonic() - t0 < 5 and looked_up == []
+
+
 def test_servers_named_by_host_name_are_reached_and_tls_still_checks_that_name(names, tmp_path, disk):
     product = Product("ubuntu", "noble", "24.04", {"disk1.img": disk})
     with ImageIndex(tmp_path / "plain", [product]) as index:
@@ -145,6 +241,19 @@ def test_a_bad_server_or_certificate_is_refused_when_the_provider_is_made(tmp_pa
         ImageServer("file:///etc")
     with pytest.raises(ImageError, match="is not a readable PEM certificate file"):
         ImageServer("https://mirror", cafile=str(tmp_path / "missing.pem"))
+
+
+def test_a_certificate_lxd_cannot_be_handed_whole_is_one_sentence(tmp_path):
+    """LXD's pull source takes one certificate: a bundle past CERT_MAX was cut mid-PEM, a vanished file
+    was a FileNotFoundError."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())  # hundreds of certificates
+    server = ImageServer("https://mirror", cafile=str(bundle))  # vm-host itself trusts the whole bundle
+    with pytest.raises(ImageError, match=r"^image server certificate .*bundle\.pem' is larger than 65536 bytes;"):
+        server.certificate()
+    bundle.unlink()
+    with pytest.raises(ImageError, match=r"^image server certificate .*bundle\.pem' cannot be read:"):
+        server.certificate()
 
 
 def test_lxd_pulls_over_https_only_and_by_fingerprint():
@@ -269,6 +378,18 @@ def test_overlay_volume_xml_names_its_backing_store():
     assert xml.find("target/format").get("type") == "qcow2" and xml.findtext("capacity") == str(128 * 1024**2)
 
 
+_RECORD = {
+    "volume": "vmhost-base-" + "a" * 32,
+    "sha256": "a" * 64,
+    "image": "ubuntu:noble",
+    "server": "https://m",
+    "version": "1",
+    "format": "qcow2",
+    "state": "ready",
+    "created": 1.5,
+}
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -277,6 +398,20 @@ def test_overlay_volume_xml_names_its_backing_store():
         b'{"format": "other", "bases": []}',
         b'{"format": "vmhost-bases:1", "bases": [1]}',
         b"[" * 10**5,
+        # Records that name what is not a base: prune would delete that volume, list would hand libvirt a number.
+        *(
+            json.dumps({"format": "vmhost-bases:1", "bases": [{**_RECORD, **bad}]}).encode()
+            for bad in (
+                {"volume": "vmhost-web-1-root"},
+                {"volume": "precious"},
+                {"volume": "vmhost-base-" + "a" * 31 + "/"},
+                {"volume": 5},
+                {"sha256": None},
+                {"state": "gone"},
+                {"format": "vmdk"},
+                {"created": "yesterday"},
+            )
+        ),
     ],
 )
 def test_a_record_of_bases_that_is_not_ours_is_one_sentence(data):
@@ -294,7 +429,7 @@ def test_the_record_of_bases_reads_back_and_gc_leaves_bases_alone():
         "format": "vmhost-bases:1",
         "bases": [
             {
-                "volume": "vmhost-base-ab",
+                "volume": "vmhost-base-" + "a" * 32,
                 "sha256": "a" * 64,
                 "image": "ubuntu:noble",
                 "server": "https://m",
@@ -306,6 +441,42 @@ def test_the_record_of_bases_reads_back_and_gc_leaves_bases_alone():
     }
     padded = json.dumps(doc).encode().ljust(4096, b" ")
     assert _decode_registry(padded, "default") == [
-        BaseRecord("vmhost-base-ab", "a" * 64, "ubuntu:noble", "https://m", "1", state="ready")
+        BaseRecord("vmhost-base-" + "a" * 32, "a" * 64, "ubuntu:noble", "https://m", "1", state="ready")
     ]
     assert is_base("vmhost-base-ab") and is_base("vmhost-bases.json") and not is_base("vmhost-vm-1-root")
+
+
+def _qcow2_head(version: int = 3, backing_offset: int = 0, incompatible: int = 0) -> bytes:
+    head = bytearray(104)
+    head[0:4] = b"QFI\xfb"
+    head[4:8] = version.to_bytes(4, "big")
+    head[8:16] = backing_offset.to_bytes(8, "big")
+    head[24:32] = (64 * 1024**2).to_bytes(8, "big")
+    head[72:80] = incompatible.to_bytes(8, "big")
+    return bytes(head)
+
+
+@pytest.mark.parametrize(
+    ("head", "what"),
+    [
+        (_qcow2_head(backing_offset=0x200), "backing file"),
+        (_qcow2_head(version=2, backing_offset=0x200), "backing file"),
+        (_qcow2_head(incompatible=0b100), "external data file"),
+        (_qcow2_head(incompatible=0b101), "external data file"),  # dirty as well
+    ],
+)
+def test_a_qcow2_base_naming_another_host_file_is_refused(head, what):
+    from vmhost.providers.base import ProviderError
+    from vmhost.providers.libvirt_images import check_self_contained
+
+    with pytest.raises(ProviderError, match=f"^image ubuntu:noble names a {what} in its qcow2 header;"):
+        check_self_contained(head, "image ubuntu:noble")
+
+
+@pytest.mark.parametrize(
+    "head", [_qcow2_head(), _qcow2_head(version=2, incompatible=0b100), _qcow2_head(incompatible=0b11)]
+)
+def test_a_self_contained_qcow2_base_passes(head):
+    from vmhost.providers.libvirt_images import check_self_contained
+
+    check_self_contained(head, "image ubuntu:noble")  # v2 has no feature bits: bytes 72-80 are not a header field

@@ -249,6 +249,16 @@ def test_addresses_come_from_the_state_of_the_vms_own_nics_global_scope_only():
     assert cfg.state_addresses({"network": ["junk"]}, ["00:16:3e:aa:bb:cc"]) == ()
 
 
+def test_addresses_in_the_state_are_the_guests_word_and_read_as_libvirts_are():
+    """A VM's state comes from lxd-agent inside the guest: only real addresses, by the libvirt rule (no
+    loopback, link-local or unspecified, whatever scope the guest claims), reach list and its terminal."""
+    claimed = ["10.5.0.7", "\x1b]0;owned\x07", "x" * 100_000, "127.0.0.1", "169.254.1.1", "fe80::2", "0.0.0.0"]
+    claimed += ["fd42::7%enp5s0", 7, None]
+    entries = [{"family": "inet", "address": a, "scope": "global"} for a in claimed]
+    state = {"network": {"enp5s0": {"hwaddr": "00:16:3e:aa:bb:cc", "addresses": entries}}}
+    assert cfg.state_addresses(state, ["00:16:3e:aa:bb:cc"]) == ("10.5.0.7", "fd42::7")
+
+
 def test_a_damaged_access_record_reads_as_none():
     assert cfg.access_from_config({cfg.LOGIN_USER_KEY: "ubuntu", cfg.HOST_KEYS_KEY: "[{"}) == ("ubuntu", ())
     assert cfg.access_from_config({}) == (None, ())

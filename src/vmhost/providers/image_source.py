@@ -7,11 +7,14 @@ goes wrong is one ProviderError sentence naming the server, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import http.client
 import platform
 import socket
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -61,26 +64,52 @@ def _connect(address: tuple[str, int], timeout: float | None = None, source_addr
     raise error or OSError(f"{host} has no address")
 
 
+class _Sockets:
+    """The sockets of the request being opened, so a watchdog can cut them off at its deadline: each read
+    has HTTP_TIMEOUT, but a server that sends its status line and headers a byte at a time never trips it."""
+
+    def __init__(self) -> None:
+        self.live: list[socket.socket] = []
+
+    def connect(self, *args, **kwargs) -> socket.socket:
+        sock = _connect(*args, **kwargs)
+        self.live.append(sock)
+        return sock
+
+    def cut(self) -> None:
+        for sock in self.live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
 class _HTTPConnection(http.client.HTTPConnection):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, sockets: _Sockets, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = _connect  # http.client's own hook for how the socket is made
+        self._create_connection = sockets.connect  # http.client's own hook for how the socket is made
 
 
 class _HTTPSConnection(http.client.HTTPSConnection):
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, sockets: _Sockets, **kwargs):
         super().__init__(*args, **kwargs)
-        self._create_connection = _connect  # TLS still checks the server's name, not the address
+        self._create_connection = sockets.connect  # TLS still checks the server's name, not the address
 
 
 class _HTTPHandler(urllib.request.HTTPHandler):
+    def __init__(self, sockets: _Sockets):
+        super().__init__()
+        self._sockets = sockets
+
     def http_open(self, req):
-        return self.do_open(_HTTPConnection, req)
+        return self.do_open(functools.partial(_HTTPConnection, sockets=self._sockets), req)
 
 
 class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def __init__(self, sockets: _Sockets, context: ssl.SSLContext | None):
+        super().__init__(context=context)
+        self._sockets = sockets
+
     def https_open(self, req):
-        return self.do_open(_HTTPSConnection, req, context=self._context)
+        return self.do_open(functools.partial(_HTTPSConnection, sockets=self._sockets), req, context=self._context)
 
 
 class ImageError(ProviderError):
@@ -105,28 +134,61 @@ class ImageServer:
             context = ssl.create_default_context(cafile=cafile) if cafile else None
         except OSError:  # ssl.SSLError is one too
             raise ImageError(f"image server certificate {cafile!r} is not a readable PEM certificate file") from None
-        self._opener = urllib.request.build_opener(_HTTPHandler(), _HTTPSHandler(context=context))
+        # http(s) only, redirects included: urllib's ftp handler would look a name up with no time limit.
+        self._sockets = _Sockets()
+        self._opener = urllib.request.OpenerDirector()
+        for handler in (
+            urllib.request.ProxyHandler(),
+            _HTTPHandler(self._sockets),
+            _HTTPSHandler(self._sockets, context),
+            urllib.request.HTTPDefaultErrorHandler(),
+            urllib.request.HTTPRedirectHandler(),
+            urllib.request.HTTPErrorProcessor(),
+            urllib.request.UnknownHandler(),
+        ):
+            self._opener.add_handler(handler)
 
     def certificate(self) -> str | None:
         """The PEM text of `cafile` (LXD's pull source takes it to trust a self-signed server)."""
         if not self.cafile:
             return None
-        with open(self.cafile, encoding="ascii", errors="replace") as fh:
-            return fh.read(CERT_MAX)
+        try:
+            with open(self.cafile, encoding="ascii", errors="replace") as fh:
+                text = fh.read(CERT_MAX + 1)
+        except OSError as e:
+            raise ImageError(f"image server certificate {self.cafile!r} cannot be read: {e.strerror or e}") from None
+        if len(text) > CERT_MAX:
+            raise ImageError(
+                f"image server certificate {self.cafile!r} is larger than {CERT_MAX} bytes; LXD takes the server's "
+                "own certificate (or its CA's), not a bundle"
+            )
+        return text
 
-    def _open(self, path: str):
+    def _open(self, path: str, deadline: float):
+        """The response to GET `path`, its status and headers in by `deadline` (monotonic; redirects included)."""
         url = server_url(self.url, path)
+        self._sockets.live = []
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), self._sockets.cut)
+        watchdog.daemon = True
+        watchdog.start()
         try:
             return self._opener.open(url, timeout=HTTP_TIMEOUT)
         except urllib.error.HTTPError as e:
             raise ImageError(f"image server {self.url} answered {e.code} for {path}") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise ImageError(f"image server {self.url} is unreachable: {reason}") from None
+        except (http.client.HTTPException, urllib.error.URLError, OSError, ValueError) as e:
+            if time.monotonic() >= deadline:  # the watchdog cut it off
+                raise ImageError(f"image server {self.url} took too long to send {path}") from None
+            if isinstance(e, http.client.HTTPException):  # not an OSError: a status line or headers not HTTP
+                raise ImageError(
+                    f"image server {self.url} did not answer {path} in HTTP ({type(e).__name__})"
+                ) from None
+            raise ImageError(f"image server {self.url} is unreachable: {getattr(e, 'reason', e)}") from None
+        finally:
+            watchdog.cancel()
 
     def _read(self, path: str, limit: int, sink: Callable[[bytes], None], deadline: float) -> int:
         """Stream `path` into `sink` in chunks; at most `limit` bytes, done by `deadline` (monotonic)."""
-        resp = self._open(path)
+        resp = self._open(path, deadline)
         total = 0
         try:
             with resp:
@@ -142,7 +204,7 @@ class ImageServer:
                     sink(chunk)
         except TimeoutError:
             raise ImageError(f"image server {self.url} stopped sending {path} for {HTTP_TIMEOUT:g} s") from None
-        except OSError as e:
+        except (OSError, http.client.HTTPException) as e:  # HTTPException: a chunked body cut short or malformed
             raise ImageError(f"image server {self.url} broke off sending {path}: {e}") from None
 
     def document(self, path: str, limit: int) -> dict:

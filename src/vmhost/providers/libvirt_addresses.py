@@ -9,12 +9,12 @@ limit applies); a failure is logged and the addresses known so far are reported:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
 from typing import Any
 
+from vmhost.providers.addresses import guest_address
 from vmhost.providers.libvirt_xml import GUEST_AGENT_CHANNEL
 
 __all__ = ["dynamic_addresses"]
@@ -44,12 +44,8 @@ def _from_reply(reply: object, macs: set[str]) -> list[str]:
         if not isinstance(iface, dict) or str(iface.get("hwaddr") or "").lower() not in macs:
             continue
         for entry in iface.get("addrs") or ():
-            try:
-                ip = ipaddress.ip_address(str(entry["addr"]).split("%", 1)[0])
-            except (KeyError, TypeError, ValueError):
-                continue
-            if not (ip.is_loopback or ip.is_link_local or ip.is_unspecified):
-                out.append(str(ip))
+            if isinstance(entry, dict) and (ip := guest_address(entry.get("addr"))):
+                out.append(ip)
     return out
 
 

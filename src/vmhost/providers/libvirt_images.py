@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import tempfile
 import time
 import xml.etree.ElementTree as ET
@@ -44,6 +45,10 @@ REGISTRY_MAX = 512  # bases recorded per pool
 FILE_POOLS = ("dir", "fs", "netfs", "gluster")
 DOWNLOADING, READY = "downloading", "ready"
 QCOW2_MAGIC = b"QFI\xfb"
+_BASE_NAME_RE = re.compile(re.escape(BASE_PREFIX) + "[0-9a-f]{32}")
+_SHA256_RE = re.compile("[0-9a-f]{64}")
+QCOW2_HEAD = 80  # bytes of a qcow2 header read before anything is made: up to v3's incompatible features
+QCOW2_EXTERNAL_DATA = 1 << 2  # incompatible feature bit: the guest's data lives in another file
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,22 @@ def check_root_fits(root: DiskAllocation, virtual: int, image: str) -> None:
             f"disk {root.label} is {human_size(root.size)} but image {image} needs {human_size(virtual)}; "
             f"give {root.label}:{format_size(-(-virtual // 1024**2) * 1024**2)} or more"
         )
+
+
+def check_self_contained(head: bytes, image: str) -> None:
+    """A qcow2 from the server must hold all of its bytes: a backing or data file named in its header would
+    be opened (and labelled for the guest) by libvirt and QEMU under every overlay, handing that host file,
+    another VM's disk say, to the VM. Cloud images name neither."""
+    version = int.from_bytes(head[4:8], "big")
+    if int.from_bytes(head[8:16], "big"):
+        what = "backing file"
+    elif version >= 3 and int.from_bytes(head[72:80], "big") & QCOW2_EXTERNAL_DATA:
+        what = "external data file"
+    else:
+        return
+    raise ProviderError(
+        f"{image} names a {what} in its qcow2 header; vm-host takes only self-contained images from an image server"
+    )
 
 
 def is_base(volume: str) -> bool:
@@ -96,13 +117,32 @@ def volume_xml(
     return ET.tostring(vol, encoding="unicode")
 
 
+def _well_formed(r: BaseRecord) -> bool:
+    """Fields of the types vm-host writes, and a base's own name: prune deletes what a record names."""
+    texts = (r.image, r.server, r.version)
+    return (
+        isinstance(r.volume, str)
+        and _BASE_NAME_RE.fullmatch(r.volume) is not None
+        and isinstance(r.sha256, str)
+        and _SHA256_RE.fullmatch(r.sha256) is not None
+        and all(isinstance(t, str) and len(t) <= 1024 for t in texts)
+        and r.format in ("", "qcow2", "raw")
+        and r.state in (DOWNLOADING, READY)
+        and isinstance(r.created, int | float)
+        and not isinstance(r.created, bool)
+    )
+
+
 def _decode_registry(data: bytes, pool: str) -> list[BaseRecord]:
     try:
         doc = json.loads(data.decode("utf-8", "replace").strip() or "{}")
         if doc.get("format") != REGISTRY_FORMAT or not isinstance(doc.get("bases"), list):
             raise ValueError
         fields = set(BaseRecord.__dataclass_fields__)
-        return [BaseRecord(**{k: v for k, v in r.items() if k in fields}) for r in doc["bases"][:REGISTRY_MAX]]
+        records = [BaseRecord(**{k: v for k, v in r.items() if k in fields}) for r in doc["bases"][:REGISTRY_MAX]]
+        if not all(map(_well_formed, records)):
+            raise ValueError
+        return records
     except (ValueError, TypeError, AttributeError, RecursionError):
         raise ProviderError(
             f"volume {REGISTRY} in pool {pool!r} is not vm-host's record of base images (or is damaged); "
@@ -157,12 +197,19 @@ class Bases:
         data = json.dumps({"format": REGISTRY_FORMAT, "bases": [asdict(r) for r in records]}).encode()
         if len(data) > REGISTRY_SIZE:
             raise ProviderError(f"the record of base images in pool {pool.name()!r} is full; run vmhost images prune")
-        if vol is None:
+        made = vol is None
+        if made:
             vol = self.p._call(pool.createXML, volume_xml(REGISTRY, REGISTRY_SIZE, "raw"), 0)
         with tempfile.TemporaryDirectory(prefix="vmhost-bases-") as tmp:
             path = Path(tmp) / "bases.json"
             path.write_bytes(data.ljust(REGISTRY_SIZE, b" "))
-            self.p._upload(vol, str(path))
+            try:
+                self.p._upload(vol, str(path))
+            except BaseException:
+                if made:  # zeros, not a record: every later compose in this pool would refuse it as damaged
+                    with contextlib.suppress(Exception):
+                        self.p._call(vol.delete, 0)
+                raise
 
     # -- compose ----------------------------------------------------------------------------------
 
@@ -218,9 +265,11 @@ class Bases:
             nonlocal head
             if "stream" not in state:
                 head += chunk
-                if len(head) < 32 and len(head) < f.size:
+                if len(head) < QCOW2_HEAD and len(head) < f.size:
                     return
                 qcow2 = head[:4] == QCOW2_MAGIC
+                if qcow2:
+                    check_self_contained(head, f"image {image.name} on {server.url}")
                 virtual = int.from_bytes(head[24:32], "big") if qcow2 else f.size
                 check_root_fits(root, virtual, str(image.name))
                 state["format"] = "qcow2" if qcow2 else "raw"
@@ -256,16 +305,28 @@ class Bases:
         """Path -> what uses it as a backing store (pool/volume) or a disk (domain)."""
         users: dict[str, list[str]] = {}
         for pool in self._pools():
+            try:  # a file put in the pool's directory by hand is one of its volumes too
+                self.p._call(pool.refresh, 0)
+            except Exception as e:  # libvirt refuses while a volume is being built there: what it listed stands
+                if _code(e) is None:
+                    raise
+                log.warning("could not refresh pool %s before looking for base image users: %s", pool.name(), e)
             for vol in pool.listAllVolumes(0):
                 path = ET.fromstring(vol.XMLDesc(0)).findtext("backingStore/path")
                 if path:
                     users.setdefault(path, []).append(f"{pool.name()}/{vol.name()}")
         for dom in self.p._call(self.p.conn.listAllDomains, 0):
-            xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
-            for disk in xml.findall("devices/disk"):
-                for src in (disk.find("source"), *disk.findall(".//backingStore/source")):
-                    if src is not None and src.get("file"):
-                        users.setdefault(src.get("file"), []).append(f"domain {dom.name()}")
+            # A running domain's live definition names its disks' backing chains (an overlay outside any pool
+            # on a base); its inactive one, the disks it boots from next.
+            flags = (0, libvirt.VIR_DOMAIN_XML_INACTIVE) if dom.isActive() else (libvirt.VIR_DOMAIN_XML_INACTIVE,)
+            files: set[str] = set()
+            for flag in flags:
+                for disk in ET.fromstring(dom.XMLDesc(flag)).findall("devices/disk"):
+                    for src in (disk.find("source"), *disk.findall(".//backingStore/source")):
+                        if src is not None and src.get("file"):
+                            files.add(src.get("file"))
+            for path in files:
+                users.setdefault(path, []).append(f"domain {dom.name()}")
         return users
 
     def _pools(self) -> list:

@@ -24,6 +24,7 @@ from vmhost.model import (
     NicAllocation,
 )
 from vmhost.parse import HUGEPAGE_SIZES, ParseCache, ParseError, parse_cpuset, parse_size
+from vmhost.providers.addresses import guest_address
 from vmhost.providers.base import STATE_COMPOSING, volume_name
 
 ALLOCATION_KEY = "user.vmhost.allocation"
@@ -243,8 +244,12 @@ def state_addresses(state: object, macs: Sequence[str]) -> tuple[str, ...]:
         if not isinstance(iface, dict) or str(iface.get("hwaddr") or "").lower() not in wanted:
             continue
         for entry in iface.get("addresses") or ():
-            if isinstance(entry, dict) and entry.get("scope") == "global" and entry.get("address"):
-                out.append(str(entry["address"]))
+            if (
+                isinstance(entry, dict)
+                and entry.get("scope") == "global"
+                and (ip := guest_address(entry.get("address")))
+            ):
+                out.append(ip)
     return tuple(out)
 
 
