@@ -179,12 +179,7 @@ def test_dispatch_runs_install_config_changed_and_resources(juju_env, unpacked):
 
     calls = dispatch(unpacked, env, state, "actions/resources", JUJU_ACTION_NAME="resources", JUJU_ACTION_UUID="1")
     assert not [c for c in calls if c["tool"] == "action-fail"], calls
-    results = {}
-    for c in calls:
-        if c["tool"] == "action-set":
-            for kv in c["args"]:
-                key, _, value = kv.partition("=")
-                results[key] = value
+    results = _results(calls)
     resources = json.loads(results["json"])
     assert resources["nodes"] and resources["nodes"][0]["threads"]
     assert results["view"].strip()
@@ -198,6 +193,12 @@ def _results(calls: list[dict]) -> dict[str, str]:
                 key, _, value = kv.partition("=")
                 out[key] = value
     return out
+
+
+def _domains() -> set[str]:
+    out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
+                         text=True, timeout=60, check=True)  # fmt: skip
+    return {n for n in out.stdout.split() if n}
 
 
 def _no_traceback(calls: list[dict]) -> None:
@@ -236,16 +237,11 @@ def test_compose_and_decompose_actions_through_the_packed_charm_on_real_libvirt(
 
     env, state = juju_env
 
-    def domains() -> set[str]:
-        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
-                             text=True, timeout=60, check=True)  # fmt: skip
-        return {n for n in out.stdout.split() if n}
-
     def action(name: str, params: dict) -> list[dict]:
         (state / "params.json").write_text(json.dumps(params))
         return dispatch(unpacked, env, state, f"actions/{name}", JUJU_ACTION_NAME=name, JUJU_ACTION_UUID="7")
 
-    before = domains()
+    before = _domains()
     hostile = [
         ({"cores": 0}, "cores"),
         ({"memory": "9" * 70}, "memory"),
@@ -261,17 +257,17 @@ def test_compose_and_decompose_actions_through_the_packed_charm_on_real_libvirt(
         failed = [c["args"] for c in calls if c["tool"] == "action-fail"]
         assert len(failed) == 1 and says in failed[0][-1] and "\n" not in failed[0][-1], (params, failed)
         _no_traceback(calls)
-    assert domains() == before
+    assert _domains() == before
 
     name = f"ft-{uuid.uuid4().hex[:8]}"
     try:
         calls = action("compose", {"cores": 1, "memory": "128M", "storage": "root:1", "hostname": name})
         assert not [c for c in calls if c["tool"] == "action-fail"], calls
         assert _results(calls)["name"] == name
-        assert domains() == before | {name}
+        assert _domains() == before | {name}
         calls = action("decompose", {"name": name})
         assert not [c for c in calls if c["tool"] == "action-fail"], calls
-        assert domains() == before
+        assert _domains() == before
     finally:
         subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name, "--remove-all-storage"],
                        capture_output=True, timeout=60)  # fmt: skip
@@ -308,12 +304,7 @@ def test_the_relation_through_the_packed_charm_hostile_data_then_a_real_vm(juju_
               "cpu-overcommit-ratio": 4}  # fmt: skip
     (state / "config.json").write_text(json.dumps(config))
 
-    def domains() -> set[str]:
-        out = subprocess.run(["virsh", "-c", "qemu:///system", "list", "--all", "--name"], capture_output=True,
-                             text=True, timeout=60, check=True)  # fmt: skip
-        return {n for n in out.stdout.split() if n}
-
-    before = domains()
+    before = _domains()
     deep = "[" * 5000 + "]" * 5000
     hostile = [
         "x" * 2048,
@@ -334,7 +325,7 @@ def test_the_relation_through_the_packed_charm_hostile_data_then_a_real_vm(juju_
             served = json.loads(ours.get("vms", "[]"))
             assert ours.get("error") or (served and all(v["status"] == "rejected" for v in served)), (value[:80], ours)
             assert len(json.dumps(ours)) < 64 * 1024
-            assert domains() == before
+            assert _domains() == before
         # Asking for far too much is bounded, not refused: the first 64 entries are read, the quota (vms=3
         # here) and the host's capacity decide how many are made, the rest are told why.
         config["relation-quota"] = "vms=3"
@@ -344,21 +335,21 @@ def test_the_relation_through_the_packed_charm_hostile_data_then_a_real_vm(juju_
         _no_traceback(calls)
         served = json.loads(ours["vms"])
         assert "too many requests: 5000 entries, at most 64" in ours["error"]
-        assert len(served) == 64 and len(domains() - before) == 3
+        assert len(served) == 64 and len(_domains() - before) == 3
         assert {v["status"] for v in served[3:]} == {"rejected"}, served[3]
         calls, ours = _relation_hook(unpacked, env, state, json.dumps([]))
-        assert json.loads(ours.get("vms", "[]")) == [] and domains() == before
+        assert json.loads(ours.get("vms", "[]")) == [] and _domains() == before
         request = [{"id": "web-0", "cores": 1, "memory": "128M", "storage": "root:1"}]
         calls, ours = _relation_hook(unpacked, env, state, json.dumps(request))
         _no_traceback(calls)
         (vm,) = json.loads(ours["vms"])
         assert vm["id"] == "web-0" and vm["status"] == "pending" and vm["name"], vm
-        assert domains() == before | {vm["name"]}
+        assert _domains() == before | {vm["name"]}
         calls, ours = _relation_hook(unpacked, env, state, json.dumps([]))
         assert json.loads(ours.get("vms", "[]")) == []
-        assert domains() == before
+        assert _domains() == before
     finally:
-        for name in domains() - before:
+        for name in _domains() - before:
             subprocess.run(["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True, timeout=60)
             subprocess.run(["virsh", "-c", "qemu:///system", "undefine", name, "--remove-all-storage"],
                            capture_output=True, timeout=60)  # fmt: skip

@@ -20,16 +20,21 @@ CONFIG = {"backend": "libvirt", "relation-image": "ubuntu:noble"}
 fake, machine = test_charm.fake, test_charm.machine
 
 
-def test_update_status_publishes_the_address_once_the_vm_has_one(fake, machine):
-    request = {"id": "web-0", "cores": 1, "memory": "512M", "ssh_authorized_keys": [ED25519]}
+def relation_changed(requests: list) -> tuple[testing.Relation, testing.Context, testing.State]:
+    """One relation-changed from the remote application `client` listing `requests`, on the leader."""
     rel = testing.Relation(
         "vm-allocation",
         remote_app_name="client",
         remote_model_uuid=MODEL,
-        remote_app_data={"requests": json.dumps([request])},
+        remote_app_data={"requests": json.dumps(requests)},
     )
     c = charm_context()
-    out = c.run(c.on.relation_changed(rel), testing.State(leader=True, config=CONFIG, relations=[rel]))
+    return rel, c, c.run(c.on.relation_changed(rel), testing.State(leader=True, config=CONFIG, relations=[rel]))
+
+
+def test_update_status_publishes_the_address_once_the_vm_has_one(fake, machine):
+    request = {"id": "web-0", "cores": 1, "memory": "512M", "ssh_authorized_keys": [ED25519]}
+    rel, c, out = relation_changed([request])
     (plan,) = fake.composed
     assert (plan.boot, plan.image, plan.cloud_init.ssh_authorized_keys) == ("image", "ubuntu:noble", (ED25519,))
 
@@ -55,14 +60,7 @@ def test_a_bad_relation_image_blocks_naming_the_option(fake, machine):
 def test_user_data_nested_past_pythons_recursion_limit_is_rejected_and_the_others_are_served(fake, machine):
     deep = "#cloud-config\na: " + "[" * 20000 + "]" * 20000  # 40 KB: within the 64 KiB user_data allows
     requests = [{"id": "deep", "user_data": deep}, {"id": "web-0", "cores": 1, "memory": "512M"}]
-    rel = testing.Relation(
-        "vm-allocation",
-        remote_app_name="client",
-        remote_model_uuid=MODEL,
-        remote_app_data={"requests": json.dumps(requests)},
-    )
-    c = charm_context()
-    out = c.run(c.on.relation_changed(rel), testing.State(leader=True, config=CONFIG, relations=[rel]))
+    rel, _, out = relation_changed(requests)
     statuses = {entry["id"]: entry for entry in json.loads(out.get_relation(rel.id).local_app_data["vms"])}
     assert statuses["deep"]["status"] == "rejected" and "nested" in statuses["deep"]["message"]
     assert statuses["web-0"]["status"] == "pending" and len(fake.composed) == 1
@@ -76,14 +74,7 @@ def test_a_binding_that_cannot_be_read_pauses_the_relation_and_the_unit_says_so(
 
     monkeypatch.setattr(allocation_relation.AllocationRelation, "_binding", unreadable)
     request = {"id": "web-0", "cores": 1, "memory": "512M"}
-    rel = testing.Relation(
-        "vm-allocation",
-        remote_app_name="client",
-        remote_model_uuid=MODEL,
-        remote_app_data={"requests": json.dumps([request])},
-    )
-    c = charm_context()
-    out = c.run(c.on.relation_changed(rel), testing.State(leader=True, config=CONFIG, relations=[rel]))
+    _, _, out = relation_changed([request])
     assert fake.composed == []
     assert out.unit_status.name == "waiting"
     assert out.unit_status.message.startswith("vm-allocation paused: cannot read this unit's binding (Expecting value")
