@@ -265,3 +265,21 @@ def test_a_remote_lxd_whose_name_never_resolves_is_one_sentence_within_the_limit
     ):
         provider.list_vms()
     assert time.monotonic() - t0 < 3
+
+
+def test_a_hung_ip_command_costs_a_bounded_wait_and_sysfs_still_names_the_nics(monkeypatch, tmp_path):
+    import subprocess as sp
+
+    from vmhost.providers import libvirt as lv
+
+    seen = {}
+
+    def run(cmd, **kwargs):
+        seen["timeout"] = kwargs.get("timeout")
+        raise sp.TimeoutExpired(cmd, kwargs.get("timeout") or 0)
+
+    monkeypatch.setattr(lv.subprocess, "run", run)
+    (tmp_path / "eth7" / "device").mkdir(parents=True)
+    monkeypatch.setattr(lv, "_SYSFS_NET", tmp_path)
+    assert "eth7" in [n.name for n in lv._local_nics()]
+    assert seen["timeout"] and seen["timeout"] <= 10

@@ -867,9 +867,9 @@ def _local_nics() -> list[Nic]:
     """Host NICs from `ip -j -d addr` (kinds, masters, VLAN ids, addresses) and sysfs (NUMA node, VFs)."""
     try:
         links = json.loads(
-            subprocess.run(["ip", "-j", "-d", "addr"], capture_output=True, text=True, check=True).stdout
+            subprocess.run(["ip", "-j", "-d", "addr"], capture_output=True, text=True, check=True, timeout=10).stdout
         )
-    except (OSError, subprocess.CalledProcessError, ValueError):
+    except (OSError, subprocess.SubprocessError, ValueError):  # a hung `ip` too: sysfs names the NICs
         links = [{"ifname": p.name} for p in sorted(_SYSFS_NET.iterdir())] if _SYSFS_NET.is_dir() else []
     kinds = {}
     for link in links:
