@@ -170,6 +170,19 @@ class Guest:
             + self.console.read_text(errors="replace")[-1500:]
         )
 
+    def stalled(self) -> str | None:
+        """Why a booted guest cannot be trusted, or None: the kernel's own RCU stall report, or a vCPU that
+        does not run a trivial task within 20 s."""
+        script = (
+            "dmesg | grep -m1 'detected stalls'; "
+            'for c in $(seq 0 $(($(nproc --all) - 1))); do timeout 20 taskset -c $c true || echo "vCPU $c does not run"; done'
+        )
+        r = self.run(script, check=False, timeout=120)
+        if r.returncode == 255:
+            return f"ssh to the guest failed: {r.stderr.strip()[-300:]}"
+        found = r.stdout.strip()
+        return f"{found}; console: {self.console.read_text(errors='replace')[-1500:]}" if found else None
+
     def run(
         self, command: str, check: bool = True, timeout: float = SSH_TIMEOUT, stdin: str | None = None
     ) -> subprocess.CompletedProcess:
