@@ -255,6 +255,19 @@ def test_a_base_whose_qcow2_header_points_at_another_file_is_refused_and_leaves_
     assert _domains(libvirt_conn) == before
 
 
+def _unused_base(provider, pool, vm_names, qcow2):
+    """The base volume a compose from ubuntu:noble downloaded, its VM gone again (so nothing of ours uses it)."""
+    vm = vm_names("img")
+    provider.compose(ComposePlan(_alloc(vm, pool), boot="image", image="ubuntu:noble"))
+    provider.decompose(vm)
+    return pool.storageVolLookupByName(BASE_PREFIX + sha256_of(qcow2)[:32])
+
+
+def _overlay(base, path: Path) -> None:
+    """A qcow2 overlay on `base` at `path`, made as an operator would, outside vm-host."""
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.path(), "-F", "qcow2", str(path)], check=True)
+
+
 def test_prune_keeps_a_base_a_running_vm_uses_through_an_overlay_outside_any_pool(
     provider, reachable_pool, libvirt_conn, vm_names, qcow2, tmp_path
 ):
@@ -263,16 +276,11 @@ def test_prune_keeps_a_base_a_running_vm_uses_through_an_overlay_outside_any_poo
     noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
     with ImageIndex(tmp_path / "index", [noble]) as index:
         p = provider(index.url)
-        vm = vm_names("img")
-        p.compose(ComposePlan(_alloc(vm, reachable_pool), boot="image", image="ubuntu:noble"))
-        p.decompose(vm)
-        base = reachable_pool.storageVolLookupByName(BASE_PREFIX + sha256_of(qcow2)[:32])
+        base = _unused_base(p, reachable_pool, vm_names, qcow2)
         # Someone else's overlay on the base, a file in a directory no pool covers.
         outside = Path(base.path()).parent / "theirs" / "disk.qcow2"
         outside.parent.mkdir()
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.path(), "-F", "qcow2", str(outside)], check=True
-        )
+        _overlay(base, outside)
         theirs = vm_names("fx")
         kind = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "qemu"
         dom = libvirt_conn.defineXML(
@@ -301,14 +309,9 @@ def test_prune_keeps_a_base_under_an_overlay_put_into_a_pool_by_hand(
     noble = Product("ubuntu", "noble", "24.04", {"disk1.img": qcow2})
     with ImageIndex(tmp_path / "index", [noble]) as index:
         p = provider(index.url)
-        vm = vm_names("img")
-        p.compose(ComposePlan(_alloc(vm, pool), boot="image", image="ubuntu:noble"))
-        p.decompose(vm)
-        base = pool.storageVolLookupByName(BASE_PREFIX + sha256_of(qcow2)[:32])
+        base = _unused_base(p, pool, vm_names, qcow2)
         by_hand = Path(base.path()).parent / "their-disk.qcow2"
-        subprocess.run(
-            ["qemu-img", "create", "-q", "-f", "qcow2", "-b", base.path(), "-F", "qcow2", str(by_hand)], check=True
-        )
+        _overlay(base, by_hand)
         assert p.prune_images() == []
         assert base.name() in _volumes(pool)
         by_hand.unlink()
