@@ -617,6 +617,11 @@ class Allocation:
     owner: str | None = None
     other: bool = False
 
+    @property
+    def disk_bytes(self) -> int:
+        """What its disks hold in all (the relation's storage quota counts it)."""
+        return sum(disk.size for disk in self.disks)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,

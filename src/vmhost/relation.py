@@ -97,8 +97,8 @@ def _held(snapshot: Snapshot) -> dict[str, HeldVm]:
     }
     for vm in snapshot.vms:
         if split_owner(vm.allocation.owner):
-            disks = sum(disk.size for disk in vm.allocation.disks)
-            held[vm.allocation.owner] = HeldVm(snapshot.unit, vm.allocation.vcpus, vm.allocation.memory, disks)
+            a = vm.allocation
+            held[a.owner] = HeldVm(snapshot.unit, a.vcpus, a.memory, a.disk_bytes)
     return held
 
 

@@ -431,7 +431,7 @@ def _ready(vm: VmInfo, decision: RequestDecision) -> UnitResult:
         addresses=() if waiting else addresses,
         cores=allocation.vcpus,
         memory=allocation.memory,
-        storage=sum(disk.size for disk in allocation.disks),
+        storage=allocation.disk_bytes,
         login_user=vm.login_user,
         host_keys=tuple(_public_host_keys(vm.host_keys)),
     )
