@@ -115,6 +115,7 @@ class Guest:
         self.uri = f"qemu+ssh://root@127.0.0.1:{self.port}/system?command={self.ssh_wrapper}"
         self.console = workdir / "console.log"
         self.guest_dir = guest_dir
+        self.hung = ""  # why this guest stopped answering, once it has
 
     def _qemu(self) -> list[str]:
         if not self.profile.igb:
@@ -166,8 +167,7 @@ class Guest:
             time.sleep(3)
         self.stop()
         raise RuntimeError(
-            f"the {self.profile.name} guest did not answer ssh within {BOOT_TIMEOUT} s; console: "
-            + self.console.read_text(errors="replace")[-1500:]
+            f"the {self.profile.name} guest did not answer ssh within {BOOT_TIMEOUT} s; console: " + self.console_tail()
         )
 
     def stalled(self) -> str | None:
@@ -181,7 +181,17 @@ class Guest:
         if r.returncode == 255:
             return f"ssh to the guest failed: {r.stderr.strip()[-300:]}"
         found = r.stdout.strip()
-        return f"{found}; console: {self.console.read_text(errors='replace')[-1500:]}" if found else None
+        return f"{found}; console: {self.console_tail()}" if found else None
+
+    def answers(self) -> bool:
+        """Whether the guest still runs a trivial command over ssh (twice given 30 s: one slow moment is not a hang)."""
+        return any(self.run("true", check=False, timeout=30).returncode == 0 for _ in range(2))
+
+    def console_tail(self, chars: int = 1500) -> str:
+        try:
+            return self.console.read_text(errors="replace")[-chars:]
+        except OSError as e:
+            return f"(no console: {e})"
 
     def run(
         self, command: str, check: bool = True, timeout: float = SSH_TIMEOUT, stdin: str | None = None
