@@ -3,11 +3,11 @@
 Each profile boots once per session, and only one guest runs at a time (tests are ordered by
 profile), which spares a 2-core machine. A test that fails while its guest has stopped answering ssh
 (the emulated kernel's timers stop now and then: RCU stall reports on its console, met in CI with the
-igb guest) runs again (up to twice) on a freshly booted guest; pytest reports it as RERUN and the console tail is
-printed. A failure on a guest that still answers is never rerun: that one is vm-host's. Tests skip, with
-the reason printed, only when the prerequisites are missing (root, /dev/kvm on this machine, QEMU, ssh,
-libvirt-python); CI turns such a skip into a failure where they are present (tests/conftest.py,
-.ci/run). A guest that fails to build or boot is an error, not a skip.
+igb guest) runs again, up to twice, on a freshly booted guest; pytest reports it as RERUN and the
+console tail is printed. A failure on a guest that still answers is never rerun: that one is vm-host's.
+Tests skip, with the reason printed, only when the prerequisites are missing (root, /dev/kvm on this
+machine, QEMU, ssh, libvirt-python); CI turns such a skip into a failure where they are present
+(tests/conftest.py, .ci/run). A guest that fails to build or boot is an error, not a skip.
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ class Guests:
         """Whether the running guest stopped answering ssh; if so it is marked for a fresh boot (at most
         MAX_HANG_REBOOTS per profile), and the reason is printed with its console tail."""
         guest = self.current
-        if guest is None or guest.hung:
-            return guest is not None
+        if guest is None:
+            return False
+        if guest.hung:
+            return True
         if guest.answers():
             return False
         name = guest.profile.name
@@ -92,7 +94,7 @@ class Guests:
             self.say(f"numa tier: the {name} guest stopped answering again; no more fresh boots this session")
             return False
         self.hang_reboots[name] = self.hang_reboots.get(name, 0) + 1
-        guest.hung = "stopped answering ssh"
+        guest.hung = True
         self.say(
             f"numa tier: the {name} guest stopped answering ssh; the test runs again on a fresh boot. "
             f"Console tail:\n{guest.console_tail()}"

@@ -118,7 +118,7 @@ class Guest:
         self.uri = f"qemu+ssh://root@127.0.0.1:{self.port}/system?command={self.ssh_wrapper}"
         self.console = workdir / "console.log"
         self.guest_dir = guest_dir
-        self.hung = ""  # why this guest stopped answering, once it has
+        self.hung = False  # stopped answering ssh mid-session: never handed out again
 
     def _qemu(self) -> list[str]:
         if not self.profile.igb:
